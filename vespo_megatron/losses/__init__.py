@@ -1,0 +1,30 @@
+"""Policy losses as pure functions on local tensors (no torch.distributed, no global parallel state).
+
+Entry points: `vespo_phi`, `get_policy_loss(name)`, `LossInputs`, `LossNormalizer`, the config classes,
+and `build_local_inputs` for single-process callers.
+"""
+
+from .aggregation import aggregate, token_weights
+from .config import (
+    AGGREGATION_MODES,
+    GSPOConfig,
+    PPOClipConfig,
+    ReinforceConfig,
+    RolloutCorrectionConfig,
+    SAPOConfig,
+    VespoConfig,
+)
+from .inputs import build_local_inputs
+from .metrics import finalize_metrics, merge_metrics
+from .registry import POLICY_LOSSES, PolicyLoss, get_policy_loss, make_loss_config
+from .segments import masked_segment_sum, segment_count
+from .types import LossInputs, LossNormalizer, LossOutput, Metric, Reduce
+from .vespo import vespo_loss, vespo_phi
+
+__all__ = [
+    "AGGREGATION_MODES", "GSPOConfig", "PPOClipConfig", "ReinforceConfig", "RolloutCorrectionConfig",
+    "SAPOConfig", "VespoConfig", "LossInputs", "LossNormalizer", "LossOutput", "Metric", "Reduce",
+    "POLICY_LOSSES", "PolicyLoss", "get_policy_loss", "make_loss_config", "vespo_phi", "vespo_loss",
+    "aggregate", "token_weights", "build_local_inputs", "finalize_metrics", "merge_metrics",
+    "masked_segment_sum", "segment_count",
+]

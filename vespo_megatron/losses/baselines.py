@@ -1,0 +1,89 @@
+"""Baseline policy losses: GRPO/PPO token clip, GSPO, SAPO, REINFORCE.
+
+Shape legend: [T] tokens, [B] sequences, token_seq [T] -> [0, B). Each loss returns this rank's share of
+the globally normalised loss (see aggregation.py) and its metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import TOKEN_LOG_RATIO_CLAMP, finish, sequence_stats, token_log_ratio
+from .config import GSPOConfig, PPOClipConfig, ReinforceConfig, SAPOConfig
+from .types import LossInputs, LossNormalizer, LossOutput, Metric
+
+__all__ = ["grpo_loss", "gspo_loss", "sapo_loss", "reinforce_loss"]
+
+
+def grpo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: PPOClipConfig | None = None) -> LossOutput:
+    """l_t = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A), r_t = pi/mu per token; optional dual clip
+    bounds negative-advantage losses by dual_clip * |A|."""
+    cfg = cfg or PPOClipConfig()
+    metrics: dict[str, Metric] = {}
+    ratio = torch.exp(token_log_ratio(inputs, metrics))
+    adv = inputs.token_advantages().to(ratio.dtype)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    mask = inputs.mask
+    metrics["grpo/clip_frac_high"] = Metric.mean((mask & (adv > 0) & (ratio > 1.0 + cfg.eps_high)).double(), mask)
+    metrics["grpo/clip_frac_low"] = Metric.mean((mask & (adv < 0) & (ratio < 1.0 - cfg.eps_low)).double(), mask)
+    if cfg.dual_clip is not None:
+        bound = -cfg.dual_clip * adv  # positive where adv < 0
+        dual = (adv < 0) & (loss > bound)
+        loss = torch.where(dual, bound, loss)
+        metrics["grpo/dual_clip_frac"] = Metric.mean((dual & mask).double(), mask)
+    return finish(loss, inputs, cfg, normalizer, metrics)
+
+
+def gspo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: GSPOConfig | None = None) -> LossOutput:
+    """s_b = exp(log W_b / |y_b|) (gradient flows through `seq_log_ratio`, which the caller all-reduces with
+    an autograd-aware collective under context parallelism); l_b = -min(s A, clip(s) A), carried by every
+    response token of sequence b and aggregated like the token losses (default seq_mean_token_mean)."""
+    cfg = cfg or GSPOConfig()
+    metrics: dict[str, Metric] = {}
+    token_log_ratio(inputs, metrics)
+    if not inputs.seq_log_ratio.requires_grad and inputs.logp.requires_grad:
+        raise ValueError(
+            "LossInputs.seq_log_ratio: GSPO differentiates through the sequence log-ratio; expected a tensor "
+            "that requires grad (build it with the autograd-aware reduction), got a detached tensor"
+        )
+    adv = inputs.sequence_advantages()
+    seq_len = inputs.seq_num_tokens.to(inputs.seq_log_ratio.dtype).clamp(min=1.0)
+    raw = inputs.seq_log_ratio / seq_len
+    log_s = raw.clamp(-TOKEN_LOG_RATIO_CLAMP, TOKEN_LOG_RATIO_CLAMP)
+    s = torch.exp(log_s)
+    a = adv.to(s.dtype)
+    seq_loss = -torch.minimum(s * a, s.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * a)
+    has_tokens = inputs.seq_num_tokens > 0
+    clip = ((a > 0) & (s > 1.0 + cfg.eps_high)) | ((a < 0) & (s < 1.0 - cfg.eps_low))
+    metrics["gspo/seq_clip_frac"] = Metric.mean(clip.double(), has_tokens)
+    metrics["gspo/log_ratio_clamped_frac"] = Metric.mean((raw != log_s).double(), has_tokens)
+    sequence_stats("gspo/seq_ratio", s, has_tokens, metrics)
+    token_loss = seq_loss[inputs.token_seq.long()].to(inputs.logp.dtype)
+    return finish(token_loss, inputs, cfg, normalizer, metrics)
+
+
+def sapo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: SAPOConfig | None = None) -> LossOutput:
+    """l_t = -f(r_t) A, f(r) = sigmoid(tau (r - 1)) * 4 / tau, tau = tau_pos (A > 0) or tau_neg (A <= 0);
+    f'(1) = 1, so on-policy SAPO has the REINFORCE gradient, and the gate decays smoothly off-policy."""
+    cfg = cfg or SAPOConfig()
+    metrics: dict[str, Metric] = {}
+    ratio = torch.exp(token_log_ratio(inputs, metrics))
+    adv = inputs.token_advantages().to(ratio.dtype)
+    tau = torch.where(adv > 0, cfg.tau_pos, cfg.tau_neg).to(ratio.dtype)
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
+    # d gate / d log r = 4 sigma (1 - sigma) r: the soft trust region's effective gradient scale.
+    sig = torch.sigmoid(tau * (ratio - 1.0))
+    metrics["sapo/grad_scale_mean"] = Metric.mean((4.0 * sig * (1.0 - sig) * ratio).detach(), inputs.mask)
+    return finish(-gate * adv, inputs, cfg, normalizer, metrics)
+
+
+def reinforce_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: ReinforceConfig | None = None) -> LossOutput:
+    """l_t = -A log pi_t."""
+    cfg = cfg or ReinforceConfig()
+    metrics: dict[str, Metric] = {}
+    token_log_ratio(inputs, metrics)
+    logp = torch.where(inputs.mask, inputs.logp, torch.zeros_like(inputs.logp))
+    adv = inputs.token_advantages().to(logp.dtype)
+    return finish(-adv * logp, inputs, cfg, normalizer, metrics)

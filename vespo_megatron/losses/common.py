@@ -1,0 +1,57 @@
+"""Pieces shared by every policy loss: the clamped token log-ratio and the final weighting/aggregation.
+
+Shape legend: [T] tokens, [B] sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .aggregation import aggregate
+from .config import _LossConfigBase
+from .rollout_correction import rollout_correction
+from .types import LossInputs, LossNormalizer, LossOutput, Metric
+
+# exp(20) ~ 4.9e8: beyond it a token ratio only produces inf/NaN. Clamped tokens are counted.
+TOKEN_LOG_RATIO_CLAMP = 20.0
+
+
+def token_log_ratio(inputs: LossInputs, metrics: dict[str, Metric]) -> Tensor:
+    """[T] log(pi/mu) per token, zero where masked out, clamped to +-20 (counted in the metrics)."""
+    raw = torch.where(inputs.mask, inputs.logp - inputs.old_logp.detach(), torch.zeros_like(inputs.logp))
+    clamped = raw.clamp(-TOKEN_LOG_RATIO_CLAMP, TOKEN_LOG_RATIO_CLAMP)
+    metrics["ratio/log_ratio_clamped_frac"] = Metric.mean((clamped != raw).double(), inputs.mask)
+    metrics["ratio/log_ratio_abs_mean"] = Metric.mean(clamped.abs(), inputs.mask)
+    metrics["ratio/log_ratio_max"] = Metric.max(
+        torch.where(inputs.mask, clamped, torch.full_like(clamped, -float("inf"))).max()
+        if clamped.numel() else torch.tensor(-float("inf"))
+    )
+    return clamped
+
+
+def finish(
+    token_loss: Tensor,
+    inputs: LossInputs,
+    cfg: _LossConfigBase,
+    normalizer: LossNormalizer,
+    metrics: dict[str, Metric],
+    **extra: Tensor,
+) -> LossOutput:
+    """Apply rollout correction (weights / masks), aggregate with the global normaliser, add the loss metric."""
+    corr = rollout_correction(inputs, cfg.rollout_correction)
+    metrics.update(corr.metrics)
+    weighted = torch.where(corr.keep, token_loss * corr.token_weight.to(token_loss.dtype), torch.zeros_like(token_loss))
+    loss = aggregate(weighted, inputs, cfg.aggregation, normalizer)
+    metrics["loss"] = Metric.sum(loss)
+    metrics["num_response_tokens"] = Metric.sum(inputs.mask.double().sum())
+    return LossOutput(loss=loss, metrics=metrics, **extra)
+
+
+def sequence_stats(prefix: str, values: Tensor, where: Tensor, metrics: dict[str, Metric]) -> None:
+    """mean / max / min of a [B] tensor over the sequences in `where`."""
+    metrics[f"{prefix}_mean"] = Metric.mean(values, where)
+    big = torch.finfo(torch.float64).max
+    v = values.detach().double()
+    metrics[f"{prefix}_max"] = Metric.max(torch.where(where, v, torch.full_like(v, -big)).max() if v.numel() else torch.tensor(-big))
+    metrics[f"{prefix}_min"] = Metric.min(torch.where(where, v, torch.full_like(v, big)).min() if v.numel() else torch.tensor(big))

@@ -1,0 +1,168 @@
+"""One config dataclass per loss family, validated on construction (ValueError naming the field)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "RolloutCorrectionConfig",
+    "VespoConfig",
+    "PPOClipConfig",
+    "GSPOConfig",
+    "SAPOConfig",
+    "ReinforceConfig",
+]
+
+AggregationMode = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
+AGGREGATION_MODES: tuple[str, ...] = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+
+
+def _bad(cls: str, name: str, expected: str, got: object) -> ValueError:
+    return ValueError(f"{cls}.{name}: expected {expected}, got {got!r}")
+
+
+def _check_choice(cls: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _bad(cls, name, f"one of {list(choices)}", value)
+
+
+def _check_epsilon(cls: str, name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
+        raise _bad(cls, name, "a float in (0, 1)", value)
+
+
+def _check_positive(cls: str, name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise _bad(cls, name, "a finite positive float", value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutCorrectionConfig:
+    """Correction for the train/inference mismatch, rho_t = pi_old_train(y_t) / pi_rollout(y_t).
+
+    mode:  none | tis (truncated IS: multiply by min(rho, upper), detached)
+                | mis (masked IS / rejection: drop tokens or sequences with rho outside [lower, upper])
+                | fold (VESPO only: add the log of rho to log W, so W = pi_theta / pi_rollout)
+    level: token (per-token rho) | sequence (prod_t rho_t) | geometric (exp of mean_t log rho_t)
+    """
+
+    mode: Literal["none", "tis", "mis", "fold"] = "none"
+    level: Literal["token", "sequence", "geometric"] = "token"
+    upper: float = 2.0
+    lower: float | None = None  # mis only; default 1 / upper
+
+    def __post_init__(self) -> None:
+        cls = "RolloutCorrectionConfig"
+        _check_choice(cls, "mode", self.mode, ("none", "tis", "mis", "fold"))
+        _check_choice(cls, "level", self.level, ("token", "sequence", "geometric"))
+        if not (isinstance(self.upper, (int, float)) and math.isfinite(self.upper) and self.upper > 1.0):
+            raise _bad(cls, "upper", "a finite float > 1", self.upper)
+        if self.lower is not None and not (0.0 <= self.lower < 1.0):
+            raise _bad(cls, "lower", "a float in [0, 1) or None", self.lower)
+        if self.lower is not None and self.mode != "mis":
+            raise _bad(cls, "lower", "None unless mode='mis'", self.lower)
+
+    @property
+    def effective_lower(self) -> float:
+        return 1.0 / self.upper if self.lower is None else self.lower
+
+
+@dataclass(frozen=True, kw_only=True)
+class _LossConfigBase:
+    aggregation: AggregationMode = "token_mean"
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice(type(self).__name__, "aggregation", self.aggregation, AGGREGATION_MODES)
+        if not isinstance(self.rollout_correction, RolloutCorrectionConfig):
+            raise _bad(type(self).__name__, "rollout_correction", "a RolloutCorrectionConfig",
+                       type(self.rollout_correction).__name__)
+        if self.rollout_correction.mode == "fold" and not isinstance(self, VespoConfig):
+            raise _bad(type(self).__name__, "rollout_correction.mode", "'none', 'tis' or 'mis' "
+                       "('fold' is VESPO's way and needs a VespoConfig)", "fold")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VespoConfig(_LossConfigBase):
+    """VESPO: phi(W) = W^c1 * exp(c2 * (1 - W)), (c1, c2) = c_pos for A >= 0 and c_neg for A < 0.
+
+    length_norm: none (the method) | sqrt (log W / sqrt|y|, ablation) | lin (log W / |y|, ablation)
+    log_w_clamp: log W is clamped to [-log_w_clamp, log_w_clamp] before the kernel, as in the authors'
+        code (20); clamped sequences are counted in the metric `vespo/log_w_clamped_frac`.
+    """
+
+    c_pos: tuple[float, float] = (2.0, 3.0)
+    c_neg: tuple[float, float] = (3.0, 2.0)
+    length_norm: Literal["none", "sqrt", "lin"] = "none"
+    log_w_clamp: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("c_pos", "c_neg"):
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and len(value) == 2):
+                raise _bad("VespoConfig", name, "a pair (c1, c2)", value)
+            c1, c2 = value
+            if not (math.isfinite(c1) and c1 >= 0):
+                raise _bad("VespoConfig", f"{name}[0] (c1)", "a finite float >= 0", c1)
+            if not (math.isfinite(c2) and c2 >= 0):
+                raise _bad("VespoConfig", f"{name}[1] (c2)", "a finite float >= 0", c2)
+        _check_choice("VespoConfig", "length_norm", self.length_norm, ("none", "sqrt", "lin"))
+        _check_positive("VespoConfig", "log_w_clamp", self.log_w_clamp)
+        # phi <= exp(c1 * clamp + c2) must stay inside float32.
+        worst = max(c1 * self.log_w_clamp + c2 for c1, c2 in (self.c_pos, self.c_neg))
+        if worst > 80.0:
+            raise _bad("VespoConfig", "log_w_clamp", f"c1 * log_w_clamp + c2 <= 80 (phi must fit in float32; "
+                       f"worst case is {worst:.1f})", self.log_w_clamp)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PPOClipConfig(_LossConfigBase):
+    """GRPO/PPO token clip with separate low/high epsilon (DAPO's clip-higher), optional dual clip."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float | None = None  # c > 1: bounds the loss of negative-advantage tokens by c * |A|
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_epsilon("PPOClipConfig", "eps_low", self.eps_low)
+        _check_epsilon("PPOClipConfig", "eps_high", self.eps_high)
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise _bad("PPOClipConfig", "dual_clip", "None or a float > 1", self.dual_clip)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GSPOConfig(_LossConfigBase):
+    """GSPO: sequence ratio s = exp(mean_t log(pi/mu)), clipped to [1 - eps_low, 1 + eps_high]."""
+
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+    aggregation: AggregationMode = "seq_mean_token_mean"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_epsilon("GSPOConfig", "eps_low", self.eps_low)
+        _check_epsilon("GSPOConfig", "eps_high", self.eps_high)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAPOConfig(_LossConfigBase):
+    """SAPO: soft gate f(r) = sigmoid(tau * (r - 1)) * 4 / tau on the token ratio instead of a hard clip,
+    with separate temperatures for positive and negative advantages."""
+
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive("SAPOConfig", "tau_pos", self.tau_pos)
+        _check_positive("SAPOConfig", "tau_neg", self.tau_neg)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReinforceConfig(_LossConfigBase):
+    """Plain REINFORCE: -A * log pi (on-policy; compose with rollout correction when off-policy)."""

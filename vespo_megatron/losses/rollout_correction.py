@@ -1,0 +1,83 @@
+"""Rollout correction (train/inference mismatch), composable with every policy loss.
+
+Shape legend: [T] tokens, [B] sequences. rho_t = pi_old_train(y_t) / pi_rollout(y_t), handled in log space.
+
+    tis  token:     w_t = min(rho_t, upper)                         multiplies each token's loss (detached)
+         sequence:  w_b = min(prod_t rho_t, upper)
+         geometric: w_b = min(exp(mean_t log rho_t), upper)
+    mis  the same ratios, but tokens (token level) or whole sequences (sequence/geometric level) whose ratio
+         lies outside [lower, upper] are dropped from the loss; the dropped fraction is a metric.
+    fold (VESPO) handled in vespo.py: log W += sum_t log rho_t.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import RolloutCorrectionConfig
+from .types import LossInputs, Metric
+
+__all__ = ["RolloutCorrection", "rollout_correction"]
+
+
+@dataclass(frozen=True)
+class RolloutCorrection:
+    """token_weight [T] (detached, 1 where no correction) and keep [T] (bool: tokens left in the loss)."""
+
+    token_weight: Tensor
+    keep: Tensor
+    metrics: dict[str, Metric]
+
+
+def _log_rho(inputs: LossInputs, level: str) -> tuple[Tensor, Tensor]:
+    """(log ratio per token [T], the level's per-token log ratio [T] to threshold); masked tokens give 0."""
+    assert inputs.rollout_logp is not None and inputs.seq_rollout_log_ratio is not None
+    zeros = torch.zeros_like(inputs.old_logp)
+    token = torch.where(inputs.mask, inputs.old_logp.detach() - inputs.rollout_logp.detach(), zeros)
+    seq = inputs.token_seq.long()
+    if level == "token":
+        return token, token
+    seq_log = inputs.seq_rollout_log_ratio.detach().to(token.dtype)
+    if level == "geometric":
+        seq_log = seq_log / inputs.seq_num_tokens.to(token.dtype).clamp(min=1.0)
+    return token, seq_log[seq]
+
+
+def rollout_correction(inputs: LossInputs, cfg: RolloutCorrectionConfig) -> RolloutCorrection:
+    ones = torch.ones_like(inputs.logp, dtype=torch.float32).detach()
+    if cfg.mode in ("none", "fold"):
+        return RolloutCorrection(ones, inputs.mask, {})
+    if inputs.rollout_logp is None:
+        raise ValueError(
+            f"LossInputs.rollout_logp: rollout_correction.mode={cfg.mode!r} needs the rollout engine's "
+            "log-probs, got None"
+        )
+    token_log, level_log = _log_rho(inputs, cfg.level)
+    mask = inputs.mask
+    metrics: dict[str, Metric] = {
+        "rollout_corr/log_rho_abs_mean": Metric.mean(token_log.abs(), mask),
+    }
+    log_upper = math.log(cfg.upper)
+    if cfg.mode == "tis":
+        clipped = mask & (level_log > log_upper)
+        weight = torch.exp(torch.clamp(level_log, max=log_upper)).float()
+        weight = torch.where(mask, weight, ones)
+        metrics["rollout_corr/tis_clip_frac"] = Metric.mean(clipped.double(), mask)
+        keep = mask
+    else:
+        log_lower = math.log(cfg.effective_lower) if cfg.effective_lower > 0 else -math.inf
+        outside = mask & ((level_log > log_upper) | (level_log < log_lower))
+        keep = mask & ~outside
+        weight = ones
+        metrics["rollout_corr/mis_masked_frac"] = Metric.mean(outside.double(), mask)
+        metrics["rollout_corr/mis_masked_tokens"] = Metric.sum(outside.double().sum())
+    # Effective sample size of the raw IS ratios at this level, ESS = E[w]^2 / E[w^2] after reduction
+    # (log ratio capped at 300 so that w^2 stays finite in float64; a cap that fires drives ESS to ~0).
+    w = torch.exp(level_log.double().clamp(max=300.0))
+    metrics["rollout_corr/is_weight_mean"] = Metric.mean(w, mask)
+    metrics["rollout_corr/is_weight_sq_mean"] = Metric.mean(w * w, mask)
+    return RolloutCorrection(weight.detach(), keep, metrics)

@@ -1,0 +1,28 @@
+"""Segment (per-sequence) reductions over flattened token tensors. Pure, no communication.
+
+Shape legend: [T] tokens, [B] sequences, token_seq [T] int64 in [0, B).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["masked_segment_sum", "segment_count"]
+
+
+def masked_segment_sum(values: Tensor, mask: Tensor, token_seq: Tensor, num_seqs: int) -> Tensor:
+    """[B] sum of `values` [T] over the masked-in tokens of each sequence.
+
+    Masked-out positions may hold NaN or inf (padding): they are replaced by zero *before* the sum, so
+    neither the value nor the gradient sees them. Differentiable in `values`.
+    """
+    clean = torch.where(mask, values, torch.zeros_like(values))
+    out = torch.zeros(num_seqs, dtype=values.dtype, device=values.device)
+    return out.index_add(0, token_seq.long(), clean)
+
+
+def segment_count(mask: Tensor, token_seq: Tensor, num_seqs: int) -> Tensor:
+    """[B] number of masked-in tokens of each sequence (float64: exact up to 2**53)."""
+    out = torch.zeros(num_seqs, dtype=torch.float64, device=mask.device)
+    return out.index_add(0, token_seq.long(), mask.to(torch.float64))

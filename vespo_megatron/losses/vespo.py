@@ -1,0 +1,86 @@
+"""VESPO (arXiv 2602.10693): variational sequence-level soft policy optimisation.
+
+Shape legend: [T] tokens, [B] sequences, token_seq [T] -> [0, B).
+
+    log W_b = sum_t m_t (log pi - log mu)           whole sequence, no length normalisation (the caller
+                                                    all-reduces it over context parallelism)
+    log phi = c1 * log W + c2 * (1 - W)             (c1, c2) = c_pos if A_b >= 0 else c_neg; phi(1) = 1
+    phi     = exp(log phi), detached
+    loss    = -sum_t m_t * phi_b * A_b * log pi_t   aggregated with the global normaliser
+
+so d loss / d log pi_t = -phi_b * A_b * m_t * weight_t (weight_t = 1 / N_tokens for token_mean).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import finish, sequence_stats, token_log_ratio
+from .config import VespoConfig
+from .types import LossInputs, LossNormalizer, LossOutput, Metric
+
+__all__ = ["vespo_phi", "vespo_loss"]
+
+
+def vespo_phi(
+    seq_log_ratio: Tensor,
+    seq_advantage: Tensor,
+    c_pos: tuple[float, float] = (2.0, 3.0),
+    c_neg: tuple[float, float] = (3.0, 2.0),
+    *,
+    log_w_clamp: float = 20.0,
+    return_log: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """[B] detached phi(W) for sequence log-weights `seq_log_ratio` [B] and advantages [B].
+
+    Computed in float64 log space, exponentiated last; log W is clamped to +-log_w_clamp first (the
+    authors' numerics), so any finite input gives a finite phi. Returns phi (and log phi when
+    `return_log`) in the dtype of `seq_log_ratio`.
+    """
+    if seq_log_ratio.shape != seq_advantage.shape:
+        raise ValueError(
+            f"vespo_phi: seq_advantage must have the shape of seq_log_ratio {tuple(seq_log_ratio.shape)}, "
+            f"got {tuple(seq_advantage.shape)}"
+        )
+    if not log_w_clamp > 0:
+        raise ValueError(f"vespo_phi: log_w_clamp must be positive, got {log_w_clamp}")
+    log_w = seq_log_ratio.detach().double().clamp(-log_w_clamp, log_w_clamp)
+    positive = seq_advantage.detach() >= 0
+    c1 = torch.where(positive, c_pos[0], c_neg[0]).double()
+    c2 = torch.where(positive, c_pos[1], c_neg[1]).double()
+    log_phi = c1 * log_w + c2 * (-torch.expm1(log_w))  # 1 - W = -(e^{log W} - 1), exact near W = 1
+    out_dtype = seq_log_ratio.dtype if seq_log_ratio.is_floating_point() else torch.float32
+    phi = torch.exp(log_phi).to(out_dtype)
+    return (phi, log_phi.to(out_dtype)) if return_log else phi
+
+
+def vespo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: VespoConfig | None = None) -> LossOutput:
+    cfg = cfg or VespoConfig()
+    metrics: dict[str, Metric] = {}
+    token_log_ratio(inputs, metrics)  # metrics only: VESPO's weight is sequence-level
+    adv = inputs.sequence_advantages()
+    seq_len = inputs.seq_num_tokens.to(torch.float64)
+    log_w = inputs.seq_log_ratio.detach().to(torch.float64)
+    if cfg.rollout_correction.mode == "fold":
+        if inputs.seq_rollout_log_ratio is None:
+            raise ValueError("LossInputs.seq_rollout_log_ratio: rollout_correction.mode='fold' needs it, got None")
+        log_w = log_w + inputs.seq_rollout_log_ratio.detach().to(torch.float64)
+    if cfg.length_norm == "sqrt":
+        log_w = log_w / seq_len.clamp(min=1.0).sqrt()
+    elif cfg.length_norm == "lin":
+        log_w = log_w / seq_len.clamp(min=1.0)
+    phi = vespo_phi(log_w, adv, cfg.c_pos, cfg.c_neg, log_w_clamp=cfg.log_w_clamp)
+
+    has_tokens = seq_len > 0
+    pos, neg = has_tokens & (adv >= 0), has_tokens & (adv < 0)
+    sequence_stats("vespo/phi_pos", phi, pos, metrics)
+    sequence_stats("vespo/phi_neg", phi, neg, metrics)
+    sequence_stats("vespo/log_w_pos", log_w, pos, metrics)
+    sequence_stats("vespo/log_w_neg", log_w, neg, metrics)
+    metrics["vespo/log_w_clamped_frac"] = Metric.mean((log_w.abs() > cfg.log_w_clamp).double(), has_tokens)
+
+    seq = inputs.token_seq.long()
+    coeff = (phi * adv.to(phi.dtype))[seq].to(inputs.logp.dtype)
+    logp = torch.where(inputs.mask, inputs.logp, torch.zeros_like(inputs.logp))
+    return finish(-coeff * logp, inputs, cfg, normalizer, metrics, seq_phi=phi.detach(), seq_log_w=log_w.detach())
