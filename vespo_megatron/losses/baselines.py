@@ -71,7 +71,7 @@ def sapo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: SAPOConfig | 
     metrics: dict[str, Metric] = {}
     ratio = torch.exp(token_log_ratio(inputs, metrics))
     adv = inputs.token_advantages().to(ratio.dtype)
-    tau = torch.where(adv > 0, cfg.tau_pos, cfg.tau_neg).to(ratio.dtype)
+    tau = torch.where(adv > 0, torch.full_like(ratio, cfg.tau_pos), torch.full_like(ratio, cfg.tau_neg))
     gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
     # d gate / d log r = 4 sigma (1 - sigma) r: the soft trust region's effective gradient scale.
     sig = torch.sigmoid(tau * (ratio - 1.0))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .segments import masked_segment_sum, segment_count
+from .segments import check_token_seq, masked_segment_sum, segment_count
 from .types import LossInputs
 
 __all__ = ["build_local_inputs"]
@@ -25,6 +25,12 @@ def build_local_inputs(
     rollout_logp: Tensor | None = None,
 ) -> LossInputs:
     """LossInputs for tokens [T] of `num_seqs` whole sequences; `seq_log_ratio` keeps the graph to `logp`."""
+    for name, value in (("old_logp", old_logp), ("mask", mask), ("token_seq", token_seq), ("rollout_logp", rollout_logp)):
+        if value is not None and value.shape != logp.shape:
+            raise ValueError(
+                f"LossInputs.{name}: expected shape {tuple(logp.shape)} (same as logp), got {tuple(value.shape)}"
+            )
+    check_token_seq(token_seq, num_seqs)
     mask = mask.bool()
     seq_log_ratio = masked_segment_sum(logp - old_logp.detach(), mask, token_seq, num_seqs)
     seq_rollout = None

@@ -48,7 +48,7 @@ def _log_rho(inputs: LossInputs, level: str) -> tuple[Tensor, Tensor]:
 
 
 def rollout_correction(inputs: LossInputs, cfg: RolloutCorrectionConfig) -> RolloutCorrection:
-    ones = torch.ones_like(inputs.logp, dtype=torch.float32).detach()
+    ones = torch.ones_like(inputs.logp).detach()
     if cfg.mode in ("none", "fold"):
         return RolloutCorrection(ones, inputs.mask, {})
     if inputs.rollout_logp is None:
@@ -64,7 +64,7 @@ def rollout_correction(inputs: LossInputs, cfg: RolloutCorrectionConfig) -> Roll
     log_upper = math.log(cfg.upper)
     if cfg.mode == "tis":
         clipped = mask & (level_log > log_upper)
-        weight = torch.exp(torch.clamp(level_log, max=log_upper)).float()
+        weight = torch.exp(torch.clamp(level_log, max=log_upper)).to(ones.dtype)
         weight = torch.where(mask, weight, ones)
         metrics["rollout_corr/tis_clip_frac"] = Metric.mean(clipped.double(), mask)
         keep = mask

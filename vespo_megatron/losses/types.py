@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .segments import check_token_seq
+
 __all__ = ["Reduce", "Metric", "LossInputs", "LossNormalizer", "LossOutput"]
 
 
@@ -146,12 +148,7 @@ class LossInputs:
                 f"LossInputs.advantages: expected shape [B]={tuple(num_seqs)} or [T]={tuple(num_tokens)}, "
                 f"got {tuple(self.advantages.shape)}"
             )
-        if self.token_seq.numel() > 0:
-            lo, hi = int(self.token_seq.min()), int(self.token_seq.max())
-            if lo < 0 or hi >= num_seqs[0]:
-                raise ValueError(
-                    f"LossInputs.token_seq: expected values in [0, {num_seqs[0]}), got range [{lo}, {hi}]"
-                )
+        check_token_seq(self.token_seq, num_seqs[0])
         if (self.rollout_logp is None) != (self.seq_rollout_log_ratio is None):
             raise ValueError(
                 "LossInputs.rollout_logp and LossInputs.seq_rollout_log_ratio: expected both or neither, got "

@@ -47,8 +47,8 @@ def vespo_phi(
         raise ValueError(f"vespo_phi: log_w_clamp must be positive, got {log_w_clamp}")
     log_w = seq_log_ratio.detach().double().clamp(-log_w_clamp, log_w_clamp)
     positive = seq_advantage.detach() >= 0
-    c1 = torch.where(positive, c_pos[0], c_neg[0]).double()
-    c2 = torch.where(positive, c_pos[1], c_neg[1]).double()
+    c1 = torch.where(positive, torch.full_like(log_w, c_pos[0]), torch.full_like(log_w, c_neg[0]))
+    c2 = torch.where(positive, torch.full_like(log_w, c_pos[1]), torch.full_like(log_w, c_neg[1]))
     log_phi = c1 * log_w + c2 * (-torch.expm1(log_w))  # 1 - W = -(e^{log W} - 1), exact near W = 1
     out_dtype = seq_log_ratio.dtype if seq_log_ratio.is_floating_point() else torch.float32
     phi = torch.exp(log_phi).to(out_dtype)
