@@ -1,0 +1,126 @@
+"""Sequence-level reductions across ranks: the context-parallel all-reduce of the [B] sums and the global
+loss normaliser over data parallelism. The one place the policy losses' inputs meet torch.distributed.
+
+Shape legend: [T] this rank's tokens (its context-parallel share of every sequence), [B] sequences of the
+micro-batch (the same B on every CP rank), [K, B] K stacked per-sequence quantities.
+
+Communication cost (per micro-batch): one all-reduce of a float64 [3, B] tensor over the CP group forward
+(24 * B bytes: log W, token count, rollout log-ratio) and, when a loss differentiates through log W (GSPO),
+one float64 [3, B] all-reduce backward. The alternative, all-gathering token log-probs, moves 4 * T * cp
+bytes and more. The normaliser costs one [n_micro * B] all-reduce over CP and one 2-element all-reduce over
+DP per optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from vespo_megatron.losses import LossInputs, LossNormalizer
+from vespo_megatron.losses.segments import check_token_seq, masked_segment_sum, segment_count
+
+__all__ = ["all_reduce_sum", "build_loss_inputs", "global_normalizer"]
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """out = sum over ranks of x. Every rank's loss uses `out`, and the global objective is the sum of the
+    ranks' losses, so d objective / d x_r = sum over ranks of d loss_r / d out: backward all-reduces too."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum(x: Tensor, group, *, differentiable: bool) -> Tensor:
+    """Sum `x` over `group` (None or size 1: identity). Differentiable only when asked: a detached value
+    (VESPO's phi) needs no backward collective."""
+    if _group_size(group) == 1:
+        return x if differentiable else x.detach()
+    if differentiable and x.requires_grad:
+        return _AllReduceSum.apply(x, group)
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def build_loss_inputs(
+    *,
+    logp: Tensor,
+    old_logp: Tensor,
+    mask: Tensor,
+    token_seq: Tensor,
+    num_seqs: int,
+    advantages: Tensor,
+    rollout_logp: Tensor | None = None,
+    cp_group=None,
+    differentiable_seq_log_ratio: bool = True,
+) -> LossInputs:
+    """LossInputs for this rank's tokens [T], with the [B] sequence sums completed over `cp_group`.
+
+    The three [B] sums (log W, response-token count, rollout log-ratio) travel in one float64 [3, B]
+    all-reduce. Set `differentiable_seq_log_ratio=False` for losses that only need log W's value (VESPO):
+    the backward pass then has no collective at all.
+    """
+    for name, value in (("old_logp", old_logp), ("mask", mask), ("token_seq", token_seq), ("rollout_logp", rollout_logp)):
+        if value is not None and value.shape != logp.shape:
+            raise ValueError(f"LossInputs.{name}: expected shape {tuple(logp.shape)} (same as logp), got {tuple(value.shape)}")
+    check_token_seq(token_seq, num_seqs)
+    mask = mask.bool()
+    log_ratio = masked_segment_sum(logp.double() - old_logp.detach().double(), mask, token_seq, num_seqs)
+    if rollout_logp is not None:
+        rollout = masked_segment_sum(old_logp.detach().double() - rollout_logp.detach().double(), mask, token_seq, num_seqs)
+    else:
+        rollout = torch.zeros_like(log_ratio.detach())
+    count = segment_count(mask, token_seq, num_seqs)
+    local = torch.stack([log_ratio if differentiable_seq_log_ratio else log_ratio.detach(), count, rollout])
+    total = all_reduce_sum(local, cp_group, differentiable=differentiable_seq_log_ratio)
+    return LossInputs(
+        logp=logp, old_logp=old_logp, mask=mask, token_seq=token_seq, advantages=advantages,
+        seq_log_ratio=total[0], seq_num_tokens=total[1].detach(),
+        rollout_logp=rollout_logp, seq_rollout_log_ratio=total[2].detach() if rollout_logp is not None else None,
+    )
+
+
+def global_normalizer(
+    masks: Sequence[Tensor],
+    token_seqs: Sequence[Tensor],
+    num_seqs: Sequence[int],
+    *,
+    cp_group=None,
+    dp_group=None,
+) -> LossNormalizer:
+    """The normaliser of one optimizer step, from the response masks of all its micro-batches on this rank.
+
+    num_tokens: response tokens summed over micro-batches, CP ranks (each holds a share of every sequence)
+                and DP ranks.
+    num_seqs:   sequences with at least one response token anywhere in the sequence (counts completed over
+                CP first, so a sequence whose response lies on one CP rank counts once), summed over DP.
+    Every rank of the DP x CP grid gets the same numbers.
+    """
+    if not (len(masks) == len(token_seqs) == len(num_seqs)):
+        raise ValueError(
+            f"global_normalizer: masks, token_seqs and num_seqs need one entry per micro-batch, got "
+            f"{len(masks)}, {len(token_seqs)}, {len(num_seqs)}"
+        )
+    counts = [segment_count(m.bool(), s, n) for m, s, n in zip(masks, token_seqs, num_seqs, strict=True)]
+    per_seq = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.float64)
+    per_seq = all_reduce_sum(per_seq, cp_group, differentiable=False)
+    totals = torch.stack([per_seq.sum(), (per_seq > 0).sum().double()])
+    totals = all_reduce_sum(totals, dp_group, differentiable=False)
+    return LossNormalizer(num_tokens=float(totals[0]), num_seqs=float(totals[1]))
