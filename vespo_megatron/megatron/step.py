@@ -1,0 +1,145 @@
+"""The RL training step on megatron-core's `get_forward_backward_func` contract.
+
+    fwd_bwd = get_forward_backward_func()
+    step = RLStep(RLStepConfig(loss_name="vespo"), groups=StepGroups(tp=..., cp=...))
+    normalizer = step.normalizer(micro_batches, dp_group=...)          # once per optimizer step
+    outputs = fwd_bwd(forward_step_func=step.forward_step(normalizer), data_iterator=iter(micro_batches),
+                      model=model, num_microbatches=len(micro_batches), seq_length=..., micro_batch_size=...)
+
+Loss scaling. Each micro-batch's loss is already this rank's share of the *globally* normalised loss (the
+normaliser counts every micro-batch on every DP rank), so megatron must not scale it again:
+`calculate_per_token_loss=True` keeps megatron from dividing by the micro-batch count, DDP then sums
+(rather than averages) gradients over DP x CP, and `finalize_model_grads_func` is set to skip the division
+by the token count (`install_rl_grad_finalizer`). The sum over ranks of the shares is the single-process
+loss of the whole batch, so the summed gradient is its gradient.
+
+Shape legend: [b, s] this rank's model input, [b, s, V/tp] logits (vocab split over TP), [T] = b * s tokens,
+[B] sequences of the micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vespo_megatron.losses import LossNormalizer, Metric, get_policy_loss
+from vespo_megatron.megatron.rl_batch import RLMicroBatch
+from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer
+from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
+
+__all__ = ["RLStepConfig", "StepGroups", "RLStep", "install_rl_grad_finalizer"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLStepConfig:
+    """loss_name: a name of `get_policy_loss`; loss_config: its config (None: the loss's defaults);
+    temperature: the rollout engine's sampling temperature (log-probs are of softmax(logits / T))."""
+
+    loss_name: str = "vespo"
+    loss_config: Any = None
+    temperature: float = 1.0
+    compute_entropy: bool = True
+    logprob_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        loss = get_policy_loss(self.loss_name)  # ValueError for unknown names
+        if self.loss_config is not None and not isinstance(self.loss_config, loss.config_cls):
+            raise ValueError(f"RLStepConfig.loss_config: expected a {loss.config_cls.__name__} for "
+                             f"{self.loss_name!r}, got {type(self.loss_config).__name__}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"RLStepConfig.temperature: expected a float > 0, got {self.temperature!r}")
+
+
+@dataclass(frozen=True)
+class StepGroups:
+    """The process groups the loss path needs, passed explicitly (None = not split)."""
+
+    tp: Any = None
+    cp: Any = None
+
+
+class RLStep:
+    """Builds megatron `forward_step` functions whose `loss_func` runs the chosen policy loss."""
+
+    def __init__(self, cfg: RLStepConfig, groups: StepGroups):
+        self.cfg = cfg
+        self.groups = groups
+        self.loss = get_policy_loss(cfg.loss_name)
+        self.loss_config = cfg.loss_config if cfg.loss_config is not None else self.loss.default_config()
+
+    def normalizer(self, micro_batches: Sequence[RLMicroBatch], *, dp_group=None) -> LossNormalizer:
+        """The global normaliser of one optimizer step (all micro-batches of this rank; CP and DP reduced)."""
+        return global_normalizer(
+            [mb.loss_mask.reshape(-1) for mb in micro_batches],
+            [mb.token_seq.reshape(-1) for mb in micro_batches],
+            [mb.num_seqs for mb in micro_batches],
+            cp_group=self.groups.cp,
+            dp_group=dp_group,
+        )
+
+    def token_logprobs(self, logits: Tensor, batch: RLMicroBatch):
+        return vocab_parallel_logprobs(
+            logits, batch.labels, tp_group=self.groups.tp, temperature=self.cfg.temperature,
+            compute_entropy=self.cfg.compute_entropy, chunk_size=self.cfg.logprob_chunk_size,
+        )
+
+    def loss_func(self, batch: RLMicroBatch, normalizer: LossNormalizer, logits: Tensor):
+        """megatron's loss_func contract: (loss, num_tokens, reported). `reported` holds the metrics (each
+        with its reduction) and the per-sequence log W / phi of this micro-batch."""
+        lp = self.token_logprobs(logits, batch)
+        mask = batch.loss_mask.reshape(-1)
+        inputs = build_loss_inputs(
+            logp=lp.logprobs.reshape(-1),
+            old_logp=batch.old_logp.reshape(-1),
+            mask=mask,
+            token_seq=batch.token_seq.reshape(-1),
+            num_seqs=batch.num_seqs,
+            advantages=batch.advantages,
+            rollout_logp=None if batch.rollout_logp is None else batch.rollout_logp.reshape(-1),
+            cp_group=self.groups.cp,
+            differentiable_seq_log_ratio=self.loss.seq_grad,
+        )
+        out = self.loss(inputs, normalizer, self.loss_config)
+        metrics = dict(out.metrics)
+        if lp.entropy is not None:
+            metrics["entropy_mean"] = Metric.mean(lp.entropy.reshape(-1), mask)
+        reported = {
+            "metrics": metrics,
+            "seq_log_ratio": inputs.seq_log_ratio.detach(),
+            "seq_log_w": out.seq_log_w,
+            "seq_phi": out.seq_phi,
+        }
+        return out.loss, mask.sum().to(torch.int), reported
+
+    def forward_step(self, normalizer: LossNormalizer):
+        """A `forward_step_func(data_iterator, model)` for `get_forward_backward_func`."""
+
+        def forward_step(data_iterator, model):
+            batch: RLMicroBatch = next(data_iterator)
+            logits = model(
+                input_ids=batch.tokens,
+                position_ids=batch.position_ids,
+                attention_mask=None,
+                packed_seq_params=batch.packed_seq_params,
+            )
+            return logits, lambda output: self.loss_func(batch, normalizer, output)
+
+        return forward_step
+
+
+def install_rl_grad_finalizer(model_config, pg_collection=None) -> None:
+    """Make megatron's schedules leave the (already global) loss scale alone: calculate_per_token_loss so
+    nothing divides by the micro-batch count, and a grad finalizer that reduces gradients over DP x CP
+    (and SP norms over TP, embeddings over PP) without dividing by the token count."""
+    from megatron.core.distributed import finalize_model_grads
+
+    model_config.calculate_per_token_loss = True
+
+    def finalize(model, num_tokens=None, pg_collection=pg_collection, force_all_reduce=False):
+        finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+
+    model_config.finalize_model_grads_func = finalize
