@@ -3,3 +3,12 @@
 Each module names the upstream package and the versions it targets, applies itself only where needed and
 is idempotent. `apply_all()` applies every fix whose target is installed. See patches/README.md.
 """
+
+from __future__ import annotations
+
+
+def apply_all() -> dict[str, bool]:
+    """Apply every fix; returns {fix name: whether it changed anything}."""
+    from . import te_general_gemm
+
+    return {"te_general_gemm": te_general_gemm.apply()}

@@ -1,0 +1,348 @@
+"""A tiny Qwen3-MoE-shaped megatron-core `GPTModel`, built identically under every parallel layout.
+
+Qwen3-MoE shape: RMSNorm, SwiGLU experts, QK-norm, GQA, RoPE, untied embeddings, no biases, softmax top-k
+router with normalised top-k probabilities; `moe_layer_freq` mixes dense layers in.
+
+Determinism across layouts: after megatron builds the local shards, `init_params_deterministic` overwrites
+every matrix with a slice of a full tensor drawn from a generator seeded by (seed, global parameter name),
+so the full (gathered) weights are bit-identical for every TP/SP/CP/EP/PP/DP layout. The same name and
+partition bookkeeping (`param_layout`, `shard_of_full`, `full_from_shards`) is used to gather full
+gradients in `vespo_megatron.megatron.testing`.
+
+Shape legend: V vocab, h hidden, P size of the group a parameter is split over, s partition stride.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from vespo_megatron import patches
+from vespo_megatron.compat import RouterReplay, transformer_engine_available
+from vespo_megatron.megatron.cpu_shim import install_cpu_shim
+from vespo_megatron.megatron.norms import Norm
+from vespo_megatron.megatron.parallel_setup import ParallelConfig, ParallelGroups
+from vespo_megatron.megatron.reference_attention import ReferenceAttention
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinyMoEConfig:
+    vocab_size: int = 128
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    ffn_hidden_size: int = 128  # dense layers
+    num_experts: int = 4
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int = 32
+    moe_layer_freq: int | tuple[int, ...] = 1  # int N: every N-th layer is MoE; tuple: 1=MoE, 0=dense
+    moe_aux_loss_coeff: float = 0.0
+    moe_enable_routing_replay: bool = False
+    qk_layernorm: bool = True
+    rotary_base: int = 10000
+    seq_length: int = 64  # max sequence length (RoPE table)
+    layernorm_epsilon: float = 1e-6
+    init_method_std: float = 0.02
+    dtype: torch.dtype = torch.float32
+    seed: int = 1234
+
+    def __post_init__(self):
+        def need(cond: bool, field: str, expected: str, actual):
+            if not cond:
+                raise ValueError(f"TinyMoEConfig.{field}: expected {expected}, got {actual!r}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "seq_length"):
+            need(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        need(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
+             f"a divisor of num_attention_heads={self.num_attention_heads}", self.num_query_groups)
+        if self.head_dim is None:
+            need(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                 f"a multiple of num_attention_heads={self.num_attention_heads}", self.hidden_size)
+        need(self.moe_router_topk <= self.num_experts, "moe_router_topk",
+             f"<= num_experts={self.num_experts}", self.moe_router_topk)
+        if isinstance(self.moe_layer_freq, tuple):
+            need(len(self.moe_layer_freq) == self.num_layers, "moe_layer_freq",
+                 f"a tuple of length num_layers={self.num_layers}", self.moe_layer_freq)
+            need(set(self.moe_layer_freq) <= {0, 1}, "moe_layer_freq", "entries 0 or 1", self.moe_layer_freq)
+        else:
+            need(self.moe_layer_freq >= 1, "moe_layer_freq", ">= 1", self.moe_layer_freq)
+        need(self.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64), "dtype",
+             "a floating dtype", self.dtype)
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def moe_pattern(self) -> list[int]:
+        if isinstance(self.moe_layer_freq, tuple):
+            return list(self.moe_layer_freq)
+        return [1 if i % self.moe_layer_freq == 0 else 0 for i in range(self.num_layers)]
+
+
+def transformer_config(cfg: TinyMoEConfig, pcfg: ParallelConfig) -> TransformerConfig:
+    """megatron's TransformerConfig for `cfg` under layout `pcfg` (CPU-safe choices where CUDA is absent)."""
+    pcfg.validate_for_moe(cfg.num_experts)
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.kv_channels,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        qk_layernorm=cfg.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        params_dtype=cfg.dtype,
+        pipeline_dtype=cfg.dtype,
+        bf16=cfg.dtype == torch.bfloat16,
+        fp16=cfg.dtype == torch.float16,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
+        tensor_model_parallel_size=pcfg.tp,
+        sequence_parallel=pcfg.sp,
+        context_parallel_size=pcfg.cp,
+        expert_model_parallel_size=pcfg.ep,
+        expert_tensor_parallel_size=pcfg.etp,
+        pipeline_model_parallel_size=pcfg.pp,
+        virtual_pipeline_model_parallel_size=pcfg.vpp,
+        num_moe_experts=cfg.num_experts,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_layer_freq=list(cfg.moe_pattern()),
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=False,  # softmax over the top-k = Qwen3's normalised top-k probabilities
+        moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
+        moe_grouped_gemm=False,
+        moe_router_fusion=False,  # the fused top-k path ignores routing replay
+        moe_permute_fusion=False,
+        moe_enable_routing_replay=cfg.moe_enable_routing_replay,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        batch_p2p_sync=not on_cpu,  # its torch.cuda.synchronize() has no CPU answer
+        # Our losses return values ready for a SUM reduction; megatron's schedule must not rescale them.
+        calculate_per_token_loss=True,
+    )
+
+
+AttentionBackend = Literal["auto", "te", "reference"]
+
+
+def _local_layer_spec(num_experts: int | None, qk_layernorm: bool) -> ModuleSpec:
+    """megatron's local layer spec with our SP-capable norm and reference (CP, THD) attention."""
+    spec = get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm, normalization="RMSNorm"
+    )
+    layer = spec.submodules
+    attn = layer.self_attention
+    attn_sub = dataclasses.replace(
+        attn.submodules,
+        core_attention=ReferenceAttention,
+        q_layernorm=Norm if qk_layernorm else attn.submodules.q_layernorm,
+        k_layernorm=Norm if qk_layernorm else attn.submodules.k_layernorm,
+    )
+    layer = dataclasses.replace(
+        layer,
+        input_layernorm=Norm,
+        pre_mlp_layernorm=Norm,
+        self_attention=dataclasses.replace(attn, submodules=attn_sub),
+    )
+    return dataclasses.replace(spec, submodules=layer)
+
+
+def build_block_spec(
+    config: TransformerConfig,
+    attention_backend: AttentionBackend = "auto",
+    pp_rank: int | None = None,
+    vp_stage: int | None = None,
+) -> TransformerBlockSubmodules:
+    """The decoder block spec of one pipeline stage.
+
+    "te": megatron's transformer-engine spec (GPU). "reference": megatron's local spec with our `Norm` and
+    `ReferenceAttention` (CPU, tests). "auto": "te" when transformer-engine imports, else "reference".
+    """
+    if attention_backend not in ("auto", "te", "reference"):
+        raise ValueError(f"attention_backend: expected 'auto', 'te' or 'reference', got {attention_backend!r}")
+    use_te = attention_backend == "te" or (attention_backend == "auto" and transformer_engine_available())
+    if use_te:
+        return get_gpt_decoder_block_spec(
+            config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+        )
+    dense = _local_layer_spec(None, config.qk_layernorm)
+    moe = _local_layer_spec(config.num_moe_experts, config.qk_layernorm)
+    specs = [moe if is_moe else dense for is_moe in config.moe_layer_freq]
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=specs[offset : offset + count], layer_norm=Norm)
+
+
+def build_gpt_model(
+    cfg: TinyMoEConfig,
+    parallel_cfg: ParallelConfig,
+    groups: ParallelGroups,
+    *,
+    attention_backend: AttentionBackend = "auto",
+    vp_stage: int | None = None,
+    clear_router_replay: bool = True,
+) -> GPTModel:
+    """Build this rank's `GPTModel` (pre/post process per pipeline stage) with layout-independent weights.
+
+    Applies `vespo_megatron.patches` and, where CUDA is absent, the CPU shim. `clear_router_replay` drops
+    megatron's class-level RouterReplay instances first, so this model's layers are the only ones registered.
+    """
+    patches.apply_all()
+    install_cpu_shim()
+    if clear_router_replay:
+        RouterReplay.clear_global_router_replay_instances()
+    config = transformer_config(cfg, parallel_cfg)
+    pp_rank = groups.pp_rank
+    vpp = parallel_cfg.vpp
+    first = pp_rank == 0 and (vp_stage is None or vp_stage == 0)
+    last = pp_rank == groups.pp_size - 1 and (vp_stage is None or vpp is None or vp_stage == vpp - 1)
+    # megatron's RNG tracker (dropout/init forks); on CPU it tracks the CPU generator (cpu_shim item 2).
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        cfg.seed,
+        tp_rank=groups.tp_rank,
+        ep_rank=groups.ep_rank,
+        etp_rank=groups.expt_tp.rank(),
+        force_reset_rng=True,
+    )
+    torch.manual_seed(cfg.seed)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=build_block_spec(config, attention_backend, pp_rank=pp_rank, vp_stage=vp_stage),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.seq_length,
+        pre_process=first,
+        post_process=last,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=cfg.rotary_base,
+        pg_collection=groups.pg_collection,
+        vp_stage=vp_stage,
+    )
+    if not torch.cuda.is_available():
+        model = model.to(cfg.dtype)
+    else:
+        model = model.cuda()
+    init_params_deterministic(model, cfg, groups)
+    return model
+
+
+# --- parameter layout: global names and partitions -------------------------------------------------------
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"local_experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where one local parameter sits in the full model."""
+
+    global_name: str
+    full_shape: tuple[int, ...]
+    partition_dim: int | None  # None: not split (replicated)
+    stride: int
+    group: torch.distributed.ProcessGroup | None  # the group it is split over
+    is_expert: bool
+
+
+def param_layout(model: GPTModel, groups: ParallelGroups) -> dict[str, ParamLayout]:
+    """Local parameter name -> its `ParamLayout` (global layer/expert numbering, full shape, split)."""
+    layer_numbers = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    layouts = {}
+    for name, param in model.named_parameters():
+        global_name = _LAYER.sub(lambda m: f"decoder.layers.{layer_numbers[int(m.group(1))]}.", name)
+        is_expert = ".local_experts." in name
+        if is_expert:
+            experts = _owning_experts(model, name)
+            offset = groups.ep_rank * experts.num_local_experts
+            global_name = _EXPERT.sub(lambda m, o=offset: f"local_experts.{int(m.group(1)) + o}.", global_name)
+        group = groups.expt_tp if is_expert else groups.tp
+        split = getattr(param, "tensor_model_parallel", False) and group.size() > 1
+        dim = param.partition_dim if split else None
+        stride = getattr(param, "partition_stride", 1) if split else 1
+        shape = list(param.shape)
+        if split:
+            shape[dim] *= group.size()
+        layouts[name] = ParamLayout(global_name, tuple(shape), dim, stride, group if split else None, is_expert)
+    return layouts
+
+
+def _owning_experts(model: GPTModel, name: str):
+    prefix = name[: name.index(".local_experts.")]
+    return model.get_submodule(prefix)
+
+
+def shard_of_full(full: torch.Tensor, dim: int, stride: int, rank: int, size: int) -> torch.Tensor:
+    """Megatron's split of a full tensor: `size*stride` chunks on `dim`, rank r keeps chunks r, r+size, ..."""
+    chunks = full.chunk(size * stride, dim=dim)
+    return torch.cat([chunks[rank + k * size] for k in range(stride)], dim=dim)
+
+
+def full_from_shards(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of `shard_of_full` given every rank's shard in rank order."""
+    size = len(shards)
+    per_rank = [s.chunk(stride, dim=dim) for s in shards]
+    ordered = [per_rank[c % size][c // size] for c in range(size * stride)]
+    return torch.cat(ordered, dim=dim)
+
+
+def _full_init(global_name: str, shape: tuple[int, ...], cfg: TinyMoEConfig) -> torch.Tensor:
+    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + zlib.crc32(global_name.encode())) % 2**63)
+    std = cfg.init_method_std
+    if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std = std / (2.0 * cfg.num_layers) ** 0.5  # megatron's scaled init for output projections
+    return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+
+
+@torch.no_grad()
+def init_params_deterministic(model: GPTModel, cfg: TinyMoEConfig, groups: ParallelGroups) -> None:
+    """Overwrite every matrix with its shard of a full tensor seeded by (cfg.seed, global name).
+
+    Vectors (norm weights) keep their construction value (ones), which is layout independent already.
+    """
+    for name, layout in param_layout(model, groups).items():
+        param = model.get_parameter(name)
+        if param.dim() < 2:
+            continue
+        full = _full_init(layout.global_name, layout.full_shape, cfg)
+        if layout.partition_dim is not None:
+            g = layout.group
+            full = shard_of_full(full, layout.partition_dim, layout.stride, g.rank(), g.size())
+        param.copy_(full.to(param.dtype))

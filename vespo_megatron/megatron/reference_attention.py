@@ -1,0 +1,180 @@
+"""Reference core attention for megatron layer specs: padded, packed (THD) and context-parallel.
+
+Replaces megatron's local `DotProductAttention`, which asserts CP == 1 and refuses `PackedSeqParams`. This
+module materialises the full [sq, sk] score matrix (O(T^2) memory): it is for CPU tests and small runs.
+GPU users select transformer-engine's attention (`vespo_megatron.megatron.model.build_layer_spec` does
+when TE imports).
+
+Masking is always causal, by *global* token index:
+  - sbhd (padded batch) without CP: key j is visible to query i iff j <= i (and the optional megatron
+    `attention_mask` [b, 1, sq, sk], True = masked, does not mask it);
+  - sbhd with CP: K/V are all-gathered over the CP group; local tokens carry their zigzag global positions;
+  - THD (packed, `packed_seq_params.qkv_format == 'thd'`): block-diagonal causal: same sequence (taken from
+    `cu_seqlens_q_padded`, or `cu_seqlens_q`) and key index <= query index; with CP each sequence is zigzag
+    split (vespo_megatron.parallel.cp_split) and K/V are all-gathered.
+The all-gather is autograd-correct: its backward reduce-scatters (sums) the K/V gradients.
+GQA and softmax scale follow megatron: K/V heads repeat-interleaved to the query heads, scale
+1/sqrt(head_dim) unless `softmax_scale` is given. Softmax in fp32.
+
+Shape legend:
+    sq, sk  local query / key length (padded layout);  t  local packed tokens
+    b  batch;  np  local query heads;  ng  local K/V groups;  hn  head dim;  cp  context-parallel size
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from vespo_megatron.compat import PackedSeqParams, ProcessGroupCollection
+from vespo_megatron.parallel.cp_split import thd_zigzag_indices, zigzag_indices
+
+
+class _AllGatherFirstDim(torch.autograd.Function):
+    """Concatenate each rank's tensor on dim 0; backward sums the gradients and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        out = torch.empty((world * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        out = torch.empty((grad.size(0) // world, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+def all_gather_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[n, ...] per rank -> [world*n, ...] in rank order; gradient is reduce-scattered."""
+    if dist.get_world_size(group) == 1:
+        return x
+    return _AllGatherFirstDim.apply(x, group)
+
+
+def attention_probs_reference(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Pure math. query [b, np, sq, hn], key/value [b, np, sk, hn], visible [b or 1, 1, sq, sk] bool.
+
+    Returns [b, np, sq, hn] in query's dtype; softmax in fp32.
+    """
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, value.float()).to(query.dtype)
+
+
+class ReferenceAttention(MegatronModule):
+    """Drop-in `core_attention` for megatron's `SelfAttention` (same constructor and forward signature)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ):
+        super().__init__(config=config)
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"attn_mask_type: expected causal, got {attn_mask_type}")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout != 0.0:
+            raise ValueError(f"attention_dropout: expected 0.0 for ReferenceAttention, got {dropout}")
+        if config.window_size is not None:
+            raise ValueError(f"window_size: expected None for ReferenceAttention, got {config.window_size}")
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"softmax_type: expected 'vanilla', got {config.softmax_type!r}")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.tp_group = pg_collection.tp
+        self.cp_group = pg_collection.cp
+        tp = self.tp_group.size()
+        self.num_heads = config.num_attention_heads // tp
+        self.num_groups = config.num_query_groups // tp
+        head_dim = config.kv_channels
+        self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+
+    def _cp(self) -> tuple[int, int]:
+        if self.cp_group is None:
+            return 1, 0
+        return self.cp_group.size(), self.cp_group.rank()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("attention_bias: expected None for ReferenceAttention")
+        cp_size, cp_rank = self._cp()
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:
+            # [t, np, hn] -> [1, t, np, hn] (sbhd with s=t, b=1) after index bookkeeping
+            cu = packed_seq_params.cu_seqlens_q_padded
+            if cu is None:
+                cu = packed_seq_params.cu_seqlens_q
+            cu = cu.to("cpu", torch.long)
+            q_index = thd_zigzag_indices(cu, cp_size, cp_rank) if cp_size > 1 else torch.arange(int(cu[-1]))
+            if q_index.numel() != query.size(0):
+                raise ValueError(
+                    f"query tokens: expected {q_index.numel()} from cu_seqlens and cp={cp_size}, "
+                    f"got {query.size(0)}"
+                )
+            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+        else:
+            seq_global = query.size(0) * cp_size
+            q_index = zigzag_indices(seq_global, cp_size, cp_rank) if cp_size > 1 else torch.arange(seq_global)
+        if cp_size > 1:
+            if attention_mask is not None:
+                raise ValueError("attention_mask: expected None with context parallelism (causal only)")
+            key = all_gather_first_dim(key, self.cp_group)
+            value = all_gather_first_dim(value, self.cp_group)
+            if thd:
+                k_index = torch.cat([thd_zigzag_indices(cu, cp_size, r) for r in range(cp_size)])
+            else:
+                k_index = torch.cat([zigzag_indices(seq_global, cp_size, r) for r in range(cp_size)])
+        else:
+            k_index = q_index
+        q_index, k_index = q_index.to(query.device), k_index.to(query.device)
+
+        visible = k_index[None, :] <= q_index[:, None]  # [sq, sk]
+        if thd:
+            cu_d = cu.to(query.device)
+            q_seq = torch.searchsorted(cu_d, q_index, right=True)
+            k_seq = torch.searchsorted(cu_d, k_index, right=True)
+            visible = visible & (q_seq[:, None] == k_seq[None, :])
+        visible = visible[None, None]  # [1, 1, sq, sk]
+        if attention_mask is not None:
+            visible = visible & ~attention_mask.bool()
+
+        rep = self.num_heads // self.num_groups
+        if rep > 1:
+            key = key.repeat_interleave(rep, dim=2)
+            value = value.repeat_interleave(rep, dim=2)
+        # [s, b, n, hn] -> [b, n, s, hn]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        out = attention_probs_reference(q, k, v, visible, self.softmax_scale)
+        sq, b = query.size(0), query.size(1)
+        out = out.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, np*hn]
+        if thd:
+            out = out.squeeze(1)  # [t, np*hn]
+        return out
