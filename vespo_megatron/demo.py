@@ -14,7 +14,13 @@ import argparse
 
 import torch
 
-from vespo_megatron.losses import LossNormalizer, build_local_inputs, get_policy_loss, make_loss_config, vespo_phi
+from vespo_megatron.losses import (
+    LossNormalizer,
+    build_local_inputs,
+    get_policy_loss,
+    make_loss_config,
+    vespo_phi,
+)
 
 LOSSES = ["reinforce", "grpo", "gspo", "sapo", "vespo", "vespo_sqrt", "vespo_lin"]
 

@@ -14,14 +14,14 @@ per-token tensor (labels, masks, behaviour and rollout log-probs, routing ids) i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from vespo_megatron.compat import PackedSeqParams
-from vespo_megatron.parallel.cp_split import pack_sequences, round_up, zigzag_indices
+from vespo_megatron.parallel.cp_split import PackedBatch, pack_sequences, round_up, zigzag_indices
 
 __all__ = ["RLSample", "RLMicroBatch", "build_rl_microbatch"]
 
@@ -96,6 +96,26 @@ def _aligned(samples: list[RLSample]) -> dict[str, list[Tensor]]:
     return out
 
 
+def _pad_packed(packed: PackedBatch, total: int) -> PackedBatch:
+    """The same pack with its last sequence's padding extended to `total` tokens."""
+    extra = total - packed.num_tokens
+    if extra < 0:
+        raise ValueError(f"seq_len: expected >= the packed length ({packed.num_tokens} tokens), got {total}")
+    if extra == 0:
+        return packed
+    last = packed.num_tokens - int(packed.cu_seqlens_padded[-2])
+    cu_padded = packed.cu_seqlens_padded.clone()
+    cu_padded[-1] += extra
+    return replace(
+        packed,
+        tokens=torch.cat([packed.tokens, packed.tokens.new_zeros(1, extra)], dim=1),
+        position_ids=torch.cat([packed.position_ids, torch.arange(last, last + extra)[None]], dim=1),
+        seq_index=torch.cat([packed.seq_index, packed.seq_index.new_full((extra,), int(packed.seq_index[-1]))]),
+        valid=torch.cat([packed.valid, packed.valid.new_zeros(extra)]),
+        cu_seqlens_padded=cu_padded,
+    )
+
+
 def build_rl_microbatch(
     samples: list[RLSample],
     *,
@@ -109,7 +129,9 @@ def build_rl_microbatch(
 
     pad_multiple: each sequence (THD) or the row length (padded) is padded to a multiple of it; it must be a
         multiple of 2 * cp_size, times the TP size when sequence parallelism splits the tokens.
-    seq_len: padded layout only, the row length (default: the longest sample, rounded up).
+    seq_len: the row length (padded layout; default: the longest sample, rounded up), or the total packed
+        length (THD; default: as packed). A longer THD pack pads its last sequence: pipeline stages exchange
+        fixed-shape activations, and gloo's all-gather (EP on CPU) needs equal sizes on every rank.
     """
     if not samples:
         raise ValueError("samples: expected at least one RLSample, got none")
@@ -126,6 +148,8 @@ def build_rl_microbatch(
 
     if layout == "thd":
         packed = pack_sequences(al["tokens"], pad_multiple=pad_multiple)
+        if seq_len is not None:
+            packed = _pad_packed(packed, round_up(seq_len, pad_multiple))
         starts = packed.cu_seqlens_padded[:-1].tolist()
 
         def place(values: list[Tensor], fill=0) -> Tensor:

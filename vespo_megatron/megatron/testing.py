@@ -42,7 +42,7 @@ from vespo_megatron.megatron.parallel_setup import (
     destroy_parallel,
     initialize_parallel,
 )
-from vespo_megatron.parallel.cp_split import PackedBatch, pack_sequences, zigzag_indices
+from vespo_megatron.parallel.cp_split import PackedBatch, pack_sequences, round_up, zigzag_indices
 
 
 @dataclass(frozen=True)
@@ -278,5 +278,110 @@ def run_layout(
                 for k, v in p[1].items():
                     metrics[k] = metrics.get(k, 0.0) + v
         return LayoutResult(loss=loss, logits=logits, grads=grads, metrics=metrics)
+    finally:
+        destroy_parallel()
+
+
+# ---------------------------------------------------------------- RL loss step under any layout
+
+
+@dataclass
+class RLLayoutResult:
+    """Summed loss over micro-batches, per-sequence log W / phi by global sample index, full gradients."""
+
+    loss: float
+    seq_log_ratio: torch.Tensor  # [num_samples] float64
+    seq_phi: torch.Tensor | None  # [num_samples] (VESPO family only)
+    grads: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_rl_layout(
+    layout: ParallelConfig,
+    model_cfg: TinyMoEConfig,
+    micro_batches: list[list],
+    step_cfg,
+    *,
+    batch_layout: str = "thd",
+    pad_multiple: int = 8,
+    attention_backend: str = "reference",
+) -> RLLayoutResult:
+    """One RL optimizer step's forward/backward under `layout` through `RLStep` and megatron's schedules.
+
+    `micro_batches` is the global step: a list of micro-batches, each a list of `RLSample`. DP rank d takes
+    micro-batches d, d + dp, ...; each micro-batch is built for this CP rank (`build_rl_microbatch`). The
+    normaliser is computed once upstream (`RLStep.normalizer`), gradients are SUM-reduced (`finalize_grads`).
+    Every rank returns the full result.
+    """
+    from vespo_megatron.losses import finalize_metrics, merge_metrics
+    from vespo_megatron.megatron.rl_batch import build_rl_microbatch
+    from vespo_megatron.megatron.step import RLStep, StepGroups
+    from vespo_megatron.parallel.metrics import all_reduce_metrics
+
+    groups = initialize_parallel(layout)
+    try:
+        model = build_gpt_model(model_cfg, layout, groups, attention_backend=attention_backend)
+        dp, dp_rank = groups.dp_size, groups.dp_rank
+        if len(micro_batches) % dp != 0:
+            raise ValueError(f"micro_batches: expected a multiple of dp={dp}, got {len(micro_batches)}")
+        mine = list(range(dp_rank, len(micro_batches), dp))
+        first_sample = [sum(len(m) for m in micro_batches[:i]) for i in range(len(micro_batches))]
+        # One length for every micro-batch: fixed pipeline shapes, equal all-gather sizes (EP on gloo).
+        if batch_layout == "padded":
+            seq_len = max(s.prompt.numel() + s.response.numel() for m in micro_batches for s in m)
+        else:
+            seq_len = max(sum(round_up(s.prompt.numel() + s.response.numel(), pad_multiple) for s in m)
+                          for m in micro_batches)
+        local = [
+            build_rl_microbatch(micro_batches[i], layout=batch_layout, cp_size=groups.cp_size, cp_rank=groups.cp_rank,
+                                pad_multiple=pad_multiple, seq_len=seq_len)
+            for i in mine
+        ]
+        step = RLStep(step_cfg, StepGroups(tp=groups.tp, cp=groups.cp))
+        normalizer = step.normalizer(local, dp_group=groups.dp)
+        with cpu_device_context():
+            outputs = get_forward_backward_func()(
+                forward_step_func=step.forward_step(normalizer),
+                data_iterator=iter(local),
+                model=[model],
+                num_microbatches=len(local),
+                seq_length=local[0].tokens.size(1) * groups.cp_size,
+                micro_batch_size=local[0].tokens.size(0),
+                forward_only=False,
+            )
+        finalize_grads(model, groups)
+        grads = gather_full_grads(model, groups)
+
+        num_samples = sum(len(m) for m in micro_batches)
+        seq_log_ratio = torch.zeros(num_samples, dtype=torch.float64)
+        seq_phi = torch.zeros(num_samples, dtype=torch.float64)
+        has_phi = False
+        loss = 0.0
+        parts = []
+        for i, reported in zip(mine, outputs if groups.is_last_stage else [], strict=False):
+            idx = slice(first_sample[i], first_sample[i] + len(micro_batches[i]))
+            seq_log_ratio[idx] = reported["seq_log_ratio"].double()
+            if reported["seq_phi"] is not None:
+                seq_phi[idx] = reported["seq_phi"].double()
+                has_phi = True
+            parts.append(reported["metrics"])
+            loss += float(reported["metrics"]["loss"].value)
+        # Per-sequence values: identical on every TP/CP rank of a last stage; take TP 0 / CP 0 of each DP rank.
+        owner = groups.is_last_stage and groups.tp_rank == 0 and groups.cp_rank == 0
+        counted = groups.is_last_stage and groups.tp_rank == 0  # loss shares add over DP x CP
+        everyone = [None] * groups.world_size
+        dist.all_gather_object(everyone, (owner, counted, seq_log_ratio, seq_phi if has_phi else None, loss))
+        total_loss = sum(p[4] for p in everyone if p[1])
+        log_ratio = sum(p[2] for p in everyone if p[0])
+        phis = [p[3] for p in everyone if p[0] and p[3] is not None]
+        metrics = {}
+        if groups.is_last_stage and groups.tp_rank == 0:
+            reduced = all_reduce_metrics(merge_metrics(parts), groups.dp_cp)
+            metrics = finalize_metrics(reduced)
+        shared = [None] * groups.world_size
+        dist.all_gather_object(shared, metrics)
+        metrics = next(m for m in shared if m)
+        return RLLayoutResult(loss=total_loss, seq_log_ratio=log_ratio, seq_phi=sum(phis) if phis else None,
+                              grads=grads, metrics=metrics)
     finally:
         destroy_parallel()
