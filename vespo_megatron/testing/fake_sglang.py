@@ -1,0 +1,511 @@
+# Shape legend:
+#   [P]  prompt tokens, [O] output tokens of one request
+#   [L]  decoder layers (num_hidden_layers, dense ones included), [K] top-k experts per token
+"""A local stand-in for an SGLang server: its native HTTP API, deterministic answers, injectable faults.
+
+:class:`FakeSGLangServer` is a context manager that serves on ``127.0.0.1`` (a free port; never another
+interface) from a ``ThreadingHTTPServer`` in a daemon thread, and stops when the ``with`` block ends. It
+speaks the request and answer shapes of SGLang's ``/generate`` (single and batched ``input_ids``;
+``meta_info`` with ``id``, ``finish_reason``, ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
+``weight_version``, ``output_token_logprobs`` as ``[logprob, token_id, null]`` triples and, when asked and
+enabled, ``routed_experts`` as base64 of little-endian int32 ``[P + O - 1, L, K]``), ``/server_info`` and
+``/get_server_info``, ``/get_model_info``, ``/get_weight_version``, ``/update_weight_version``,
+``/update_weights_from_disk``, ``/flush_cache``, ``/pause_generation``, ``/continue_generation``,
+``/abort_request`` and ``/health``. Error answers use SGLang's shapes (``{"error": {"message": ...}}`` for
+``/generate``, ``{"success": false, "message": ...}`` for weight updates).
+
+What comes out is decided by a *policy*: ``policy(request: FakeRequest) -> FakeOutput``. The default,
+:func:`hash_policy`, derives tokens, log-probs and routing from the prompt alone, so two runs agree.
+
+Faults for tests (each thread-safe, counted down per matching request):
+:meth:`FakeSGLangServer.fail_next` (an HTTP status such as 503 or 400), :meth:`~FakeSGLangServer.delay_next`
+(sleep before answering, to trip client timeouts) and :meth:`~FakeSGLangServer.corrupt` (a malformed
+answer: NaN or null log-prob, a dropped field, a token mismatch, an aborted request, ...). Starting the
+server with ``enable_return_routed_experts=False`` mimics a server launched without that flag.
+
+Not modelled: text prompts and tokenisation, streaming, real sampling, the prefix cache, top-logprobs,
+multi-DP routing, ``/update_weights_from_distributed`` / ``_from_tensor``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+
+__all__ = ["CORRUPTIONS", "FakeOutput", "FakeRequest", "FakeSGLangServer", "hash_policy"]
+
+CORRUPTIONS = (
+    "nan_logprob",  # a NaN log-prob (Python json writes NaN)
+    "null_logprob",  # a null log-prob (what orjson, SGLang's encoder, writes for NaN)
+    "positive_logprob",  # a log-prob of +0.5
+    "drop_logprobs",  # no meta_info["output_token_logprobs"]
+    "drop_output_ids",  # no "output_ids"
+    "drop_finish_reason",  # no meta_info["finish_reason"]
+    "drop_routing",  # no meta_info["routed_experts"] although asked
+    "short_logprobs",  # one log-prob triple fewer than output tokens
+    "token_mismatch",  # a triple's token id differs from output_ids
+    "count_mismatch",  # completion_tokens one more than len(output_ids)
+    "bad_routing",  # routed_experts with one row too few
+    "abort",  # finish_reason {"type": "abort"}
+    "stale_version",  # meta_info["weight_version"] of another version
+)
+
+
+@dataclass(frozen=True)
+class FakeRequest:
+    """One (un-batched) ``/generate`` request as the server read it."""
+
+    rid: str
+    input_ids: tuple[int, ...]
+    sampling_params: dict
+    return_logprob: bool
+    logprob_start_len: int
+    return_routed_experts: bool
+    weight_version: str
+    model_path: str
+
+
+@dataclass(frozen=True)
+class FakeOutput:
+    """What the policy generated: ``routing`` is int ``[P + O - 1, L, K]`` or None (then the server makes
+    one from :func:`hash_routing` when routing is asked for)."""
+
+    output_ids: Sequence[int]
+    logprobs: Sequence[float]
+    finish_reason: str  # "stop" | "length"
+    routing: np.ndarray | None = None
+
+
+def _mix(*values: int) -> int:
+    return zlib.crc32(np.asarray(values, dtype=np.int64).tobytes())
+
+
+def hash_routing(num_rows: int, num_layers: int, top_k: int, num_experts: int, salt: int = 0) -> np.ndarray:
+    """Deterministic int32 routing ``[num_rows, L, K]`` with K distinct ids per (row, layer)."""
+    rows = np.arange(num_rows, dtype=np.int64)[:, None, None]
+    layers = np.arange(num_layers, dtype=np.int64)[None, :, None]
+    slots = np.arange(top_k, dtype=np.int64)[None, None, :]
+    base = (rows * 7 + layers * 3 + salt) % num_experts  # [N, L, 1]
+    return ((base + slots) % num_experts).astype(np.int32)  # consecutive ids mod E: distinct when K <= E
+
+
+def hash_policy(vocab_size: int = 1000) -> Callable[[FakeRequest], FakeOutput]:
+    """Tokens and log-probs from a hash of (prompt, position, weight version); stops on ``stop_token_ids``.
+
+    Token j = hash(prompt, j, version) mod vocab_size; its log-prob is ``-(0.05 + (hash % 400) / 100) /
+    max(temperature, 0.1)``, always finite and negative.
+    """
+
+    def policy(req: FakeRequest) -> FakeOutput:
+        sp = req.sampling_params
+        max_new = int(sp.get("max_new_tokens", 16))
+        stops = set(sp.get("stop_token_ids") or ())
+        temperature = float(sp.get("temperature", 1.0))
+        seed = _mix(*req.input_ids, zlib.crc32(req.weight_version.encode()))
+        out, lps = [], []
+        finish = "length"
+        for j in range(max_new):
+            h = _mix(seed, j)
+            out.append(h % vocab_size)
+            lps.append(-(0.05 + (h >> 8) % 400 / 100.0) / max(temperature, 0.1))
+            if out[-1] in stops:
+                finish = "stop"
+                break
+        return FakeOutput(output_ids=out, logprobs=lps, finish_reason=finish)
+
+    return policy
+
+
+@dataclass
+class _Fault:
+    kind: str
+    remaining: int | None  # None: forever
+    paths: tuple[str, ...]
+    match: Callable[[FakeRequest], bool] | None = None
+    status: int = 503
+    message: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class _State:
+    weight_version: str
+    model_path: str
+    paused: bool = False
+    requests: list[tuple[str, Any]] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    weight_loads: list[dict] = field(default_factory=list)
+    num_flushes: int = 0
+    num_generated: int = 0
+    max_in_flight: int = 0
+    in_flight: int = 0
+
+
+class FakeSGLangServer:
+    """``with FakeSGLangServer(...) as server: SGLangEngineConfig(base_url=server.url, ...)``."""
+
+    def __init__(
+        self,
+        policy: Callable[[FakeRequest], FakeOutput] | None = None,
+        *,
+        num_hidden_layers: int = 4,
+        top_k: int = 2,
+        num_experts: int = 8,
+        enable_return_routed_experts: bool = True,
+        weight_version: str = "default",
+        model_path: str = "fake/model",
+        api_key: str | None = None,
+        legacy_server_info: bool = False,
+        has_weight_version_api: bool = True,
+    ):
+        if top_k > num_experts:
+            raise ValueError(f"top_k: expected <= num_experts={num_experts}, got {top_k}")
+        self.policy = policy or hash_policy()
+        self.num_hidden_layers, self.top_k, self.num_experts = num_hidden_layers, top_k, num_experts
+        self.enable_return_routed_experts = enable_return_routed_experts
+        self.api_key = api_key
+        self.legacy_server_info = legacy_server_info
+        self.has_weight_version_api = has_weight_version_api
+        self._lock = threading.Lock()
+        self._state = _State(weight_version=weight_version, model_path=model_path)
+        self._faults: list[_Fault] = []
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> FakeSGLangServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._httpd is not None:
+            raise RuntimeError("FakeSGLangServer already started")
+        handler = type("_Handler", (_Handler,), {"fake": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-sglang", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._httpd is None:
+            return
+        self._stopping.set()  # wakes handlers sleeping in delay_next
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+        self._httpd = None
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # ------------------------------------------------------------------ observation
+
+    @property
+    def weight_version(self) -> str:
+        with self._lock:
+            return self._state.weight_version
+
+    @property
+    def requests(self) -> list[tuple[str, Any]]:
+        """Every request received, as ``(path, decoded JSON body or None)``, in arrival order."""
+        with self._lock:
+            return list(self._state.requests)
+
+    def bodies(self, path: str) -> list[Any]:
+        return [b for p, b in self.requests if p == path]
+
+    @property
+    def aborted(self) -> list[str]:
+        with self._lock:
+            return list(self._state.aborted)
+
+    @property
+    def weight_loads(self) -> list[dict]:
+        with self._lock:
+            return list(self._state.weight_loads)
+
+    @property
+    def num_flushes(self) -> int:
+        with self._lock:
+            return self._state.num_flushes
+
+    @property
+    def max_in_flight(self) -> int:
+        """Most ``/generate`` requests handled at the same time."""
+        with self._lock:
+            return self._state.max_in_flight
+
+    # ------------------------------------------------------------------ faults
+
+    def fail_next(self, n: int = 1, status: int = 503, *, path: str = "/generate", message: str | None = None,
+                  match: Callable[[FakeRequest], bool] | None = None) -> None:
+        """Answer the next ``n`` requests to ``path`` with HTTP ``status`` (``match``: only such requests)."""
+        msg = message or f"injected HTTP {status}"
+        self._add(_Fault("status", n, (path,), match, status=status, message=msg))
+
+    def delay_next(self, n: int = 1, seconds: float = 1.0, *, path: str = "/generate") -> None:
+        """Sleep ``seconds`` before answering the next ``n`` requests to ``path`` (``n=None``: all)."""
+        self._add(_Fault("delay", n, (path,), seconds=seconds))
+
+    def corrupt(self, kind: str, n: int | None = 1, *, prompt_ids: Sequence[int] | None = None) -> None:
+        """Spoil the next ``n`` ``/generate`` answers (of prompt ``prompt_ids`` only, when given) with one of
+        :data:`CORRUPTIONS`."""
+        if kind not in CORRUPTIONS:
+            raise ValueError(f"kind: expected one of {CORRUPTIONS}, got {kind!r}")
+        match = None if prompt_ids is None else (lambda req, p=tuple(prompt_ids): req.input_ids == p)
+        self._add(_Fault(kind, n, ("/generate",), match))
+
+    def _add(self, fault: _Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def _take(self, path: str, kinds: tuple[str, ...], req: FakeRequest | None = None) -> _Fault | None:
+        """The first live fault of ``kinds`` for ``path`` (and ``req``), counted down by one."""
+        with self._lock:
+            for f in self._faults:
+                if path not in f.paths or (f.kind not in kinds) or f.remaining == 0:
+                    continue
+                if f.match is not None and (req is None or not f.match(req)):
+                    continue
+                if f.remaining is not None:
+                    f.remaining -= 1
+                return f
+        return None
+
+    # ------------------------------------------------------------------ endpoints
+
+    def _server_info(self) -> dict:
+        with self._lock:
+            version, model = self._state.weight_version, self._state.model_path
+        return {"model_path": model, "enable_return_routed_experts": self.enable_return_routed_experts,
+                "skip_tokenizer_init": False, "weight_version": version, "tp_size": 1, "dp_size": 1,
+                "version": "fake-0.0", "internal_states": [{}]}
+
+    def _generate_one(self, body: dict, i: int | None) -> tuple[int, Any]:
+        def pick(name, default):
+            value = body.get(name, default)
+            return value[i] if i is not None and isinstance(value, list) else value
+
+        input_ids = body["input_ids"][i] if i is not None else body["input_ids"]
+        rid = pick("rid", None) or f"fake-{time.monotonic_ns()}"
+        with self._lock:
+            version, model = self._state.weight_version, self._state.model_path
+        req = FakeRequest(rid=rid, input_ids=tuple(int(t) for t in input_ids),
+                          sampling_params=dict(pick("sampling_params", None) or {}),
+                          return_logprob=bool(pick("return_logprob", False)),
+                          logprob_start_len=int(pick("logprob_start_len", -1)),
+                          return_routed_experts=bool(body.get("return_routed_experts", False)),
+                          weight_version=version, model_path=model)
+        status = self._take("/generate", ("status",), req)
+        if status is not None:
+            return status.status, {"error": {"message": status.message}}
+        out = self.policy(req)
+        output_ids = [int(t) for t in out.output_ids]
+        logprobs = [float(x) for x in out.logprobs]
+        assert len(logprobs) == len(output_ids), "policy: one log-prob per output token"
+        num_prompt, num_out = len(req.input_ids), len(output_ids)
+        finish = ({"type": "stop", "matched": output_ids[-1]} if out.finish_reason == "stop" and output_ids
+                  else {"type": "length", "length": num_out})
+        meta: dict[str, Any] = {"id": rid, "finish_reason": finish, "prompt_tokens": num_prompt,
+                                "completion_tokens": num_out, "cached_tokens": 0, "weight_version": version}
+        if req.return_logprob:
+            meta["input_token_logprobs"] = []
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(logprobs, output_ids, strict=True)]
+        if req.return_routed_experts and self.enable_return_routed_experts:
+            routing = out.routing
+            if routing is None:
+                routing = hash_routing(num_prompt + num_out - 1, self.num_hidden_layers, self.top_k,
+                                       self.num_experts, salt=_mix(*req.input_ids) % self.num_experts)
+            meta["routed_experts"] = base64.b64encode(np.ascontiguousarray(routing, dtype="<i4").tobytes()).decode()
+        answer = {"text": "", "output_ids": output_ids, "meta_info": meta}
+        fault = self._take("/generate", CORRUPTIONS, req)
+        if fault is not None:
+            _spoil(answer, fault.kind, self)
+        with self._lock:
+            self._state.num_generated += 1
+        return 200, answer
+
+    def handle(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        """Route one request; returns (status, JSON-able body or str)."""
+        with self._lock:
+            self._state.requests.append((path, body))
+        delay = self._take(path, ("delay",))
+        if delay is not None:
+            self._stopping.wait(delay.seconds)
+        if path != "/generate":
+            status = self._take(path, ("status",))
+            if status is not None:
+                key = "success" if path.startswith("/update_weights") else None
+                err = {"success": False, "message": status.message} if key else {"error": {"message": status.message}}
+                return status.status, err
+
+        if path in ("/health", "/health_generate"):
+            return 200, ""
+        if (path == "/server_info" and not self.legacy_server_info) or path == "/get_server_info":
+            return 200, self._server_info()
+        if path == "/get_model_info":
+            info = self._server_info()
+            return 200, {"model_path": info["model_path"], "is_generation": True,
+                         "weight_version": info["weight_version"]}
+        if path == "/get_weight_version" and self.has_weight_version_api:
+            return 200, {"weight_version": self.weight_version}
+        if method != "POST" and path not in ("/flush_cache",):
+            return 404, {"detail": "Not Found"}
+        if path == "/generate":
+            return self._generate(body)
+        if path == "/update_weight_version" and self.has_weight_version_api:
+            if not isinstance(body, dict) or not isinstance(body.get("new_version"), str):
+                return 400, {"error": {"message": "new_version: field required (str)"}}
+            with self._lock:
+                self._state.weight_version = body["new_version"]
+            return 200, {"success": True, "message": f"Weight version updated to {body['new_version']}",
+                         "new_version": body["new_version"]}
+        if path == "/update_weights_from_disk":
+            if not isinstance(body, dict) or not isinstance(body.get("model_path"), str) or not body["model_path"]:
+                return 400, {"error": {"message": "model_path: field required"}}
+            with self._lock:
+                self._state.model_path = body["model_path"]
+                self._state.weight_loads.append(dict(body))
+                message = "Succeeded to update model weights."
+                if body.get("weight_version") is not None:
+                    self._state.weight_version = str(body["weight_version"])
+                    message += f" Weight version updated to {body['weight_version']}."
+                if body.get("flush_cache", True):
+                    self._state.num_flushes += 1
+            return 200, {"success": True, "message": message, "num_paused_requests": 0}
+        if path == "/flush_cache":
+            with self._lock:
+                self._state.num_flushes += 1
+            return 200, "Cache flushed.\nPlease check backend logs for more details.\n"
+        if path == "/pause_generation":
+            with self._lock:
+                self._state.paused = True
+            return 200, {"message": "Generation paused successfully.", "status": "ok"}
+        if path == "/continue_generation":
+            with self._lock:
+                self._state.paused = False
+            return 200, {"message": "Generation continued successfully.", "status": "ok"}
+        if path == "/abort_request":
+            with self._lock:
+                self._state.aborted.append(str((body or {}).get("rid")))
+            return 200, ""
+        return 404, {"detail": "Not Found"}
+
+    def _generate(self, body: Any) -> tuple[int, Any]:
+        if not isinstance(body, dict) or "input_ids" not in body:
+            return 400, {"error": {"message": "At least one of text, input_ids, or image should be provided"}}
+        ids = body["input_ids"]
+        if not isinstance(ids, list) or not ids:
+            return 400, {"error": {"message": "input_ids: expected a non-empty list"}}
+        with self._lock:
+            self._state.in_flight += 1
+            self._state.max_in_flight = max(self._state.max_in_flight, self._state.in_flight)
+        try:
+            if isinstance(ids[0], list):  # a batch: one answer per prompt, in order
+                answers = []
+                for i in range(len(ids)):
+                    status, answer = self._generate_one(body, i)
+                    if status != 200:
+                        return status, answer
+                    answers.append(answer)
+                return 200, answers
+            return self._generate_one(body, None)
+        finally:
+            with self._lock:
+                self._state.in_flight -= 1
+
+
+def _spoil(answer: dict, kind: str, server: FakeSGLangServer) -> None:
+    meta = answer["meta_info"]
+    triples = meta.get("output_token_logprobs") or []
+    if kind in ("nan_logprob", "null_logprob", "positive_logprob") and triples:
+        triples[len(triples) // 2][0] = {"nan_logprob": math.nan, "null_logprob": None, "positive_logprob": 0.5}[kind]
+    elif kind == "drop_logprobs":
+        meta.pop("output_token_logprobs", None)
+    elif kind == "drop_output_ids":
+        answer.pop("output_ids", None)
+    elif kind == "drop_finish_reason":
+        meta.pop("finish_reason", None)
+    elif kind == "drop_routing":
+        meta.pop("routed_experts", None)
+    elif kind == "short_logprobs" and triples:
+        triples.pop()
+    elif kind == "token_mismatch" and triples:
+        triples[0][1] = triples[0][1] + 1
+    elif kind == "count_mismatch":
+        meta["completion_tokens"] += 1
+    elif kind == "bad_routing" and "routed_experts" in meta:
+        raw = base64.b64decode(meta["routed_experts"])
+        meta["routed_experts"] = base64.b64encode(raw[: len(raw) - 4 * server.num_hidden_layers * server.top_k]).decode()
+    elif kind == "abort":
+        meta["finish_reason"] = {"type": "abort", "message": "Abort before prefill"}
+    elif kind == "stale_version":
+        meta["weight_version"] = f"{meta.get('weight_version')}-stale"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeSGLangServer  # set on the per-server subclass
+    server_version = "FakeSGLang/0"
+
+    def log_message(self, format, *args) -> None:  # quiet: tests read server.requests instead
+        pass
+
+    def _serve(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        fake = self.fake
+        if fake.api_key is not None and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+            self._reply(401, {"error": {"message": "Unauthorized"}})
+            return
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError as e:
+            self._reply(400, {"error": {"message": f"invalid JSON body: {e}"}})
+            return
+        status, answer = fake.handle(method, self.path.split("?", 1)[0], body)
+        self._reply(status, answer)
+
+    def _reply(self, status: int, answer: Any) -> None:
+        if isinstance(answer, str):
+            data, ctype = answer.encode(), "text/plain; charset=utf-8"
+        else:
+            data, ctype = json.dumps(answer).encode(), "application/json"  # NaN stays NaN (allow_nan)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): nothing to do
+            pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._serve("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve("POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._serve("POST")

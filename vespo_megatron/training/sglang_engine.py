@@ -1,0 +1,532 @@
+"""The production rollout engine: an SGLang server driven over its native HTTP API (stdlib ``urllib`` only).
+
+Endpoints used (SGLang's ``http_server.py``; request fields from ``io_struct.py``):
+
+- ``POST /generate`` with ``GenerateReqInput`` fields ``rid``, ``input_ids`` (tokens in, no tokenizer
+  round trip), ``sampling_params`` (``temperature``, ``max_new_tokens``, ``stop_token_ids`` and
+  ``SGLangEngineConfig.extra_sampling_params``), ``return_logprob: true`` with ``logprob_start_len: -1``
+  (SGLang's "output tokens only") and, for requests that ask for routing, ``return_routed_experts: true``.
+  The answer is ``{"text", "output_ids", "meta_info"}``; ``meta_info`` carries ``id``, ``finish_reason``
+  (``{"type": "stop" | "length" | "abort", ...}``), ``prompt_tokens``, ``completion_tokens``,
+  ``output_token_logprobs`` (one ``[logprob, token_id, text-or-null]`` triple per output token),
+  ``weight_version`` (SGLang >= 0.5) and ``routed_experts`` (base64 int32 ``[P + O - 1, L, K]``).
+- ``GET /server_info`` (``/get_server_info`` on servers that predate the rename): the server arguments,
+  read by :meth:`SGLangEngine.check_server` for ``enable_return_routed_experts``.
+- ``POST /update_weight_version`` ``{"new_version", "abort_all_requests"}``: tag the served weights.
+- ``POST /update_weights_from_disk`` ``{"model_path", "load_format", "weight_version", "flush_cache",
+  "abort_all_requests"}``, then ``POST /flush_cache``.
+- ``POST /pause_generation`` ``{"mode"}`` / ``POST /continue_generation`` (async RL), ``POST /abort_request``
+  ``{"rid"}`` (best effort, after a timed-out attempt).
+
+Batching: one ``/generate`` call per request, ``max_concurrency`` of them in flight from a thread pool.
+SGLang's scheduler batches concurrent requests continuously, so nothing is lost against one batched
+call, and every sample gets its own retries, its own timeout and its own validation.
+
+Failures. Transport failures (connection refused or reset, a timeout, HTTP 5xx) are retried
+``max_retries`` times with capped exponential backoff and jitter; an HTTP 4xx is not retried and raises
+:class:`EngineError` with the server's message. A well-formed answer that the trainer cannot use (missing
+fields, a log-prob count that differs from the completion-token count, token ids that disagree between
+``output_ids`` and the log-prob triples, a NaN / null / positive log-prob, an aborted request, a bad
+routing payload, a weight-version tag other than the expected one) is the sample's fault, not the
+engine's: it becomes a :class:`SampleError` (an :class:`EngineError`) carrying ``sample_id``.
+:meth:`SGLangEngine.generate_results` returns a ``Generation`` or a ``SampleError`` per request so the
+trainer can drop and count bad samples; :meth:`SGLangEngine.generate` (the :class:`RolloutEngine`
+method) raises the first ``SampleError`` instead. Engine-wide failures always raise.
+
+Weight versions: the engine keeps its version client-side (``weight_version``) and tags the server with
+the same number as a string (SGLang's tag is a free string, ``"default"`` unless set). Once the server has
+accepted a tag from this engine (``check_server`` or ``update_weights``), every answer's
+``meta_info["weight_version"]`` must equal it; before that, and on servers without the field, the tag is
+not checked. ``update_weights`` and ``generate`` hold one lock, so a weight update never lands in the
+middle of a ``generate`` call made through this engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from os import PathLike
+from types import MappingProxyType
+from typing import Any
+
+from vespo_megatron.routing import RoutingPayloadError, RoutingSpec, routing_from_meta_info
+from vespo_megatron.training.engine import EngineError, Generation, GenerationRequest, RolloutEngine
+
+__all__ = ["SGLangEngine", "SGLangEngineConfig", "SampleError", "HTTPStatusError"]
+
+logger = logging.getLogger(__name__)
+
+# Sampling-parameter keys the engine sets from each request; extra_sampling_params may not override them.
+_OWN_SAMPLING_KEYS = frozenset({"temperature", "max_new_tokens", "stop_token_ids"})
+# A sampled token's log-prob is <= 0; allow float32 rounding above it.
+_LOGPROB_TOLERANCE = 1e-4
+_FINISH_TYPES = ("stop", "length")
+
+
+class SampleError(EngineError):
+    """One sample's answer cannot be used (malformed, NaN log-prob, aborted); the batch is otherwise fine."""
+
+    def __init__(self, sample_id: str, message: str):
+        super().__init__(f"sample {sample_id!r}: {message}")
+        self.sample_id = sample_id
+        self.reason = message
+
+
+class HTTPStatusError(EngineError):
+    """The server answered with an HTTP error status (4xx, or 5xx after all retries)."""
+
+    def __init__(self, message: str, status: int, server_message: str):
+        super().__init__(message)
+        self.status = status
+        self.server_message = server_message
+
+
+class _Retryable(Exception):
+    """A transport failure worth another attempt (connection error, timeout, 5xx)."""
+
+    def __init__(self, message: str, *, status: int | None = None, server_message: str = "", timeout=False):
+        super().__init__(message)
+        self.status = status
+        self.server_message = server_message
+        self.timeout = timeout
+
+
+def _check_number(name: str, value, *, low: float, integer: bool, allow_equal: bool = True) -> None:
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if not ok_type or isinstance(value, bool) or (not integer and not math.isfinite(value)):
+        kind = "an int" if integer else "a finite number"
+        raise ValueError(f"{name}: expected {kind} {'>=' if allow_equal else '>'} {low}, got {value!r}")
+    if value < low or (value == low and not allow_equal):
+        raise ValueError(f"{name}: expected {'>=' if allow_equal else '>'} {low}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SGLangEngineConfig:
+    """Where the SGLang server is and how hard to try.
+
+    ``timeout_s`` bounds one HTTP attempt of ``/generate`` (connect and read); ``update_timeout_s`` one
+    attempt of a weight update. A failed attempt is retried ``max_retries`` times (``max_retries + 1``
+    attempts in all) after ``min(max_backoff_s, backoff_s * 2**i) * U(0.5, 1)`` seconds (``i`` = 0, 1, ...;
+    ``seed`` fixes the jitter). ``max_concurrency`` requests are in flight at once. ``routing_spec`` is
+    needed for requests with ``return_routing``. ``initial_weight_version`` is the version of the weights the
+    server was started with. ``load_format`` is passed to ``/update_weights_from_disk`` when set.
+    ``extra_sampling_params`` go into every request's ``sampling_params`` (note that SGLang's log-probs
+    follow temperature but not top-p / top-k truncation, so those make them differ from the sampler).
+    """
+
+    base_url: str
+    timeout_s: float = 600.0
+    max_retries: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    max_concurrency: int = 32
+    routing_spec: RoutingSpec | None = None
+    api_key: str | None = None
+    initial_weight_version: int = 0
+    update_timeout_s: float = 1800.0
+    load_format: str | None = None
+    flush_cache_after_update: bool = True
+    extra_sampling_params: Mapping[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        url = self.base_url
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url.rstrip("/")) <= 8:
+            raise ValueError(f"base_url: expected 'http://host:port' or 'https://...', got {url!r}")
+        object.__setattr__(self, "base_url", url.rstrip("/"))
+        _check_number("timeout_s", self.timeout_s, low=0, integer=False, allow_equal=False)
+        _check_number("update_timeout_s", self.update_timeout_s, low=0, integer=False, allow_equal=False)
+        _check_number("max_retries", self.max_retries, low=0, integer=True)
+        _check_number("backoff_s", self.backoff_s, low=0, integer=False)
+        _check_number("max_backoff_s", self.max_backoff_s, low=self.backoff_s, integer=False)
+        _check_number("max_concurrency", self.max_concurrency, low=1, integer=True)
+        _check_number("initial_weight_version", self.initial_weight_version, low=0, integer=True)
+        if self.routing_spec is not None and not isinstance(self.routing_spec, RoutingSpec):
+            raise ValueError(f"routing_spec: expected a RoutingSpec or None, got {type(self.routing_spec).__name__}")
+        for name in ("api_key", "load_format"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name}: expected a non-empty str or None, got {value!r}")
+        if not isinstance(self.flush_cache_after_update, bool):
+            raise ValueError(f"flush_cache_after_update: expected a bool, got {self.flush_cache_after_update!r}")
+        extra = self.extra_sampling_params
+        if not isinstance(extra, Mapping) or not all(isinstance(k, str) for k in extra):
+            raise ValueError(f"extra_sampling_params: expected a mapping with str keys, got {extra!r}")
+        clash = sorted(_OWN_SAMPLING_KEYS & set(extra))
+        if clash:
+            raise ValueError(f"extra_sampling_params: expected no keys the engine sets per request "
+                             f"({sorted(_OWN_SAMPLING_KEYS)}), got {clash}")
+        try:
+            json.dumps(dict(extra), allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"extra_sampling_params: expected JSON-serialisable values, got {extra!r} ({e})") from None
+        object.__setattr__(self, "extra_sampling_params", MappingProxyType(dict(extra)))
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed: expected an int or None, got {self.seed!r}")
+
+
+def _server_message(raw: bytes) -> str:
+    """The human-readable part of an SGLang error body (JSON ``message`` / ``error.message`` / ``detail``)."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text[:2000]
+    if isinstance(body, Mapping):
+        err = body.get("error")
+        if isinstance(err, Mapping) and "message" in err:
+            return str(err["message"])
+        for key in ("message", "detail", "error"):
+            if body.get(key):
+                return str(body[key])
+    return text[:2000]
+
+
+class SGLangEngine(RolloutEngine):
+    """A :class:`RolloutEngine` backed by one SGLang HTTP server (``SGLangEngineConfig.base_url``)."""
+
+    def __init__(self, config: SGLangEngineConfig):
+        if not isinstance(config, SGLangEngineConfig):
+            raise TypeError(f"config: expected an SGLangEngineConfig, got {type(config).__name__}")
+        self.config = config
+        self._version = config.initial_weight_version
+        self._server_tag: str | None = None  # the weight_version string the server took from us, if any
+        self._server_info: dict | None = None
+        self._busy = threading.RLock()  # held by generate and update_weights: they never interleave
+        self._rng = random.Random(config.seed)
+        self._rng_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    @property
+    def server_info(self) -> dict | None:
+        """The server's ``/server_info`` answer from :meth:`check_server` (None before it ran)."""
+        return self._server_info
+
+    def check_server(self) -> dict:
+        """Read the server's arguments; fail clearly when a needed feature is off; tag the served weights.
+
+        Raises :class:`EngineError` when the server is unreachable after all retries, or when
+        ``routing_spec`` is set and the server was started without ``--enable-return-routed-experts``.
+        Then sets the server's weight-version tag to ``str(weight_version)`` (``/update_weight_version``;
+        servers without that endpoint keep their tag and answers are not checked against it).
+        """
+        info = self._get_json("/server_info", fallback="/get_server_info")
+        if not isinstance(info, Mapping):
+            raise EngineError(f"SGLang server at {self.config.base_url}: /server_info answered "
+                              f"{type(info).__name__}, expected a JSON object of server arguments")
+        if self.config.routing_spec is not None and not info.get("enable_return_routed_experts", False):
+            raise EngineError(
+                f"SGLang server at {self.config.base_url} was started without --enable-return-routed-experts; "
+                f"routing replay (R3) needs it: restart the server with that flag, or set routing_spec=None and "
+                f"do not ask for routing")
+        with self._busy:
+            tag = str(self._version)
+            try:
+                self._post("/update_weight_version", {"new_version": tag, "abort_all_requests": False},
+                           timeout=self.config.timeout_s)
+                self._server_tag = tag
+            except HTTPStatusError as e:
+                if e.status not in (404, 405):
+                    raise
+                logger.warning("SGLang server at %s has no /update_weight_version; answers' weight_version "
+                               "tags are not checked until update_weights sets one", self.config.base_url)
+            self._server_info = dict(info)
+        return self._server_info
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """One generation per request, in request order; raises the first bad sample's :class:`SampleError`."""
+        results = self.generate_results(requests)
+        bad = [r for r in results if isinstance(r, SampleError)]
+        if bad:
+            first = bad[0]
+            more = f" ({len(bad) - 1} more bad samples in this batch)" if len(bad) > 1 else ""
+            raise SampleError(first.sample_id, first.reason + more) from first
+        return results
+
+    def generate_results(self, requests: Sequence[GenerationRequest]) -> list[Generation | SampleError]:
+        """A :class:`Generation` or a :class:`SampleError` per request, in request order.
+
+        Raises :class:`EngineError` (not a ``SampleError``) when the server cannot be reached or keeps
+        failing after all retries, or answers a request with a 4xx; ``ValueError`` for invalid requests
+        (duplicate sample ids, an empty prompt, routing asked without ``routing_spec``).
+        """
+        requests = list(requests)
+        self._validate_requests(requests)
+        if not requests:
+            return []
+        if self._server_info is None:
+            self.check_server()
+        with self._busy:
+            version = self._version
+            if len(requests) == 1 or self.config.max_concurrency == 1:
+                return [self._generate_one(r, version) for r in requests]
+            num_workers = min(self.config.max_concurrency, len(requests))
+            pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="sglang-generate")
+            futures = [pool.submit(self._generate_one, r, version) for r in requests]
+            try:
+                results = [f.result() for f in futures]
+            except BaseException:
+                # Fail fast: queued requests are dropped; the ones on the wire finish in the background.
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
+            return results
+
+    def update_weights(self, source: str | PathLike, version: int) -> None:
+        """Load the checkpoint at ``source`` (a path the *server* can read) and tag it ``version``.
+
+        ``POST /update_weights_from_disk`` with ``weight_version=str(version)``, then ``/flush_cache`` (the
+        prefix cache holds KV of the old weights) unless ``flush_cache_after_update`` is off. Later
+        generations carry ``version``. Raises :class:`EngineError` with the server's message on failure;
+        the engine's version is then unchanged.
+        """
+        if not isinstance(source, str | PathLike) or not str(source):
+            raise ValueError(f"source: expected a checkpoint path (str or os.PathLike), got {source!r}")
+        _check_number("version", version, low=0, integer=True)
+        body = {"model_path": str(source), "weight_version": str(version), "flush_cache": True,
+                "abort_all_requests": False}
+        if self.config.load_format is not None:
+            body["load_format"] = self.config.load_format
+        with self._busy:
+            answer = self._post("/update_weights_from_disk", body, timeout=self.config.update_timeout_s)
+            if isinstance(answer, Mapping) and answer.get("success") is False:
+                raise EngineError(f"SGLang server at {self.config.base_url} failed to load weights from "
+                                  f"{str(source)!r}: {answer.get('message', '')}")
+            if self.config.flush_cache_after_update:
+                self._post("/flush_cache", None, timeout=self.config.timeout_s)
+            self._version = version
+            self._server_tag = str(version)
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """``POST /pause_generation``: ``"abort"`` returns in-flight requests, ``"retract"`` re-queues them
+        (KV recomputed later), ``"in_place"`` keeps them and their KV (then ``/flush_cache`` fails)."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"mode: expected 'abort', 'retract' or 'in_place', got {mode!r}")
+        self._post("/pause_generation", {"mode": mode}, timeout=self.config.timeout_s)
+
+    def continue_generation(self) -> None:
+        """``POST /continue_generation``: resume after :meth:`pause_generation`."""
+        self._post("/continue_generation", {}, timeout=self.config.timeout_s)
+
+    # ------------------------------------------------------------------ one request
+
+    def _validate_requests(self, requests: list[GenerationRequest]) -> None:
+        seen = set()
+        for i, r in enumerate(requests):
+            if not isinstance(r, GenerationRequest):
+                raise ValueError(f"requests[{i}]: expected a GenerationRequest, got {type(r).__name__}")
+            if r.sample_id in seen:
+                raise ValueError(f"requests[{i}].sample_id: expected unique sample ids, got {r.sample_id!r} twice")
+            seen.add(r.sample_id)
+            if not r.prompt_ids or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                           for t in r.prompt_ids):
+                raise ValueError(f"requests[{i}].prompt_ids: expected a non-empty tuple of token ids >= 0, "
+                                 f"got {r.prompt_ids!r}")
+            _check_number(f"requests[{i}].max_new_tokens", r.max_new_tokens, low=1, integer=True)
+            _check_number(f"requests[{i}].temperature", r.temperature, low=0, integer=False)
+            if r.return_routing and self.config.routing_spec is None:
+                raise ValueError(f"requests[{i}].return_routing: routing asked for sample {r.sample_id!r} but "
+                                 f"SGLangEngineConfig.routing_spec is None")
+
+    def _payload(self, r: GenerationRequest, rid: str) -> dict:
+        sampling = dict(self.config.extra_sampling_params)
+        sampling.update(temperature=float(r.temperature), max_new_tokens=int(r.max_new_tokens))
+        if r.stop_token_ids:
+            sampling["stop_token_ids"] = [int(t) for t in r.stop_token_ids]
+        payload = {
+            "rid": rid,
+            "input_ids": [int(t) for t in r.prompt_ids],
+            "sampling_params": sampling,
+            "return_logprob": True,
+            "logprob_start_len": -1,  # log-probs of output tokens only
+            "stream": False,
+        }
+        if r.return_routing:
+            payload["return_routed_experts"] = True
+        return payload
+
+    def _generate_one(self, r: GenerationRequest, version: int) -> Generation | SampleError:
+        def make_payload() -> dict:
+            return self._payload(r, rid=f"{r.sample_id}-{uuid.uuid4().hex[:12]}")
+
+        answer = self._request("POST", "/generate", make_payload, timeout=self.config.timeout_s,
+                               what=f"/generate for sample {r.sample_id!r}")
+        try:
+            return self._parse(r, answer, version)
+        except SampleError as e:
+            return e
+
+    def _parse(self, r: GenerationRequest, answer, version: int) -> Generation:
+        sid = r.sample_id
+        if isinstance(answer, list) and len(answer) == 1:
+            answer = answer[0]
+        if not isinstance(answer, Mapping):
+            raise SampleError(sid, f"expected a JSON object from /generate, got {type(answer).__name__}")
+        if "output_ids" not in answer or "meta_info" not in answer:
+            missing = [k for k in ("output_ids", "meta_info") if k not in answer]
+            raise SampleError(sid, f"answer lacks {missing} (got keys {sorted(answer)})")
+        meta = answer["meta_info"]
+        if not isinstance(meta, Mapping):
+            raise SampleError(sid, f"meta_info: expected a JSON object, got {type(meta).__name__}")
+        output_ids = answer["output_ids"]
+        if not isinstance(output_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in output_ids):
+            raise SampleError(sid, f"output_ids: expected a list of ints, got {str(output_ids)[:200]}")
+
+        finish = meta.get("finish_reason")
+        if not isinstance(finish, Mapping) or "type" not in finish:
+            raise SampleError(sid, f"meta_info['finish_reason']: expected {{'type': ...}}, got {finish!r}")
+        if finish["type"] not in _FINISH_TYPES:
+            detail = finish.get("message", "")
+            raise SampleError(sid, f"finish_reason type {finish['type']!r} (expected 'stop' or 'length')"
+                                   + (f": {detail}" if detail else ""))
+
+        num_out = len(output_ids)
+        for key, want in (("completion_tokens", num_out), ("prompt_tokens", len(r.prompt_ids))):
+            got = meta.get(key)
+            if got is None:
+                raise SampleError(sid, f"meta_info lacks {key!r}")
+            if got != want:
+                raise SampleError(sid, f"meta_info[{key!r}] = {got!r}, expected {want}")
+        if num_out > r.max_new_tokens:
+            raise SampleError(sid, f"{num_out} output tokens, more than max_new_tokens={r.max_new_tokens}")
+
+        triples = meta.get("output_token_logprobs")
+        if triples is None:
+            raise SampleError(sid, "meta_info lacks 'output_token_logprobs' (sent return_logprob=true)")
+        if not isinstance(triples, list) or len(triples) != num_out:
+            got = len(triples) if isinstance(triples, list) else type(triples).__name__
+            raise SampleError(sid, f"output_token_logprobs: expected {num_out} entries (completion_tokens), got {got}")
+        logprobs = []
+        for j, (entry, token) in enumerate(zip(triples, output_ids, strict=True)):
+            if not isinstance(entry, list | tuple) or len(entry) < 2:
+                raise SampleError(sid, f"output_token_logprobs[{j}]: expected [logprob, token_id, text], got {entry!r}")
+            lp, tok = entry[0], entry[1]
+            if tok != token:
+                raise SampleError(sid, f"output_token_logprobs[{j}] is for token {tok!r} but output_ids[{j}] = "
+                                       f"{token}")
+            if lp is None or not isinstance(lp, int | float) or isinstance(lp, bool) or not math.isfinite(lp):
+                raise SampleError(sid, f"output_token_logprobs[{j}]: log-prob {lp!r} is not a finite number "
+                                       f"(SGLang sends NaN as null)")
+            if lp > _LOGPROB_TOLERANCE:
+                raise SampleError(sid, f"output_token_logprobs[{j}]: log-prob {lp!r} > 0")
+            logprobs.append(min(float(lp), 0.0))
+
+        tag = meta.get("weight_version")
+        if self._server_tag is not None and tag is not None and str(tag) != self._server_tag:
+            raise SampleError(sid, f"generated under server weight_version {tag!r}, expected {self._server_tag!r} "
+                                   f"(engine version {version})")
+
+        routing = None
+        if r.return_routing:
+            try:
+                routing = routing_from_meta_info(meta, spec=self.config.routing_spec, sample_id=sid,
+                                                 num_prompt_tokens=len(r.prompt_ids), num_output_tokens=num_out)
+            except RoutingPayloadError as e:
+                raise SampleError(sid, str(e)) from None
+        return Generation(sample_id=sid, prompt_ids=tuple(r.prompt_ids), output_ids=tuple(output_ids),
+                          output_logprobs=tuple(logprobs), weight_version=version, finish_reason=finish["type"],
+                          routing=routing)
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.config.max_backoff_s, self.config.backoff_s * (2.0 ** attempt))
+        with self._rng_lock:
+            return cap * self._rng.uniform(0.5, 1.0)
+
+    def _get_json(self, path: str, *, fallback: str | None = None):
+        try:
+            return self._request("GET", path, None, timeout=self.config.timeout_s, what=path)
+        except HTTPStatusError as e:
+            if fallback is None or e.status != 404:
+                raise
+        return self._request("GET", fallback, None, timeout=self.config.timeout_s, what=fallback)
+
+    def _post(self, path: str, body, *, timeout: float):
+        return self._request("POST", path, (lambda: body) if body is not None else None, timeout=timeout, what=path)
+
+    def _request(self, method: str, path: str, make_body, *, timeout: float, what: str):
+        """Send with retries; return the decoded JSON answer (or the text of a non-JSON 200 answer)."""
+        url = self.config.base_url + path
+        attempts = self.config.max_retries + 1
+        last: _Retryable | None = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self._backoff(attempt - 1))
+            body = make_body() if make_body is not None else None
+            try:
+                return self._send_once(method, url, body, timeout)
+            except _Retryable as e:
+                last = e
+                logger.warning("%s: attempt %d/%d failed: %s", what, attempt + 1, attempts, e)
+                if e.timeout and isinstance(body, Mapping) and "rid" in body:
+                    self._abort_quietly(body["rid"])
+        assert last is not None
+        message = (f"SGLang server at {self.config.base_url}: {what} failed after {attempts} attempts "
+                   f"(max_retries={self.config.max_retries}); last error: {last}")
+        if last.status is not None:
+            raise HTTPStatusError(message, last.status, last.server_message)
+        raise EngineError(message)
+
+    def _send_once(self, method: str, url: str, body, timeout: float):
+        data = None
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            data = json.dumps(body, allow_nan=False).encode()
+            headers["Content-Type"] = "application/json"
+        if self.config.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            try:
+                msg = _server_message(e.read())
+            except (OSError, HTTPException):
+                msg = ""
+            finally:
+                e.close()
+            if e.code >= 500:
+                raise _Retryable(f"HTTP {e.code}: {msg}", status=e.code, server_message=msg) from None
+            raise HTTPStatusError(f"SGLang server at {self.config.base_url}: {method} {url} -> HTTP {e.code}: {msg}",
+                                  e.code, msg) from None
+        except urllib.error.URLError as e:
+            is_timeout = isinstance(e.reason, TimeoutError | socket.timeout)
+            raise _Retryable(f"{'timeout' if is_timeout else 'connection error'}: {e.reason}",
+                             timeout=is_timeout) from None
+        except TimeoutError as e:  # socket.timeout is TimeoutError (3.10+): read timed out
+            raise _Retryable(f"timeout after {timeout} s: {e}", timeout=True) from None
+        except (ConnectionError, HTTPException, OSError) as e:
+            raise _Retryable(f"connection error: {type(e).__name__}: {e}") from None
+        text = raw.decode("utf-8", errors="replace")
+        try:
+            return json.loads(text) if text.strip() else None
+        except ValueError:
+            return text
+
+    def _abort_quietly(self, rid: str) -> None:
+        """Ask the server to drop a request whose attempt timed out (best effort, one try, short timeout)."""
+        try:
+            self._send_once("POST", self.config.base_url + "/abort_request", {"rid": rid},
+                            min(5.0, self.config.timeout_s))
+        except (EngineError, _Retryable) as e:
+            logger.debug("abort_request for %s failed: %s", rid, e)
