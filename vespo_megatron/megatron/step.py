@@ -116,8 +116,22 @@ class RLStep:
         return out.loss, mask.sum().to(torch.int), reported
 
     def forward_step(self, normalizer: LossNormalizer):
-        """A `forward_step_func(data_iterator, model)` for `get_forward_backward_func`."""
+        """A `forward_step_func(data_iterator, model)` for `get_forward_backward_func` (training)."""
+        return self._forward_step(lambda batch, output: self.loss_func(batch, normalizer, output))
 
+    def logprob_forward_step(self):
+        """A forward-only `forward_step_func` whose outputs (last pipeline stage) are
+        {"logp": [b, s] fp32, "entropy": [b, s] or None} per micro-batch: the old-log-prob pass."""
+
+        def logprob_func(batch: RLMicroBatch, logits: Tensor):
+            lp = self.token_logprobs(logits, batch)
+            zero = logits.sum() * 0.0
+            return zero, batch.loss_mask.sum().to(torch.int), {"logp": lp.logprobs.detach(), "entropy": (
+                None if lp.entropy is None else lp.entropy.detach())}
+
+        return self._forward_step(logprob_func)
+
+    def _forward_step(self, on_output):
         def forward_step(data_iterator, model):
             batch: RLMicroBatch = next(data_iterator)
             logits = model(
@@ -126,7 +140,7 @@ class RLStep:
                 attention_mask=None,
                 packed_seq_params=batch.packed_seq_params,
             )
-            return logits, lambda output: self.loss_func(batch, normalizer, output)
+            return logits, lambda output: on_output(batch, output)
 
         return forward_step
 

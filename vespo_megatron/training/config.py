@@ -1,0 +1,151 @@
+"""The trainer's configuration: one validated dataclass per component, grouped like the launch scripts
+(model, parallelism, rollout, algorithm, logging/checkpointing). `TrainerConfig.validate(world_size)`
+checks everything that depends on several groups at start, before any model is built."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from vespo_megatron.losses import get_policy_loss, make_loss_config
+from vespo_megatron.megatron.model import TinyMoEConfig
+from vespo_megatron.megatron.parallel_setup import ParallelConfig
+from vespo_megatron.training.toy_task import ArithmeticTaskConfig
+
+__all__ = ["RolloutConfig", "AlgorithmConfig", "RunConfig", "TrainerConfig"]
+
+
+def _bad(cls: str, name: str, expected: str, got: object) -> ValueError:
+    return ValueError(f"{cls}.{name}: expected {expected}, got {got!r}")
+
+
+def _positive_int(cls: str, name: str, value: object) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise _bad(cls, name, "an int >= 1", value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    """engine: embedded (the policy samples itself) | sglang (HTTP server at sglang_url).
+    old_logprobs: recompute (trainer forward at rollout weights) | engine (the engine's log-probs as mu)."""
+
+    engine: str = "embedded"
+    prompts_per_step: int = 16
+    group_size: int = 4
+    temperature: float = 1.0
+    precision: str = "fp32"  # embedded engine: "bf16" gives a real train/inference mismatch
+    async_lag: int = 0  # rollouts by weights this many syncs old (fully asynchronous mode)
+    old_logprobs: str = "recompute"
+    sglang_url: str | None = None
+
+    def __post_init__(self) -> None:
+        c = "RolloutConfig"
+        if self.engine not in ("embedded", "sglang"):
+            raise _bad(c, "engine", "'embedded' or 'sglang'", self.engine)
+        _positive_int(c, "prompts_per_step", self.prompts_per_step)
+        _positive_int(c, "group_size", self.group_size)
+        if self.group_size < 2:
+            raise _bad(c, "group_size", "an int >= 2 (group-normalised advantages need 2 samples)", self.group_size)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise _bad(c, "temperature", "a float > 0", self.temperature)
+        if self.precision not in ("fp32", "bf16"):
+            raise _bad(c, "precision", "'fp32' or 'bf16'", self.precision)
+        if not (isinstance(self.async_lag, int) and 0 <= self.async_lag <= 64):
+            raise _bad(c, "async_lag", "an int in [0, 64]", self.async_lag)
+        if self.old_logprobs not in ("recompute", "engine"):
+            raise _bad(c, "old_logprobs", "'recompute' or 'engine'", self.old_logprobs)
+        if self.engine == "sglang" and not self.sglang_url:
+            raise _bad(c, "sglang_url", "the server's URL when engine='sglang'", self.sglang_url)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlgorithmConfig:
+    """staleness N = global batch / mini-batch: optimizer updates per rollout batch (the paper's knob)."""
+
+    loss: str = "vespo"
+    loss_options: dict[str, Any] = field(default_factory=dict)  # fields of the loss's config
+    staleness: int = 1
+    micro_batch_size: int = 8  # samples per micro-batch on one DP rank
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    adv_eps: float = 1e-6
+    routing_replay: str = "off"  # off | r2 | r3
+
+    def __post_init__(self) -> None:
+        c = "AlgorithmConfig"
+        get_policy_loss(self.loss)
+        self.loss_config()  # validates loss_options
+        if not (isinstance(self.staleness, int) and 1 <= self.staleness <= 64):
+            raise _bad(c, "staleness", "an int in [1, 64]", self.staleness)
+        _positive_int(c, "micro_batch_size", self.micro_batch_size)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise _bad(c, "lr", "a finite float > 0", self.lr)
+        if not self.clip_grad >= 0:
+            raise _bad(c, "clip_grad", "a float >= 0 (0: no clipping)", self.clip_grad)
+        if self.routing_replay not in ("off", "r2", "r3"):
+            raise _bad(c, "routing_replay", "'off', 'r2' or 'r3'", self.routing_replay)
+
+    def loss_config(self):
+        return make_loss_config(self.loss, **self.loss_options)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    steps: int = 30
+    seed: int = 0
+    sft_steps: int = 0  # supervised warm start on correct answers before RL
+    sft_lr: float = 3e-3
+    out_dir: str = "runs/toy"
+    checkpoint_every: int = 0  # 0: never
+    log_console: bool = True
+    wandb: bool = False
+    wandb_mode: str = "offline"
+
+    def __post_init__(self) -> None:
+        c = "RunConfig"
+        _positive_int(c, "steps", self.steps)
+        if not (isinstance(self.sft_steps, int) and self.sft_steps >= 0):
+            raise _bad(c, "sft_steps", "an int >= 0", self.sft_steps)
+        if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
+            raise _bad(c, "checkpoint_every", "an int >= 0", self.checkpoint_every)
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            raise _bad(c, "wandb_mode", "'offline', 'online' or 'disabled'", self.wandb_mode)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    model: TinyMoEConfig = field(default_factory=TinyMoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Checks across groups; raises ValueError naming the fields and numbers involved."""
+        p, r, a = self.parallel, self.rollout, self.algorithm
+        p.validate_world_size(world_size)
+        p.validate_for_moe(self.model.num_experts)
+        dp = p.data_parallel_size(world_size)
+        if r.prompts_per_step % dp != 0:
+            raise ValueError(f"RolloutConfig.prompts_per_step: expected a multiple of the data-parallel size "
+                             f"{dp} (whole groups per DP rank), got {r.prompts_per_step}")
+        per_rank = r.samples_per_step // dp
+        if per_rank % a.staleness != 0:
+            raise ValueError(f"AlgorithmConfig.staleness: the {per_rank} samples per DP rank and step "
+                             f"(prompts_per_step * group_size / dp) must split into {a.staleness} mini-batches")
+        mini = per_rank // a.staleness
+        if mini % a.micro_batch_size != 0:
+            raise ValueError(f"AlgorithmConfig.micro_batch_size: a mini-batch has {mini} samples per DP rank, "
+                             f"not a multiple of micro_batch_size={a.micro_batch_size}")
+        moe = self.model.moe_layer_freq
+        has_moe = any(moe) if isinstance(moe, tuple) else moe >= 1
+        if a.routing_replay != "off" and not has_moe:
+            raise ValueError(f"AlgorithmConfig.routing_replay: {a.routing_replay!r} needs MoE layers, and the "
+                             f"model has none (moe_layer_freq={moe!r})")

@@ -1,0 +1,117 @@
+"""Generations -> RL samples: rewards, validation with counted rejection, group-normalised advantages.
+
+A bad generation (empty response, non-finite log-probs, token ids outside the vocabulary, wrong routing
+shape) is dropped with a reason; the rest of its group keeps going (advantages are normalised over the
+samples that remain). Nothing is dropped silently: `Rejections` counts every reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vespo_megatron.megatron.rl_batch import RLSample
+from vespo_megatron.routing import RoutingRecord
+
+from .engine import Generation
+
+__all__ = ["Rejections", "ScoredSample", "validate_generation", "group_advantages", "build_samples"]
+
+
+@dataclass
+class Rejections:
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, sample_id: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, str(sample_id))
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class ScoredSample:
+    generation: Generation
+    reward: float
+    group: int
+    advantage: float = 0.0
+
+
+def validate_generation(gen: Generation, *, vocab_size: int, num_moe_layers: int = 0, top_k: int = 0,
+                        need_routing: bool = False) -> str | None:
+    """The reason this generation cannot be trained on, or None."""
+    if len(gen.output_ids) == 0:
+        return "empty_response"
+    if len(gen.output_logprobs) != len(gen.output_ids):
+        return "logprob_count_mismatch"
+    if any(not math.isfinite(x) for x in gen.output_logprobs):
+        return "nonfinite_logprob"
+    if any(not 0 <= int(t) < vocab_size for t in (*gen.prompt_ids, *gen.output_ids)):
+        return "token_out_of_vocab"
+    if need_routing:
+        r = gen.routing
+        if r is None:
+            return "missing_routing"
+        expected = (len(gen.prompt_ids) + len(gen.output_ids) - 1, num_moe_layers, top_k)
+        if tuple(r.expert_ids.shape) != expected:
+            return "routing_shape"
+    return None
+
+
+def group_advantages(rewards: Sequence[float], groups: Sequence[int], eps: float = 1e-6) -> list[float]:
+    """GRPO advantages: (r - mean of its group) / (std of its group + eps); population std."""
+    by_group: dict[int, list[float]] = collections.defaultdict(list)
+    for r, g in zip(rewards, groups, strict=True):
+        by_group[g].append(r)
+    stats = {}
+    for g, rs in by_group.items():
+        mean = sum(rs) / len(rs)
+        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
+        stats[g] = (mean, std)
+    return [(r - stats[g][0]) / (stats[g][1] + eps) for r, g in zip(rewards, groups, strict=True)]
+
+
+def build_samples(
+    generations: Sequence[Generation],
+    groups: Sequence[int],
+    reward_fn: Callable[[int, Generation], float],
+    rejections: Rejections,
+    *,
+    vocab_size: int,
+    adv_eps: float = 1e-6,
+    routing: tuple[int, int] | None = None,
+) -> tuple[list[RLSample], list[ScoredSample]]:
+    """Validate, score and turn generations into `RLSample`s (behaviour log-probs = the engine's for now;
+    the trainer replaces them when it recomputes old log-probs). `routing` = (num_moe_layers, top_k) when
+    routing replay needs the engine's routing."""
+    kept: list[ScoredSample] = []
+    for i, (gen, g) in enumerate(zip(generations, groups, strict=True)):
+        reason = validate_generation(gen, vocab_size=vocab_size, need_routing=routing is not None,
+                                     num_moe_layers=routing[0] if routing else 0, top_k=routing[1] if routing else 0)
+        if reason is not None:
+            rejections.add(reason, gen.sample_id)
+            continue
+        kept.append(ScoredSample(gen, reward_fn(i, gen), g))
+    advs = group_advantages([s.reward for s in kept], [s.group for s in kept], adv_eps)
+    scored = [ScoredSample(s.generation, s.reward, s.group, a) for s, a in zip(kept, advs, strict=True)]
+    samples = [
+        RLSample(
+            prompt=torch.tensor(s.generation.prompt_ids, dtype=torch.long),
+            response=torch.tensor(s.generation.output_ids, dtype=torch.long),
+            old_logp=torch.tensor(s.generation.output_logprobs, dtype=torch.float32),
+            rollout_logp=torch.tensor(s.generation.output_logprobs, dtype=torch.float32),
+            advantage=s.advantage,
+        )
+        for s in scored
+    ]
+    return samples, scored
+
+
+def routing_of(scored: Sequence[ScoredSample]) -> list[RoutingRecord | None]:
+    return [s.generation.routing for s in scored]

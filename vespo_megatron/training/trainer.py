@@ -1,0 +1,215 @@
+"""The off-policy RL loop on megatron-core, launched by torchrun (or plain python for one process).
+
+    for step in range(start, steps):
+        generations = engine.generate(requests for this DP rank's prompt groups)      # rollout
+        samples     = rewards -> validation (counted rejections) -> group advantages
+        micro       = RL micro-batches for this rank (THD packing, CP split)
+        old logp    = trainer forward at the rollout weights (or the engine's log-probs)
+        for mini in split(micro, N):                                                  # N = staleness
+            forward/backward through megatron's schedule, clip, optimizer step
+        engine.update_weights(model, version = step + 1)                              # weight sync
+        log metrics, checkpoint every K steps
+
+Shape legend: [B] samples of a micro-batch, [b, s] one rank's packed tokens of a micro-batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from vespo_megatron.compat import get_forward_backward_func
+from vespo_megatron.losses import Metric, finalize_metrics, merge_metrics
+from vespo_megatron.megatron.cpu_shim import cpu_device_context
+from vespo_megatron.megatron.model import build_gpt_model
+from vespo_megatron.megatron.parallel_setup import initialize_parallel
+from vespo_megatron.megatron.rl_batch import RLMicroBatch, RLSample, build_rl_microbatch
+from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
+from vespo_megatron.parallel.cp_split import round_up
+from vespo_megatron.parallel.metrics import all_reduce_metrics
+
+from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .config import TrainerConfig
+from .embedded_engine import EmbeddedEngine, EmbeddedEngineConfig
+from .engine import GenerationRequest
+from .optim import clip_and_step, wrap_ddp_and_optimizer
+from .samples import Rejections, build_samples
+from .toy_task import ArithmeticTask
+
+__all__ = ["Trainer"]
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig, *, log_fn=None):
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        cfg.validate(self.world_size)
+        self.cfg = cfg
+        self.task = ArithmeticTask(cfg.task)
+        if cfg.model.vocab_size < self.task.tok.vocab_size:
+            raise ValueError(f"TinyMoEConfig.vocab_size: expected >= the tokenizer's {self.task.tok.vocab_size}, "
+                             f"got {cfg.model.vocab_size}")
+        self.groups = g = initialize_parallel(cfg.parallel)
+        model = build_gpt_model(cfg.model, cfg.parallel, g, attention_backend="auto")
+        self.model, self.optimizer = wrap_ddp_and_optimizer(
+            model, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay, clip_grad=cfg.algorithm.clip_grad)
+        self.step_fn = RLStep(RLStepConfig(loss_name=cfg.algorithm.loss, loss_config=cfg.algorithm.loss_config(),
+                                           temperature=cfg.rollout.temperature), StepGroups(tp=g.tp, cp=g.cp))
+        self.engine = EmbeddedEngine(
+            EmbeddedEngineConfig(precision=cfg.rollout.precision, lag=cfg.rollout.async_lag),
+            self.model, g, vocab_size=self.task.tok.vocab_size, eos_id=self.task.tok.EOS)
+        cp_mult = 2 * g.cp_size if g.cp_size > 1 else 1
+        self.pad_multiple = cp_mult * (g.tp_size if cfg.parallel.sp else 1)
+        longest = round_up(self.task.max_prompt_tokens + self.task.max_new_tokens, self.pad_multiple)
+        self.packed_len = cfg.algorithm.micro_batch_size * longest  # fixed: pipeline shapes, EP all-gather sizes
+        # The rank that logs: last pipeline stage, first of TP / CP / DP (it holds the reduced loss metrics).
+        self.is_log_rank = g.is_last_stage and g.tp_rank == 0 and g.cp_rank == 0 and g.dp_rank == 0
+        self.log_fn = log_fn
+        self.rejections = Rejections()
+
+    # ------------------------------------------------------------------ pieces of one step
+
+    def _micro_batches(self, samples: list[RLSample], num_micro: int) -> list[RLMicroBatch]:
+        """Split samples into `num_micro` micro-batches as evenly as possible (rejections make it uneven)."""
+        g = self.groups
+        bounds = [round(i * len(samples) / num_micro) for i in range(num_micro + 1)]
+        return [
+            build_rl_microbatch(samples[bounds[i]:bounds[i + 1]], layout="thd", cp_size=g.cp_size, cp_rank=g.cp_rank,
+                                pad_multiple=self.pad_multiple, seq_len=self.packed_len)
+            for i in range(num_micro)
+        ]
+
+    def _schedule(self, forward_step, micro_batches, *, forward_only: bool):
+        with cpu_device_context():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
+                num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.size(1) * self.groups.cp_size,
+                micro_batch_size=1, forward_only=forward_only)
+
+    def _recompute_old_logprobs(self, micro_batches: list[RLMicroBatch]) -> tuple[list[RLMicroBatch], dict]:
+        """The trainer's log-probs at the rollout weights become mu; the engine's stay as rollout log-probs."""
+        self.model.eval()
+        with torch.no_grad():
+            outs = self._schedule(self.step_fn.logprob_forward_step(), micro_batches, forward_only=True)
+        self.model.train()
+        if not self.groups.is_last_stage:
+            return micro_batches, {}
+        new, metrics = [], []
+        for mb, out in zip(micro_batches, outs, strict=True):
+            logp = out["logp"].float()
+            mask = mb.loss_mask
+            diff = torch.where(mask, logp - mb.rollout_logp, torch.zeros_like(logp)).double()
+            metrics.append({"mismatch/logp_abs_diff_mean": Metric.mean(diff.abs().reshape(-1), mask.reshape(-1)),
+                            "mismatch/logp_abs_diff_max": Metric.max(diff.abs().max()),
+                            "mismatch/k3_kl": Metric.mean((torch.exp(-diff) + diff - 1).reshape(-1), mask.reshape(-1))})
+            new.append(dataclasses.replace(mb, old_logp=torch.where(mask, logp, mb.old_logp)))
+        return new, merge_metrics(metrics)
+
+    def _update(self, micro_batches: list[RLMicroBatch]) -> dict:
+        """One optimizer step on a mini-batch; returns this rank's (unreduced) metrics."""
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        normalizer = self.step_fn.normalizer(micro_batches, dp_group=self.groups.dp)
+        outs = self._schedule(self.step_fn.forward_step(normalizer), micro_batches, forward_only=False)
+        updated, grad_norm = clip_and_step(self.optimizer, self.cfg.algorithm.clip_grad)
+        metrics = merge_metrics([o["metrics"] for o in outs]) if self.groups.is_last_stage else {}
+        metrics["grad_norm_mean"] = Metric.mean(torch.tensor([grad_norm]))
+        metrics["grad_norm_max"] = Metric.max(torch.tensor(grad_norm))
+        metrics["update_skipped"] = Metric.sum(torch.tensor(0.0 if updated else 1.0))
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        cfg, g, t0 = self.cfg, self.groups, time.time()
+        prompts_per_rank = cfg.rollout.prompts_per_step // g.dp_size
+        problems = self.task.problems(step, cfg.rollout.prompts_per_step)[g.dp_rank * prompts_per_rank:
+                                                                       (g.dp_rank + 1) * prompts_per_rank]
+        requests, groups_of = [], []
+        for i, p in enumerate(problems):
+            for j in range(cfg.rollout.group_size):
+                requests.append(GenerationRequest(sample_id=f"{step}/{g.dp_rank}/{i}/{j}", prompt_ids=p.prompt_ids,
+                                                  max_new_tokens=self.task.max_new_tokens,
+                                                  temperature=cfg.rollout.temperature))
+                groups_of.append(i)
+        gens = self.engine.generate(requests, seed=hash((cfg.run.seed, step, g.dp_rank)) % (2**63))
+        before = self.rejections.total()
+        samples, scored = build_samples(gens, groups_of, lambda i, gen: self.task.reward(problems[groups_of[i]], gen.output_ids),
+                                        self.rejections, vocab_size=self.task.tok.vocab_size,
+                                        adv_eps=cfg.algorithm.adv_eps)
+        t_rollout = time.time() - t0
+        num_micro = cfg.rollout.samples_per_step // g.dp_size // cfg.algorithm.micro_batch_size
+        micro = self._micro_batches(samples, num_micro)
+        metrics = {}
+        if cfg.rollout.old_logprobs == "recompute":
+            micro, metrics = self._recompute_old_logprobs(micro)
+        per_mini = num_micro // cfg.algorithm.staleness
+        updates = [self._update(micro[k * per_mini:(k + 1) * per_mini]) for k in range(cfg.algorithm.staleness)]
+        metrics = merge_metrics([metrics, *updates])
+        self.engine.update_weights(self.model, version=step + 1)
+
+        rewards = torch.tensor([s.reward for s in scored], dtype=torch.float64)
+        lengths = torch.tensor([len(s.generation.output_ids) for s in scored], dtype=torch.float64)
+        lags = torch.tensor([step - s.generation.weight_version for s in scored], dtype=torch.float64)
+        metrics.update({
+            "reward_mean": Metric.mean(rewards), "response_length_mean": Metric.mean(lengths),
+            "response_length_max": Metric.max(lengths.max() if lengths.numel() else torch.tensor(0.0)),
+            "staleness/lag_mean": Metric.mean(lags), "staleness/lag_max": Metric.max(lags.max() if lags.numel() else torch.tensor(0.0)),
+            "rollout/rejected": Metric.sum(torch.tensor(float(self.rejections.total() - before))),
+        })
+        if g.is_last_stage and g.tp_rank == 0:
+            metrics = all_reduce_metrics(metrics, g.dp_cp)
+        values = finalize_metrics(metrics)
+        values.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout, "weight_version": step + 1})
+        return values
+
+    def sft_warm_start(self) -> None:
+        """Supervised warm start on correct answers: REINFORCE with A = 1 is maximum likelihood."""
+        cfg, g = self.cfg, self.groups
+        sft_step = RLStep(RLStepConfig(loss_name="reinforce", compute_entropy=False), StepGroups(tp=g.tp, cp=g.cp))
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.run.sft_lr
+        n = cfg.rollout.samples_per_step // g.dp_size
+        for k in range(cfg.run.sft_steps):
+            problems = self.task.problems(k, cfg.rollout.samples_per_step, split="sft")[g.dp_rank * n:(g.dp_rank + 1) * n]
+            samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(self.task.answer_ids(p)),
+                                old_logp=torch.zeros(len(self.task.answer_ids(p))), advantage=1.0) for p in problems]
+            micro = self._micro_batches(samples, n // cfg.algorithm.micro_batch_size)
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            normalizer = sft_step.normalizer(micro, dp_group=g.dp)
+            self._schedule(sft_step.forward_step(normalizer), micro, forward_only=False)
+            clip_and_step(self.optimizer, cfg.algorithm.clip_grad)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.algorithm.lr
+        # RL starts with fresh Adam moments.
+        for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            sub.optimizer.state.clear()
+
+    def run(self) -> list[dict[str, float]]:
+        cfg = self.cfg
+        ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
+        resumed = load_latest_checkpoint(ckpt_dir, model=self.model, optimizer=self.optimizer, rank=self.rank,
+                                         world_size=self.world_size)
+        if resumed is None:
+            start = 0
+            if cfg.run.sft_steps:
+                self.sft_warm_start()
+            self.engine.update_weights(self.model, version=0)
+        else:
+            start = resumed["step"] + 1
+            self.engine.load_state(resumed["extra"]["engine"])
+        history = []
+        for step in range(start, cfg.run.steps):
+            values = self.rl_step(step)
+            history.append(values)
+            if self.log_fn is not None and self.is_log_rank:
+                self.log_fn(step, values)
+            if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
+                save_checkpoint(ckpt_dir, step, model=self.model, optimizer=self.optimizer,
+                                extra={"engine": self.engine.state()}, rank=self.rank, world_size=self.world_size)
+        return history
