@@ -22,6 +22,8 @@ from torch import Tensor
 
 from vespo_megatron.compat import PackedSeqParams
 from vespo_megatron.parallel.cp_split import PackedBatch, pack_sequences, round_up, zigzag_indices
+from vespo_megatron.routing.alignment import global_routing_padded, global_routing_thd, local_routing
+from vespo_megatron.routing.record import RoutingRecord
 
 __all__ = ["RLSample", "RLMicroBatch", "build_rl_microbatch"]
 
@@ -36,6 +38,7 @@ class RLSample:
     old_logp: Tensor
     advantage: float
     rollout_logp: Tensor | None = None
+    routing: RoutingRecord | None = None  # rollout-engine routing (R3), rows for positions 0 .. L-2
 
     def __post_init__(self) -> None:
         if self.prompt.dim() != 1 or self.prompt.numel() < 1:
@@ -61,6 +64,9 @@ class RLMicroBatch:
     old_logp, rollout_logp: [b, s] float32 aligned with labels (0 outside the loss mask)
     advantages:   [B] float32
     token_index:  [s] global position (padded layout) or packed-token index (THD) of each local token
+    routed_experts: [L_moe, s * b, K] compact ids (uint8 / int16) of the samples' `routing`, in the router's
+                  s-major token order, split by the same `token_index` (None when the samples have none;
+                  see `vespo_megatron.routing.alignment`)
     """
 
     tokens: Tensor
@@ -74,6 +80,7 @@ class RLMicroBatch:
     token_index: Tensor
     packed_seq_params: PackedSeqParams | None
     num_seqs: int
+    routed_experts: Tensor | None = None
 
 
 def _aligned(samples: list[RLSample]) -> dict[str, list[Tensor]]:
@@ -142,6 +149,11 @@ def build_rl_microbatch(
     with_rollout = [s.rollout_logp is not None for s in samples]
     if any(with_rollout) and not all(with_rollout):
         raise ValueError("RLSample.rollout_logp: expected on every sample of a micro-batch or on none")
+    with_routing = [s.routing is not None for s in samples]
+    if any(with_routing) and not all(with_routing):
+        raise ValueError("RLSample.routing: expected on every sample of a micro-batch or on none")
+    records = [s.routing for s in samples] if all(with_routing) else None
+    lengths = [s.prompt.numel() + s.response.numel() for s in samples]
     al = _aligned(samples)
     B = len(samples)
     advantages = torch.tensor([float(s.advantage) for s in samples], dtype=torch.float32)
@@ -166,6 +178,8 @@ def build_rl_microbatch(
         }
         local = {k: v.index_select(0, index).unsqueeze(0) for k, v in flat.items()}
         psp = packed.packed_seq_params()
+        if records is not None:
+            routed = local_routing(global_routing_thd(records, lengths, starts, packed.num_tokens), index)
     else:
         longest = max(t.numel() for t in al["tokens"])
         S = round_up(longest if seq_len is None else seq_len, pad_multiple)
@@ -187,9 +201,11 @@ def build_rl_microbatch(
         }
         local = {k: v.index_select(1, index) for k, v in full.items()}
         psp = None
+        if records is not None:
+            routed = local_routing(global_routing_padded(records, lengths, S), index)
     return RLMicroBatch(
         tokens=local["tokens"], position_ids=local["position_ids"], labels=local["labels"],
         loss_mask=local["loss_mask"], token_seq=local["token_seq"], old_logp=local["old_logp"],
         rollout_logp=local["rollout_logp"] if all(with_rollout) else None, advantages=advantages,
-        token_index=index, packed_seq_params=psp, num_seqs=B,
+        token_index=index, packed_seq_params=psp, num_seqs=B, routed_experts=routed if records is not None else None,
     )
