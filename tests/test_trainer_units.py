@@ -1,0 +1,98 @@
+"""Trainer pieces without a model: config validation, sample rejection with counted reasons, advantages,
+the toy task."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vespo_megatron.megatron.model import TinyMoEConfig
+from vespo_megatron.megatron.parallel_setup import ParallelConfig
+from vespo_megatron.training.config import AlgorithmConfig, RolloutConfig, TrainerConfig
+from vespo_megatron.training.engine import Generation
+from vespo_megatron.training.samples import Rejections, build_samples, group_advantages
+from vespo_megatron.training.toy_task import ArithmeticTask, ArithmeticTaskConfig, CharTokenizer
+
+
+def test_group_advantages_against_loop():
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    groups = [0, 0, 0, 1, 1, 2, 2]
+    adv = group_advantages(rewards, groups, eps=0.0 + 1e-12)
+    for g in set(groups):
+        rs = [r for r, gg in zip(rewards, groups, strict=True) if gg == g]
+        mean = sum(rs) / len(rs)
+        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
+        for r, a, gg in zip(rewards, adv, groups, strict=True):
+            if gg == g:
+                assert a == pytest.approx((r - mean) / (std + 1e-12))
+    assert adv[3] == adv[4] == 0.0  # a group with no spread carries no signal
+
+
+def _gen(i, out, lps, prompt=(1, 5, 6)):
+    return Generation(sample_id=f"s{i}", prompt_ids=prompt, output_ids=tuple(out), output_logprobs=tuple(lps),
+                      weight_version=0, finish_reason="stop")
+
+
+def test_bad_generations_are_rejected_and_counted():
+    gens = [
+        _gen(0, [4, 2], [-0.1, -0.2]),
+        _gen(1, [], []),  # empty response
+        _gen(2, [4, 2], [float("nan"), -0.2]),  # NaN log-prob from the engine
+        _gen(3, [4, 999], [-0.1, -0.2]),  # token outside the vocabulary
+        _gen(4, [5, 2], [-0.3, -0.1]),
+        _gen(5, [5, 2], [-0.3]),  # log-prob count mismatch
+    ]
+    rej = Rejections()
+    samples, scored = build_samples(gens, [0, 0, 0, 1, 1, 1], lambda i, g: float(i == 0), rej, vocab_size=64)
+    assert rej.counts == {"empty_response": 1, "nonfinite_logprob": 1, "token_out_of_vocab": 1,
+                          "logprob_count_mismatch": 1}
+    assert rej.examples["empty_response"] == "s1"
+    assert [s.generation.sample_id for s in scored] == ["s0", "s4"]
+    assert len(samples) == 2 and samples[0].response.tolist() == [4, 2]
+    # Missing routing when routing replay needs it:
+    rej2 = Rejections()
+    build_samples(gens[:1], [0], lambda i, g: 1.0, rej2, vocab_size=64, routing=(2, 2))
+    assert rej2.counts == {"missing_routing": 1}
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(parallel=ParallelConfig(tp=3, sp=True)), r"world size|tp"),
+    (dict(rollout=RolloutConfig(prompts_per_step=3, group_size=4)), r"prompts_per_step: expected a multiple of the data-parallel size 2"),
+    (dict(algorithm=AlgorithmConfig(staleness=3)), r"staleness: the 32 samples per DP rank"),
+    (dict(algorithm=AlgorithmConfig(micro_batch_size=5)), r"micro_batch_size: a mini-batch has 32 samples"),
+    (dict(algorithm=AlgorithmConfig(routing_replay="r2"), model=TinyMoEConfig(moe_layer_freq=(0, 0))),
+     r"routing_replay: 'r2' needs MoE layers"),
+])
+def test_bad_config_fails_at_start(change, match):
+    cfg = TrainerConfig(**change)
+    with pytest.raises(ValueError, match=match):
+        cfg.validate(world_size=2)
+
+
+def test_config_field_errors():
+    with pytest.raises(ValueError, match=r"RolloutConfig.group_size: expected an int >= 2"):
+        RolloutConfig(group_size=1)
+    with pytest.raises(ValueError, match=r"AlgorithmConfig.staleness: expected an int in \[1, 64\], got 65"):
+        AlgorithmConfig(staleness=65)
+    with pytest.raises(ValueError, match=r"policy loss name"):
+        AlgorithmConfig(loss="dpo")
+    with pytest.raises(ValueError, match=r"PPOClipConfig.eps_low"):
+        AlgorithmConfig(loss="grpo", loss_options={"eps_low": 2.0})
+
+
+def test_toy_task_is_deterministic_and_verifiable():
+    task = ArithmeticTask(ArithmeticTaskConfig(max_operand=20, ops="+-*", seed=3))
+    a, b = task.problems(5, 8), task.problems(5, 8)
+    assert a == b and task.problems(6, 8) != a
+    tok = CharTokenizer()
+    for p in a:
+        assert tok.decode(p.prompt_ids) == p.text
+        assert eval(p.text[:-1]) == int(p.answer)  # noqa: S307 - digits and one operator
+        assert task.reward(p, task.answer_ids(p)) == 1.0
+        assert task.reward(p, task.answer_ids(p)[:-1]) == 0.0  # no <eos>
+        assert len(p.prompt_ids) <= task.max_prompt_tokens
+        assert len(task.answer_ids(p)) <= task.max_new_tokens
+    assert tok.vocab_size % 64 == 0
+    with pytest.raises(ValueError, match=r"ArithmeticTaskConfig.ops"):
+        ArithmeticTaskConfig(ops="/")
