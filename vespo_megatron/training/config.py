@@ -103,9 +103,6 @@ class RunConfig:
     sft_lr: float = 3e-3
     out_dir: str = "runs/toy"
     checkpoint_every: int = 0  # 0: never
-    log_console: bool = True
-    wandb: bool = False
-    wandb_mode: str = "offline"
 
     def __post_init__(self) -> None:
         c = "RunConfig"
@@ -114,8 +111,6 @@ class RunConfig:
             raise _bad(c, "sft_steps", "an int >= 0", self.sft_steps)
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
             raise _bad(c, "checkpoint_every", "an int >= 0", self.checkpoint_every)
-        if self.wandb_mode not in ("offline", "online", "disabled"):
-            raise _bad(c, "wandb_mode", "'offline', 'online' or 'disabled'", self.wandb_mode)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -190,26 +190,33 @@ class Trainer:
         for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             sub.optimizer.state.clear()
 
-    def run(self) -> list[dict[str, float]]:
+    def resume(self) -> int:
+        """Restore the newest checkpoint under run.out_dir (or warm-start a fresh run); the first step to run."""
         cfg = self.cfg
-        ckpt_dir = os.path.join(cfg.run.out_dir, "checkpoints")
-        resumed = load_latest_checkpoint(ckpt_dir, model=self.model, optimizer=self.optimizer, rank=self.rank,
+        resumed = load_latest_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, rank=self.rank,
                                          world_size=self.world_size)
-        if resumed is None:
-            start = 0
-            if cfg.run.sft_steps:
-                self.sft_warm_start()
-            self.engine.update_weights(self.model, version=0)
-        else:
-            start = resumed["step"] + 1
+        if resumed is not None:
             self.engine.load_state(resumed["extra"]["engine"])
+            return resumed["step"] + 1
+        if cfg.run.sft_steps:
+            self.sft_warm_start()
+        self.engine.update_weights(self.model, version=0)
+        return 0
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.run.out_dir, "checkpoints")
+
+    def run(self, start: int | None = None) -> list[dict[str, float]]:
+        start = self.resume() if start is None else start
         history = []
-        for step in range(start, cfg.run.steps):
+        for step in range(start, self.cfg.run.steps):
             values = self.rl_step(step)
             history.append(values)
             if self.log_fn is not None and self.is_log_rank:
                 self.log_fn(step, values)
-            if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir, step, model=self.model, optimizer=self.optimizer,
+            every = self.cfg.run.checkpoint_every
+            if every and (step + 1) % every == 0:
+                save_checkpoint(self.ckpt_dir, step, model=self.model, optimizer=self.optimizer,
                                 extra={"engine": self.engine.state()}, rank=self.rank, world_size=self.world_size)
         return history
