@@ -260,7 +260,9 @@ class RoutingReplay:
                 if routed.dim() != 3 or routed.shape[0] != len(self.model_moe_layers) or routed.shape[2] != self.top_k:
                     raise ValueError(f"routed_experts: expected [L_moe={len(self.model_moe_layers)}, T_local, "
                                      f"K={self.top_k}], got shape {tuple(routed.shape)}")
-                targets = replay_tensors(routed, [r.record_index for r in routers], self.tp_size, self.tp_rank)
+                device = routers[0].router.weight.device  # one host-to-device copy per layer, [T_r, K] int64
+                targets = replay_tensors(routed, [r.record_index for r in routers], self.tp_size, self.tp_rank,
+                                         device=device)
             else:
                 if any(k >= len(r.recorded) for r in routers):
                     raise ValueError(f"R2 update: micro-batch {k} has no recorded routing (the old-log-prob pass "
@@ -278,6 +280,8 @@ class RoutingReplay:
 
     def _make_pre_hook(self, r: _Router):
         def pre_hook(module, args):
+            if self._pass is None:
+                return  # idle: leave the router to whoever drives it
             action = self._action()
             if action is RouterReplayAction.REPLAY_FORWARD and is_checkpointing() and torch.is_grad_enabled():
                 action = RouterReplayAction.REPLAY_BACKWARD  # recompute inside the backward pass
@@ -290,8 +294,8 @@ class RoutingReplay:
 
     def _make_post_hook(self, r: _Router):
         def post_hook(module, args, output):
-            if is_checkpointing() and torch.is_grad_enabled():
-                return  # a recompute: already counted / recorded in the first forward
+            if self._pass is None or (is_checkpointing() and torch.is_grad_enabled()):
+                return  # idle, or a recompute (already counted / recorded in the first forward)
             rr = module.router_replay
             if rr.router_replay_action is RouterReplayAction.RECORD:
                 r.recorded.append(rr.recorded_topk_idx.detach().clone())
