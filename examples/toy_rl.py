@@ -65,11 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--rollout-correction-level", choices=["token", "sequence", "geometric"], default="token")
     a.add_argument("--staleness", type=int, default=2, help="N = global batch / mini-batch (updates per rollout)")
     a.add_argument("--micro-batch-size", type=int, default=32)
-    a.add_argument("--lr", type=float, default=1e-3)
+    a.add_argument("--lr", type=float, default=3e-4)
     a.add_argument("--clip-grad", type=float, default=1.0)
+    a.add_argument("--routing-replay", choices=["off", "r2", "r3"], default="off",
+                   help="r3: replay the engine's routing; r2: replay the trainer's own recorded routing")
     r = p.add_argument_group("run, checkpoints and logging")
     r.add_argument("--steps", type=int, default=60)
-    r.add_argument("--sft-steps", type=int, default=80)
+    r.add_argument("--sft-steps", type=int, default=40)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out-dir", default="runs/toy")
     r.add_argument("--run-name", default="toy")
@@ -97,7 +99,8 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
                               temperature=args.temperature, precision=args.rollout_precision,
                               async_lag=args.async_lag, old_logprobs=args.old_logprobs),
         algorithm=AlgorithmConfig(loss=args.loss, loss_options=options, staleness=args.staleness,
-                                  micro_batch_size=args.micro_batch_size, lr=args.lr, clip_grad=args.clip_grad),
+                                  micro_batch_size=args.micro_batch_size, lr=args.lr, clip_grad=args.clip_grad,
+                                  routing_replay=args.routing_replay),
         run=RunConfig(steps=args.steps, seed=args.seed, sft_steps=args.sft_steps, out_dir=args.out_dir,
                       checkpoint_every=args.checkpoint_every),
     )

@@ -218,8 +218,6 @@ class RoutingReplay:
             r.mask = None
             if r.router.router_replay is not None:
                 r.router.router_replay.clear_router_replay_action()
-            if self._pass == "update":
-                r.recorded = []
         self._pass = None
         return metrics
 
@@ -240,10 +238,13 @@ class RoutingReplay:
 
     # ------------------------------------------------------------------ data
 
-    def data_iterator(self, micro_batches: Iterable, chunk: int = 0) -> Iterator:
-        """Yield the micro-batches (`RLMicroBatch`), setting this chunk's router targets as each is drawn."""
+    def data_iterator(self, micro_batches: Iterable, chunk: int = 0, start: int = 0) -> Iterator:
+        """Yield the micro-batches (`RLMicroBatch`), setting this chunk's router targets as each is drawn.
+
+        start: the position of the first of these micro-batches in the old-log-prob pass (R2 replays by
+        position; an update on the mini-batch of micro-batches [start, start + n) passes `start`)."""
         routers = [r for r in self.routers if r.chunk == chunk]
-        for k, mb in enumerate(micro_batches):
+        for k, mb in enumerate(micro_batches, start=start):
             if self._pass is not None and routers:
                 self._prepare(routers, k, mb)
             yield mb

@@ -139,6 +139,13 @@ class TrainerConfig:
         if mini % a.micro_batch_size != 0:
             raise ValueError(f"AlgorithmConfig.micro_batch_size: a mini-batch has {mini} samples per DP rank, "
                              f"not a multiple of micro_batch_size={a.micro_batch_size}")
+        if a.routing_replay == "r2" and r.old_logprobs != "recompute":
+            raise ValueError("AlgorithmConfig.routing_replay: 'r2' records the trainer's routing in the old-log-prob "
+                             f"pass; expected RolloutConfig.old_logprobs='recompute', got {r.old_logprobs!r}")
+        if a.routing_replay == "r3" and r.engine == "embedded" and p.tp * p.cp * p.pp != 1:
+            raise ValueError("AlgorithmConfig.routing_replay: 'r3' with the embedded engine records routing where "
+                             f"one rank sees every token and layer (tp = cp = pp = 1), got tp={p.tp}, cp={p.cp}, "
+                             f"pp={p.pp}; use 'r2' or the SGLang engine")
         moe = self.model.moe_layer_freq
         has_moe = any(moe) if isinstance(moe, tuple) else moe >= 1
         if a.routing_replay != "off" and not has_moe:

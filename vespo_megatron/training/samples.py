@@ -59,7 +59,7 @@ def validate_generation(gen: Generation, *, vocab_size: int, num_moe_layers: int
         if r is None:
             return "missing_routing"
         expected = (len(gen.prompt_ids) + len(gen.output_ids) - 1, num_moe_layers, top_k)
-        if tuple(r.expert_ids.shape) != expected:
+        if tuple(r.expert_ids.shape) != expected or r.first_row != 0:
             return "routing_shape"
     return None
 
@@ -107,6 +107,7 @@ def build_samples(
             old_logp=torch.tensor(s.generation.output_logprobs, dtype=torch.float32),
             rollout_logp=torch.tensor(s.generation.output_logprobs, dtype=torch.float32),
             advantage=s.advantage,
+            routing=s.generation.routing if routing is not None else None,
         )
         for s in scored
     ]

@@ -31,6 +31,9 @@ from vespo_megatron.megatron.rl_batch import RLMicroBatch, RLSample, build_rl_mi
 from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
 from vespo_megatron.parallel.cp_split import round_up
 from vespo_megatron.parallel.metrics import all_reduce_metrics
+from vespo_megatron.routing import RoutingRecord, strided_fill
+from vespo_megatron.routing.alignment import moe_layer_numbers
+from vespo_megatron.routing.replay import RoutingReplay, RoutingReplayConfig
 
 from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .config import TrainerConfig
@@ -54,14 +57,25 @@ class Trainer:
             raise ValueError(f"TinyMoEConfig.vocab_size: expected >= the tokenizer's {self.task.tok.vocab_size}, "
                              f"got {cfg.model.vocab_size}")
         self.groups = g = initialize_parallel(cfg.parallel)
-        model = build_gpt_model(cfg.model, cfg.parallel, g, attention_backend="auto")
+        replay_mode = cfg.algorithm.routing_replay
+        model_cfg = dataclasses.replace(cfg.model, moe_enable_routing_replay=replay_mode != "off")
+        model = build_gpt_model(model_cfg, cfg.parallel, g, attention_backend="auto")
         self.model, self.optimizer = wrap_ddp_and_optimizer(
             model, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay, clip_grad=cfg.algorithm.clip_grad)
         self.step_fn = RLStep(RLStepConfig(loss_name=cfg.algorithm.loss, loss_config=cfg.algorithm.loss_config(),
                                            temperature=cfg.rollout.temperature), StepGroups(tp=g.tp, cp=g.cp))
+        # Routing replay (megatron's RouterReplay): R3 replays the engine's routing, R2 the trainer's own
+        # routing recorded in the old-log-prob pass. "off" builds no controller.
+        self.replay = None
+        if replay_mode != "off":
+            self.replay = RoutingReplay(RoutingReplayConfig(mode=replay_mode), [self.model], tp_size=g.tp_size,
+                                        tp_rank=g.tp_rank)
+        self.moe_layers = moe_layer_numbers(model_cfg.moe_layer_freq, model_cfg.num_layers)
         self.engine = EmbeddedEngine(
-            EmbeddedEngineConfig(precision=cfg.rollout.precision, lag=cfg.rollout.async_lag),
-            self.model, g, vocab_size=self.task.tok.vocab_size, eos_id=self.task.tok.EOS)
+            EmbeddedEngineConfig(precision=cfg.rollout.precision, lag=cfg.rollout.async_lag,
+                                 record_routing=replay_mode == "r3"),
+            self.model, g, vocab_size=self.task.tok.vocab_size, eos_id=self.task.tok.EOS,
+            moe_layers=self.moe_layers, num_experts=model_cfg.num_experts)
         cp_mult = 2 * g.cp_size if g.cp_size > 1 else 1
         self.pad_multiple = cp_mult * (g.tp_size if cfg.parallel.sp else 1)
         longest = round_up(self.task.max_prompt_tokens + self.task.max_new_tokens, self.pad_multiple)
@@ -73,31 +87,56 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of one step
 
-    def _micro_batches(self, samples: list[RLSample], num_micro: int) -> list[RLMicroBatch]:
-        """Split samples into `num_micro` micro-batches as evenly as possible (rejections make it uneven)."""
+    def _micro_batches(self, samples: list[RLSample], num_micro: int, filler: RLSample) -> list[RLMicroBatch]:
+        """Split samples into `num_micro` micro-batches as evenly as possible (rejections make it uneven).
+        Every rank runs the same number of micro-batches (pipeline schedule, DDP): a micro-batch left without
+        samples is an inert copy of `filler` with an empty loss mask (no tokens, no loss, no gradient)."""
         g = self.groups
         bounds = [round(i * len(samples) / num_micro) for i in range(num_micro + 1)]
-        return [
-            build_rl_microbatch(samples[bounds[i]:bounds[i + 1]], layout="thd", cp_size=g.cp_size, cp_rank=g.cp_rank,
-                                pad_multiple=self.pad_multiple, seq_len=self.packed_len)
-            for i in range(num_micro)
-        ]
+        out = []
+        for i in range(num_micro):
+            part = samples[bounds[i]:bounds[i + 1]]
+            mb = build_rl_microbatch(part or [filler], layout="thd", cp_size=g.cp_size, cp_rank=g.cp_rank,
+                                     pad_multiple=self.pad_multiple, seq_len=self.packed_len)
+            out.append(mb if part else dataclasses.replace(mb, loss_mask=torch.zeros_like(mb.loss_mask)))
+        return out
 
-    def _schedule(self, forward_step, micro_batches, *, forward_only: bool):
+    def _filler(self, prompt_ids) -> RLSample:
+        """A one-token sample (never trained on: its loss mask is cleared) for micro-batches left empty."""
+        routing = None
+        if self.cfg.algorithm.routing_replay == "r3":
+            k = self.cfg.model.moe_router_topk
+            ids = strided_fill(len(prompt_ids), len(self.moe_layers), k, self.cfg.model.num_experts)
+            routing = RoutingRecord(sample_id="filler", expert_ids=ids, num_prompt_tokens=len(prompt_ids),
+                                    num_output_tokens=1, moe_layers=self.moe_layers,
+                                    num_experts=self.cfg.model.num_experts)
+        return RLSample(prompt=torch.tensor(prompt_ids), response=torch.tensor([self.task.tok.EOS]),
+                        old_logp=torch.zeros(1), rollout_logp=torch.zeros(1), advantage=0.0, routing=routing)
+
+    def _schedule(self, forward_step, micro_batches, *, forward_only: bool, kind: str | None = None, start: int = 0):
+        """Run megatron's schedule over `micro_batches`; with routing replay, as pass `kind` of the step.
+        Returns (per-micro-batch outputs on the last stage, routing-agreement metrics)."""
+        data = iter(micro_batches)
+        if self.replay is not None and kind is not None:
+            self.replay.begin_pass(kind)
+            data = self.replay.data_iterator(micro_batches, start=start)
         with cpu_device_context():
-            return get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
+            outs = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=data, model=[self.model],
                 num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.size(1) * self.groups.cp_size,
                 micro_batch_size=1, forward_only=forward_only)
+        routing = self.replay.end_pass() if self.replay is not None and kind is not None else {}
+        return outs, routing
 
     def _recompute_old_logprobs(self, micro_batches: list[RLMicroBatch]) -> tuple[list[RLMicroBatch], dict]:
         """The trainer's log-probs at the rollout weights become mu; the engine's stay as rollout log-probs."""
         self.model.eval()
         with torch.no_grad():
-            outs = self._schedule(self.step_fn.logprob_forward_step(), micro_batches, forward_only=True)
+            outs, routing = self._schedule(self.step_fn.logprob_forward_step(), micro_batches, forward_only=True,
+                                           kind="old_logp")
         self.model.train()
         if not self.groups.is_last_stage:
-            return micro_batches, {}
+            return micro_batches, {}, routing
         new, metrics = [], []
         for mb, out in zip(micro_batches, outs, strict=True):
             logp = out["logp"].float()
@@ -107,20 +146,25 @@ class Trainer:
                             "mismatch/logp_abs_diff_max": Metric.max(diff.abs().max()),
                             "mismatch/k3_kl": Metric.mean((torch.exp(-diff) + diff - 1).reshape(-1), mask.reshape(-1))})
             new.append(dataclasses.replace(mb, old_logp=torch.where(mask, logp, mb.old_logp)))
-        return new, merge_metrics(metrics)
+        return new, merge_metrics(metrics), routing
 
-    def _update(self, micro_batches: list[RLMicroBatch]) -> dict:
-        """One optimizer step on a mini-batch; returns this rank's (unreduced) metrics."""
+    def _update(self, micro_batches: list[RLMicroBatch], start: int) -> tuple[dict, dict]:
+        """One optimizer step on the mini-batch of micro-batches [start, start + n) of this step; returns
+        this rank's (unreduced) loss metrics and routing-agreement metrics."""
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        normalizer = self.step_fn.normalizer(micro_batches, dp_group=self.groups.dp)
-        outs = self._schedule(self.step_fn.forward_step(normalizer), micro_batches, forward_only=False)
+        try:
+            normalizer = self.step_fn.normalizer(micro_batches, dp_group=self.groups.dp)
+        except ValueError:  # no response token left anywhere (every sample rejected): skip, counted
+            return {"update_skipped": Metric.sum(torch.tensor(1.0))}, {}
+        outs, routing = self._schedule(self.step_fn.forward_step(normalizer), micro_batches, forward_only=False,
+                                       kind="update", start=start)
         updated, grad_norm = clip_and_step(self.optimizer, self.cfg.algorithm.clip_grad)
         metrics = merge_metrics([o["metrics"] for o in outs]) if self.groups.is_last_stage else {}
         metrics["grad_norm_mean"] = Metric.mean(torch.tensor([grad_norm]))
         metrics["grad_norm_max"] = Metric.max(torch.tensor(grad_norm))
         metrics["update_skipped"] = Metric.sum(torch.tensor(0.0 if updated else 1.0))
-        return metrics
+        return metrics, routing
 
     # ------------------------------------------------------------------ the loop
 
@@ -134,22 +178,27 @@ class Trainer:
             for j in range(cfg.rollout.group_size):
                 requests.append(GenerationRequest(sample_id=f"{step}/{g.dp_rank}/{i}/{j}", prompt_ids=p.prompt_ids,
                                                   max_new_tokens=self.task.max_new_tokens,
-                                                  temperature=cfg.rollout.temperature))
+                                                  temperature=cfg.rollout.temperature,
+                                                  return_routing=cfg.algorithm.routing_replay == "r3"))
                 groups_of.append(i)
         gens = self.engine.generate(requests, seed=hash((cfg.run.seed, step, g.dp_rank)) % (2**63))
         before = self.rejections.total()
+        need_routing = (len(self.moe_layers), cfg.model.moe_router_topk) if cfg.algorithm.routing_replay == "r3" else None
         samples, scored = build_samples(gens, groups_of, lambda i, gen: self.task.reward(problems[groups_of[i]], gen.output_ids),
                                         self.rejections, vocab_size=self.task.tok.vocab_size,
-                                        adv_eps=cfg.algorithm.adv_eps)
+                                        adv_eps=cfg.algorithm.adv_eps, routing=need_routing)
         t_rollout = time.time() - t0
         num_micro = cfg.rollout.samples_per_step // g.dp_size // cfg.algorithm.micro_batch_size
-        micro = self._micro_batches(samples, num_micro)
-        metrics = {}
+        micro = self._micro_batches(samples, num_micro, self._filler(requests[0].prompt_ids))
+        metrics, routing = {}, []
         if cfg.rollout.old_logprobs == "recompute":
-            micro, metrics = self._recompute_old_logprobs(micro)
+            micro, metrics, old_routing = self._recompute_old_logprobs(micro)
+            routing.append({k.replace("routing/", "routing_old_logp/", 1): v for k, v in old_routing.items()})
         per_mini = num_micro // cfg.algorithm.staleness
-        updates = [self._update(micro[k * per_mini:(k + 1) * per_mini]) for k in range(cfg.algorithm.staleness)]
-        metrics = merge_metrics([metrics, *updates])
+        updates = [self._update(micro[k * per_mini:(k + 1) * per_mini], start=k * per_mini)
+                   for k in range(cfg.algorithm.staleness)]
+        metrics = merge_metrics([metrics, *(u[0] for u in updates)])
+        routing = merge_metrics([*routing, *(u[1] for u in updates)])
         self.engine.update_weights(self.model, version=step + 1)
 
         rewards = torch.tensor([s.reward for s in scored], dtype=torch.float64)
@@ -163,6 +212,8 @@ class Trainer:
         })
         if g.is_last_stage and g.tp_rank == 0:
             metrics = all_reduce_metrics(metrics, g.dp_cp)
+        if self.replay is not None:  # every rank routes its own tokens / layers: reduce over the world
+            metrics.update(all_reduce_metrics(routing, dist.group.WORLD if dist.is_initialized() else None))
         values = finalize_metrics(metrics)
         values.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout, "weight_version": step + 1})
         return values
@@ -178,11 +229,11 @@ class Trainer:
             problems = self.task.problems(k, cfg.rollout.samples_per_step, split="sft")[g.dp_rank * n:(g.dp_rank + 1) * n]
             samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(self.task.answer_ids(p)),
                                 old_logp=torch.zeros(len(self.task.answer_ids(p))), advantage=1.0) for p in problems]
-            micro = self._micro_batches(samples, n // cfg.algorithm.micro_batch_size)
+            micro = self._micro_batches(samples, n // cfg.algorithm.micro_batch_size, samples[0])
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             normalizer = sft_step.normalizer(micro, dp_group=g.dp)
-            self._schedule(sft_step.forward_step(normalizer), micro, forward_only=False)
+            self._schedule(sft_step.forward_step(normalizer), micro, forward_only=False)  # routes live
             clip_and_step(self.optimizer, cfg.algorithm.clip_grad)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.algorithm.lr
