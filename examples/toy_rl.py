@@ -122,8 +122,13 @@ def main(argv=None) -> int:
     with MetricsLogger.from_config(logging_cfg, cfg.run.steps, run_config, rank=0 if trainer.is_log_rank else 1,
                                    resume_from_step=start) as logger:
         trainer.log_fn = logger.log
-        trainer.run(start)
+        history = trainer.run(start)
     if trainer.is_log_rank:
+        rewards = [h["reward_mean"] for h in history]
+        k = max(1, min(10, len(rewards) // 3))
+        if len(rewards) >= 2 * k:
+            print(f"reward: mean of the first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps "
+                  f"{sum(rewards[-k:]) / k:.3f}", file=sys.stderr)
         print(f"metrics: {os.path.join(args.out_dir, args.run_name)}.jsonl", file=sys.stderr)
     return 0
 
