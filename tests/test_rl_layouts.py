@@ -2,6 +2,8 @@
 packed THD and padded, several micro-batches) under DP2, TP2+SP, CP2, EP2 and PP2 gives the single
 process's loss, per-sequence log W and phi, and full gradients, for vespo, grpo and gspo.
 
+The same step through megatron's DistributedDataParallel (the trainer's path) is checked for vespo too.
+
 Tolerances (fp32 model): loss rel 1e-5, log W abs 2e-5, phi rel 1e-4, gradients rel 1e-4 / abs 1e-7.
 """
 
@@ -23,6 +25,7 @@ LAYOUTS = {
     "pp2": ParallelConfig(pp=2),
 }
 RUNS = [("vespo", "thd"), ("grpo", "thd"), ("gspo", "thd"), ("vespo", "padded")]
+CHECKS = [*RUNS, ("vespo", "thd_ddp")]
 
 
 def _model_cfg():
@@ -39,9 +42,9 @@ def _micro_batches(vocab: int):
 
     g = torch.Generator().manual_seed(0)
     out = []
-    for m in range(4):
+    for _m in range(4):
         mb = []
-        for j in range(2):
+        for _j in range(2):
             P, R = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g))
             old = -torch.log(torch.tensor(float(vocab))) + 0.3 * torch.randn(R, generator=g)
             mb.append(RLSample(prompt=torch.randint(0, vocab, (P,), generator=g),
@@ -65,11 +68,15 @@ def _run(rank, world_size, layouts):
 
     cfg = _model_cfg()
     mbs = _micro_batches(cfg.vocab_size)
-    return {
+    out = {
         (name, loss, batch_layout): run_rl_layout(layout, cfg, mbs, _step_cfg(loss), batch_layout=batch_layout)
         for name, layout in layouts.items()
         for loss, batch_layout in RUNS
     }
+    # The trainer's path: megatron's DDP + finalize_model_grads reduce the gradients (install_rl_grad_finalizer).
+    for name, layout in layouts.items():
+        out[(name, "vespo", "thd_ddp")] = run_rl_layout(layout, cfg, mbs, _step_cfg("vespo"), ddp=True)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +100,11 @@ def test_reference_is_not_trivial(results):
                                rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("loss, batch_layout", RUNS)
+@pytest.mark.parametrize("loss, batch_layout", CHECKS)
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_matches_single_process(results, name, loss, batch_layout):
     ref_all, runs = results
-    ref = ref_all[("ref", loss, batch_layout)]
+    ref = ref_all[("ref", loss, batch_layout.replace("_ddp", ""))]
     for rank_result in runs:
         got = rank_result[(name, loss, batch_layout)]
         assert got.loss == pytest.approx(ref.loss, rel=1e-5)

@@ -261,7 +261,26 @@ def build_gpt_model(
     else:
         model = model.cuda()
     init_params_deterministic(model, cfg, groups)
+    mark_expert_params(model)
     return model
+
+
+def mark_expert_params(model: torch.nn.Module) -> int:
+    """Tag every routed-expert parameter `allreduce = False`; returns how many were changed.
+
+    megatron-core's linear layers tag expert weights only when expert parallelism is on (EP > 1). With EP = 1
+    and an expert-TP size different from TP (our CPU layouts: TP = 2 with SP, expert-TP = 1), every TP rank
+    runs the whole experts on its own sequence shard, so their gradients must be summed over the expert-DP
+    group, which contains the TP ranks. Untagged, megatron's DDP treats them as dense parameters, reduces
+    them over data parallelism only, and the TP ranks' expert copies drift apart. Tagged, DDP reduces them
+    over the expert-DP group (and the optimizer puts them in its expert group), which is also right when EP > 1.
+    """
+    changed = 0
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name and getattr(param, "allreduce", True):
+            param.allreduce = False
+            changed += 1
+    return changed
 
 
 # --- parameter layout: global names and partitions -------------------------------------------------------

@@ -305,12 +305,14 @@ def run_rl_layout(
     batch_layout: str = "thd",
     pad_multiple: int = 8,
     attention_backend: str = "reference",
+    ddp: bool = False,
 ) -> RLLayoutResult:
     """One RL optimizer step's forward/backward under `layout` through `RLStep` and megatron's schedules.
 
     `micro_batches` is the global step: a list of micro-batches, each a list of `RLSample`. DP rank d takes
     micro-batches d, d + dp, ...; each micro-batch is built for this CP rank (`build_rl_microbatch`). The
-    normaliser is computed once upstream (`RLStep.normalizer`), gradients are SUM-reduced (`finalize_grads`).
+    normaliser is computed once upstream (`RLStep.normalizer`), gradients are SUM-reduced (`finalize_grads`;
+    with `ddp=True` by megatron's DistributedDataParallel and `finalize_model_grads`, as the trainer does).
     Every rank returns the full result.
     """
     from vespo_megatron.losses import finalize_metrics, merge_metrics
@@ -321,6 +323,12 @@ def run_rl_layout(
     groups = initialize_parallel(layout)
     try:
         model = build_gpt_model(model_cfg, layout, groups, attention_backend=attention_backend)
+        module = model
+        if ddp:
+            from vespo_megatron.training.optim import wrap_ddp_and_optimizer
+
+            model, _ = wrap_ddp_and_optimizer(model, lr=1e-3, weight_decay=0.0, clip_grad=0.0)
+            model.zero_grad_buffer()
         dp, dp_rank = groups.dp_size, groups.dp_rank
         if len(micro_batches) % dp != 0:
             raise ValueError(f"micro_batches: expected a multiple of dp={dp}, got {len(micro_batches)}")
@@ -349,8 +357,12 @@ def run_rl_layout(
                 micro_batch_size=local[0].tokens.size(0),
                 forward_only=False,
             )
-        finalize_grads(model, groups)
-        grads = gather_full_grads(model, groups)
+        if ddp:  # megatron reduced the grads (our finalizer); they live in the DDP buffers
+            for p in module.parameters():
+                p.grad = p.main_grad
+        else:
+            finalize_grads(model, groups)
+        grads = gather_full_grads(module, groups)
 
         num_samples = sum(len(m) for m in micro_batches)
         seq_log_ratio = torch.zeros(num_samples, dtype=torch.float64)
