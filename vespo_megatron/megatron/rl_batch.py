@@ -82,6 +82,24 @@ class RLMicroBatch:
     num_seqs: int
     routed_experts: Tensor | None = None
 
+    def to(self, device) -> RLMicroBatch:
+        """The model-input and loss tensors on `device` (routing ids stay: the replay moves its own shard)."""
+        device = torch.device(device)
+        if self.tokens.device == device:
+            return self
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("tokens", "position_ids", "labels", "loss_mask", "token_seq", "old_logp", "advantages")}
+        if self.rollout_logp is not None:
+            moved["rollout_logp"] = self.rollout_logp.to(device)
+        return replace(self, packed_seq_params=_packed_params_to(self.packed_seq_params, device), **moved)
+
+
+def _packed_params_to(psp: PackedSeqParams | None, device) -> PackedSeqParams | None:
+    if psp is None:
+        return None
+    fields = {f: getattr(psp, f) for f in psp.__dataclass_fields__}
+    return replace(psp, **{k: v.to(device) for k, v in fields.items() if isinstance(v, Tensor)})
+
 
 def _aligned(samples: list[RLSample]) -> dict[str, list[Tensor]]:
     """Per-sample tensors of length L, aligned with the model input positions."""

@@ -133,7 +133,7 @@ class RLStep:
 
     def _forward_step(self, on_output):
         def forward_step(data_iterator, model):
-            batch: RLMicroBatch = next(data_iterator)
+            batch: RLMicroBatch = next(data_iterator).to(next(model.parameters()).device)
             logits = model(
                 input_ids=batch.tokens,
                 position_ids=batch.position_ids,

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from vespo_megatron.losses import Metric, Reduce
+from vespo_megatron.parallel.sequence import comm_device
 
 __all__ = ["all_reduce_metrics"]
 
@@ -31,8 +32,10 @@ def all_reduce_metrics(metrics: dict[str, Metric], group=None) -> dict[str, Metr
             extremes.append(m.value)
         else:
             extremes.append(-m.value)
-    sum_buf = torch.stack(sums).double() if sums else torch.zeros(0, dtype=torch.float64)
-    ext_buf = torch.stack(extremes).double() if extremes else torch.zeros(0, dtype=torch.float64)
+    device = comm_device(group)  # metrics may come from several devices (loss on GPU, rollout stats on CPU)
+    sum_buf = torch.stack([v.to(device) for v in sums]).double() if sums else torch.zeros(0, dtype=torch.float64, device=device)
+    ext_buf = (torch.stack([v.to(device) for v in extremes]).double() if extremes
+               else torch.zeros(0, dtype=torch.float64, device=device))
     dist.all_reduce(sum_buf, op=dist.ReduceOp.SUM, group=group)
     dist.all_reduce(ext_buf, op=dist.ReduceOp.MAX, group=group)
     out: dict[str, Metric] = {}

@@ -22,11 +22,18 @@ from torch import Tensor
 from vespo_megatron.losses import LossInputs, LossNormalizer
 from vespo_megatron.losses.segments import check_token_seq, masked_segment_sum, segment_count
 
-__all__ = ["all_reduce_sum", "build_loss_inputs", "global_normalizer"]
+__all__ = ["all_reduce_sum", "build_loss_inputs", "global_normalizer", "comm_device"]
 
 
 def _group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
+
+
+def comm_device(group=None) -> torch.device:
+    """The device a collective over `group` needs its tensors on (NCCL: the current GPU; gloo: the CPU)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -52,11 +59,12 @@ def all_reduce_sum(x: Tensor, group, *, differentiable: bool) -> Tensor:
     (VESPO's phi) needs no backward collective."""
     if _group_size(group) == 1:
         return x if differentiable else x.detach()
+    device = comm_device(group)
     if differentiable and x.requires_grad:
-        return _AllReduceSum.apply(x, group)
-    out = x.detach().clone()
+        return _AllReduceSum.apply(x.to(device), group).to(x.device)
+    out = x.detach().to(device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
+    return out.to(x.device)
 
 
 def build_loss_inputs(

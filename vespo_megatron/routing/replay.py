@@ -251,6 +251,7 @@ class RoutingReplay:
 
     def _prepare(self, routers: list[_Router], k: int, mb) -> None:
         mask = sequence_parallel_shard(router_order_mask(mb.loss_mask), self.tp_size, self.tp_rank).bool()
+        mask = mask.to(routers[0].router.weight.device)
         action = self._action()
         if action is RouterReplayAction.REPLAY_FORWARD:
             if self.cfg.mode == "r3":

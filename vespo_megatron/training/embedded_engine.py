@@ -25,6 +25,7 @@ import torch.distributed as dist
 from vespo_megatron.compat import RouterReplay, RouterReplayAction, get_forward_backward_func
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
 from vespo_megatron.parallel.cp_split import round_up, zigzag_indices
+from vespo_megatron.parallel.sequence import comm_device
 from vespo_megatron.routing import RoutingRecord
 from vespo_megatron.routing.record import compact_dtype
 
@@ -107,9 +108,11 @@ class EmbeddedEngine:
         """[B, V] fp32 logits at each row's last real position (None off the last pipeline stage)."""
         g = self.groups
         B, S = rows.shape
+        device = next(self.model.parameters()).device
         index = zigzag_indices(S, g.cp_size, g.cp_rank) if g.cp_size > 1 else torch.arange(S)
-        tokens = rows.index_select(1, index)
-        positions = index.expand(B, -1).clone()
+        tokens = rows.index_select(1, index).to(device)
+        positions = index.expand(B, -1).clone().to(device)
+        index, lengths = index.to(device), lengths.to(device)
         captured = {}
 
         def forward_step(data_iterator, model):
@@ -141,13 +144,15 @@ class EmbeddedEngine:
             shards = [torch.empty_like(last) for _ in range(g.tp_size)]
             dist.all_gather(shards, last.contiguous(), group=g.tp)
             last = torch.cat(shards, dim=-1)
-        return last[:, : self.vocab_size]
+        return last[:, : self.vocab_size].cpu()
 
     def _broadcast_from_last_stage(self, x: torch.Tensor) -> torch.Tensor:
         g = self.groups
         if g.pp_size > 1:
             src = dist.get_global_rank(g.pp, g.pp_size - 1)
-            dist.broadcast(x, src=src, group=g.pp)
+            buf = x.to(comm_device(g.pp))
+            dist.broadcast(buf, src=src, group=g.pp)
+            x = buf.cpu()
         return x
 
     def generate(self, requests: list[GenerationRequest], *, seed: int = 0) -> list[Generation]:
@@ -217,7 +222,7 @@ class EmbeddedEngine:
         RouterReplay.clear_global_indices()
         RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
         self._last_logits(rows, lengths.clamp(min=1))
-        recorded = RouterReplay.get_recorded_data()  # per MoE layer [B * S, K], router order (s-major)
+        recorded = [r.cpu() for r in RouterReplay.get_recorded_data()]  # per MoE layer [B*S, K], s-major
         B = rows.size(0)
         per_layer = [r.reshape(S, B, -1).transpose(0, 1) for r in recorded]  # [B, S, K] each
         out = []

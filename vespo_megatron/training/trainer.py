@@ -139,7 +139,7 @@ class Trainer:
             return micro_batches, {}, routing
         new, metrics = [], []
         for mb, out in zip(micro_batches, outs, strict=True):
-            logp = out["logp"].float()
+            logp = out["logp"].float().cpu()
             mask = mb.loss_mask
             diff = torch.where(mask, logp - mb.rollout_logp, torch.zeros_like(logp)).double()
             metrics.append({"mismatch/logp_abs_diff_mean": Metric.mean(diff.abs().reshape(-1), mask.reshape(-1)),
