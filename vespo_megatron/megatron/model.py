@@ -342,12 +342,15 @@ def full_from_shards(shards: list[torch.Tensor], dim: int, stride: int) -> torch
     return torch.cat(ordered, dim=dim)
 
 
-def _full_init(global_name: str, shape: tuple[int, ...], cfg: TinyMoEConfig) -> torch.Tensor:
-    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + zlib.crc32(global_name.encode())) % 2**63)
+def _full_init(global_name: str, shape: tuple[int, ...], cfg: TinyMoEConfig, device=None) -> torch.Tensor:
+    """The full tensor, from a generator on `device` (the same values for every layout on one device type;
+    a GPU draws billions of numbers in milliseconds where the CPU takes seconds)."""
+    gen = torch.Generator(device=device or "cpu")
+    gen.manual_seed((cfg.seed * 1_000_003 + zlib.crc32(global_name.encode())) % 2**63)
     std = cfg.init_method_std
     if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         std = std / (2.0 * cfg.num_layers) ** 0.5  # megatron's scaled init for output projections
-    return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+    return torch.randn(shape, generator=gen, dtype=torch.float32, device=device) * std
 
 
 @torch.no_grad()
@@ -360,7 +363,7 @@ def init_params_deterministic(model: GPTModel, cfg: TinyMoEConfig, groups: Paral
         param = model.get_parameter(name)
         if param.dim() < 2:
             continue
-        full = _full_init(layout.global_name, layout.full_shape, cfg)
+        full = _full_init(layout.global_name, layout.full_shape, cfg, param.device)
         if layout.partition_dim is not None:
             g = layout.group
             full = shard_of_full(full, layout.partition_dim, layout.stride, g.rank(), g.size())

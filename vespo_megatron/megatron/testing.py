@@ -199,6 +199,26 @@ def gather_full_grads(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     return dict(sorted(merged.items()))
 
 
+def gather_grad_norms(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """Every parameter's full-gradient L2 norm by global name (a 0-d float64 tensor), on every rank."""
+    mine = {}
+    for name, layout in param_layout(model, groups).items():
+        grad = model.get_parameter(name).grad
+        sq = torch.zeros((), dtype=torch.float64, device=model.get_parameter(name).device)
+        if grad is not None:
+            sq = grad.detach().double().pow(2).sum()
+        if layout.partition_dim is not None and layout.group.size() > 1:
+            dist.all_reduce(sq, group=layout.group)
+        mine[layout.global_name] = sq.sqrt().cpu()
+    everyone = [None] * groups.world_size
+    dist.all_gather_object(everyone, mine)
+    merged: dict[str, torch.Tensor] = {}
+    for part in everyone:
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return dict(sorted(merged.items()))
+
+
 def gather_full_logits(logits: torch.Tensor | None, local: LocalBatch, groups: ParallelGroups, shape):
     """Assemble [B, S, V] from every last-stage rank's [b, s_local, V/tp]; result on every rank."""
     piece = None
@@ -306,6 +326,7 @@ def run_rl_layout(
     pad_multiple: int = 8,
     attention_backend: str = "reference",
     ddp: bool = False,
+    grads: str = "full",
 ) -> RLLayoutResult:
     """One RL optimizer step's forward/backward under `layout` through `RLStep` and megatron's schedules.
 
@@ -313,7 +334,8 @@ def run_rl_layout(
     micro-batches d, d + dp, ...; each micro-batch is built for this CP rank (`build_rl_microbatch`). The
     normaliser is computed once upstream (`RLStep.normalizer`), gradients are SUM-reduced (`finalize_grads`;
     with `ddp=True` by megatron's DistributedDataParallel and `finalize_model_grads`, as the trainer does).
-    Every rank returns the full result.
+    `grads="full"` gathers every full gradient; `grads="norms"` only each parameter's gradient norm (for
+    models too big to gather: a Qwen3-30B-A3B slice on GPUs). Every rank returns the full result.
     """
     from vespo_megatron.losses import finalize_metrics, merge_metrics
     from vespo_megatron.megatron.rl_batch import build_rl_microbatch
@@ -362,7 +384,7 @@ def run_rl_layout(
                 p.grad = p.main_grad
         else:
             finalize_grads(model, groups)
-        grads = gather_full_grads(module, groups)
+        grads = gather_full_grads(module, groups) if grads == "full" else gather_grad_norms(module, groups)
 
         num_samples = sum(len(m) for m in micro_batches)
         seq_log_ratio = torch.zeros(num_samples, dtype=torch.float64)

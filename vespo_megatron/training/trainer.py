@@ -216,6 +216,8 @@ class Trainer:
             metrics.update(all_reduce_metrics(routing, dist.group.WORLD if dist.is_initialized() else None))
         values = finalize_metrics(metrics)
         values.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout, "weight_version": step + 1})
+        if torch.cuda.is_available():  # this (logging) rank's peak; every rank of a balanced layout is alike
+            values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return values
 
     def sft_warm_start(self) -> None:
