@@ -33,14 +33,14 @@ class Panel:
 
 
 DEFAULT_PANELS: tuple[Panel, ...] = (
-    Panel("reward", "reward (mean)", (("reward", ("reward/mean", "reward")),)),
-    Panel("kl", "KL(rollout || train), k3", (("k3", ("mismatch/kl_k3",)),), log_y=True),
-    Panel("grad_norm", "gradient norm", (("grad norm", ("grad_norm", "optim/grad_norm", "train/grad_norm")),),
+    Panel("reward", "reward (mean)", (("reward", ("reward/mean", "reward_mean", "reward")),)),
+    Panel("kl", "KL(rollout || train), k3", (("k3", ("mismatch/kl_k3", "mismatch/k3_kl")),), log_y=True),
+    Panel("grad_norm", "gradient norm", (("grad norm", ("grad_norm", "grad_norm_mean", "optim/grad_norm")),),
           log_y=True),
-    Panel("response_length", "response length (mean)", (("length", ("response/length_mean",)),)),
+    Panel("response_length", "response length (mean)", (("length", ("response/length_mean", "response_length_mean")),)),
     Panel("phi", "VESPO phi (mean)", (("phi, A >= 0", ("vespo/phi_pos_mean",)),
                                       ("phi, A < 0", ("vespo/phi_neg_mean",)))),
-    Panel("entropy", "token entropy (mean)", (("entropy", ("entropy/token_mean", "entropy")),)),
+    Panel("entropy", "token entropy (mean)", (("entropy", ("entropy/token_mean", "entropy_mean", "entropy")),)),
 )
 
 

@@ -27,14 +27,20 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 __all__ = ["Sink", "ConsoleSink", "JsonlSink", "WandbSink", "LoggingConfig", "MetricsLogger", "DEFAULT_CONSOLE_KEYS"]
 
-# key -> short label shown on the console (the keys present in a step are shown, in this order)
+# key -> short label shown on the console (the keys present in a step are shown, in this order); the
+# underscore names are the ones `vespo_megatron.training.trainer` logs today
 DEFAULT_CONSOLE_KEYS: dict[str, str] = {
     "loss": "loss",
     "reward/mean": "reward",
+    "reward_mean": "reward",
     "mismatch/kl_k3": "kl3",
+    "mismatch/k3_kl": "kl3",
     "grad_norm": "gnorm",
+    "grad_norm_mean": "gnorm",
     "response/length_mean": "len",
+    "response_length_mean": "len",
     "entropy/token_mean": "ent",
+    "entropy_mean": "ent",
     "vespo/phi_pos_mean": "phi+",
     "vespo/phi_neg_mean": "phi-",
 }
