@@ -179,7 +179,7 @@ def compare(out: str) -> None:
                 "replay_agree_exact": r_all["replay"]["replay_agree_exact"],
                 # the first loss of a fresh process (vespo) starts from nothing allocated: its peak is the
                 # layout's; later runs in the same process start above leftovers of the earlier models
-                "peak_mem_gib_per_gpu": max(m[1] - m[0] for m in r["mem_gib"]),
+                "step_peak_gib_above_start": max(m[1] - m[0] for m in r["mem_gib"]),
                 "seconds": r["seconds"],
             })
     ref_row = {"layout": "ref", "world": ref_all["world"], "device": ref_all["device"], "replay": ref_all["replay"],
@@ -191,7 +191,7 @@ def compare(out: str) -> None:
     with open(os.path.join(out, "layouts.json"), "w") as f:
         json.dump({"reference": ref_row, "layouts": rows}, f, indent=2, default=float)
     cols = ["layout", "loss_fn", "world", "loss", "loss_rel_err", "log_w_max_abs_err", "phi_max_rel_err",
-            "grad_norm_max_rel_err", "replay_max_abs_logp_diff", "replay_agree_exact", "peak_mem_gib_per_gpu", "seconds"]
+            "grad_norm_max_rel_err", "replay_max_abs_logp_diff", "replay_agree_exact", "step_peak_gib_above_start", "seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
