@@ -6,9 +6,10 @@
 set -euo pipefail
 out=${1:?usage: bench/run_gpu_layouts.sh OUT_DIR}
 preset=${PRESET:-qwen3-slice}
-run="python3 -m torch.distributed.run"
+py=${PYTHON:-python3}
+run="$py -m torch.distributed.run"
 $run --nproc-per-node 1 bench/gpu_layouts.py --preset "$preset" --layouts ref --out "$out"
 for layout in ${LAYOUTS:-ep2 tp2_sp cp2 pp2}; do
   $run --nproc-per-node "${NPROC:-2}" bench/gpu_layouts.py --preset "$preset" --layouts "$layout" --out "$out"
 done
-python3 bench/gpu_layouts.py --compare "$out"
+$py bench/gpu_layouts.py --compare "$out"

@@ -30,6 +30,7 @@ def _train(rank, world_size, argv_list, out_dir):
 
     sys.path.insert(0, str(ROOT / "examples"))
     import toy_rl
+
     from vespo_megatron.training.trainer import Trainer
 
     results = {}
@@ -57,9 +58,11 @@ def test_single_process_async_and_mismatch(tmp_path):
         assert math.isfinite(values["loss"]) and math.isfinite(values["grad_norm_mean"])
         assert values["weight_version"] == step + 1
         # lag 1: step s samples with the weights of version s - 1 (step 0: the warm-started version 0)
-        assert values["staleness/lag_max"] == (0.0 if step == 0 else 1.0)
-        assert values["mismatch/logp_abs_diff_mean"] > 0  # bf16 engine vs fp32 trainer
+        assert values["staleness/max"] == (0.0 if step == 0 else 1.0)
+        assert values["mismatch/log_ratio_abs_mean"] > 0  # bf16 engine vs fp32 trainer
         assert "rollout_corr/tis_clip_frac" in values
+        assert values["mismatch/kl_k3"] > 0 and values["mismatch/ppl_ratio"] > 0
+        assert values["staleness/lag_1_plus" if step else "staleness/lag_0"] == 16  # every sample of the step
 
 
 @pytest.mark.parametrize("layouts", [[("dp2", []), ("ep2", ["--ep", "2"]), ("tp2_sp", ["--tp", "2", "--sp"])],
@@ -72,7 +75,7 @@ def test_two_rank_layouts_train(tmp_path, layouts):
         assert len(hist) == 2, name
         for values in hist:
             assert math.isfinite(values["loss"]) and math.isfinite(values["grad_norm_mean"]), (name, values)
-            assert values["mismatch/logp_abs_diff_max"] < 1e-4, name  # fp32 engine = trainer
+            assert values["mismatch/log_ratio_abs_max"] < 1e-4, name  # fp32 engine = trainer
         assert any(v["grad_norm_mean"] > 0 and 0 < v["reward_mean"] < 1 for v in hist), (name, hist)
 
 

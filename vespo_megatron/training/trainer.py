@@ -24,13 +24,21 @@ import torch.distributed as dist
 
 from vespo_megatron.compat import get_forward_backward_func
 from vespo_megatron.losses import Metric, finalize_metrics, merge_metrics
+from vespo_megatron.losses.segments import masked_segment_sum, segment_count
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
 from vespo_megatron.megatron.model import build_gpt_model
 from vespo_megatron.megatron.parallel_setup import initialize_parallel
 from vespo_megatron.megatron.rl_batch import RLMicroBatch, RLSample, build_rl_microbatch
 from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
+from vespo_megatron.metrics.mismatch import (
+    derive_mismatch,
+    mismatch_metrics,
+    response_stats,
+    staleness_histogram,
+)
 from vespo_megatron.parallel.cp_split import round_up
 from vespo_megatron.parallel.metrics import all_reduce_metrics
+from vespo_megatron.parallel.sequence import all_reduce_sum
 from vespo_megatron.routing import RoutingRecord, strided_fill
 from vespo_megatron.routing.alignment import moe_layer_numbers
 from vespo_megatron.routing.replay import RoutingReplay, RoutingReplayConfig
@@ -140,13 +148,19 @@ class Trainer:
         new, metrics = [], []
         for mb, out in zip(micro_batches, outs, strict=True):
             logp = out["logp"].float().cpu()
-            mask = mb.loss_mask
-            diff = torch.where(mask, logp - mb.rollout_logp, torch.zeros_like(logp)).double()
-            metrics.append({"mismatch/logp_abs_diff_mean": Metric.mean(diff.abs().reshape(-1), mask.reshape(-1)),
-                            "mismatch/logp_abs_diff_max": Metric.max(diff.abs().max()),
-                            "mismatch/k3_kl": Metric.mean((torch.exp(-diff) + diff - 1).reshape(-1), mask.reshape(-1))})
-            new.append(dataclasses.replace(mb, old_logp=torch.where(mask, logp, mb.old_logp)))
+            metrics.append(self._mismatch(mb, logp))
+            new.append(dataclasses.replace(mb, old_logp=torch.where(mb.loss_mask, logp, mb.old_logp)))
         return new, merge_metrics(metrics), routing
+
+    def _mismatch(self, mb: RLMicroBatch, train_logp: torch.Tensor) -> dict:
+        """Trainer vs rollout-engine log-probs on the loss's tokens; the [B] sequence sums are completed over
+        context parallelism first, so sequence-level numbers do not depend on the split."""
+        mask, seq = mb.loss_mask.reshape(-1), mb.token_seq.reshape(-1)
+        diff = torch.where(mask, train_logp.reshape(-1).double() - mb.rollout_logp.reshape(-1).double(), 0.0)
+        local = torch.stack([masked_segment_sum(diff, mask, seq, mb.num_seqs), segment_count(mask, seq, mb.num_seqs)])
+        total = all_reduce_sum(local, self.groups.cp, differentiable=False)
+        return mismatch_metrics(train_logp.reshape(-1), mb.rollout_logp.reshape(-1), mask, seq, mb.num_seqs,
+                                seq_log_ratio=total[0], seq_num_tokens=total[1])
 
     def _update(self, micro_batches: list[RLMicroBatch], start: int) -> tuple[dict, dict]:
         """One optimizer step on the mini-batch of micro-batches [start, start + n) of this step; returns
@@ -203,18 +217,20 @@ class Trainer:
 
         rewards = torch.tensor([s.reward for s in scored], dtype=torch.float64)
         lengths = torch.tensor([len(s.generation.output_ids) for s in scored], dtype=torch.float64)
-        lags = torch.tensor([step - s.generation.weight_version for s in scored], dtype=torch.float64)
-        metrics.update({
-            "reward_mean": Metric.mean(rewards), "response_length_mean": Metric.mean(lengths),
-            "response_length_max": Metric.max(lengths.max() if lengths.numel() else torch.tensor(0.0)),
-            "staleness/lag_mean": Metric.mean(lags), "staleness/lag_max": Metric.max(lags.max() if lags.numel() else torch.tensor(0.0)),
-            "rollout/rejected": Metric.sum(torch.tensor(float(self.rejections.total() - before))),
-        })
+        lags = torch.tensor([step - s.generation.weight_version for s in scored], dtype=torch.long)
+        # Rollout statistics are per sample and the same on every TP / CP / PP rank of a DP rank: reduce over DP.
+        rollout = {**response_stats(lengths, rewards, binary=True),
+                   **staleness_histogram(lags, max_lag=max(1, cfg.rollout.async_lag)),
+                   "reward_mean": Metric.mean(rewards),
+                   "rollout/rejected": Metric.sum(torch.tensor(float(self.rejections.total() - before)))}
         if g.is_last_stage and g.tp_rank == 0:
             metrics = all_reduce_metrics(metrics, g.dp_cp)
+        metrics.update(all_reduce_metrics(rollout, g.dp))
         if self.replay is not None:  # every rank routes its own tokens / layers: reduce over the world
             metrics.update(all_reduce_metrics(routing, dist.group.WORLD if dist.is_initialized() else None))
-        values = finalize_metrics(metrics)
+        values = derive_mismatch(finalize_metrics(metrics))
+        for reason, count in self.rejections.counts.items():
+            values[f"rollout/rejected_total/{reason}"] = float(count)  # this rank's running totals
         values.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout, "weight_version": step + 1})
         if torch.cuda.is_available():  # this (logging) rank's peak; every rank of a balanced layout is alike
             values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
