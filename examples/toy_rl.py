@@ -40,11 +40,19 @@ from vespo_megatron.training.toy_task import ArithmeticTaskConfig, CharTokenizer
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
+    m.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
+                   help="fill the model flags below with a known shape (explicit flags still win)")
     m.add_argument("--hidden-size", type=int, default=64)
     m.add_argument("--num-layers", type=int, default=2)
+    m.add_argument("--num-attention-heads", type=int, default=4)
+    m.add_argument("--num-query-groups", type=int, default=2)
+    m.add_argument("--head-dim", type=int, default=None)
+    m.add_argument("--ffn-hidden-size", type=int, default=None, help="dense FFN (default 2 * hidden)")
     m.add_argument("--num-experts", type=int, default=4)
     m.add_argument("--moe-router-topk", type=int, default=2)
     m.add_argument("--moe-ffn-hidden-size", type=int, default=64)
+    m.add_argument("--vocab-size", type=int, default=None, help="default: the toy tokenizer's (64)")
+    m.add_argument("--seq-length", type=int, default=64)
     par = p.add_argument_group("parallelism")
     par.add_argument("--tp", type=int, default=1)
     par.add_argument("--sp", action="store_true", help="sequence parallelism (required by MoE with TP > 1)")
@@ -79,7 +87,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--wandb", action="store_true", help="also log to wandb (offline unless WANDB_MODE=online)")
     r.add_argument("--no-console", action="store_true")
     r.add_argument("--threads", type=int, default=0, help="torch intra-op threads per process (0: torch default)")
-    return p.parse_args(argv)
+    r.add_argument("--dry-run", action="store_true",
+                   help="validate the configuration for --world-size ranks, print the plan, start nothing")
+    r.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of ranks to plan for")
+    args = p.parse_args(argv)
+    if args.model_preset:
+        explicit = {a.dest for a in p._actions if any(opt in (argv if argv is not None else sys.argv[1:])
+                                                       for opt in a.option_strings)}
+        for key, value in PRESETS[args.model_preset].items():
+            if key not in explicit:
+                setattr(args, key, value)
+    return args
+
+
+# Qwen3-30B-A3B: 48 layers, hidden 2048, 32 query / 4 KV heads of 128, 128 experts top-8 (expert FFN 768),
+# vocab 151936, every layer MoE.
+PRESETS = {
+    "qwen3-30b-a3b": dict(hidden_size=2048, num_layers=48, num_attention_heads=32, num_query_groups=4, head_dim=128,
+                          ffn_hidden_size=6144, num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
+                          vocab_size=151936, seq_length=4096),
+}
 
 
 def build_config(args: argparse.Namespace) -> TrainerConfig:
@@ -89,10 +116,13 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
         options["rollout_correction"] = RolloutCorrectionConfig(mode=args.rollout_correction,
                                                                 level=args.rollout_correction_level)
     return TrainerConfig(
-        model=TinyMoEConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                            num_attention_heads=4, num_query_groups=2, ffn_hidden_size=2 * args.hidden_size,
+        model=TinyMoEConfig(vocab_size=args.vocab_size or tok.vocab_size, hidden_size=args.hidden_size,
+                            num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
+                            num_query_groups=args.num_query_groups, head_dim=args.head_dim,
+                            ffn_hidden_size=args.ffn_hidden_size or 2 * args.hidden_size,
                             num_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
-                            moe_ffn_hidden_size=args.moe_ffn_hidden_size, seq_length=64, seed=args.seed + 1234),
+                            moe_ffn_hidden_size=args.moe_ffn_hidden_size, seq_length=args.seq_length,
+                            seed=args.seed + 1234),
         parallel=ParallelConfig(tp=args.tp, sp=args.sp, cp=args.cp, ep=args.ep, pp=args.pp),
         task=ArithmeticTaskConfig(max_operand=args.max_operand, seed=args.seed),
         rollout=RolloutConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
@@ -106,11 +136,35 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
     )
 
 
+def dry_run(cfg: TrainerConfig, world_size: int) -> None:
+    """Validate for `world_size` ranks and print the plan: layout, batch split, parameter count."""
+    cfg.validate(world_size)
+    m, p, r, a = cfg.model, cfg.parallel, cfg.rollout, cfg.algorithm
+    dp = p.data_parallel_size(world_size)
+    head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+    attn = m.hidden_size * head_dim * (2 * m.num_attention_heads + 2 * m.num_query_groups)
+    experts = m.num_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size
+    params = m.num_layers * (attn + experts + m.hidden_size * m.num_experts) + 2 * m.vocab_size * m.hidden_size
+    print(json.dumps({
+        "world_size": world_size, "layout": dataclasses.asdict(p), "data_parallel": dp,
+        "samples_per_step": r.samples_per_step, "samples_per_dp_rank": r.samples_per_step // dp,
+        "mini_batches_per_step (staleness N)": a.staleness,
+        "micro_batches_per_mini_batch": r.samples_per_step // dp // a.staleness // a.micro_batch_size,
+        "loss": a.loss, "routing_replay": a.routing_replay,
+        "total_params_billion": round(params / 1e9, 2),
+        "active_params_per_token_billion": round((m.num_layers * (attn + m.moe_router_topk * experts // m.num_experts)
+                                                  + 2 * m.vocab_size * m.hidden_size) / 1e9, 2),
+    }, indent=2))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_config(args)  # bad flags fail here, before any process group or model exists
+    if args.dry_run:
+        dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        return 0
     rank, world = init_distributed()
     from vespo_megatron.training.trainer import Trainer  # imports megatron-core
 

@@ -1,0 +1,63 @@
+"""The example scripts: shell syntax, the Qwen3-30B-A3B launch script's dry run (CI's check of the GPU
+launch), clear errors for bad layouts, and the loss comparison end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "examples").glob("*.sh"))
+
+
+def _env(**extra):
+    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
+def test_shell_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_qwen3_launch_script_dry_run():
+    out = subprocess.run(["bash", str(ROOT / "examples" / "qwen3_30b_a3b.sh")], env=_env(DRY_RUN="1"),
+                         check=True, capture_output=True, text=True, timeout=300)
+    plan = json.loads(out.stdout)
+    assert plan["world_size"] == 128 and plan["data_parallel"] == 32
+    assert plan["layout"]["ep"] == 8 and plan["layout"]["tp"] == 4 and plan["layout"]["sp"] is True
+    # Qwen3-30B-A3B: about 30.5B parameters, 3.3B active per token
+    assert 30.0 < plan["total_params_billion"] < 31.0 and 3.0 < plan["active_params_per_token_billion"] < 3.6
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tp", "3", "--sp"], "tp"),
+    (["--staleness", "3"], "AlgorithmConfig.staleness"),
+    (["--ep", "3"], "ep"),
+])
+def test_dry_run_rejects_bad_layouts(flags, message):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "toy_rl.py"), *flags, "--dry-run", "--world-size", "8"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "ValueError" in out.stderr and message in out.stderr
+
+
+@pytest.mark.megatron
+def test_compare_losses_runs_and_plots(tmp_path):
+    flags = ["--steps", "2", "--sft-steps", "2", "--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "4",
+             "--micro-batch-size", "4", "--threads", "1"]
+    subprocess.run(["bash", str(ROOT / "examples" / "compare_losses.sh"), *flags], env=_env(OUT=str(tmp_path)),
+                   check=True, capture_output=True, timeout=900, cwd=ROOT)
+    for run in ("vespo", "grpo_tis", "grpo_r3", "vespo_r3"):
+        lines = (tmp_path / f"{run}.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+    r3 = json.loads((tmp_path / "grpo_r3.jsonl").read_text().splitlines()[-1])
+    assert 0 <= r3["routing/agree_exact"] <= 1  # replay on: the agreement metric is logged
+    tis = json.loads((tmp_path / "grpo_tis.jsonl").read_text().splitlines()[-1])
+    assert "rollout_corr/tis_clip_frac" in tis
+    pytest.importorskip("matplotlib")
+    assert list((tmp_path / "plots").glob("*.png"))
