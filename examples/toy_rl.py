@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--rollout-precision", choices=["fp32", "bf16"], default="fp32")
     t.add_argument("--async-lag", type=int, default=0, help="rollouts by weights this many syncs old")
     t.add_argument("--old-logprobs", choices=["recompute", "engine"], default="recompute")
+    t.add_argument("--rollout-engine", choices=["embedded", "sglang"], default="embedded")
+    t.add_argument("--sglang-url", default=None, help="with --rollout-engine sglang: http://host:port")
     a = p.add_argument_group("algorithm")
     a.add_argument("--loss", default="vespo", help="vespo | vespo_sqrt | vespo_lin | grpo | gspo | sapo | reinforce")
     a.add_argument("--rollout-correction", choices=["none", "tis", "mis", "fold"], default="none")
@@ -127,7 +129,8 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
         task=ArithmeticTaskConfig(max_operand=args.max_operand, seed=args.seed),
         rollout=RolloutConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                               temperature=args.temperature, precision=args.rollout_precision,
-                              async_lag=args.async_lag, old_logprobs=args.old_logprobs),
+                              async_lag=args.async_lag, old_logprobs=args.old_logprobs,
+                              engine=args.rollout_engine, sglang_url=args.sglang_url),
         algorithm=AlgorithmConfig(loss=args.loss, loss_options=options, staleness=args.staleness,
                                   micro_batch_size=args.micro_batch_size, lr=args.lr, clip_grad=args.clip_grad,
                                   routing_replay=args.routing_replay),

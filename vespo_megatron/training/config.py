@@ -142,6 +142,9 @@ class TrainerConfig:
         if a.routing_replay == "r2" and r.old_logprobs != "recompute":
             raise ValueError("AlgorithmConfig.routing_replay: 'r2' records the trainer's routing in the old-log-prob "
                              f"pass; expected RolloutConfig.old_logprobs='recompute', got {r.old_logprobs!r}")
+        if r.engine == "sglang" and (r.async_lag or r.precision != "fp32"):
+            raise ValueError("RolloutConfig.async_lag / precision: embedded-engine settings; with engine='sglang' "
+                             f"the server decides them, got async_lag={r.async_lag}, precision={r.precision!r}")
         if a.routing_replay == "r3" and r.engine == "embedded" and p.tp * p.cp * p.pp != 1:
             raise ValueError("AlgorithmConfig.routing_replay: 'r3' with the embedded engine records routing where "
                              f"one rank sees every token and layer (tp = cp = pp = 1), got tp={p.tp}, cp={p.cp}, "

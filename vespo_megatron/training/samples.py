@@ -46,6 +46,8 @@ class ScoredSample:
 def validate_generation(gen: Generation, *, vocab_size: int, num_moe_layers: int = 0, top_k: int = 0,
                         need_routing: bool = False) -> str | None:
     """The reason this generation cannot be trained on, or None."""
+    if gen.finish_reason == "error":
+        return "engine_error"
     if len(gen.output_ids) == 0:
         return "empty_response"
     if len(gen.output_logprobs) != len(gen.output_ids):

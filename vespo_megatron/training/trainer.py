@@ -79,11 +79,14 @@ class Trainer:
             self.replay = RoutingReplay(RoutingReplayConfig(mode=replay_mode), [self.model], tp_size=g.tp_size,
                                         tp_rank=g.tp_rank)
         self.moe_layers = moe_layer_numbers(model_cfg.moe_layer_freq, model_cfg.num_layers)
-        self.engine = EmbeddedEngine(
-            EmbeddedEngineConfig(precision=cfg.rollout.precision, lag=cfg.rollout.async_lag,
-                                 record_routing=replay_mode == "r3"),
-            self.model, g, vocab_size=self.task.tok.vocab_size, eos_id=self.task.tok.EOS,
-            moe_layers=self.moe_layers, num_experts=model_cfg.num_experts)
+        if cfg.rollout.engine == "sglang":
+            self.engine = self._sglang_engine(model_cfg)
+        else:
+            self.engine = EmbeddedEngine(
+                EmbeddedEngineConfig(precision=cfg.rollout.precision, lag=cfg.rollout.async_lag,
+                                     record_routing=replay_mode == "r3"),
+                self.model, g, vocab_size=self.task.tok.vocab_size, eos_id=self.task.tok.EOS,
+                moe_layers=self.moe_layers, num_experts=model_cfg.num_experts)
         cp_mult = 2 * g.cp_size if g.cp_size > 1 else 1
         self.pad_multiple = cp_mult * (g.tp_size if cfg.parallel.sp else 1)
         longest = round_up(self.task.max_prompt_tokens + self.task.max_new_tokens, self.pad_multiple)
@@ -92,6 +95,62 @@ class Trainer:
         self.is_log_rank = g.is_last_stage and g.tp_rank == 0 and g.cp_rank == 0 and g.dp_rank == 0
         self.log_fn = log_fn
         self.rejections = Rejections()
+
+    def _sglang_engine(self, model_cfg):
+        """The SGLang client on the first rank of each DP replica (TP / CP / PP rank 0); the other ranks of
+        the replica receive its generations (`_replica_group`)."""
+        from vespo_megatron.routing import RoutingSpec
+
+        from .sglang_engine import SGLangEngine, SGLangEngineConfig
+
+        g = self.groups
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, g.dp_rank)
+        replicas = [dist.new_group([r for r, d in enumerate(everyone) if d == dp]) for dp in range(g.dp_size)]
+        self._replica_group = replicas[g.dp_rank]
+        self._replica_src = min(r for r, d in enumerate(everyone) if d == g.dp_rank)
+        spec = None
+        if self.cfg.algorithm.routing_replay == "r3":
+            spec = RoutingSpec(num_hidden_layers=model_cfg.num_layers, moe_layers=tuple(self.moe_layers),
+                               top_k=model_cfg.moe_router_topk, num_experts=model_cfg.num_experts)
+        engine = SGLangEngine(SGLangEngineConfig(base_url=self.cfg.rollout.sglang_url, routing_spec=spec))
+        if self.rank == self._replica_src:
+            engine.check_server()
+        return engine
+
+    def _generate(self, requests, seed: int):
+        """Generations for this DP replica, one per request; a per-sample engine failure becomes a
+        generation with no output (rejected and counted as `empty_response`)."""
+        if not isinstance(self.engine, EmbeddedEngine):
+            from .engine import Generation
+
+            out = [None]
+            if self.rank == self._replica_src:
+                out = [[r if isinstance(r, Generation) else Generation(
+                    sample_id=q.sample_id, prompt_ids=q.prompt_ids, output_ids=(), output_logprobs=(),
+                    weight_version=self.engine.weight_version, finish_reason="error")
+                    for q, r in zip(requests, self.engine.generate_results(requests), strict=True)]]
+            dist.broadcast_object_list(out, src=self._replica_src, group=self._replica_group)
+            return out[0]
+        return self.engine.generate(requests, seed=seed)
+
+    def _sync_weights(self, version: int) -> None:
+        """Embedded engine: snapshot the weights. SGLang: write this rank's weights under
+        <out_dir>/weights/v<version> and ask the server to load them (`/update_weights_from_disk`). The
+        files are megatron's per-rank state dicts: a stock SGLang server loads Hugging Face checkpoints, so
+        until the exporter lands (issue 6) only servers that read this format (the test server) accept them."""
+        if isinstance(self.engine, EmbeddedEngine):
+            self.engine.update_weights(self.model, version=version)
+            return
+        path = os.path.join(self.cfg.run.out_dir, "weights", f"v{version:07d}")
+        os.makedirs(path, exist_ok=True)
+        torch.save(self.model.state_dict(), os.path.join(path, f"rank{self.rank:05d}.pt"))
+        if self.world_size > 1:
+            dist.barrier()
+        if self.rank == 0:
+            self.engine.update_weights(path, version)
+        if self.world_size > 1:
+            dist.barrier()
 
     # ------------------------------------------------------------------ pieces of one step
 
@@ -193,9 +252,10 @@ class Trainer:
                 requests.append(GenerationRequest(sample_id=f"{step}/{g.dp_rank}/{i}/{j}", prompt_ids=p.prompt_ids,
                                                   max_new_tokens=self.task.max_new_tokens,
                                                   temperature=cfg.rollout.temperature,
+                                                  stop_token_ids=(self.task.tok.EOS,),
                                                   return_routing=cfg.algorithm.routing_replay == "r3"))
                 groups_of.append(i)
-        gens = self.engine.generate(requests, seed=hash((cfg.run.seed, step, g.dp_rank)) % (2**63))
+        gens = self._generate(requests, seed=hash((cfg.run.seed, step, g.dp_rank)) % (2**63))
         before = self.rejections.total()
         need_routing = (len(self.moe_layers), cfg.model.moe_router_topk) if cfg.algorithm.routing_replay == "r3" else None
         samples, scored = build_samples(gens, groups_of, lambda i, gen: self.task.reward(problems[groups_of[i]], gen.output_ids),
@@ -213,7 +273,7 @@ class Trainer:
                    for k in range(cfg.algorithm.staleness)]
         metrics = merge_metrics([metrics, *(u[0] for u in updates)])
         routing = merge_metrics([*routing, *(u[1] for u in updates)])
-        self.engine.update_weights(self.model, version=step + 1)
+        self._sync_weights(step + 1)
 
         rewards = torch.tensor([s.reward for s in scored], dtype=torch.float64)
         lengths = torch.tensor([len(s.generation.output_ids) for s in scored], dtype=torch.float64)
@@ -265,11 +325,14 @@ class Trainer:
         resumed = load_latest_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, rank=self.rank,
                                          world_size=self.world_size)
         if resumed is not None:
-            self.engine.load_state(resumed["extra"]["engine"])
+            if isinstance(self.engine, EmbeddedEngine):
+                self.engine.load_state(resumed["extra"]["engine"])
+            else:
+                self._sync_weights(resumed["step"] + 1)
             return resumed["step"] + 1
         if cfg.run.sft_steps:
             self.sft_warm_start()
-        self.engine.update_weights(self.model, version=0)
+        self._sync_weights(0)
         return 0
 
     @property
@@ -286,6 +349,7 @@ class Trainer:
                 self.log_fn(step, values)
             every = self.cfg.run.checkpoint_every
             if every and (step + 1) % every == 0:
+                engine_state = self.engine.state() if isinstance(self.engine, EmbeddedEngine) else {}
                 save_checkpoint(self.ckpt_dir, step, model=self.model, optimizer=self.optimizer,
-                                extra={"engine": self.engine.state()}, rank=self.rank, world_size=self.world_size)
+                                extra={"engine": engine_state}, rank=self.rank, world_size=self.world_size)
         return history
