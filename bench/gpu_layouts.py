@@ -44,29 +44,6 @@ def model_config(preset: str):
     return TinyMoEConfig(hidden_size=32, num_layers=2, moe_layer_freq=(1, 0), ffn_hidden_size=64, seq_length=64)
 
 
-def micro_batches(vocab: int, num_micro: int, per_micro: int, max_prompt: int, max_response: int,
-                  logp_gap: float = 0.0):
-    """Random samples whose behaviour log-probs sit near the random model's own (-log V - logp_gap per token:
-    a randomly initialised LM head gives random tokens slightly less than uniform mass), so that log W stays
-    O(1) and phi is not vanishingly small."""
-    from vespo_megatron.megatron.rl_batch import RLSample
-
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(num_micro):
-        mb = []
-        for _ in range(per_micro):
-            P = int(torch.randint(1, max_prompt + 1, (1,), generator=g))
-            R = int(torch.randint(1, max_response + 1, (1,), generator=g))
-            old = -torch.log(torch.tensor(float(vocab))) - logp_gap + 0.1 * torch.randn(R, generator=g)
-            mb.append(RLSample(prompt=torch.randint(0, vocab, (P,), generator=g),
-                               response=torch.randint(0, vocab, (R,), generator=g), old_logp=old,
-                               rollout_logp=old + 0.1 * torch.randn(R, generator=g),
-                               advantage=float(torch.randn(1, generator=g))))
-        out.append(mb)
-    return out
-
-
 def replay_exactness(layout, model_cfg, mbs):
     """Record (R2, forward only) then replay: max |logp difference| and the agreement metrics."""
     import dataclasses
@@ -117,14 +94,17 @@ def replay_exactness(layout, model_cfg, mbs):
 def run(args) -> None:
     from vespo_megatron.megatron.parallel_setup import ParallelConfig
     from vespo_megatron.megatron.step import RLStepConfig
-    from vespo_megatron.megatron.testing import run_rl_layout
+    from vespo_megatron.megatron.testing import random_rl_micro_batches, run_rl_layout
     from vespo_megatron.training.launch import init_distributed
 
     rank, world = init_distributed()
     cfg = model_config(args.preset)
     big = args.preset == "qwen3-slice"
-    mbs = micro_batches(cfg.vocab_size, num_micro=4, per_micro=2, max_prompt=64 if big else 5,
-                        max_response=32 if big else 9, logp_gap=0.42 if big else 0.0)
+    # A randomly initialised LM head gives random tokens slightly less than uniform mass (about 0.42 nats
+    # below -log V for this slice): behaviour log-probs there keep log W O(1), so phi is not vanishingly small.
+    mbs = random_rl_micro_batches(cfg.vocab_size, num_micro=4, per_micro=2, max_prompt=64 if big else 5,
+                                  max_response=32 if big else 9, logp_gap=0.42 if big else 0.0,
+                                  noise=0.1 if big else 0.3)
     os.makedirs(args.out, exist_ok=True)
     for name in args.layouts.split(","):
         layout = ParallelConfig(**LAYOUT_FLAGS[name])

@@ -36,23 +36,10 @@ def _model_cfg():
 
 
 def _micro_batches(vocab: int):
-    """4 micro-batches x 2 samples, prompts 1-5 and responses 1-9 tokens, behaviour log-probs near the
-    random model's (about -log V), rollout log-probs nearby, advantages of both signs."""
-    from vespo_megatron.megatron.rl_batch import RLSample
+    """4 micro-batches x 2 samples, prompts 1-5 and responses 1-9 tokens."""
+    from vespo_megatron.megatron.testing import random_rl_micro_batches
 
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _m in range(4):
-        mb = []
-        for _j in range(2):
-            P, R = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 10, (1,), generator=g))
-            old = -torch.log(torch.tensor(float(vocab))) + 0.3 * torch.randn(R, generator=g)
-            mb.append(RLSample(prompt=torch.randint(0, vocab, (P,), generator=g),
-                               response=torch.randint(0, vocab, (R,), generator=g), old_logp=old,
-                               rollout_logp=old + 0.1 * torch.randn(R, generator=g),
-                               advantage=float(torch.randn(1, generator=g))))
-        out.append(mb)
-    return out
+    return random_rl_micro_batches(vocab, num_micro=4, per_micro=2, max_prompt=5, max_response=9)
 
 
 def _step_cfg(loss):

@@ -178,6 +178,39 @@ def finalize_grads(model, groups: ParallelGroups) -> None:
             dist.all_reduce(param.grad, group=group)
 
 
+def _union_over_ranks(mine: dict[str, torch.Tensor], groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """The union of every rank's {global name: value} (replicated names keep the first rank's), sorted."""
+    everyone = [None] * groups.world_size
+    dist.all_gather_object(everyone, mine)
+    merged: dict[str, torch.Tensor] = {}
+    for part in everyone:
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return dict(sorted(merged.items()))
+
+
+def random_rl_micro_batches(vocab: int, *, num_micro: int = 4, per_micro: int = 2, max_prompt: int = 5,
+                            max_response: int = 9, logp_gap: float = 0.0, noise: float = 0.3, seed: int = 0):
+    """Random RL samples (lists of `RLSample` per micro-batch): behaviour log-probs near a random model's
+    (-log V - logp_gap, plus `noise`), rollout log-probs nearby, advantages of both signs."""
+    from vespo_megatron.megatron.rl_batch import RLSample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_micro):
+        mb = []
+        for _ in range(per_micro):
+            P = int(torch.randint(1, max_prompt + 1, (1,), generator=g))
+            R = int(torch.randint(1, max_response + 1, (1,), generator=g))
+            old = -torch.log(torch.tensor(float(vocab))) - logp_gap + noise * torch.randn(R, generator=g)
+            mb.append(RLSample(prompt=torch.randint(0, vocab, (P,), generator=g),
+                               response=torch.randint(0, vocab, (R,), generator=g), old_logp=old,
+                               rollout_logp=old + 0.1 * torch.randn(R, generator=g),
+                               advantage=float(torch.randn(1, generator=g))))
+        out.append(mb)
+    return out
+
+
 def gather_full_grads(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
     """Every full gradient by global name, on every rank (after `finalize_grads`)."""
     mine = {}
@@ -190,13 +223,7 @@ def gather_full_grads(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
             dist.all_gather(shards, grad.contiguous(), group=g)
             grad = full_from_shards(shards, layout.partition_dim, layout.stride)
         mine[layout.global_name] = grad.float().clone()
-    everyone = [None] * groups.world_size
-    dist.all_gather_object(everyone, mine)
-    merged: dict[str, torch.Tensor] = {}
-    for part in everyone:
-        for k, v in part.items():
-            merged.setdefault(k, v)
-    return dict(sorted(merged.items()))
+    return _union_over_ranks(mine, groups)
 
 
 def gather_grad_norms(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
@@ -210,13 +237,7 @@ def gather_grad_norms(model, groups: ParallelGroups) -> dict[str, torch.Tensor]:
         if layout.partition_dim is not None and layout.group.size() > 1:
             dist.all_reduce(sq, group=layout.group)
         mine[layout.global_name] = sq.sqrt().cpu()
-    everyone = [None] * groups.world_size
-    dist.all_gather_object(everyone, mine)
-    merged: dict[str, torch.Tensor] = {}
-    for part in everyone:
-        for k, v in part.items():
-            merged.setdefault(k, v)
-    return dict(sorted(merged.items()))
+    return _union_over_ranks(mine, groups)
 
 
 def gather_full_logits(logits: torch.Tensor | None, local: LocalBatch, groups: ParallelGroups, shape):

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vespo_megatron.losses import LossInputs, LossNormalizer
-from vespo_megatron.losses.segments import check_token_seq, masked_segment_sum, segment_count
+from vespo_megatron.losses.inputs import inputs_from_sums, sequence_sums
+from vespo_megatron.losses.segments import segment_count
 
 __all__ = ["all_reduce_sum", "build_loss_inputs", "global_normalizer", "comm_device"]
 
@@ -85,24 +86,13 @@ def build_loss_inputs(
     all-reduce. Set `differentiable_seq_log_ratio=False` for losses that only need log W's value (VESPO):
     the backward pass then has no collective at all.
     """
-    for name, value in (("old_logp", old_logp), ("mask", mask), ("token_seq", token_seq), ("rollout_logp", rollout_logp)):
-        if value is not None and value.shape != logp.shape:
-            raise ValueError(f"LossInputs.{name}: expected shape {tuple(logp.shape)} (same as logp), got {tuple(value.shape)}")
-    check_token_seq(token_seq, num_seqs)
-    mask = mask.bool()
-    log_ratio = masked_segment_sum(logp.double() - old_logp.detach().double(), mask, token_seq, num_seqs)
-    if rollout_logp is not None:
-        rollout = masked_segment_sum(old_logp.detach().double() - rollout_logp.detach().double(), mask, token_seq, num_seqs)
-    else:
-        rollout = torch.zeros_like(log_ratio.detach())
-    count = segment_count(mask, token_seq, num_seqs)
-    local = torch.stack([log_ratio if differentiable_seq_log_ratio else log_ratio.detach(), count, rollout])
+    local = sequence_sums(logp=logp, old_logp=old_logp, mask=mask, token_seq=token_seq, num_seqs=num_seqs,
+                          rollout_logp=rollout_logp)
+    if not differentiable_seq_log_ratio:
+        local = local.detach()
     total = all_reduce_sum(local, cp_group, differentiable=differentiable_seq_log_ratio)
-    return LossInputs(
-        logp=logp, old_logp=old_logp, mask=mask, token_seq=token_seq, advantages=advantages,
-        seq_log_ratio=total[0], seq_num_tokens=total[1].detach(),
-        rollout_logp=rollout_logp, seq_rollout_log_ratio=total[2].detach() if rollout_logp is not None else None,
-    )
+    return inputs_from_sums(total, logp=logp, old_logp=old_logp, mask=mask, token_seq=token_seq,
+                            advantages=advantages, rollout_logp=rollout_logp)
 
 
 def global_normalizer(
