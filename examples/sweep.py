@@ -1,0 +1,111 @@
+"""Run a sweep of examples/toy_rl.py for the paper's stability claims and write its table and plots.
+
+Simplifications: runs go one after another in this process's machine (one trainer process at a time, each
+single-rank); the toy task and model are the ones of examples/toy_rl.py. Each run has its own out-dir
+`<runs-dir>/<run name>/`; a finished run is skipped, a half-finished one resumes from its checkpoint, so the
+same command can be repeated after an interruption. Outputs: `<results-dir>/table.md`, `summary.json`,
+`staleness.png`, `async.png`, `mismatch.png`, `command.md`.
+
+The CPU sweep committed in docs/results/cpu/ (about 25 minutes on 2 shared cores), from the repository root:
+    .venv/bin/python examples/sweep.py --preset cpu
+Only the table and plots again (no training; e.g. after editing the collapse rule):
+    .venv/bin/python examples/sweep.py --preset cpu --report-only
+The list of runs and their commands, starting nothing:
+    .venv/bin/python examples/sweep.py --preset cpu --dry-run
+The GPU-sized sweep (staleness 4..64, all losses, 3 seeds, async and mismatch; not run yet):
+    .venv/bin/python examples/sweep.py --preset gpu
+Own sizes (anything after `--` goes to every toy_rl.py run, e.g. model size):
+    .venv/bin/python examples/sweep.py --name mine --losses vespo grpo --staleness 1 4 --seeds 0 1 --steps 30 \\
+        --extras async -- --hidden-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vespo_megatron.experiments.sweep import SweepConfig, expand, run_sweep, write_report  # noqa: E402
+
+PRESETS = {
+    # 16 runs of 30 steps (~60 s each on one shared core): five losses at N = 1 and 16, one async pair, the
+    # four mismatch runs.
+    "cpu": dict(name="cpu", losses=("vespo", "grpo", "gspo", "sapo", "vespo_lin"), staleness=(1, 16), seeds=(0,),
+                extras=("async", "mismatch"), async_lag=4, steps=30, checkpoint_every=10, threads=1),
+    "gpu": dict(name="gpu", losses=("vespo", "vespo_sqrt", "vespo_lin", "grpo", "gspo", "sapo"),
+                staleness=(4, 8, 16, 32, 64), seeds=(0, 1, 2), extras=("async", "mismatch"), async_lag=4,
+                steps=300, checkpoint_every=25, threads=0),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named sweep; flags below override it")
+    p.add_argument("--name", default=None, help="sweep name (results in docs/results/<name>)")
+    p.add_argument("--losses", nargs="+", default=None)
+    p.add_argument("--staleness", nargs="+", type=int, default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--extras", nargs="*", default=None, help="async, mismatch")
+    p.add_argument("--async-lag", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (0: torch default)")
+    p.add_argument("--runs-dir", default=None, help="default runs/sweeps/<name>")
+    p.add_argument("--results-dir", default=None, help="default docs/results/<name>")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, start nothing")
+    p.add_argument("--report-only", action="store_true", help="write table and plots from the existing runs")
+    p.add_argument("base_flags", nargs="*", help="after --: flags for every toy_rl.py run")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    fields = dict(PRESETS[args.preset]) if args.preset else {}
+    for key in ("name", "losses", "staleness", "seeds", "extras", "async_lag", "steps", "threads"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = tuple(value) if isinstance(value, list) else value
+    if args.base_flags:
+        fields["base_flags"] = tuple(args.base_flags)
+    if "name" not in fields:
+        print("error: give --preset or --name", file=sys.stderr)
+        return 2
+    if fields.get("threads") == 0:
+        fields.pop("threads")  # SweepConfig wants a positive int; toy_rl's 0 means the torch default
+    try:
+        cfg = SweepConfig(**fields)
+    except (TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runs_dir = Path(args.runs_dir or REPO / "runs" / "sweeps" / cfg.name)
+    results_dir = Path(args.results_dir or REPO / "docs" / "results" / cfg.name)
+    if args.dry_run:
+        print(dataclasses.asdict(cfg))
+        for run in expand(cfg):
+            print(shlex.join(run.command(runs_dir)))
+        return 0
+    if not args.report_only:
+        outcome = run_sweep(cfg, runs_dir)
+        failed = {k: v for k, v in outcome.items() if v.startswith("failed")}
+        if failed:
+            print(f"failed runs: {failed}", file=sys.stderr)
+    command = shlex.join(["python", "examples/sweep.py", *[a for a in argv if a != "--report-only"]])
+    written = write_report(cfg, runs_dir, results_dir, command=command)
+    (results_dir / "command.md").write_text(
+        f"From the repository root:\n\n```bash\n{command}\n```\n\nTable and plots only, from existing runs:\n\n"
+        f"```bash\n{command} --report-only\n```\n\nRuns (one toy_rl.py process each):\n\n```bash\n"
+        + "\n".join(shlex.join(["python", *r.command(Path('runs/sweeps') / cfg.name, python='')[1:]])
+                    .replace(str(REPO) + "/", "") for r in expand(cfg))
+        + "\n```\n", encoding="utf-8")
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

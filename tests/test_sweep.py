@@ -1,0 +1,132 @@
+"""The sweep runner: config validation, run expansion, resume / skip, the collapse rule, the report.
+Training is replaced by a fake runner that writes JSONL records (no process starts)."""
+
+import json
+import math
+
+import pytest
+
+from vespo_megatron.experiments.sweep import (
+    CollapseRule,
+    SweepConfig,
+    expand,
+    judge,
+    markdown_table,
+    run_status,
+    run_sweep,
+    summarize,
+    write_report,
+)
+
+
+def _flag(run, name):
+    return run.flags[run.flags.index(name) + 1]
+
+
+def _records(rewards, *, length=2.0, length_max=3.0, grad=1.0):
+    return [{"step": i, "loss": -0.1, "reward_mean": r, "grad_norm_mean": grad, "response/length_mean": length,
+             "response/length_max": length_max, "mismatch/kl_k3": 1e-4, "entropy_mean": 0.5}
+            for i, r in enumerate(rewards)]
+
+
+def _write(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("losses", ("vespo", "nope")), ("losses", ()), ("staleness", (0,)), ("staleness", (3,)), ("seeds", ()),
+    ("extras", ("sync",)), ("steps", 0), ("base_flags", ("--loss", "grpo")), ("base_flags", ("--seed=3",)),
+    ("name", ""), ("async_lag", 0),
+])
+def test_config_rejects_bad_fields_by_name(field, value):
+    with pytest.raises(ValueError, match=f"SweepConfig.{field}"):
+        SweepConfig(**{"name": "t", field: value})
+
+
+def test_expand_names_and_fixed_rollouts_per_step():
+    cfg = SweepConfig(name="t", losses=("vespo", "grpo"), staleness=(1, 8, 64), seeds=(0, 1),
+                      extras=("async", "mismatch"), base_flags=("--hidden-size", "32"))
+    runs = expand(cfg)
+    assert runs == expand(cfg)  # deterministic
+    assert len({r.name for r in runs}) == len(runs) == 2 * 3 * 2 + 2 * 2 + 4 * 2
+    for r in runs:
+        n, mbs = int(_flag(r, "--staleness")), int(_flag(r, "--micro-batch-size"))
+        assert (256 // n) % mbs == 0 and mbs <= 32  # samples per rank / N divisible by the micro-batch
+        assert _flag(r, "--prompts-per-step") == "32" and _flag(r, "--group-size") == "8"
+        assert r.flags[-2:] == ("--hidden-size", "32")
+    assert [int(_flag(r, "--micro-batch-size")) for r in runs if r.setting == "n64"] == [4] * 4
+    assert {r.label for r in runs if r.setting == "mismatch"} == {"vespo", "vespo+r3", "grpo+tis", "grpo+tis+r3"}
+    r3 = next(r for r in runs if r.label == "grpo+tis+r3")
+    assert _flag(r3, "--routing-replay") == "r3" and _flag(r3, "--rollout-precision") == "bf16"
+    assert _flag(r3, "--rollout-correction") == "tis"
+    assert {_flag(r, "--async-lag") for r in runs if r.setting.startswith("async")} == {"4"}
+    cmd = runs[0].command("/x")
+    assert cmd[-4:] == ["--out-dir", "/x/n1-vespo-s0", "--run-name", "n1-vespo-s0"]
+
+
+def test_run_sweep_skips_done_and_restarts_partial(tmp_path):
+    cfg = SweepConfig(name="t", losses=("vespo", "grpo"), staleness=(1,), steps=4)
+    done, partial = expand(cfg)
+    _write(done.jsonl(tmp_path), _records([0.1] * 4))
+    _write(partial.jsonl(tmp_path), _records([0.1] * 2))
+    assert [run_status(r, tmp_path) for r in (done, partial)] == ["done", "partial"]
+    calls = []
+
+    def fake(cmd, log_path):
+        calls.append(cmd)
+        name = cmd[cmd.index("--run-name") + 1]
+        _write(tmp_path / name / f"{name}.jsonl", _records([0.1] * 4))  # the trainer resumes and finishes
+        return 0
+
+    outcome = run_sweep(cfg, tmp_path, runner=fake, log=lambda _: None)
+    assert outcome == {done.name: "skipped", partial.name: "ok"}
+    assert calls == [partial.command(tmp_path)]  # same command: the trainer resumes from its checkpoint
+    assert "--checkpoint-every" in calls[0]
+    assert run_sweep(cfg, tmp_path, runner=fake, log=lambda _: None) == {done.name: "skipped",
+                                                                        partial.name: "skipped"}
+    failing = run_sweep(SweepConfig(name="t", losses=("sapo",), staleness=(1,), steps=4), tmp_path,
+                        runner=lambda cmd, log: 3, log=lambda _: None)
+    assert failing == {"n1-sapo-s0": "failed (rc 3)"}
+
+
+def test_collapse_rule():
+    rule = CollapseRule()
+    assert judge(_records([0.3, 0.4, 0.5, 0.6, 0.6, 0.7, 0.7, 0.8, 0.8, 0.8]), rule) == (False, "")
+    collapsed, reason = judge(_records([0.6] * 6 + [0.1] * 4), rule)
+    assert collapsed and reason.startswith("reward drop")
+    assert judge(_records([0.12] * 6 + [0.04] * 4), rule)[0] is False  # below half, but a drop < 0.1
+    nan = _records([0.5] * 10)
+    nan[3]["grad_norm_mean"] = math.nan
+    assert judge(nan, rule) == (True, "non-finite grad norm at step 3")
+    inf = _records([0.5] * 10)
+    inf[7]["loss"] = math.inf
+    assert judge(inf, rule) == (True, "non-finite loss at step 7")
+    long = judge(_records([0.02] * 10, length=2.9, length_max=3.0), rule)
+    assert long[0] and long[1].startswith("length at cap")
+    assert judge(_records([0.02] * 10, length=1.5, length_max=3.0), rule) == (False, "")
+
+
+def test_summarize_table_and_plots(tmp_path):
+    cfg = SweepConfig(name="t", losses=("vespo", "gspo"), staleness=(1, 8), seeds=(0, 1), steps=10,
+                      extras=("async",), async_losses=("vespo",))
+    runs = expand(cfg)
+    for r in runs:
+        if r.label == "gspo" and r.setting == "n8":
+            _write(r.jsonl(tmp_path), _records([0.6] * 6 + [0.0] * 4))
+        elif r.setting.startswith("async") and r.seed == 1:
+            _write(r.jsonl(tmp_path), _records([0.3] * 5))  # partial
+        else:
+            _write(r.jsonl(tmp_path), _records([0.3 + 0.02 * i + 0.01 * r.seed for i in range(10)]))
+    summaries = summarize(cfg, tmp_path)
+    by = {(s.setting, s.label, s.seed): s for s in summaries}
+    assert by[("n8", "gspo", 0)].collapsed and not by[("n8", "vespo", 1)].collapsed
+    assert by[("async_lag4", "vespo", 1)].reason == "partial"
+    assert by[("n1", "vespo", 0)].final_reward == pytest.approx(0.3 + 0.02 * 8.5)
+    table = markdown_table(summaries)
+    assert "| n8 | gspo | 2 | 10/10 | 0.000 ± 0.000 |" in table
+    assert "| async_lag4 | vespo | 2 | 5/10 |" in table and "1/1" not in table.split("async_lag4")[1].split("|")[10]
+    written = write_report(cfg, tmp_path, tmp_path / "out", command="python examples/sweep.py --name t")
+    names = {p.name for p in written}
+    assert {"table.md", "summary.json", "staleness.png", "async.png"} <= names
+    assert all(p.stat().st_size > 0 for p in written)

@@ -1,0 +1,435 @@
+"""Sweeps of `examples/toy_rl.py` for the paper's stability claims: staleness N, fully asynchronous rollouts,
+MoE train/inference mismatch with and without routing replay.
+
+A `SweepConfig` expands (`expand`) into named `Run`s, each one subprocess of the toy trainer with its own
+out-dir `<runs_dir>/<run name>/` (checkpoints live in `<out-dir>/checkpoints`, so runs must not share one).
+`run_sweep` runs them one at a time and skips the finished ones; `summarize` reads their JSONL and decides
+collapse; `write_report` writes the markdown table and the per-setting plots.
+
+Collapse (also in docs/results/README.md), over the reward series r_0..r_{T-1} of a run with W = max(2, T // 5):
+  * non-finite: some step's loss, grad norm or reward is NaN / inf (or missing);
+  * reward drop: final = mean of the last W rewards; best = max over all W-step windows of their mean;
+    collapsed when final < (1 - drop_frac) * best and best - final >= min_drop (default: 50 %, 0.1 absolute);
+  * length blow-up: the mean response length over the last W steps is >= 90 % of the longest response the run
+    ever produced (the generation cap, as far as the log shows) while the final reward is below 0.05.
+A run with fewer logged steps than asked is reported as partial and is not judged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vespo_megatron.metrics.plot import DEFAULT_PANELS, read_jsonl
+
+__all__ = ["SweepConfig", "Run", "RunSummary", "CollapseRule", "expand", "run_status", "run_sweep",
+           "summarize", "markdown_table", "plot_settings", "write_report"]
+
+LOSSES = ("vespo", "vespo_sqrt", "vespo_lin", "grpo", "gspo", "sapo", "reinforce")
+EXTRAS = ("async", "mismatch")
+# Flags the sweep sets itself; base_flags may not carry them.
+_OWNED_FLAGS = ("--loss", "--staleness", "--micro-batch-size", "--seed", "--steps", "--out-dir", "--run-name",
+                "--checkpoint-every", "--no-console", "--threads", "--prompts-per-step", "--group-size",
+                "--async-lag", "--rollout-precision", "--routing-replay", "--rollout-correction")
+TOY_SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "toy_rl.py"
+
+
+def _bad(name: str, expected: str, got) -> ValueError:
+    return ValueError(f"SweepConfig.{name}: expected {expected}, got {got!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """What to run. Every (staleness N, loss, seed) is one run; `extras` add settings:
+    "async": `async_losses` with `--async-lag async_lag` at N = `async_staleness`;
+    "mismatch": a bf16 rollout engine against the fp32 trainer, for vespo and grpo + TIS, routing replay off
+    and r3 (at N = `mismatch_staleness`).
+    Rollouts per step (`prompts_per_step * group_size`) stay fixed across N; the micro-batch is the largest
+    divisor of the mini-batch not above `max_micro_batch_size`."""
+
+    name: str
+    losses: tuple[str, ...] = ("vespo", "grpo", "gspo", "sapo", "vespo_lin")
+    staleness: tuple[int, ...] = (1, 8)
+    seeds: tuple[int, ...] = (0,)
+    extras: tuple[str, ...] = ()
+    async_lag: int = 4
+    async_losses: tuple[str, ...] = ("vespo", "grpo")
+    async_staleness: int = 1
+    mismatch_staleness: int = 1
+    steps: int = 20
+    prompts_per_step: int = 32
+    group_size: int = 8
+    max_micro_batch_size: int = 32
+    checkpoint_every: int = 5
+    threads: int = 1
+    base_flags: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not (isinstance(self.name, str) and self.name and os.sep not in self.name and self.name not in (".", "..")):
+            raise _bad("name", "a non-empty directory name", self.name)
+        for fname in ("losses", "async_losses"):
+            values = getattr(self, fname)
+            if not (isinstance(values, tuple) and all(v in LOSSES for v in values)
+                    and len(set(values)) == len(values)):
+                raise _bad(fname, f"a tuple of distinct losses from {LOSSES}", values)
+        if not self.losses:
+            raise _bad("losses", "at least one loss", self.losses)
+        for fname in ("staleness", "seeds"):
+            values = getattr(self, fname)
+            if not (isinstance(values, tuple) and values and all(isinstance(v, int) for v in values)
+                    and len(set(values)) == len(values)):
+                raise _bad(fname, "a non-empty tuple of distinct ints", values)
+        if not all(1 <= n <= 64 for n in self.staleness):
+            raise _bad("staleness", "values in [1, 64]", self.staleness)
+        if not (isinstance(self.extras, tuple) and all(e in EXTRAS for e in self.extras)
+                and len(set(self.extras)) == len(self.extras)):
+            raise _bad("extras", f"a tuple of distinct settings from {EXTRAS}", self.extras)
+        if "async" in self.extras and not self.async_losses:
+            raise _bad("async_losses", "at least one loss with extras 'async'", self.async_losses)
+        for fname in ("async_lag", "async_staleness", "mismatch_staleness", "steps", "prompts_per_step",
+                      "group_size", "max_micro_batch_size", "checkpoint_every", "threads"):
+            value = getattr(self, fname)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise _bad(fname, "a positive int", value)
+        for fname in ("async_staleness", "mismatch_staleness"):
+            self.micro_batch_size(getattr(self, fname), field_name=fname)
+        for n in self.staleness:
+            self.micro_batch_size(n, field_name="staleness")
+        if not (isinstance(self.base_flags, tuple) and all(isinstance(f, str) for f in self.base_flags)):
+            raise _bad("base_flags", "a tuple of str", self.base_flags)
+        owned = [f for f in self.base_flags if f.split("=")[0] in _OWNED_FLAGS]
+        if owned:
+            raise _bad("base_flags", f"no flag the sweep sets itself ({', '.join(_OWNED_FLAGS)})", owned)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    def micro_batch_size(self, n: int, *, field_name: str = "staleness") -> int:
+        """Largest divisor of the mini-batch (samples_per_step / n) that is <= max_micro_batch_size."""
+        if self.samples_per_step % n:
+            raise _bad(field_name, f"N dividing the {self.samples_per_step} rollouts per step", n)
+        mini = self.samples_per_step // n
+        return max(d for d in range(1, min(mini, self.max_micro_batch_size) + 1) if mini % d == 0)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trainer process. `setting` groups runs into one plot panel (e.g. "n8", "async_lag4", "mismatch");
+    `label` is its line in that panel (e.g. "grpo+tis+r3"); `flags` are toy_rl.py flags (no out-dir / name)."""
+
+    name: str
+    setting: str
+    label: str
+    seed: int
+    steps: int
+    flags: tuple[str, ...]
+
+    def out_dir(self, runs_dir: str | os.PathLike) -> Path:
+        return Path(runs_dir) / self.name
+
+    def jsonl(self, runs_dir: str | os.PathLike) -> Path:
+        return self.out_dir(runs_dir) / f"{self.name}.jsonl"
+
+    def command(self, runs_dir: str | os.PathLike, *, python: str = sys.executable,
+                script: str | os.PathLike = TOY_SCRIPT) -> list[str]:
+        return [python, str(script), *self.flags, "--out-dir", str(self.out_dir(runs_dir)), "--run-name", self.name]
+
+
+def _run(cfg: SweepConfig, setting: str, label: str, seed: int, n: int, flags: Sequence[str]) -> Run:
+    name = f"{setting}-{label.replace('+', '_')}-s{seed}"
+    common = ["--staleness", str(n), "--micro-batch-size", str(cfg.micro_batch_size(n)), "--seed", str(seed),
+              "--steps", str(cfg.steps), "--prompts-per-step", str(cfg.prompts_per_step),
+              "--group-size", str(cfg.group_size), "--checkpoint-every", str(cfg.checkpoint_every),
+              "--threads", str(cfg.threads), "--no-console"]
+    return Run(name, setting, label, seed, cfg.steps, (*flags, *common, *cfg.base_flags))
+
+
+def expand(cfg: SweepConfig) -> list[Run]:
+    """The runs of a sweep in a fixed order (staleness by N, then async, then mismatch); names are unique."""
+    runs = []
+    for n in cfg.staleness:
+        for loss in cfg.losses:
+            for seed in cfg.seeds:
+                runs.append(_run(cfg, f"n{n}", loss, seed, n, ["--loss", loss]))
+    if "async" in cfg.extras:
+        for loss in cfg.async_losses:
+            for seed in cfg.seeds:
+                runs.append(_run(cfg, f"async_lag{cfg.async_lag}", loss, seed, cfg.async_staleness,
+                                 ["--loss", loss, "--async-lag", str(cfg.async_lag)]))
+    if "mismatch" in cfg.extras:
+        variants = (("vespo", ["--loss", "vespo"]),
+                    ("grpo+tis", ["--loss", "grpo", "--rollout-correction", "tis"]))
+        for label, flags in variants:
+            for replay in ("off", "r3"):
+                for seed in cfg.seeds:
+                    runs.append(_run(cfg, "mismatch", label + ("" if replay == "off" else "+r3"), seed,
+                                     cfg.mismatch_staleness,
+                                     [*flags, "--rollout-precision", "bf16", "--routing-replay", replay]))
+    names = [r.name for r in runs]
+    assert len(set(names)) == len(names), names
+    return runs
+
+
+def run_status(run: Run, runs_dir: str | os.PathLike) -> str:
+    """"done" (the JSONL has every step), "partial" (some) or "new" (none)."""
+    path = run.jsonl(runs_dir)
+    steps = {r["step"] for r in read_jsonl(path)} if path.is_file() else set()
+    if steps >= set(range(run.steps)):
+        return "done"
+    return "partial" if steps else "new"
+
+
+def _subprocess_runner(cmd: list[str], log_path: Path) -> int:
+    with open(log_path, "a", encoding="utf-8") as log:
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+
+
+def run_sweep(cfg: SweepConfig, runs_dir: str | os.PathLike, *,
+              runner: Callable[[list[str], Path], int] = _subprocess_runner,
+              python: str = sys.executable, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Run every unfinished run, one at a time; returns name -> "skipped" | "ok" | "failed (rc N)".
+    A partial run is started again with the same command: the trainer resumes from its checkpoint.
+    `runner(cmd, log_path) -> returncode` is the process launcher (tests pass a fake)."""
+    outcome = {}
+    runs = expand(cfg)
+    for i, run in enumerate(runs):
+        status = run_status(run, runs_dir)
+        if status == "done":
+            outcome[run.name] = "skipped"
+            log(f"[{i + 1}/{len(runs)}] {run.name}: done, skipped")
+            continue
+        out = run.out_dir(runs_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = run.command(runs_dir, python=python)
+        log(f"[{i + 1}/{len(runs)}] {run.name}: {'resuming' if status == 'partial' else 'starting'}: "
+            f"{shlex.join(cmd)}")
+        rc = runner(cmd, out / "train.log")
+        outcome[run.name] = "ok" if rc == 0 else f"failed (rc {rc})"
+        if rc:
+            log(f"  {run.name} failed with rc {rc}; see {out / 'train.log'}")
+    return outcome
+
+
+@dataclass(frozen=True)
+class CollapseRule:
+    """See the module docstring. `window`: W; 0 means max(2, steps // 5)."""
+
+    window: int = 0
+    drop_frac: float = 0.5
+    min_drop: float = 0.1
+    length_frac: float = 0.9
+    length_reward: float = 0.05
+
+    def window_for(self, steps: int) -> int:
+        return self.window if self.window > 0 else max(2, steps // 5)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    name: str
+    setting: str
+    label: str
+    seed: int
+    steps_done: int
+    steps: int
+    final_reward: float  # mean over the last W steps (nan without records)
+    best_reward: float  # best W-step window mean
+    final: dict[str, float] = field(default_factory=dict)  # other metrics, mean over the last W steps
+    collapsed: bool = False
+    reason: str = ""  # why collapsed, or "partial" / "missing"
+
+
+def _value(record: dict, candidates: Sequence[str]) -> float | None:
+    for key in candidates:
+        v = record.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+_PANELS = {p.name: p.series[0][1] for p in DEFAULT_PANELS}
+_LOSS_KEYS = ("loss",)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def judge(records: list[dict], rule: CollapseRule = CollapseRule(), *, steps: int | None = None) -> tuple[bool, str]:
+    """(collapsed, reason) for one run's records (see the module docstring)."""
+    if not records:
+        return False, "missing"
+    for r in records:
+        for what, keys in (("loss", _LOSS_KEYS), ("grad norm", _PANELS["grad_norm"]), ("reward", _PANELS["reward"])):
+            v = _value(r, keys)
+            if v is None or not math.isfinite(v):
+                return True, f"non-finite {what} at step {r['step']}"
+    rewards = [_value(r, _PANELS["reward"]) for r in records]
+    w = min(rule.window_for(steps or len(records)), len(rewards))
+    windows = [_mean(rewards[i:i + w]) for i in range(len(rewards) - w + 1)]
+    final, best = windows[-1], max(windows)
+    if final < (1 - rule.drop_frac) * best and best - final >= rule.min_drop:
+        return True, f"reward drop {best:.3f} -> {final:.3f}"
+    lengths = [_value(r, _PANELS["response_length"]) for r in records]
+    caps = [_value(r, ("response/length_max",)) for r in records]
+    caps = [c for c in caps if c is not None]
+    if caps and all(v is not None for v in lengths[-w:]):
+        tail = _mean(lengths[-w:])
+        if tail >= rule.length_frac * max(caps) and final < rule.length_reward:
+            return True, f"length at cap ({tail:.2f} of {max(caps):.0f}) with reward {final:.3f}"
+    return False, ""
+
+
+def summarize(cfg: SweepConfig, runs_dir: str | os.PathLike, rule: CollapseRule = CollapseRule()) -> list[RunSummary]:
+    """One summary per run of the sweep, in `expand` order."""
+    out = []
+    for run in expand(cfg):
+        path = run.jsonl(runs_dir)
+        records = read_jsonl(path) if path.is_file() else []
+        w = min(rule.window_for(run.steps), max(len(records), 1))
+        rewards = [_value(r, _PANELS["reward"]) for r in records]
+        rewards = [v for v in rewards if v is not None]
+        tail = records[-w:]
+        final = {}
+        for name in ("response_length", "kl", "grad_norm", "entropy"):
+            vals = [v for v in (_value(r, _PANELS[name]) for r in tail) if v is not None]
+            final[name] = _mean(vals)
+        best = max((_mean(rewards[i:i + w]) for i in range(len(rewards) - w + 1)), default=math.nan)
+        done = len(records)
+        if done < run.steps:
+            collapsed, reason = judge(records, rule, steps=run.steps) if records else (False, "missing")
+            if not collapsed and records:
+                reason = "partial"
+        else:
+            collapsed, reason = judge(records, rule, steps=run.steps)
+        out.append(RunSummary(run.name, run.setting, run.label, run.seed, done, run.steps,
+                              _mean(rewards[-w:]), best, final, collapsed, reason))
+    return out
+
+
+def _fmt(values: Sequence[float], digits: int = 3) -> str:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}g}" if abs(values[0]) < 1e-2 else f"{values[0]:.{digits}f}"
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def markdown_table(summaries: Sequence[RunSummary]) -> str:
+    """One row per (setting, label): final reward and the other final-window metrics as mean ± sd over seeds,
+    collapsed seeds / seeds, and the reasons."""
+    groups: dict[tuple[str, str], list[RunSummary]] = {}
+    for s in summaries:
+        groups.setdefault((s.setting, s.label), []).append(s)
+    lines = ["| setting | loss | seeds | steps | final reward | best reward | length | KL k3 | grad norm | entropy "
+             "| collapsed | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (setting, label), group in groups.items():
+        done = [s for s in group if s.reason not in ("partial", "missing")]
+        steps = f"{min(s.steps_done for s in group)}/{group[0].steps}"
+        notes = "; ".join(sorted({f"s{s.seed}: {s.reason}" for s in group if s.reason}))
+        lines.append("| " + " | ".join([
+            setting, label, str(len(group)), steps, _fmt([s.final_reward for s in group]),
+            _fmt([s.best_reward for s in group]), _fmt([s.final["response_length"] for s in group], 2),
+            _fmt([s.final["kl"] for s in group]), _fmt([s.final["grad_norm"] for s in group]),
+            _fmt([s.final["entropy"] for s in group]),
+            f"{sum(s.collapsed for s in done)}/{len(done)}" if done else "-", notes or ""]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_PLOT_ROWS = (("reward", "reward"), ("response_length", "response length"), ("kl", "KL k3 (train vs rollout)"),
+              ("grad_norm", "grad norm"), ("entropy", "entropy"))
+
+
+def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+    """Paper-style figures: `staleness.png` (one column per N, rows reward / length / KL k3 / grad norm /
+    entropy, one line per loss; the mean over seeds with the min-max band), and one figure per extra setting.
+    Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = expand(cfg)
+    figures = {"staleness": [f"n{n}" for n in cfg.staleness]}
+    for setting in dict.fromkeys(r.setting for r in runs if not r.setting.startswith("n")):
+        figures[setting.split("_")[0]] = [setting]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fig_name, settings in figures.items():
+        fig, axes = plt.subplots(len(_PLOT_ROWS), len(settings), figsize=(3.6 * len(settings) + 1.2, 11),
+                                 squeeze=False, sharex=True)
+        for col, setting in enumerate(settings):
+            by_label: dict[str, list[list[dict]]] = {}
+            for run in (r for r in runs if r.setting == setting):
+                path = run.jsonl(runs_dir)
+                by_label.setdefault(run.label, []).append(read_jsonl(path) if path.is_file() else [])
+            for row, (panel, title) in enumerate(_PLOT_ROWS):
+                ax = axes[row][col]
+                for label, seed_records in by_label.items():
+                    per_step: dict[int, list[float]] = {}
+                    for records in seed_records:
+                        for r in records:
+                            v = _value(r, _PANELS[panel])
+                            if v is not None and math.isfinite(v):
+                                per_step.setdefault(r["step"], []).append(v)
+                    if not per_step:
+                        continue
+                    xs = sorted(per_step)
+                    line, = ax.plot(xs, [_mean(per_step[x]) for x in xs], label=label, linewidth=1.3)
+                    if len(seed_records) > 1:
+                        ax.fill_between(xs, [min(per_step[x]) for x in xs], [max(per_step[x]) for x in xs],
+                                        color=line.get_color(), alpha=0.15)
+                if panel in ("kl", "grad_norm") and ax.has_data():
+                    ax.set_yscale("log")
+                ax.grid(True, alpha=0.3)
+                if row == 0:
+                    ax.set_title(setting.replace("n", "N = ", 1) if setting.startswith("n") else setting)
+                if col == 0:
+                    ax.set_ylabel(title)
+                if row == len(_PLOT_ROWS) - 1:
+                    ax.set_xlabel("step")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        path = out / f"{fig_name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_report(cfg: SweepConfig, runs_dir: str | os.PathLike, results_dir: str | os.PathLike, *,
+                 command: str, rule: CollapseRule = CollapseRule(), plots: bool = True) -> list[Path]:
+    """Write `<results_dir>/table.md` (with the command and the collapse rule), `summary.json` and the plots."""
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = summarize(cfg, runs_dir, rule)
+    w = rule.window_for(cfg.steps)
+    text = (f"# Sweep `{cfg.name}`\n\nCommand (from the repository root):\n\n```bash\n{command}\n```\n\n"
+            f"Final = mean over the last {w} steps; best = best {w}-step window. Collapsed: non-finite loss / "
+            f"grad norm / reward, or final < {1 - rule.drop_frac:.0%} of best with a drop >= {rule.min_drop}, or "
+            f"mean length >= {rule.length_frac:.0%} of the longest response with final reward < "
+            f"{rule.length_reward} (docs/results/README.md). Values: mean ± sd over seeds (one seed: the value).\n\n"
+            + markdown_table(summaries))
+    table = out / "table.md"
+    table.write_text(text, encoding="utf-8")
+    summary = out / "summary.json"
+    summary.write_text(json.dumps([s.__dict__ for s in summaries], indent=1, default=str) + "\n", encoding="utf-8")
+    written = [table, summary]
+    if plots:
+        written += plot_settings(cfg, runs_dir, out)
+    return written
