@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUT_FLAGS = {
     "ref": {}, "dp2": {}, "ep2": {"ep": 2}, "tp2_sp": {"tp": 2, "sp": True}, "cp2": {"cp": 2}, "pp2": {"pp": 2},
     "ep4": {"ep": 4}, "ep8": {"ep": 8}, "tp2_sp_ep2": {"tp": 2, "sp": True, "ep": 2},
+    # 8 GPUs: TP2+SP x CP2 x PP2 with EP4 (experts split over the TP x CP ranks of a stage)
+    "tp2_sp_cp2_pp2_ep4": {"tp": 2, "sp": True, "cp": 2, "pp": 2, "ep": 4},
 }
 
 
