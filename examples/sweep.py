@@ -33,13 +33,14 @@ sys.path.insert(0, str(REPO))
 from vespo_megatron.experiments.sweep import SweepConfig, expand, run_sweep, write_report  # noqa: E402
 
 PRESETS = {
-    # 16 runs of 30 steps (~60 s each on one shared core): five losses at N = 1 and 16, one async pair, the
-    # four mismatch runs.
+    # 20 runs of 30 steps (~55 s each on one shared core): five losses at N = 1 and 16, two async pairs (mu
+    # recomputed / the engine's), six mismatch runs.
     "cpu": dict(name="cpu", losses=("vespo", "grpo", "gspo", "sapo", "vespo_lin"), staleness=(1, 16), seeds=(0,),
-                extras=("async", "mismatch"), async_lag=4, steps=30, checkpoint_every=10, threads=1),
+                extras=("async", "mismatch"), async_lag=4, async_old_logprobs=("recompute", "engine"),
+                mismatch_fold=True, steps=30, checkpoint_every=10, threads=1),
     "gpu": dict(name="gpu", losses=("vespo", "vespo_sqrt", "vespo_lin", "grpo", "gspo", "sapo"),
                 staleness=(4, 8, 16, 32, 64), seeds=(0, 1, 2), extras=("async", "mismatch"), async_lag=4,
-                steps=300, checkpoint_every=25, threads=0),
+                async_old_logprobs=("recompute", "engine"), mismatch_fold=True, steps=300, checkpoint_every=25, threads=0),
 }
 
 

@@ -37,7 +37,7 @@ def _write(path, records):
 @pytest.mark.parametrize("field,value", [
     ("losses", ("vespo", "nope")), ("losses", ()), ("staleness", (0,)), ("staleness", (3,)), ("seeds", ()),
     ("extras", ("sync",)), ("steps", 0), ("base_flags", ("--loss", "grpo")), ("base_flags", ("--seed=3",)),
-    ("name", ""), ("async_lag", 0),
+    ("name", ""), ("async_lag", 0), ("async_old_logprobs", ("sglang",)), ("mismatch_fold", 1),
 ])
 def test_config_rejects_bad_fields_by_name(field, value):
     with pytest.raises(ValueError, match=f"SweepConfig.{field}"):
@@ -61,6 +61,13 @@ def test_expand_names_and_fixed_rollouts_per_step():
     assert _flag(r3, "--routing-replay") == "r3" and _flag(r3, "--rollout-precision") == "bf16"
     assert _flag(r3, "--rollout-correction") == "tis"
     assert {_flag(r, "--async-lag") for r in runs if r.setting.startswith("async")} == {"4"}
+    both = expand(SweepConfig(name="t", losses=("vespo",), staleness=(1,), extras=("async", "mismatch"),
+                              async_old_logprobs=("recompute", "engine"), mismatch_fold=True))
+    assert [r.name for r in both[1:]] == [
+        "async_lag4-vespo-s0", "async_lag4-grpo-s0", "async_lag4_engine-vespo-s0", "async_lag4_engine-grpo-s0",
+        "mismatch-vespo-s0", "mismatch-vespo_r3-s0", "mismatch-grpo_tis-s0", "mismatch-grpo_tis_r3-s0",
+        "mismatch-vespo_fold-s0", "mismatch-vespo_fold_r3-s0"]
+    assert _flag(both[3], "--old-logprobs") == "engine" and _flag(both[-1], "--rollout-correction") == "fold"
     cmd = runs[0].command("/x")
     assert cmd[-4:] == ["--out-dir", "/x/n1-vespo-s0", "--run-name", "n1-vespo-s0"]
 

@@ -49,9 +49,12 @@ def _bad(name: str, expected: str, got) -> ValueError:
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
     """What to run. Every (staleness N, loss, seed) is one run; `extras` add settings:
-    "async": `async_losses` with `--async-lag async_lag` at N = `async_staleness`;
+    "async": `async_losses` with `--async-lag async_lag` at N = `async_staleness`, once per `async_old_logprobs`
+    (recompute: mu is the trainer's forward at the current weights, so the lag is invisible to the ratio at
+    N = 1; engine: mu is the lagged engine's log-probs);
     "mismatch": a bf16 rollout engine against the fp32 trainer, for vespo and grpo + TIS, routing replay off
-    and r3 (at N = `mismatch_staleness`).
+    and r3 (at N = `mismatch_staleness`); with `mismatch_fold` also vespo with the engine ratio folded into
+    log W (`--rollout-correction fold`), off and r3.
     Rollouts per step (`prompts_per_step * group_size`) stay fixed across N; the micro-batch is the largest
     divisor of the mini-batch not above `max_micro_batch_size`."""
 
@@ -63,6 +66,8 @@ class SweepConfig:
     async_lag: int = 4
     async_losses: tuple[str, ...] = ("vespo", "grpo")
     async_staleness: int = 1
+    async_old_logprobs: tuple[str, ...] = ("recompute",)
+    mismatch_fold: bool = False
     mismatch_staleness: int = 1
     steps: int = 20
     prompts_per_step: int = 32
@@ -92,6 +97,13 @@ class SweepConfig:
         if not (isinstance(self.extras, tuple) and all(e in EXTRAS for e in self.extras)
                 and len(set(self.extras)) == len(self.extras)):
             raise _bad("extras", f"a tuple of distinct settings from {EXTRAS}", self.extras)
+        if not (isinstance(self.async_old_logprobs, tuple) and self.async_old_logprobs
+                and set(self.async_old_logprobs) <= {"recompute", "engine"}
+                and len(set(self.async_old_logprobs)) == len(self.async_old_logprobs)):
+            raise _bad("async_old_logprobs", "a non-empty tuple from ('recompute', 'engine')",
+                       self.async_old_logprobs)
+        if not isinstance(self.mismatch_fold, bool):
+            raise _bad("mismatch_fold", "a bool", self.mismatch_fold)
         if "async" in self.extras and not self.async_losses:
             raise _bad("async_losses", "at least one loss with extras 'async'", self.async_losses)
         for fname in ("async_lag", "async_staleness", "mismatch_staleness", "steps", "prompts_per_step",
@@ -161,13 +173,17 @@ def expand(cfg: SweepConfig) -> list[Run]:
             for seed in cfg.seeds:
                 runs.append(_run(cfg, f"n{n}", loss, seed, n, ["--loss", loss]))
     if "async" in cfg.extras:
-        for loss in cfg.async_losses:
-            for seed in cfg.seeds:
-                runs.append(_run(cfg, f"async_lag{cfg.async_lag}", loss, seed, cfg.async_staleness,
-                                 ["--loss", loss, "--async-lag", str(cfg.async_lag)]))
+        for old in cfg.async_old_logprobs:
+            setting = f"async_lag{cfg.async_lag}" + ("" if old == "recompute" else f"_{old}")
+            for loss in cfg.async_losses:
+                for seed in cfg.seeds:
+                    runs.append(_run(cfg, setting, loss, seed, cfg.async_staleness,
+                                     ["--loss", loss, "--async-lag", str(cfg.async_lag), "--old-logprobs", old]))
     if "mismatch" in cfg.extras:
         variants = (("vespo", ["--loss", "vespo"]),
                     ("grpo+tis", ["--loss", "grpo", "--rollout-correction", "tis"]))
+        if cfg.mismatch_fold:
+            variants += (("vespo+fold", ["--loss", "vespo", "--rollout-correction", "fold"]),)
         for label, flags in variants:
             for replay in ("off", "r3"):
                 for seed in cfg.seeds:
@@ -364,7 +380,7 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
     runs = expand(cfg)
     figures = {"staleness": [f"n{n}" for n in cfg.staleness]}
     for setting in dict.fromkeys(r.setting for r in runs if not r.setting.startswith("n")):
-        figures[setting.split("_")[0]] = [setting]
+        figures.setdefault(setting.split("_")[0], []).append(setting)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
