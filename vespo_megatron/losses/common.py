@@ -23,10 +23,7 @@ def token_log_ratio(inputs: LossInputs, metrics: dict[str, Metric]) -> Tensor:
     clamped = raw.clamp(-TOKEN_LOG_RATIO_CLAMP, TOKEN_LOG_RATIO_CLAMP)
     metrics["ratio/log_ratio_clamped_frac"] = Metric.mean((clamped != raw).double(), inputs.mask)
     metrics["ratio/log_ratio_abs_mean"] = Metric.mean(clamped.abs(), inputs.mask)
-    metrics["ratio/log_ratio_max"] = Metric.max(
-        torch.where(inputs.mask, clamped, torch.full_like(clamped, -float("inf"))).max()
-        if clamped.numel() else torch.tensor(-float("inf"))
-    )
+    metrics["ratio/log_ratio_max"] = Metric.max(clamped, inputs.mask)
     return clamped
 
 
@@ -51,7 +48,5 @@ def finish(
 def sequence_stats(prefix: str, values: Tensor, where: Tensor, metrics: dict[str, Metric]) -> None:
     """mean / max / min of a [B] tensor over the sequences in `where`."""
     metrics[f"{prefix}_mean"] = Metric.mean(values, where)
-    big = torch.finfo(torch.float64).max
-    v = values.detach().double()
-    metrics[f"{prefix}_max"] = Metric.max(torch.where(where, v, torch.full_like(v, -big)).max() if v.numel() else torch.tensor(-big))
-    metrics[f"{prefix}_min"] = Metric.min(torch.where(where, v, torch.full_like(v, big)).min() if v.numel() else torch.tensor(big))
+    metrics[f"{prefix}_max"] = Metric.max(values, where)
+    metrics[f"{prefix}_min"] = Metric.min(values, where)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .types import Metric, Reduce
+from .types import EMPTY_EXTREME, Metric, Reduce
 
 __all__ = ["merge_metrics", "finalize_metrics"]
 
@@ -43,7 +43,7 @@ def finalize_metrics(metrics: dict[str, Metric]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, metric in sorted(metrics.items()):
         value = metric.result()
-        if metric.reduce in (Reduce.MAX, Reduce.MIN) and abs(value) >= torch.finfo(torch.float64).max:
+        if metric.reduce in (Reduce.MAX, Reduce.MIN) and abs(value) >= EMPTY_EXTREME:
             value = float("nan")
         out[name] = value
     if "rollout_corr/is_weight_mean" in out and "rollout_corr/is_weight_sq_mean" in out:

@@ -33,6 +33,20 @@ class Reduce(enum.Enum):
     MEAN = "mean"  # mean by count: `value` holds the local sum, `count` the local count
 
 
+# The identity of MAX / MIN over an empty selection; finalize_metrics reads it back as NaN.
+EMPTY_EXTREME = torch.finfo(torch.float64).max
+
+
+def _extreme(values: Tensor, where: Tensor | None, *, largest: bool) -> Tensor:
+    v = values.detach().double().reshape(-1)
+    fill = torch.full_like(v, -EMPTY_EXTREME if largest else EMPTY_EXTREME)
+    if where is not None:
+        v = torch.where(where.reshape(-1).bool(), v, fill)
+    if v.numel() == 0:
+        return fill.new_full((), -EMPTY_EXTREME if largest else EMPTY_EXTREME)
+    return v.max() if largest else v.min()
+
+
 @dataclass(frozen=True)
 class Metric:
     """A detached scalar plus how it reduces. For MEAN, `value` is a sum and `count` its count."""
@@ -46,12 +60,15 @@ class Metric:
         return Metric(value.detach().double().reshape(()), Reduce.SUM)
 
     @staticmethod
-    def max(value: Tensor) -> Metric:
-        return Metric(value.detach().double().reshape(()), Reduce.MAX)
+    def max(values: Tensor, where: Tensor | None = None) -> Metric:
+        """Max of `values` over the positions where `where` is true (all when None). Nothing selected gives
+        -EMPTY_EXTREME, which `finalize_metrics` reads as NaN."""
+        return Metric(_extreme(values, where, largest=True), Reduce.MAX)
 
     @staticmethod
-    def min(value: Tensor) -> Metric:
-        return Metric(value.detach().double().reshape(()), Reduce.MIN)
+    def min(values: Tensor, where: Tensor | None = None) -> Metric:
+        """Min of `values` over `where` (all when None); nothing selected gives +EMPTY_EXTREME (NaN when read)."""
+        return Metric(_extreme(values, where, largest=False), Reduce.MIN)
 
     @staticmethod
     def mean(values: Tensor, where: Tensor | None = None) -> Metric:

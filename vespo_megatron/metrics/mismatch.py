@@ -45,14 +45,6 @@ __all__ = [
 
 # exp(2 * 300) ~ 1e260: squares of capped weights, and sums of many of them, stay finite in float64.
 LOG_RATIO_CAP = 300.0
-_BIG = torch.finfo(torch.float64).max
-
-
-def _masked_max(values: Tensor, where: Tensor) -> Metric:
-    """MAX of `values` over `where`; an empty selection gives -max_float (read as NaN by finalize)."""
-    if values.numel() == 0:
-        return Metric.max(torch.tensor(-_BIG, dtype=torch.float64))
-    return Metric.max(torch.where(where, values, torch.full_like(values, -_BIG)).max())
 
 
 def mismatch_metrics(
@@ -143,7 +135,7 @@ def mismatch_metrics(
     p = f"{prefix}/"
     return {
         p + "log_ratio_abs_mean": Metric.mean(d.abs(), mask),
-        p + "log_ratio_abs_max": _masked_max(d.abs(), mask),
+        p + "log_ratio_abs_max": Metric.max(d.abs(), mask),
         p + "kl_k1": Metric.mean(-d, mask),
         p + "kl_k3": Metric.mean(torch.expm1(d_cap) - d_cap, mask),
         p + "train_nll_mean": Metric.mean(-lp_train, mask),
@@ -153,7 +145,7 @@ def mismatch_metrics(
         p + "token_is_weight_sq_mean": Metric.mean(rho * rho, mask),
         p + "token_log_ratio_capped_frac": Metric.mean((d > log_ratio_cap).double(), mask),
         p + "seq_log_ratio_abs_mean": Metric.mean(seq_d.abs(), has_tokens),
-        p + "seq_log_ratio_abs_max": _masked_max(seq_d.abs(), has_tokens),
+        p + "seq_log_ratio_abs_max": Metric.max(seq_d.abs(), has_tokens),
         p + "chi2_seq": Metric.mean(torch.expm1(2.0 * seq_d_cap), has_tokens),
         p + "seq_is_weight_mean": Metric.mean(w, has_tokens),
         p + "seq_is_weight_sq_mean": Metric.mean(w * w, has_tokens),
@@ -226,7 +218,7 @@ def staleness_histogram(versions_lag: Tensor, *, max_lag: int = 4, prefix: str =
     out = {f"{p}lag_{k}": Metric.sum(counts[k]) for k in range(max_lag)}
     out[f"{p}lag_{max_lag}_plus"] = Metric.sum(counts[max_lag])
     out[p + "mean"] = Metric.mean(lag.double())
-    out[p + "max"] = Metric.max(lag.double().max() if lag.numel() else torch.tensor(-_BIG, dtype=torch.float64))
+    out[p + "max"] = Metric.max(lag.double())
     return out
 
 
@@ -245,8 +237,8 @@ def response_stats(lengths: Tensor, rewards: Tensor | None = None, *, binary: bo
     n = lengths.detach().double()
     out = {
         "response/length_mean": Metric.mean(n),
-        "response/length_max": Metric.max(n.max() if n.numel() else torch.tensor(-_BIG, dtype=torch.float64)),
-        "response/length_min": Metric.min(n.min() if n.numel() else torch.tensor(_BIG, dtype=torch.float64)),
+        "response/length_max": Metric.max(n),
+        "response/length_min": Metric.min(n),
     }
     if rewards is None:
         return out
@@ -263,8 +255,8 @@ def response_stats(lengths: Tensor, rewards: Tensor | None = None, *, binary: bo
     elif binary and not is_binary:
         raise ValueError("response_stats: binary=True but some rewards are not in {0, 1}")
     out["reward/mean"] = Metric.mean(r)
-    out["reward/max"] = Metric.max(r.max() if r.numel() else torch.tensor(-_BIG, dtype=torch.float64))
-    out["reward/min"] = Metric.min(r.min() if r.numel() else torch.tensor(_BIG, dtype=torch.float64))
+    out["reward/max"] = Metric.max(r)
+    out["reward/min"] = Metric.min(r)
     if binary:
         out["reward/frac_correct"] = Metric.mean((r == 1).double())
     return out
@@ -280,4 +272,4 @@ def entropy_metrics(entropy: Tensor, mask: Tensor) -> dict[str, Metric]:
         )
     h = entropy.detach().double()
     h = torch.where(mask, h, torch.zeros_like(h))
-    return {"entropy/token_mean": Metric.mean(h, mask), "entropy/token_max": _masked_max(h, mask)}
+    return {"entropy/token_mean": Metric.mean(h, mask), "entropy/token_max": Metric.max(h, mask)}
