@@ -55,7 +55,7 @@ def replay_exactness(layout, model_cfg, mbs):
     from vespo_megatron.megatron.cpu_shim import cpu_device_context
     from vespo_megatron.megatron.model import build_gpt_model
     from vespo_megatron.megatron.parallel_setup import destroy_parallel, initialize_parallel
-    from vespo_megatron.megatron.rl_batch import build_rl_microbatch
+    from vespo_megatron.megatron.rl_batch import build_rl_microbatch, common_seq_len
     from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
     from vespo_megatron.parallel.metrics import all_reduce_metrics
     from vespo_megatron.routing.replay import RoutingReplay, RoutingReplayConfig
@@ -65,9 +65,9 @@ def replay_exactness(layout, model_cfg, mbs):
         cfg = dataclasses.replace(model_cfg, moe_enable_routing_replay=True)
         model = build_gpt_model(cfg, layout, groups, attention_backend="reference")
         mine = mbs[groups.dp_rank::groups.dp_size]
-        local = [build_rl_microbatch(m, cp_size=groups.cp_size, cp_rank=groups.cp_rank, pad_multiple=8,
-                                     seq_len=max(sum(-(-(s.prompt.numel() + s.response.numel()) // 8) * 8 for s in x)
-                                                 for x in mbs)) for m in mine]
+        seq_len = common_seq_len(mbs, pad_multiple=8)
+        local = [build_rl_microbatch(m, cp_size=groups.cp_size, cp_rank=groups.cp_rank, pad_multiple=8, seq_len=seq_len)
+                 for m in mine]
         step = RLStep(RLStepConfig(loss_name="vespo"), StepGroups(tp=groups.tp, cp=groups.cp))
         replay = RoutingReplay(RoutingReplayConfig(mode="r2"), [model], tp_size=groups.tp_size, tp_rank=groups.tp_rank)
         results = {}

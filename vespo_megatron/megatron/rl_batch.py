@@ -25,7 +25,7 @@ from vespo_megatron.parallel.cp_split import PackedBatch, pack_sequences, round_
 from vespo_megatron.routing.alignment import global_routing_padded, global_routing_thd, local_routing
 from vespo_megatron.routing.record import RoutingRecord
 
-__all__ = ["RLSample", "RLMicroBatch", "build_rl_microbatch"]
+__all__ = ["RLSample", "RLMicroBatch", "build_rl_microbatch", "common_seq_len"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,15 @@ def _pad_packed(packed: PackedBatch, total: int) -> PackedBatch:
         valid=torch.cat([packed.valid, packed.valid.new_zeros(extra)]),
         cu_seqlens_padded=cu_padded,
     )
+
+
+def common_seq_len(micro_batches: list[list[RLSample]], *, layout: str = "thd", pad_multiple: int = 1) -> int:
+    """One `seq_len` that fits every micro-batch (the longest row for padded, the longest pack for THD):
+    pipeline stages need fixed activation shapes and gloo's all-gather (EP on CPU) needs equal sizes."""
+    lengths = [[s.prompt.numel() + s.response.numel() for s in mb] for mb in micro_batches]
+    if layout == "padded":
+        return max(max(mb) for mb in lengths)
+    return max(sum(round_up(n, pad_multiple) for n in mb) for mb in lengths)
 
 
 def build_rl_microbatch(

@@ -42,7 +42,7 @@ from vespo_megatron.megatron.parallel_setup import (
     destroy_parallel,
     initialize_parallel,
 )
-from vespo_megatron.parallel.cp_split import PackedBatch, pack_sequences, round_up, zigzag_indices
+from vespo_megatron.parallel.cp_split import PackedBatch, pack_sequences, zigzag_indices
 
 
 @dataclass(frozen=True)
@@ -359,7 +359,7 @@ def run_rl_layout(
     models too big to gather: a Qwen3-30B-A3B slice on GPUs). Every rank returns the full result.
     """
     from vespo_megatron.losses import finalize_metrics, merge_metrics
-    from vespo_megatron.megatron.rl_batch import build_rl_microbatch
+    from vespo_megatron.megatron.rl_batch import build_rl_microbatch, common_seq_len
     from vespo_megatron.megatron.step import RLStep, StepGroups
     from vespo_megatron.parallel.metrics import all_reduce_metrics
 
@@ -377,12 +377,7 @@ def run_rl_layout(
             raise ValueError(f"micro_batches: expected a multiple of dp={dp}, got {len(micro_batches)}")
         mine = list(range(dp_rank, len(micro_batches), dp))
         first_sample = [sum(len(m) for m in micro_batches[:i]) for i in range(len(micro_batches))]
-        # One length for every micro-batch: fixed pipeline shapes, equal all-gather sizes (EP on gloo).
-        if batch_layout == "padded":
-            seq_len = max(s.prompt.numel() + s.response.numel() for m in micro_batches for s in m)
-        else:
-            seq_len = max(sum(round_up(s.prompt.numel() + s.response.numel(), pad_multiple) for s in m)
-                          for m in micro_batches)
+        seq_len = common_seq_len(micro_batches, layout=batch_layout, pad_multiple=pad_multiple)
         local = [
             build_rl_microbatch(micro_batches[i], layout=batch_layout, cp_size=groups.cp_size, cp_rank=groups.cp_rank,
                                 pad_multiple=pad_multiple, seq_len=seq_len)

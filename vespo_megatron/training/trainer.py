@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from vespo_megatron.compat import get_forward_backward_func
 from vespo_megatron.losses import Metric, finalize_metrics, merge_metrics
-from vespo_megatron.losses.segments import masked_segment_sum, segment_count
+from vespo_megatron.losses.inputs import sequence_sums
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
 from vespo_megatron.megatron.model import build_gpt_model
 from vespo_megatron.megatron.parallel_setup import initialize_parallel
@@ -120,7 +120,7 @@ class Trainer:
 
     def _generate(self, requests, seed: int):
         """Generations for this DP replica, one per request; a per-sample engine failure becomes a
-        generation with no output (rejected and counted as `empty_response`)."""
+        generation with finish_reason "error" (rejected and counted as `engine_error`)."""
         if not isinstance(self.engine, EmbeddedEngine):
             from .engine import Generation
 
@@ -214,12 +214,12 @@ class Trainer:
     def _mismatch(self, mb: RLMicroBatch, train_logp: torch.Tensor) -> dict:
         """Trainer vs rollout-engine log-probs on the loss's tokens; the [B] sequence sums are completed over
         context parallelism first, so sequence-level numbers do not depend on the split."""
+        train, rollout = train_logp.reshape(-1), mb.rollout_logp.reshape(-1)
         mask, seq = mb.loss_mask.reshape(-1), mb.token_seq.reshape(-1)
-        diff = torch.where(mask, train_logp.reshape(-1).double() - mb.rollout_logp.reshape(-1).double(), 0.0)
-        local = torch.stack([masked_segment_sum(diff, mask, seq, mb.num_seqs), segment_count(mask, seq, mb.num_seqs)])
+        # rows: sum of (train - rollout), response-token count (the loss inputs' sums, mu = the engine)
+        local = sequence_sums(logp=train, old_logp=rollout, mask=mask, token_seq=seq, num_seqs=mb.num_seqs)
         total = all_reduce_sum(local, self.groups.cp, differentiable=False)
-        return mismatch_metrics(train_logp.reshape(-1), mb.rollout_logp.reshape(-1), mask, seq, mb.num_seqs,
-                                seq_log_ratio=total[0], seq_num_tokens=total[1])
+        return mismatch_metrics(train, rollout, mask, seq, mb.num_seqs, seq_log_ratio=total[0], seq_num_tokens=total[1])
 
     def _update(self, micro_batches: list[RLMicroBatch], start: int) -> tuple[dict, dict]:
         """One optimizer step on the mini-batch of micro-batches [start, start + n) of this step; returns
@@ -305,8 +305,9 @@ class Trainer:
         n = cfg.rollout.samples_per_step // g.dp_size
         for k in range(cfg.run.sft_steps):
             problems = self.task.problems(k, cfg.rollout.samples_per_step, split="sft")[g.dp_rank * n:(g.dp_rank + 1) * n]
-            samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=torch.tensor(self.task.answer_ids(p)),
-                                old_logp=torch.zeros(len(self.task.answer_ids(p))), advantage=1.0) for p in problems]
+            answers = [torch.tensor(self.task.answer_ids(p)) for p in problems]
+            samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=a, old_logp=torch.zeros(len(a)), advantage=1.0)
+                       for p, a in zip(problems, answers, strict=True)]
             micro = self._micro_batches(samples, n // cfg.algorithm.micro_batch_size, samples[0])
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
