@@ -12,18 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_harness import run_distributed
+from layouts import TWO_RANK_LAYOUTS
 
 from vespo_megatron.megatron.parallel_setup import ParallelConfig
 
 pytestmark = [pytest.mark.distributed, pytest.mark.megatron]
 
-LAYOUTS = {
-    "dp2": ParallelConfig(),
-    "tp2_sp": ParallelConfig(tp=2, sp=True),
-    "cp2": ParallelConfig(cp=2),
-    "ep2": ParallelConfig(ep=2),
-    "pp2": ParallelConfig(pp=2),
-}
+LAYOUTS = TWO_RANK_LAYOUTS
 RUNS = [("vespo", "thd"), ("grpo", "thd"), ("gspo", "thd"), ("vespo", "padded")]
 CHECKS = [*RUNS, ("vespo", "thd_ddp")]
 

@@ -11,10 +11,10 @@ import textwrap
 import pytest
 import torch
 import torch.distributed as dist
+from dist_harness import run_distributed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.dist_harness import run_distributed
 from vespo_megatron.parallel.vocab_parallel import TokenLogProbs, vocab_parallel_logprobs
 
 # Tolerances. fp32 logits: fp32 arithmetic throughout -> 1e-5 absolute on logp, entropy and gradients
