@@ -104,6 +104,10 @@ class TinyMoEConfig:
 def transformer_config(cfg: TinyMoEConfig, pcfg: ParallelConfig) -> TransformerConfig:
     """megatron's TransformerConfig for `cfg` under layout `pcfg` (CPU-safe choices where CUDA is absent)."""
     pcfg.validate_for_moe(cfg.num_experts)
+    stages = pcfg.pp * (pcfg.vpp or 1)
+    if cfg.num_layers % stages != 0:
+        raise ValueError(f"TinyMoEConfig.num_layers: expected a multiple of pp x vpp = {stages} (even pipeline "
+                         f"stages), got {cfg.num_layers}")
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
         num_layers=cfg.num_layers,

@@ -264,11 +264,16 @@ def run_layout(
     batch: Batch,
     loss_fn: LossFn = token_mean_cross_entropy,
     attention_backend: str = "reference",
+    after_build: Callable[[torch.nn.Module, ParallelGroups], None] | None = None,
 ) -> LayoutResult:
-    """Build, run one forward/backward, reduce and gather (see module docstring). Destroys its groups."""
+    """Build, run one forward/backward, reduce and gather (see module docstring). Destroys its groups.
+
+    `after_build(model, groups)` runs between building and the forward (e.g. loading a checkpoint)."""
     groups = initialize_parallel(layout)
     try:
         model = build_gpt_model(model_cfg, layout, groups, attention_backend=attention_backend)
+        if after_build is not None:
+            after_build(model, groups)
         local = split_batch(batch, groups)
         captured = {}
 
