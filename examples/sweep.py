@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import shlex
 import sys
 from pathlib import Path
@@ -38,9 +39,14 @@ PRESETS = {
     "cpu": dict(name="cpu", losses=("vespo", "grpo", "gspo", "sapo", "vespo_lin"), staleness=(1, 16), seeds=(0,),
                 extras=("async", "mismatch"), async_lag=4, async_old_logprobs=("recompute", "engine"),
                 mismatch_fold=True, steps=30, checkpoint_every=10, threads=1),
-    "gpu": dict(name="gpu", losses=("vespo", "vespo_sqrt", "vespo_lin", "grpo", "gspo", "sapo"),
-                staleness=(4, 8, 16, 32, 64), seeds=(0, 1, 2), extras=("async", "mismatch"), async_lag=4,
-                async_old_logprobs=("recompute", "engine"), mismatch_fold=True, steps=300, checkpoint_every=25, threads=0),
+    # One-GPU leases (bench/run_gpu_sweep.sh; docs/results/gpu/README.md has the commands): a model 8x the CPU
+    # one (4 layers, hidden 128, 8 experts top-2), answers of up to 4 tokens + <eos> (a+b and a-b, 0..99).
+    "gpu": dict(name="gpu", losses=("vespo", "grpo", "gspo", "sapo", "grpo+tis", "vespo_sqrt", "vespo_lin"),
+                staleness=(1, 4, 16, 64), seeds=(0, 1), extras=("async", "mismatch"), async_lag=4,
+                async_old_logprobs=("recompute", "engine"), mismatch_fold=True, steps=30, checkpoint_every=10,
+                threads=1, base_flags=("--hidden-size", "128", "--num-layers", "4", "--num-experts", "8",
+                                       "--moe-ffn-hidden-size", "64", "--max-operand", "99", "--ops", "+-",
+                                       "--sft-steps", "40", "--sft-micro-batch-size", "32")),
 }
 
 
@@ -57,6 +63,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (0: torch default)")
     p.add_argument("--runs-dir", default=None, help="default runs/sweeps/<name>")
     p.add_argument("--results-dir", default=None, help="default docs/results/<name>")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (one GPU holds many toy runs)")
+    p.add_argument("--only", nargs="+", default=None, metavar="GLOB",
+                   help="run only the runs whose name matches one of these globs (e.g. 'n64-*' '*-s0')")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, start nothing")
     p.add_argument("--report-only", action="store_true", help="write table and plots from the existing runs")
     p.add_argument("base_flags", nargs="*", help="after --: flags for every toy_rl.py run")
@@ -91,7 +100,8 @@ def main(argv=None) -> int:
             print(shlex.join(run.command(runs_dir)))
         return 0
     if not args.report_only:
-        outcome = run_sweep(cfg, runs_dir)
+        only = None if not args.only else (lambda run: any(fnmatch.fnmatch(run.name, g) for g in args.only))
+        outcome = run_sweep(cfg, runs_dir, jobs=args.jobs, only=only)
         failed = {k: v for k, v in outcome.items() if v.startswith("failed")}
         if failed:
             print(f"failed runs: {failed}", file=sys.stderr)

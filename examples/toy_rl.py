@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     par.add_argument("--pp", type=int, default=1)
     t = p.add_argument_group("task and rollout")
     t.add_argument("--max-operand", type=int, default=9)
+    t.add_argument("--ops", default="+", help="operators of the arithmetic task, a subset of '+-*'")
     t.add_argument("--prompts-per-step", type=int, default=32)
     t.add_argument("--group-size", type=int, default=8)
     t.add_argument("--temperature", type=float, default=1.0)
@@ -82,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r = p.add_argument_group("run, checkpoints and logging")
     r.add_argument("--steps", type=int, default=60)
     r.add_argument("--sft-steps", type=int, default=40)
+    r.add_argument("--sft-micro-batch-size", type=int, default=None, help="default: --micro-batch-size")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out-dir", default="runs/toy")
     r.add_argument("--run-name", default="toy")
@@ -126,7 +128,7 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
                             moe_ffn_hidden_size=args.moe_ffn_hidden_size, seq_length=args.seq_length,
                             seed=args.seed + 1234),
         parallel=ParallelConfig(tp=args.tp, sp=args.sp, cp=args.cp, ep=args.ep, pp=args.pp),
-        task=ArithmeticTaskConfig(max_operand=args.max_operand, seed=args.seed),
+        task=ArithmeticTaskConfig(max_operand=args.max_operand, ops=args.ops, seed=args.seed),
         rollout=RolloutConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                               temperature=args.temperature, precision=args.rollout_precision,
                               async_lag=args.async_lag, old_logprobs=args.old_logprobs,
@@ -135,6 +137,7 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
                                   micro_batch_size=args.micro_batch_size, lr=args.lr, clip_grad=args.clip_grad,
                                   routing_replay=args.routing_replay),
         run=RunConfig(steps=args.steps, seed=args.seed, sft_steps=args.sft_steps, out_dir=args.out_dir,
+                      sft_micro_batch_size=args.sft_micro_batch_size,
                       checkpoint_every=args.checkpoint_every),
     )
 

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,9 @@ from vespo_megatron.metrics.plot import DEFAULT_PANELS, read_jsonl
 __all__ = ["SweepConfig", "Run", "RunSummary", "CollapseRule", "expand", "run_status", "run_sweep",
            "summarize", "markdown_table", "plot_settings", "write_report"]
 
-LOSSES = ("vespo", "vespo_sqrt", "vespo_lin", "grpo", "gspo", "sapo", "reinforce")
+LOSSES = ("vespo", "vespo_sqrt", "vespo_lin", "grpo", "gspo", "sapo", "reinforce", "grpo+tis")
+# Sweep labels that are a loss plus a rollout correction (toy_rl.py flags).
+_LOSS_FLAGS = {"grpo+tis": ("--loss", "grpo", "--rollout-correction", "tis")}
 EXTRAS = ("async", "mismatch")
 # Flags the sweep sets itself; base_flags may not carry them.
 _OWNED_FLAGS = ("--loss", "--staleness", "--micro-batch-size", "--seed", "--steps", "--out-dir", "--run-name",
@@ -171,14 +174,15 @@ def expand(cfg: SweepConfig) -> list[Run]:
     for n in cfg.staleness:
         for loss in cfg.losses:
             for seed in cfg.seeds:
-                runs.append(_run(cfg, f"n{n}", loss, seed, n, ["--loss", loss]))
+                runs.append(_run(cfg, f"n{n}", loss, seed, n, list(_LOSS_FLAGS.get(loss, ("--loss", loss)))))
     if "async" in cfg.extras:
         for old in cfg.async_old_logprobs:
             setting = f"async_lag{cfg.async_lag}" + ("" if old == "recompute" else f"_{old}")
             for loss in cfg.async_losses:
                 for seed in cfg.seeds:
                     runs.append(_run(cfg, setting, loss, seed, cfg.async_staleness,
-                                     ["--loss", loss, "--async-lag", str(cfg.async_lag), "--old-logprobs", old]))
+                                     [*_LOSS_FLAGS.get(loss, ("--loss", loss)), "--async-lag", str(cfg.async_lag),
+                                      "--old-logprobs", old]))
     if "mismatch" in cfg.extras:
         variants = (("vespo", ["--loss", "vespo"]),
                     ("grpo+tis", ["--loss", "grpo", "--rollout-correction", "tis"]))
@@ -211,27 +215,40 @@ def _subprocess_runner(cmd: list[str], log_path: Path) -> int:
 
 def run_sweep(cfg: SweepConfig, runs_dir: str | os.PathLike, *,
               runner: Callable[[list[str], Path], int] = _subprocess_runner,
-              python: str = sys.executable, log: Callable[[str], None] = print) -> dict[str, str]:
-    """Run every unfinished run, one at a time; returns name -> "skipped" | "ok" | "failed (rc N)".
+              python: str = sys.executable, log: Callable[[str], None] = print, jobs: int = 1,
+              only: Callable[[Run], bool] | None = None) -> dict[str, str]:
+    """Run every unfinished run (`jobs` at a time); returns name -> "skipped" | "ok" | "failed (rc N)".
     A partial run is started again with the same command: the trainer resumes from its checkpoint.
-    `runner(cmd, log_path) -> returncode` is the process launcher (tests pass a fake)."""
+    `only(run)` selects a subset (a GPU lease runs a slice of the sweep). `runner(cmd, log_path) ->
+    returncode` is the process launcher (tests pass a fake)."""
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise ValueError(f"jobs: expected an int >= 1, got {jobs!r}")
     outcome = {}
-    runs = expand(cfg)
+    runs = [r for r in expand(cfg) if only is None or only(r)]
+    todo = []
     for i, run in enumerate(runs):
         status = run_status(run, runs_dir)
         if status == "done":
             outcome[run.name] = "skipped"
             log(f"[{i + 1}/{len(runs)}] {run.name}: done, skipped")
-            continue
+        else:
+            todo.append((i, run, status))
+
+    def one(item) -> tuple[str, int]:
+        i, run, status = item
         out = run.out_dir(runs_dir)
         out.mkdir(parents=True, exist_ok=True)
         cmd = run.command(runs_dir, python=python)
         log(f"[{i + 1}/{len(runs)}] {run.name}: {'resuming' if status == 'partial' else 'starting'}: "
             f"{shlex.join(cmd)}")
         rc = runner(cmd, out / "train.log")
-        outcome[run.name] = "ok" if rc == 0 else f"failed (rc {rc})"
         if rc:
             log(f"  {run.name} failed with rc {rc}; see {out / 'train.log'}")
+        return run.name, rc
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on subprocesses
+        for name, rc in pool.map(one, todo):
+            outcome[name] = "ok" if rc == 0 else f"failed (rc {rc})"
     return outcome
 
 

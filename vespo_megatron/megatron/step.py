@@ -112,6 +112,7 @@ class RLStep:
             "seq_log_ratio": inputs.seq_log_ratio.detach(),
             "seq_log_w": out.seq_log_w,
             "seq_phi": out.seq_phi,
+            "logp": lp.logprobs.detach(),  # [b, s]: the trainer-vs-engine mismatch when mu is the engine's
         }
         return out.loss, mask.sum().to(torch.int), reported
 

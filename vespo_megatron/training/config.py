@@ -101,6 +101,7 @@ class RunConfig:
     seed: int = 0
     sft_steps: int = 0  # supervised warm start on correct answers before RL
     sft_lr: float = 3e-3
+    sft_micro_batch_size: int | None = None  # None: the RL micro-batch size (staleness sweeps shrink that one)
     out_dir: str = "runs/toy"
     checkpoint_every: int = 0  # 0: never
 
@@ -109,6 +110,8 @@ class RunConfig:
         _positive_int(c, "steps", self.steps)
         if not (isinstance(self.sft_steps, int) and self.sft_steps >= 0):
             raise _bad(c, "sft_steps", "an int >= 0", self.sft_steps)
+        if self.sft_micro_batch_size is not None:
+            _positive_int(c, "sft_micro_batch_size", self.sft_micro_batch_size)
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
             raise _bad(c, "checkpoint_every", "an int >= 0", self.checkpoint_every)
 

@@ -17,6 +17,9 @@ Endpoints used (SGLang's ``http_server.py``; request fields from ``io_struct.py`
   "abort_all_requests"}``, then ``POST /flush_cache``.
 - ``POST /pause_generation`` ``{"mode"}`` / ``POST /continue_generation`` (async RL), ``POST /abort_request``
   ``{"rid"}`` (best effort, after a timed-out attempt).
+- Streamed weight updates (driven by :mod:`vespo_megatron.training.weight_sync`, each sent once, never
+  retried): ``POST /init_weights_update_group``, ``POST /update_weights_from_distributed`` (one per bucket),
+  ``POST /destroy_weights_update_group``, and ``GET /get_weight_version`` to read the tag back.
 
 Batching: one ``/generate`` call per request, ``max_concurrency`` of them in flight from a thread pool.
 SGLang's scheduler batches concurrent requests continuously, so nothing is lost against one batched
@@ -53,8 +56,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from os import PathLike
@@ -324,6 +328,108 @@ class SGLangEngine(RolloutEngine):
     def continue_generation(self) -> None:
         """``POST /continue_generation``: resume after :meth:`pause_generation`."""
         self._post("/continue_generation", {}, timeout=self.config.timeout_s)
+
+    # ------------------------------------------------------------------ streamed weight updates
+    # The calls SGLang offers for a separate (non-colocated) server;
+    # :mod:`vespo_megatron.training.weight_sync` drives them. Each is sent once, never retried: a repeated
+    # join or bucket would leave the server waiting in a collective the trainer has already left.
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the engine's lock: no ``generate`` or ``update_weights`` of this engine runs meanwhile (they
+        take the same lock), e.g. across all the buckets of one streamed update."""
+        with self._busy:
+            yield
+
+    def get_weight_version(self) -> str | None:
+        """The server's weight-version tag (``GET /get_weight_version``); None on servers without it."""
+        try:
+            answer = self._request("GET", "/get_weight_version", None, timeout=self.config.timeout_s,
+                                   what="/get_weight_version")
+        except HTTPStatusError as e:
+            if e.status in (404, 405):
+                return None
+            raise
+        if not isinstance(answer, Mapping) or "weight_version" not in answer:
+            raise EngineError(f"SGLang server at {self.config.base_url}: /get_weight_version answered "
+                              f"{str(answer)[:200]!r}, expected {{'weight_version': ...}}")
+        tag = answer["weight_version"]
+        return None if tag is None else str(tag)
+
+    def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
+                                  world_size: int, group_name: str, backend: str = "nccl",
+                                  timeout: float | None = None) -> str:
+        """``POST /init_weights_update_group``: the server's workers join a process group as ranks
+        ``rank_offset + tp_rank`` of ``world_size``, rendezvous at ``tcp://master_address:master_port``.
+
+        Blocks until they have joined, so the trainer's rank 0 must be joining at the same time (call this
+        from another thread). Returns the server's message; raises :class:`EngineError` on failure.
+        """
+        if not isinstance(master_address, str) or not master_address:
+            raise ValueError(f"master_address: expected a non-empty str, got {master_address!r}")
+        _check_number("master_port", master_port, low=1, integer=True)
+        _check_number("rank_offset", rank_offset, low=1, integer=True)
+        _check_number("world_size", world_size, low=rank_offset + 1, integer=True)
+        body = {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+                "world_size": world_size, "group_name": group_name, "backend": backend}
+        return self._post_once("/init_weights_update_group", body,
+                               timeout=timeout or self.config.update_timeout_s)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]], *,
+                                        group_name: str = "weight_update_group", version: int | None = None,
+                                        flush_cache: bool = False, timeout: float | None = None) -> str:
+        """``POST /update_weights_from_distributed`` for one bucket: the server receives each tensor, in
+        order, by broadcast from rank 0 of ``group_name``, then loads them.
+
+        ``dtypes`` are torch attribute names (``"bfloat16"``). ``version`` (set on the last bucket only) tags
+        the server's weights ``str(version)`` once this bucket has loaded, and becomes the engine's
+        ``weight_version``; ``flush_cache`` flushes the prefix cache after it. Blocks until the server has
+        received and loaded the bucket, so the broadcasts must run meanwhile (call this from another thread).
+        Returns the server's message; raises :class:`EngineError` with the server's message on failure.
+        """
+        names, dtypes, shapes = list(names), list(dtypes), [list(s) for s in shapes]
+        if not (len(names) == len(dtypes) == len(shapes)) or not names:
+            raise ValueError(f"names, dtypes, shapes: expected equal non-zero lengths, got {len(names)}, "
+                             f"{len(dtypes)}, {len(shapes)}")
+        for field_name, values in (("names", names), ("dtypes", dtypes)):
+            if not all(isinstance(v, str) and v for v in values):
+                raise ValueError(f"{field_name}: expected non-empty strings, got {values[:5]!r}...")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for s in shapes for d in s):
+            raise ValueError(f"shapes: expected lists of ints >= 0, got {shapes[:5]!r}...")
+        if version is not None:
+            _check_number("version", version, low=0, integer=True)
+        body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+                "flush_cache": bool(flush_cache)}
+        if version is not None:
+            body["weight_version"] = str(version)
+        message = self._post_once("/update_weights_from_distributed", body,
+                                  timeout=timeout or self.config.update_timeout_s)
+        if version is not None:
+            # Plain assignments: the caller holds exclusive() (from whichever thread) across the update.
+            self._version = version
+            self._server_tag = str(version)
+        return message
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group", *,
+                                     timeout: float | None = None) -> str:
+        """``POST /destroy_weights_update_group``; returns the server's message, raises on failure."""
+        return self._post_once("/destroy_weights_update_group", {"group_name": group_name},
+                               timeout=timeout or self.config.timeout_s)
+
+    def _post_once(self, path: str, body: dict, *, timeout: float) -> str:
+        """One POST, no retry; an answer with ``success: false`` raises :class:`EngineError`."""
+        try:
+            answer = self._send_once("POST", self.config.base_url + path, body, timeout)
+        except _Retryable as e:
+            message = f"SGLang server at {self.config.base_url}: {path} failed (not retried): {e}"
+            if e.status is not None:
+                raise HTTPStatusError(message, e.status, e.server_message) from None
+            raise EngineError(message) from None
+        if isinstance(answer, Mapping) and answer.get("success") is False:
+            raise EngineError(f"SGLang server at {self.config.base_url}: {path} failed: "
+                              f"{answer.get('message', '')}")
+        return str(answer.get("message", "")) if isinstance(answer, Mapping) else str(answer or "")
 
     # ------------------------------------------------------------------ one request
 

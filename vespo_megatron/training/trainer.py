@@ -90,6 +90,7 @@ class Trainer:
         cp_mult = 2 * g.cp_size if g.cp_size > 1 else 1
         self.pad_multiple = cp_mult * (g.tp_size if cfg.parallel.sp else 1)
         longest = round_up(self.task.max_prompt_tokens + self.task.max_new_tokens, self.pad_multiple)
+        self._longest = longest
         self.packed_len = cfg.algorithm.micro_batch_size * longest  # fixed: pipeline shapes, EP all-gather sizes
         # The rank that logs: last pipeline stage, first of TP / CP / DP (it holds the reduced loss metrics).
         self.is_log_rank = g.is_last_stage and g.tp_rank == 0 and g.cp_rank == 0 and g.dp_rank == 0
@@ -154,7 +155,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces of one step
 
-    def _micro_batches(self, samples: list[RLSample], num_micro: int, filler: RLSample) -> list[RLMicroBatch]:
+    def _micro_batches(self, samples: list[RLSample], num_micro: int, filler: RLSample,
+                       seq_len: int | None = None) -> list[RLMicroBatch]:
         """Split samples into `num_micro` micro-batches as evenly as possible (rejections make it uneven).
         Every rank runs the same number of micro-batches (pipeline schedule, DDP): a micro-batch left without
         samples is an inert copy of `filler` with an empty loss mask (no tokens, no loss, no gradient)."""
@@ -164,7 +166,7 @@ class Trainer:
         for i in range(num_micro):
             part = samples[bounds[i]:bounds[i + 1]]
             mb = build_rl_microbatch(part or [filler], layout="thd", cp_size=g.cp_size, cp_rank=g.cp_rank,
-                                     pad_multiple=self.pad_multiple, seq_len=self.packed_len)
+                                     pad_multiple=self.pad_multiple, seq_len=seq_len or self.packed_len)
             out.append(mb if part else dataclasses.replace(mb, loss_mask=torch.zeros_like(mb.loss_mask)))
         return out
 
@@ -234,6 +236,11 @@ class Trainer:
                                        kind="update", start=start)
         updated, grad_norm = clip_and_step(self.optimizer, self.cfg.algorithm.clip_grad)
         metrics = merge_metrics([o["metrics"] for o in outs]) if self.groups.is_last_stage else {}
+        if start == 0 and self.cfg.rollout.old_logprobs == "engine" and self.groups.is_last_stage:
+            # mu is the engine's: no recompute pass measured trainer vs engine, so the first mini-batch's
+            # forward (the weights of this step, before any update) does, under the same metric names.
+            metrics.update(merge_metrics([self._mismatch(mb, o["logp"].float().cpu())
+                                          for mb, o in zip(micro_batches, outs, strict=True)]))
         metrics["grad_norm_mean"] = Metric.mean(torch.tensor([grad_norm]))
         metrics["grad_norm_max"] = Metric.max(torch.tensor(grad_norm))
         metrics["update_skipped"] = Metric.sum(torch.tensor(0.0 if updated else 1.0))
@@ -303,12 +310,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.run.sft_lr
         n = cfg.rollout.samples_per_step // g.dp_size
+        sft_mb = cfg.run.sft_micro_batch_size or cfg.algorithm.micro_batch_size
+        if n % sft_mb:
+            raise ValueError(f"RunConfig.sft_micro_batch_size: expected a divisor of the {n} samples per DP rank "
+                             f"and step, got {sft_mb}")
         for k in range(cfg.run.sft_steps):
             problems = self.task.problems(k, cfg.rollout.samples_per_step, split="sft")[g.dp_rank * n:(g.dp_rank + 1) * n]
             answers = [torch.tensor(self.task.answer_ids(p)) for p in problems]
             samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=a, old_logp=torch.zeros(len(a)), advantage=1.0)
                        for p, a in zip(problems, answers, strict=True)]
-            micro = self._micro_batches(samples, n // cfg.algorithm.micro_batch_size, samples[0])
+            micro = self._micro_batches(samples, n // sft_mb, samples[0], seq_len=sft_mb * self._longest)
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             normalizer = sft_step.normalizer(micro, dp_group=g.dp)
