@@ -14,6 +14,17 @@ enabled, ``routed_experts`` as base64 of little-endian int32 ``[P + O - 1, L, K]
 ``/abort_request`` and ``/health``. Error answers use SGLang's shapes (``{"error": {"message": ...}}`` for
 ``/generate``, ``{"success": false, "message": ...}`` for weight updates).
 
+Streamed weight updates (SGLang's non-colocated RL path): ``/init_weights_update_group`` joins a process
+group (gloo; NCCL too with ``device="cuda:N"``) as rank ``rank_offset`` by the same steps as SGLang's
+``init_custom_process_group`` (``tcp://`` rendezvous, ``PrefixStore(group_name)``, torch's
+``_new_process_group_helper``), so a trainer that can feed this server can feed SGLang's;
+``/update_weights_from_distributed`` receives each named tensor by broadcast from rank 0 into
+``torch.empty(shape, dtype=getattr(torch, dtype))``, keeps it in :attr:`FakeSGLangServer.received_weights`,
+flushes on ``flush_cache`` and takes ``weight_version``; ``/destroy_weights_update_group`` leaves the group.
+With ``expected_weights`` the received names, dtypes and shapes are checked like a model's ``load_weights``
+(after receiving, as SGLang fails). The group lives in this process, so the trainer side of a test must run
+in another process (torch allows one group per name per process).
+
 What comes out is decided by a *policy*: ``policy(request: FakeRequest) -> FakeOutput``. The default,
 :func:`hash_policy`, derives tokens, log-probs and routing from the prompt alone, so two runs agree.
 
@@ -24,19 +35,22 @@ answer: NaN or null log-prob, a dropped field, a token mismatch, an aborted requ
 server with ``enable_return_routed_experts=False`` mimics a server launched without that flag.
 
 Not modelled: text prompts and tokenisation, streaming, real sampling, the prefix cache, top-logprobs,
-multi-DP routing, ``/update_weights_from_distributed`` / ``_from_tensor``.
+multi-DP routing, ``/update_weights_from_tensor``; for streamed updates: more than one server worker (tp_size
+1), ``load_format="flattened_bucket"`` and runtime weight manifests (NCCL only with ``device="cuda:N"``).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -147,6 +161,8 @@ class _State:
     weight_loads: list[dict] = field(default_factory=list)
     num_flushes: int = 0
     num_generated: int = 0
+    groups: dict[str, Any] = field(default_factory=dict)  # group_name -> torch ProcessGroup
+    received: dict[str, Any] = field(default_factory=dict)  # name -> torch.Tensor (latest received)
     max_in_flight: int = 0
     in_flight: int = 0
 
@@ -167,7 +183,13 @@ class FakeSGLangServer:
         api_key: str | None = None,
         legacy_server_info: bool = False,
         has_weight_version_api: bool = True,
+        expected_weights: Mapping[str, tuple[str, Sequence[int]]] | None = None,
+        group_timeout_s: float = 60.0,
+        device: str = "cpu",
     ):
+        """``expected_weights``: name -> (dtype name, shape) of the served model, checked on streamed updates
+        (None: accept anything). ``group_timeout_s``: rendezvous and collective timeout of update groups.
+        ``device``: where streamed tensors are received; ``"cuda:N"`` also allows the NCCL backend."""
         if top_k > num_experts:
             raise ValueError(f"top_k: expected <= num_experts={num_experts}, got {top_k}")
         self.policy = policy or hash_policy()
@@ -176,6 +198,10 @@ class FakeSGLangServer:
         self.api_key = api_key
         self.legacy_server_info = legacy_server_info
         self.has_weight_version_api = has_weight_version_api
+        self.expected_weights = None if expected_weights is None else {
+            k: (str(d), tuple(int(x) for x in shape)) for k, (d, shape) in expected_weights.items()}
+        self.group_timeout_s = group_timeout_s
+        self.device = device
         self._lock = threading.Lock()
         self._state = _State(weight_version=weight_version, model_path=model_path)
         self._faults: list[_Fault] = []
@@ -210,6 +236,10 @@ class FakeSGLangServer:
         self._httpd.server_close()
         self._thread.join(timeout=5)
         self._httpd = None
+        with self._lock:
+            groups, self._state.groups = dict(self._state.groups), {}
+        for pg in groups.values():
+            _leave_group(pg)
 
     @property
     def port(self) -> int:
@@ -250,6 +280,18 @@ class FakeSGLangServer:
     def num_flushes(self) -> int:
         with self._lock:
             return self._state.num_flushes
+
+    @property
+    def received_weights(self) -> dict[str, Any]:
+        """Tensors received by ``/update_weights_from_distributed``: name -> the latest ``torch.Tensor``."""
+        with self._lock:
+            return dict(self._state.received)
+
+    @property
+    def weight_update_groups(self) -> list[str]:
+        """Names of the update groups this server is in now."""
+        with self._lock:
+            return sorted(self._state.groups)
 
     @property
     def max_in_flight(self) -> int:
@@ -357,7 +399,7 @@ class FakeSGLangServer:
         if path != "/generate":
             status = self._take(path, ("status",))
             if status is not None:
-                key = "success" if path.startswith("/update_weights") else None
+                key = "success" if path.startswith(_SUCCESS_SHAPED) else None
                 err = {"success": False, "message": status.message} if key else {"error": {"message": status.message}}
                 return status.status, err
 
@@ -395,6 +437,12 @@ class FakeSGLangServer:
                 if body.get("flush_cache", True):
                     self._state.num_flushes += 1
             return 200, {"success": True, "message": message, "num_paused_requests": 0}
+        if path == "/init_weights_update_group":
+            return self._init_weights_update_group(body)
+        if path == "/update_weights_from_distributed":
+            return self._update_weights_from_distributed(body)
+        if path == "/destroy_weights_update_group":
+            return self._destroy_weights_update_group(body)
         if path == "/flush_cache":
             with self._lock:
                 self._state.num_flushes += 1
@@ -412,6 +460,98 @@ class FakeSGLangServer:
                 self._state.aborted.append(str((body or {}).get("rid")))
             return 200, ""
         return 404, {"detail": "Not Found"}
+
+    # ------------------------------------------------------------------ streamed weight updates
+
+    def _init_weights_update_group(self, body: Any) -> tuple[int, Any]:
+        missing = [k for k in ("master_address", "master_port", "rank_offset", "world_size")
+                   if not isinstance(body, dict) or k not in body]
+        if missing:
+            return 400, {"error": {"message": f"{missing}: field required"}}
+        group_name = body.get("group_name", "weight_update_group")
+        backend = body.get("backend", "nccl")
+        backends = ("gloo",) if self.device == "cpu" else ("gloo", "nccl")
+        if backend not in backends:
+            return 400, {"success": False, "message": f"Failed to initialize custom process group: backend "
+                                                      f"{backend!r} on device {self.device!r} (only "
+                                                      f"{backends})."}
+        address = str(body["master_address"])
+        host = f"[{address}]" if ":" in address else address  # IPv6 in a URL, as SGLang's NetworkAddress
+        try:
+            pg = _join_group_like_sglang(init_method=f"tcp://{host}:{int(body['master_port'])}",
+                                         rank=int(body["rank_offset"]),  # rank_offset + tp_rank, tp_size 1
+                                         world_size=int(body["world_size"]), group_name=str(group_name),
+                                         backend=backend, timeout=timedelta(seconds=self.group_timeout_s))
+        except Exception as e:
+            return 400, {"success": False, "message": f"Failed to initialize custom process group: {e}."}
+        with self._lock:
+            self._state.groups[group_name] = pg
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def _update_weights_from_distributed(self, body: Any) -> tuple[int, Any]:
+        import torch
+        import torch.distributed as dist
+
+        if not isinstance(body, dict) or not all(isinstance(body.get(k), list)
+                                                 for k in ("names", "dtypes", "shapes")):
+            return 400, {"error": {"message": "names, dtypes, shapes: field required (lists)"}}
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
+        group_name = body.get("group_name", "weight_update_group")
+        with self._lock:
+            pg = self._state.groups.get(group_name)
+            known = sorted(self._state.groups)
+        if pg is None:
+            return 400, {"success": False, "message": f"Group {group_name} not in {known}. Please call "
+                                                      f"`init_weights_update_group` first."}
+        failed = ("Failed to update parameter online: {}. The full weights of the ModelRunner are partially "
+                  "updated. Please discard the whole weights.")
+        device = torch.device(self.device)
+        try:  # as SGLang's model runner: allocate and receive each tensor in order, then load
+            received, works = [], []
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+                    torch_dtype = getattr(torch, dtype, None)
+                    if not isinstance(torch_dtype, torch.dtype):
+                        raise AttributeError(f"module 'torch' has no dtype {dtype!r}")
+                    tensor = torch.empty(shape, dtype=torch_dtype, device=device)
+                    works.append(dist.broadcast(tensor, src=0, group=pg, async_op=True))
+                    received.append((name, tensor))
+                for work in works:
+                    work.wait()
+                received = [(name, tensor.cpu()) for name, tensor in received]  # .cpu() syncs the stream
+            self._check_expected(received)
+        except Exception as e:
+            return 400, {"success": False, "message": failed.format(e)}
+        message = "Succeeded to update parameter online."
+        with self._lock:
+            self._state.received.update(received)
+            if body.get("flush_cache", True):
+                self._state.num_flushes += 1
+            if body.get("weight_version") is not None:
+                self._state.weight_version = str(body["weight_version"])
+                message += f" Weight version updated to {body['weight_version']}."
+        return 200, {"success": True, "message": message}
+
+    def _check_expected(self, received: list[tuple[str, Any]]) -> None:
+        if self.expected_weights is None:
+            return
+        for name, tensor in received:
+            if name not in self.expected_weights:
+                raise KeyError(f"no parameter {name!r} in the model")
+            dtype, shape = self.expected_weights[name]
+            got = (str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+            if got != (dtype, shape):
+                raise ValueError(f"{name}: received {got[0]} {list(got[1])}, the model has {dtype} "
+                                 f"{list(shape)}")
+
+    def _destroy_weights_update_group(self, body: Any) -> tuple[int, Any]:
+        group_name = (body or {}).get("group_name", "weight_update_group")
+        with self._lock:
+            pg = self._state.groups.pop(group_name, None)
+        if pg is None:
+            return 400, {"success": False, "message": "The group to be destroyed does not exist."}
+        _leave_group(pg)
+        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
 
     def _generate(self, body: Any) -> tuple[int, Any]:
         if not isinstance(body, dict) or "input_ids" not in body:
@@ -435,6 +575,36 @@ class FakeSGLangServer:
         finally:
             with self._lock:
                 self._state.in_flight -= 1
+
+
+_SUCCESS_SHAPED = ("/update_weights", "/init_weights_update_group", "/destroy_weights_update_group")
+
+
+def _join_group_like_sglang(*, init_method: str, rank: int, world_size: int, group_name: str, backend: str,
+                            timeout: timedelta):
+    """Join a process group by the steps of SGLang's ``init_custom_process_group`` (server side, rank >= 1):
+    ``tcp://`` rendezvous (rank 0 hosts the store), ``PrefixStore(group_name)``, ``_new_process_group_helper``
+    with no global ranks (a stand-alone group), identity rank map for ``broadcast(src=0)``."""
+    from torch.distributed import PrefixStore, rendezvous
+    from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
+
+    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    store = PrefixStore(group_name, store)
+    made = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                     timeout=timeout)
+    pg = made[0] if isinstance(made, tuple) else made
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def _leave_group(pg) -> None:
+    import torch.distributed as dist
+
+    try:
+        dist.destroy_process_group(pg)
+    except Exception:  # already gone (the peer left): nothing to release
+        pass
 
 
 def _spoil(answer: dict, kind: str, server: FakeSGLangServer) -> None:

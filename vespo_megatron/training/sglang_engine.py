@@ -19,7 +19,8 @@ Endpoints used (SGLang's ``http_server.py``; request fields from ``io_struct.py`
   ``{"rid"}`` (best effort, after a timed-out attempt).
 - Streamed weight updates (driven by :mod:`vespo_megatron.training.weight_sync`, each sent once, never
   retried): ``POST /init_weights_update_group``, ``POST /update_weights_from_distributed`` (one per bucket),
-  ``POST /destroy_weights_update_group``, and ``GET /get_weight_version`` to read the tag back.
+  ``POST /destroy_weights_update_group``, and ``GET /get_weight_version`` (or the ``weight_version`` of
+  ``/model_info`` / ``/get_model_info``) to read the tag back.
 
 Batching: one ``/generate`` call per request, ``max_concurrency`` of them in flight from a thread pool.
 SGLang's scheduler batches concurrent requests continuously, so nothing is lost against one batched
@@ -342,19 +343,24 @@ class SGLangEngine(RolloutEngine):
             yield
 
     def get_weight_version(self) -> str | None:
-        """The server's weight-version tag (``GET /get_weight_version``); None on servers without it."""
-        try:
-            answer = self._request("GET", "/get_weight_version", None, timeout=self.config.timeout_s,
-                                   what="/get_weight_version")
-        except HTTPStatusError as e:
-            if e.status in (404, 405):
-                return None
-            raise
-        if not isinstance(answer, Mapping) or "weight_version" not in answer:
-            raise EngineError(f"SGLang server at {self.config.base_url}: /get_weight_version answered "
-                              f"{str(answer)[:200]!r}, expected {{'weight_version': ...}}")
-        tag = answer["weight_version"]
-        return None if tag is None else str(tag)
+        """The server's weight-version tag; None on servers that do not report one.
+
+        ``GET /get_weight_version``; where that answers 404 (the newest SGLang deprecates it that way), the
+        ``weight_version`` field of ``/model_info``, then of ``/get_model_info`` (older servers).
+        """
+        for path in ("/get_weight_version", "/model_info", "/get_model_info"):
+            try:
+                answer = self._request("GET", path, None, timeout=self.config.timeout_s, what=path)
+            except HTTPStatusError as e:
+                if e.status in (404, 405):
+                    continue
+                raise
+            if not isinstance(answer, Mapping):
+                raise EngineError(f"SGLang server at {self.config.base_url}: {path} answered "
+                                  f"{str(answer)[:200]!r}, expected a JSON object")
+            tag = answer.get("weight_version")
+            return None if tag is None else str(tag)
+        return None
 
     def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
                                   world_size: int, group_name: str, backend: str = "nccl",

@@ -25,8 +25,9 @@ The protocol (SGLang ``http_server.py``, ``io_struct.py``, ``model_runner.py``, 
    intermediate buckets omit it (``None``: the tag is left alone). Servers started with
    ``--enable-weight-runtime-manifest`` (newer SGLang) require a new ``weight_version`` on *every* update,
    which a multi-bucket sync cannot satisfy: use one bucket or turn the manifest off.
-4. The new tag is read back from ``GET /get_weight_version``; ``POST /destroy_weights_update_group``
-   ``{group_name}`` on close.
+4. The new tag is read back from ``GET /get_weight_version`` (the newest SGLang answers that 404 and reports
+   ``weight_version`` in ``/model_info``; older ones in ``/get_model_info``); ``POST
+   /destroy_weights_update_group`` ``{group_name}`` on close.
 
 Between buckets SGLang serves requests with partly updated weights (each bucket takes the model-update
 write lock only for itself): pause generation around a sync (``SGLangEngine.pause_generation``) if that
@@ -377,8 +378,9 @@ class DistributedWeightSender:
         Per bucket: the metadata POST runs in a background thread while the tensors are broadcast from
         rank 0 in the same order; then the server's answer is checked (``success: false`` or an HTTP error
         raise :class:`EngineError` with the server's message). The last bucket carries ``weight_version`` and
-        ``flush_cache`` (unless the engine's ``flush_cache_after_update`` is off). Afterwards
-        ``/get_weight_version`` must report ``str(version)`` (servers without it are not checked).
+        ``flush_cache`` (unless the engine's ``flush_cache_after_update`` is off). Afterwards the server must
+        report ``str(version)`` (:meth:`SGLangEngine.get_weight_version`; servers that report none are not
+        checked).
 
         A server that fails *after* receiving a bucket leaves the group usable (its weights are partly
         updated: send again). One that fails or times out with broadcasts pending breaks the group:
