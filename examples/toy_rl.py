@@ -32,9 +32,17 @@ from vespo_megatron.losses import RolloutCorrectionConfig
 from vespo_megatron.megatron.model import TinyMoEConfig
 from vespo_megatron.megatron.parallel_setup import ParallelConfig
 from vespo_megatron.metrics.sinks import LoggingConfig, MetricsLogger
-from vespo_megatron.training.config import AlgorithmConfig, RolloutConfig, RunConfig, TrainerConfig
+from vespo_megatron.training.config import (
+    AlgorithmConfig,
+    EvalConfig,
+    HFCheckpointConfig,
+    RolloutConfig,
+    RunConfig,
+    TrainerConfig,
+)
 from vespo_megatron.training.launch import init_distributed
 from vespo_megatron.training.toy_task import ArithmeticTaskConfig, CharTokenizer
+from vespo_megatron.training.weight_sync import WeightSyncConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,6 +88,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--clip-grad", type=float, default=1.0)
     a.add_argument("--routing-replay", choices=["off", "r2", "r3"], default="off",
                    help="r3: replay the engine's routing; r2: replay the trainer's own recorded routing")
+    h = p.add_argument_group("checkpoint (Hugging Face)")
+    h.add_argument("--hf-checkpoint", default=None,
+                   help="start from this Qwen3-MoE HF checkpoint dir; the model flags come from its config.json "
+                        "(model flags given explicitly must match it)")
+    h.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32", help="trainer parameter dtype")
+    h.add_argument("--save-hf-every", type=int, default=0, help="write <out-dir>/hf/step_<n> every K steps")
+    h.add_argument("--save-hf-final", action="store_true", help="write <out-dir>/hf/step_<steps> at the end")
+    h.add_argument("--weight-sync", choices=["disk", "distributed"], default="disk",
+                   help="SGLang: HF checkpoint on a shared disk (/update_weights_from_disk) or streamed buckets "
+                        "(/update_weights_from_distributed)")
+    h.add_argument("--weight-sync-master-address", default="127.0.0.1",
+                   help="with --weight-sync distributed: this host's address as the SGLang server sees it")
+    h.add_argument("--weight-sync-bucket-mib", type=int, default=512)
+    d = p.add_argument_group("data (default: the toy arithmetic task)")
+    d.add_argument("--prompt-data", default=None, help="a JSONL or Parquet file of prompts with reference answers")
+    d.add_argument("--prompt-key", default="prompt")
+    d.add_argument("--answer-key", default="answer", help="dotted keys allowed, e.g. reward_model.ground_truth")
+    d.add_argument("--prompt-template", default=None, help="e.g. '{prompt} Put your final answer in \\boxed{}.'")
+    d.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: --hf-checkpoint)")
+    d.add_argument("--max-prompt-tokens", type=int, default=1024, help="longer prompts are skipped and counted")
+    d.add_argument("--max-new-tokens", type=int, default=1024)
+    d.add_argument("--eval-holdout", type=int, default=0, help="dataset rows held out for evaluation")
+    d.add_argument("--reward-timeout", type=float, default=5.0, help="seconds per math-verify check")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-every", type=int, default=0, help="pass@1 / mean@k on held-out prompts every K steps")
+    e.add_argument("--eval-k", type=int, default=4)
+    e.add_argument("--eval-temperature", type=float, default=1.0)
+    e.add_argument("--eval-max-problems", type=int, default=None)
     r = p.add_argument_group("run, checkpoints and logging")
     r.add_argument("--steps", type=int, default=60)
     r.add_argument("--sft-steps", type=int, default=40)
@@ -95,13 +131,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="validate the configuration for --world-size ranks, print the plan, start nothing")
     r.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of ranks to plan for")
     args = p.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    args.explicit = {a.dest for a in p._actions if any(o in given or any(g.startswith(o + "=") for g in given)
+                                                       for o in a.option_strings)}
     if args.model_preset:
-        explicit = {a.dest for a in p._actions if any(opt in (argv if argv is not None else sys.argv[1:])
-                                                       for opt in a.option_strings)}
         for key, value in PRESETS[args.model_preset].items():
-            if key not in explicit:
+            if key not in args.explicit:
                 setattr(args, key, value)
     return args
+
+
+MODEL_FLAGS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "head_dim",
+               "ffn_hidden_size", "num_experts", "moe_router_topk", "moe_ffn_hidden_size")
 
 
 # Qwen3-30B-A3B: 48 layers, hidden 2048, 32 query / 4 KV heads of 128, 128 experts top-8 (expert FFN 768),
@@ -113,22 +154,53 @@ PRESETS = {
 }
 
 
+def build_model_config(args: argparse.Namespace) -> TinyMoEConfig:
+    """From --hf-checkpoint's config.json when given (explicit model flags override, and TrainerConfig.validate
+    then names every one that disagrees with the checkpoint), else from the flags."""
+    dtype = torch.bfloat16 if args.params_dtype == "bf16" else torch.float32
+    if args.hf_checkpoint:
+        from vespo_megatron.hf.config import load_hf_config, model_config_from_hf
+
+        model = model_config_from_hf(load_hf_config(args.hf_checkpoint), seq_length=args.seq_length, dtype=dtype,
+                                     seed=args.seed + 1234)
+        overrides = {k: getattr(args, k) for k in MODEL_FLAGS if k in args.explicit}
+        return dataclasses.replace(model, **overrides)
+    return TinyMoEConfig(vocab_size=args.vocab_size or CharTokenizer().vocab_size, hidden_size=args.hidden_size,
+                         num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
+                         num_query_groups=args.num_query_groups, head_dim=args.head_dim,
+                         ffn_hidden_size=args.ffn_hidden_size or 2 * args.hidden_size,
+                         num_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+                         moe_ffn_hidden_size=args.moe_ffn_hidden_size, seq_length=args.seq_length, dtype=dtype,
+                         seed=args.seed + 1234)
+
+
+def build_task_config(args: argparse.Namespace):
+    if args.prompt_data is None:
+        return ArithmeticTaskConfig(max_operand=args.max_operand, ops=args.ops, seed=args.seed)
+    from vespo_megatron.data import MathRewardConfig, MathTaskConfig, PromptDataConfig
+
+    data = PromptDataConfig(path=args.prompt_data, prompt_key=args.prompt_key, answer_key=args.answer_key,
+                            prompt_template=args.prompt_template, max_prompt_tokens=args.max_prompt_tokens,
+                            eval_count=args.eval_holdout, seed=args.seed)
+    return MathTaskConfig(data=data, reward=MathRewardConfig(timeout_s=args.reward_timeout),
+                          max_new_tokens=args.max_new_tokens)
+
+
 def build_config(args: argparse.Namespace) -> TrainerConfig:
-    tok = CharTokenizer()
     options = {}
     if args.rollout_correction != "none":
         options["rollout_correction"] = RolloutCorrectionConfig(mode=args.rollout_correction,
                                                                 level=args.rollout_correction_level)
     return TrainerConfig(
-        model=TinyMoEConfig(vocab_size=args.vocab_size or tok.vocab_size, hidden_size=args.hidden_size,
-                            num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
-                            num_query_groups=args.num_query_groups, head_dim=args.head_dim,
-                            ffn_hidden_size=args.ffn_hidden_size or 2 * args.hidden_size,
-                            num_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
-                            moe_ffn_hidden_size=args.moe_ffn_hidden_size, seq_length=args.seq_length,
-                            seed=args.seed + 1234),
+        model=build_model_config(args),
         parallel=ParallelConfig(tp=args.tp, sp=args.sp, cp=args.cp, ep=args.ep, pp=args.pp),
-        task=ArithmeticTaskConfig(max_operand=args.max_operand, ops=args.ops, seed=args.seed),
+        task=build_task_config(args),
+        hf=HFCheckpointConfig(load=args.hf_checkpoint, save_every=args.save_hf_every, save_final=args.save_hf_final,
+                              tokenizer=args.tokenizer),
+        eval=EvalConfig(every=args.eval_every, k=args.eval_k, temperature=args.eval_temperature,
+                        max_problems=args.eval_max_problems),
+        weight_sync=WeightSyncConfig(mode=args.weight_sync, master_address=args.weight_sync_master_address,
+                                     bucket_bytes=args.weight_sync_bucket_mib * 2**20),
         rollout=RolloutConfig(prompts_per_step=args.prompts_per_step, group_size=args.group_size,
                               temperature=args.temperature, precision=args.rollout_precision,
                               async_lag=args.async_lag, old_logprobs=args.old_logprobs,

@@ -8,12 +8,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from vespo_megatron.data.math_task import MathTaskConfig
 from vespo_megatron.losses import get_policy_loss, make_loss_config
 from vespo_megatron.megatron.model import TinyMoEConfig
 from vespo_megatron.megatron.parallel_setup import ParallelConfig
 from vespo_megatron.training.toy_task import ArithmeticTaskConfig
+from vespo_megatron.training.weight_sync import WeightSyncConfig
 
-__all__ = ["RolloutConfig", "AlgorithmConfig", "RunConfig", "TrainerConfig"]
+__all__ = ["RolloutConfig", "AlgorithmConfig", "RunConfig", "HFCheckpointConfig", "EvalConfig", "TrainerConfig"]
 
 
 def _bad(cls: str, name: str, expected: str, got: object) -> ValueError:
@@ -117,13 +119,60 @@ class RunConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HFCheckpointConfig:
+    """Hugging Face checkpoints. load: a Qwen3-MoE checkpoint directory to start from (its config.json must
+    match the model flags; a trainer checkpoint of the run, when present, still wins on restart).
+    save_every: also write the policy as an HF checkpoint to <out_dir>/hf/step_<n> every K steps (0: never);
+    save_final: and after the last step. save_dtype: the stored dtype. tokenizer: the tokenizer directory for
+    dataset prompts (default: `load`)."""
+
+    load: str | None = None
+    save_every: int = 0
+    save_final: bool = False
+    save_dtype: str = "bfloat16"
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        c = "HFCheckpointConfig"
+        if not (isinstance(self.save_every, int) and self.save_every >= 0):
+            raise _bad(c, "save_every", "an int >= 0", self.save_every)
+        if self.save_dtype not in ("bfloat16", "float16", "float32"):
+            raise _bad(c, "save_dtype", "'bfloat16', 'float16' or 'float32'", self.save_dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Held-out evaluation every `every` steps (0: never): k samples per held-out prompt at `temperature`;
+    logs eval/pass@1 (the unbiased estimate from the k samples), eval/mean@k, eval/pass@k. max_problems caps
+    the held-out prompts used (None: all; the count used is logged as eval/num_problems)."""
+
+    every: int = 0
+    k: int = 4
+    temperature: float = 1.0
+    max_problems: int | None = None
+
+    def __post_init__(self) -> None:
+        c = "EvalConfig"
+        if not (isinstance(self.every, int) and self.every >= 0):
+            raise _bad(c, "every", "an int >= 0", self.every)
+        _positive_int(c, "k", self.k)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise _bad(c, "temperature", "a float > 0", self.temperature)
+        if self.max_problems is not None:
+            _positive_int(c, "max_problems", self.max_problems)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     model: TinyMoEConfig = field(default_factory=TinyMoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    task: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+    task: ArithmeticTaskConfig | MathTaskConfig = field(default_factory=ArithmeticTaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    hf: HFCheckpointConfig = field(default_factory=HFCheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
     def validate(self, world_size: int) -> None:
         """Checks across groups; raises ValueError naming the fields and numbers involved."""
@@ -152,6 +201,18 @@ class TrainerConfig:
             raise ValueError("AlgorithmConfig.routing_replay: 'r3' with the embedded engine records routing where "
                              f"one rank sees every token and layer (tp = cp = pp = 1), got tp={p.tp}, cp={p.cp}, "
                              f"pp={p.pp}; use 'r2' or the SGLang engine")
+        if not isinstance(self.task, ArithmeticTaskConfig | MathTaskConfig):
+            raise _bad("TrainerConfig", "task", "an ArithmeticTaskConfig or a MathTaskConfig", self.task)
+        if isinstance(self.task, MathTaskConfig) and not (self.hf.tokenizer or self.hf.load):
+            raise ValueError("HFCheckpointConfig.tokenizer: a dataset task needs a Hugging Face tokenizer directory "
+                             "(tokenizer, or load to use the checkpoint's), got None")
+        if self.weight_sync.mode != "disk" and r.engine != "sglang":
+            raise ValueError(f"WeightSyncConfig.mode: {self.weight_sync.mode!r} streams weights to an SGLang server; "
+                             f"expected 'disk' with RolloutConfig.engine={r.engine!r}")
+        if self.hf.load is not None:
+            from vespo_megatron.hf.config import check_matches_hf, load_hf_config
+
+            check_matches_hf(self.model, load_hf_config(self.hf.load), source=f"hf checkpoint {self.hf.load!r}")
         moe = self.model.moe_layer_freq
         has_moe = any(moe) if isinstance(moe, tuple) else moe >= 1
         if a.routing_replay != "off" and not has_moe:

@@ -41,12 +41,15 @@ class ArithmeticTaskConfig:
     max_operand: int = 20
     ops: str = "+"
     seed: int = 0
+    eval_count: int = 64  # held-out problems (split "eval")
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_operand, int) and 1 <= self.max_operand <= 10**6):
             raise ValueError(f"ArithmeticTaskConfig.max_operand: expected an int in [1, 1e6], got {self.max_operand!r}")
         if not self.ops or any(op not in "+-*" for op in self.ops):
             raise ValueError(f"ArithmeticTaskConfig.ops: expected a non-empty subset of '+-*', got {self.ops!r}")
+        if not (isinstance(self.eval_count, int) and self.eval_count >= 1):
+            raise ValueError(f"ArithmeticTaskConfig.eval_count: expected an int >= 1, got {self.eval_count!r}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,10 @@ class ArithmeticTask:
             a, b = rng.randint(0, self.cfg.max_operand), rng.randint(0, self.cfg.max_operand)
             out.append(self.problem(a, rng.choice(self.cfg.ops), b))
         return out
+
+    def eval_problems(self) -> list[Problem]:
+        """The fixed held-out problems: `eval_count` of split "eval" (a seeded stream of its own)."""
+        return self.problems(0, self.cfg.eval_count, split="eval")
 
     def answer_ids(self, problem: Problem) -> tuple[int, ...]:
         return (*self.tok.encode(problem.answer), self.tok.EOS)

@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 
 import torch
 import torch.distributed as dist
 
 from vespo_megatron.compat import get_forward_backward_func
+from vespo_megatron.data.math_task import MathTask, MathTaskConfig
+from vespo_megatron.hf.bridge import (
+    gather_hf_tensors,
+    hf_config_from_model,
+    load_hf_weights,
+    save_hf_checkpoint,
+)
+from vespo_megatron.hf.config import load_hf_config
 from vespo_megatron.losses import Metric, finalize_metrics, merge_metrics
 from vespo_megatron.losses.inputs import sequence_sums
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
@@ -50,8 +59,18 @@ from .engine import GenerationRequest
 from .optim import clip_and_step, wrap_ddp_and_optimizer
 from .samples import Rejections, build_samples
 from .toy_task import ArithmeticTask
+from .weight_sync import DistributedWeightSender
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "make_task"]
+
+
+def make_task(cfg: TrainerConfig):
+    """The toy arithmetic task, or a prompt dataset scored by the math checker (HF tokenizer from a local dir)."""
+    if isinstance(cfg.task, MathTaskConfig):
+        from transformers import AutoTokenizer
+
+        return MathTask(cfg.task, AutoTokenizer.from_pretrained(cfg.hf.tokenizer or cfg.hf.load))
+    return ArithmeticTask(cfg.task)
 
 
 class Trainer:
@@ -60,7 +79,7 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         cfg.validate(self.world_size)
         self.cfg = cfg
-        self.task = ArithmeticTask(cfg.task)
+        self.task = make_task(cfg)
         if cfg.model.vocab_size < self.task.tok.vocab_size:
             raise ValueError(f"TinyMoEConfig.vocab_size: expected >= the tokenizer's {self.task.tok.vocab_size}, "
                              f"got {cfg.model.vocab_size}")
@@ -68,6 +87,11 @@ class Trainer:
         replay_mode = cfg.algorithm.routing_replay
         model_cfg = dataclasses.replace(cfg.model, moe_enable_routing_replay=replay_mode != "off")
         model = build_gpt_model(model_cfg, cfg.parallel, g, attention_backend="auto")
+        # The config that exported checkpoints carry (rollout engines and evaluators read HF checkpoints).
+        self.hf_config = load_hf_config(cfg.hf.load) if cfg.hf.load else hf_config_from_model(model_cfg)
+        if cfg.hf.load:
+            load_hf_weights(model, g, cfg.hf.load, hf_config=self.hf_config, model_cfg=model_cfg)
+        self._sender = None  # DistributedWeightSender, opened on the first streamed sync (rank 0)
         self.model, self.optimizer = wrap_ddp_and_optimizer(
             model, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay, clip_grad=cfg.algorithm.clip_grad)
         self.step_fn = RLStep(RLStepConfig(loss_name=cfg.algorithm.loss, loss_config=cfg.algorithm.loss_config(),
@@ -136,22 +160,43 @@ class Trainer:
         return self.engine.generate(requests, seed=seed)
 
     def _sync_weights(self, version: int) -> None:
-        """Embedded engine: snapshot the weights. SGLang: write this rank's weights under
-        <out_dir>/weights/v<version> and ask the server to load them (`/update_weights_from_disk`). The
-        files are megatron's per-rank state dicts: a stock SGLang server loads Hugging Face checkpoints, so
-        until the exporter lands (issue 6) only servers that read this format (the test server) accept them."""
+        """Embedded engine: snapshot the weights (it generates with this model). SGLang: the policy as a
+        Hugging Face checkpoint, either written to <out_dir>/weights/v<version> and loaded by the server
+        (`/update_weights_from_disk`; the previous version's directory is removed afterwards) or streamed in
+        buckets (`/update_weights_from_distributed`, weight_sync.mode="distributed"); tagged `version`."""
         if isinstance(self.engine, EmbeddedEngine):
             self.engine.update_weights(self.model, version=version)
             return
-        path = os.path.join(self.cfg.run.out_dir, "weights", f"v{version:07d}")
-        os.makedirs(path, exist_ok=True)
-        torch.save(self.model.state_dict(), os.path.join(path, f"rank{self.rank:05d}.pt"))
+        ws, g = self.cfg.weight_sync, self.groups
+        if ws.mode == "distributed":
+            tensors = gather_hf_tensors(self.model, g, self.hf_config, dst=0)
+            if self.rank == 0:
+                if self._sender is None:
+                    self._sender = DistributedWeightSender(self.engine, ws)
+                    self._sender.open()
+                self.last_sync = self._sender.send(tensors, version)
+            else:
+                for _ in tensors:  # the gathers are collective
+                    pass
+        else:
+            root = os.path.join(self.cfg.run.out_dir, "weights")
+            path = os.path.join(root, f"v{version:07d}")
+            save_hf_checkpoint(self.model, g, path, hf_config=self.hf_config, source_dir=self.cfg.hf.load,
+                               dtype=getattr(torch, self.cfg.hf.save_dtype))
+            if self.rank == 0:
+                self.engine.update_weights(path, version)
+                for old in os.listdir(root):  # the server has loaded `path`; older versions are not needed
+                    if old.startswith("v") and old != os.path.basename(path):
+                        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
         if self.world_size > 1:
             dist.barrier()
-        if self.rank == 0:
-            self.engine.update_weights(path, version)
-        if self.world_size > 1:
-            dist.barrier()
+
+    def save_hf(self, step: int) -> str:
+        """Write the policy as a Hugging Face checkpoint to <out_dir>/hf/step_<step> (collective)."""
+        path = os.path.join(self.cfg.run.out_dir, "hf", f"step_{step:07d}")
+        save_hf_checkpoint(self.model, self.groups, path, hf_config=self.hf_config, source_dir=self.cfg.hf.load,
+                           dtype=getattr(torch, self.cfg.hf.save_dtype))
+        return path
 
     # ------------------------------------------------------------------ pieces of one step
 
@@ -298,10 +343,45 @@ class Trainer:
         values = derive_mismatch(finalize_metrics(metrics))
         for reason, count in self.rejections.counts.items():
             values[f"rollout/rejected_total/{reason}"] = float(count)  # this rank's running totals
+        if isinstance(self.task, MathTask):  # this rank's running totals: checker outcomes, dataset rows skipped
+            values.update({k: float(v) for k, v in self.task.stats.log_dict("reward/fail_total/").items()})
+            values.update({f"data/skipped/{k}": float(v) for k, v in self.task.skipped.items()})
         values.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout, "weight_version": step + 1})
         if torch.cuda.is_available():  # this (logging) rank's peak; every rank of a balanced layout is alike
             values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return values
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """pass@1 / mean@k / pass@k on the task's held-out prompts, k samples each (collective).
+
+        The prompts are split evenly over DP ranks (a remainder is left out: eval/num_problems says how many
+        were used); an engine error counts as a wrong sample and in eval/errors."""
+        ec, g = self.cfg.eval, self.groups
+        problems = self.task.eval_problems()[: ec.max_problems]
+        per_rank = len(problems) // g.dp_size
+        if per_rank == 0:
+            raise ValueError(f"EvalConfig: {len(problems)} held-out prompts cannot be split over {g.dp_size} "
+                             "data-parallel ranks; hold out more (eval_count)")
+        mine = problems[g.dp_rank * per_rank:(g.dp_rank + 1) * per_rank]
+        requests = [GenerationRequest(sample_id=f"eval{step}/{g.dp_rank}/{i}/{j}", prompt_ids=p.prompt_ids,
+                                      max_new_tokens=self.task.max_new_tokens, temperature=ec.temperature,
+                                      stop_token_ids=(self.task.tok.EOS,))
+                    for i, p in enumerate(mine) for j in range(ec.k)]
+        gens = self._generate(requests, seed=hash((self.cfg.run.seed, "eval", step, g.dp_rank)) % (2**63))
+        rewards = torch.tensor([0.0 if gen.finish_reason == "error" else self.task.reward(mine[i // ec.k], gen.output_ids)
+                                for i, gen in enumerate(gens)], dtype=torch.float64).view(len(mine), ec.k)
+        correct = (rewards >= 0.5).double()
+        errors = sum(gen.finish_reason == "error" for gen in gens)
+        lengths = torch.tensor([float(len(gen.output_ids)) for gen in gens], dtype=torch.float64)
+        metrics = {
+            "eval/pass@1": Metric.mean(correct.mean(dim=1)),  # unbiased from k samples: c / k per prompt
+            f"eval/mean@{ec.k}": Metric.mean(rewards.reshape(-1)),
+            f"eval/pass@{ec.k}": Metric.mean(correct.amax(dim=1)),
+            "eval/response_length": Metric.mean(lengths),
+            "eval/errors": Metric.sum(torch.tensor(float(errors))),
+            "eval/num_problems": Metric.sum(torch.tensor(float(len(mine)))),
+        }
+        return finalize_metrics(all_reduce_metrics(metrics, g.dp))
 
     def sft_warm_start(self) -> None:
         """Supervised warm start on correct answers: REINFORCE with A = 1 is maximum likelihood."""
@@ -356,6 +436,11 @@ class Trainer:
         history = []
         for step in range(start, self.cfg.run.steps):
             values = self.rl_step(step)
+            ev, hf = self.cfg.eval, self.cfg.hf
+            if ev.every and (step + 1) % ev.every == 0:
+                values.update(self.evaluate(step))
+            if hf.save_every and (step + 1) % hf.save_every == 0 or hf.save_final and step + 1 == self.cfg.run.steps:
+                self.save_hf(step + 1)
             history.append(values)
             if self.log_fn is not None and self.is_log_rank:
                 self.log_fn(step, values)
