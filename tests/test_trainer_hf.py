@@ -1,0 +1,150 @@
+"""The RL loop on real-model plumbing: a Hugging Face Qwen3-MoE checkpoint (made by `transformers` in the test)
+with its tokenizer, a JSONL math dataset scored by math-verify, held-out evaluation, HF saves, and weight
+sync to an SGLang-speaking server as an HF checkpoint on disk or as streamed buckets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_harness import run_distributed
+
+pytest.importorskip("transformers")
+pytest.importorskip("mbridge")
+pytest.importorskip("math_verify")
+
+pytestmark = [pytest.mark.distributed, pytest.mark.megatron]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make_checkpoint_and_data(root: Path) -> tuple[str, str]:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from vespo_megatron.data.testing_tokenizer import tiny_chat_tokenizer
+
+    tok = tiny_chat_tokenizer()
+    ckpt = str(root / "ckpt")
+    vocab = -(-len(tok) // 64) * 64
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False, rope_theta=10000.0,
+        eos_token_id=tok.eos_token_id)).float()
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    rows = [{"prompt": f"What is {a}+{b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    rows.append({"prompt": "What is 1+1?"})  # no answer: skipped and counted
+    rows.append({"prompt": "What is " + "1+" * 200 + "1?", "answer": "201"})  # too long: skipped and counted
+    data = str(root / "prompts.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return ckpt, data
+
+
+def _args(ckpt, data, out, *extra):
+    return ["--hf-checkpoint", ckpt, "--prompt-data", data, "--max-prompt-tokens", "64", "--max-new-tokens", "8",
+            "--eval-holdout", "4", "--prompts-per-step", "4", "--group-size", "2", "--micro-batch-size", "4",
+            "--staleness", "2", "--sft-steps", "0", "--steps", "2", "--seq-length", "128", "--out-dir", out,
+            "--threads", "1", "--reward-timeout", "20", *extra]
+
+
+def _train_math(rank, world_size, ckpt, data, out):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import toy_rl
+
+    from vespo_megatron.training.trainer import Trainer
+
+    # one SFT step: a random model answers nothing right, and RL with all-zero advantages changes nothing
+    cfg = toy_rl.build_config(toy_rl.parse_args(_args(ckpt, data, out, "--eval-every", "1", "--eval-k", "2",
+                                                      "--save-hf-final", "--sft-steps", "1")))
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.task.close()
+
+
+def test_hf_checkpoint_math_data_eval_and_save(tmp_path):
+    from transformers import Qwen3MoeForCausalLM
+
+    from vespo_megatron.hf.safetensors_io import CheckpointReader
+
+    ckpt, data = _make_checkpoint_and_data(tmp_path)
+    out = str(tmp_path / "run")
+    history = run_distributed(_train_math, 1, ckpt, data, out)[0]
+    assert len(history) == 2
+    for values in history:
+        assert values["eval/num_problems"] == 4
+        assert 0 <= values["eval/pass@1"] <= values["eval/pass@2"] <= 1
+        assert values["eval/mean@2"] == pytest.approx(values["eval/pass@1"])  # binary rewards
+        assert values["data/skipped/missing_answer"] == 1 and values["data/skipped/prompt_too_long"] == 1
+        assert torch.isfinite(torch.tensor(values["loss"]))
+    saved = os.path.join(out, "hf", "step_0000002")
+    original, final = CheckpointReader(ckpt), CheckpointReader(saved)
+    assert final.names() == original.names()
+    changed = [n for n in original.names() if not torch.equal(original.get(n).bfloat16(), final.get(n))]
+    assert changed, "training changed no weight"
+    assert os.path.isfile(os.path.join(saved, "tokenizer_config.json"))  # the tokenizer travels with it
+    reloaded = Qwen3MoeForCausalLM.from_pretrained(saved)  # a checkpoint transformers (and SGLang) can read
+    assert reloaded.config.num_hidden_layers == 2
+
+
+def test_model_flags_that_disagree_with_the_checkpoint_fail_before_building(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import toy_rl
+
+    ckpt, data = _make_checkpoint_and_data(tmp_path)
+    args = toy_rl.parse_args(_args(ckpt, data, str(tmp_path / "run"), "--num-experts", "8", "--hidden-size", "64"))
+    cfg = toy_rl.build_config(args)
+    with pytest.raises(ValueError, match=r"hidden_size: model flags 64, checkpoint 32(.|\n)*num_experts: model "
+                                         r"flags 8, checkpoint 4"):
+        cfg.validate(1)
+    ok = dataclasses.replace(cfg, model=toy_rl.build_model_config(toy_rl.parse_args(_args(ckpt, data, "x"))))
+    ok.validate(1)
+
+
+def _train_sglang(rank, world_size, out, mode, server_url):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import toy_rl
+
+    from vespo_megatron.hf.bridge import iter_hf_tensors
+    from vespo_megatron.training.trainer import Trainer
+
+    cfg = toy_rl.build_config(toy_rl.parse_args([
+        "--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "2", "--micro-batch-size", "4",
+        "--sft-steps", "0", "--steps", "2", "--rollout-engine", "sglang", "--sglang-url", server_url,
+        "--weight-sync", mode, "--weight-sync-bucket-mib", "1", "--out-dir", out, "--threads", "1"]))
+    trainer = Trainer(cfg)
+    trainer.run()
+    # the trainer's final weights in HF naming (bf16 on disk; the stream sends the parameters' dtype)
+    return {n: t.clone() for n, t in iter_hf_tensors(trainer.model, trainer.groups, trainer.hf_config)}
+
+
+@pytest.mark.parametrize("mode", ["disk", "distributed"])
+def test_weight_sync_to_sglang_sends_the_trainers_hf_weights(tmp_path, mode):
+    from vespo_megatron.hf.safetensors_io import CheckpointReader
+    from vespo_megatron.testing import FakeSGLangServer, hash_policy
+
+    out = str(tmp_path / "run")
+    # the server lives in this process; the trainer in a spawned one (a weight-update group per process)
+    with FakeSGLangServer(hash_policy(vocab_size=64), num_hidden_layers=2, top_k=2, num_experts=4) as server:
+        final = run_distributed(_train_sglang, 1, out, mode, server.url)[0]
+        assert "model.layers.1.mlp.experts.3.down_proj.weight" in final
+        if mode == "disk":
+            assert len(server.weight_loads) == 3 and server.weight_loads[-1]["weight_version"] == "2"
+            got = CheckpointReader(server.weight_loads[-1]["model_path"])
+            assert got.names() == sorted(final)
+            for name, t in final.items():
+                assert torch.equal(got.get(name), t.bfloat16()), name
+            assert sorted(os.listdir(os.path.join(out, "weights"))) == ["v0000002"]  # older versions removed
+        else:
+            assert sorted(server.received_weights) == sorted(final)
+            for name, t in final.items():
+                assert torch.equal(server.received_weights[name], t), name
+            assert server.weight_version == "2"
