@@ -92,7 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     h.add_argument("--hf-checkpoint", default=None,
                    help="start from this Qwen3-MoE HF checkpoint dir; the model flags come from its config.json "
                         "(model flags given explicitly must match it)")
-    h.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32", help="trainer parameter dtype")
+    h.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="trainer parameter dtype (bf16: fp32 main weights in the optimizer)")
+    h.add_argument("--recompute", action="store_true", help="full activation recomputation (memory for compute)")
+    h.add_argument("--distributed-optimizer", action="store_true",
+                   help="shard main weights and Adam moments over data parallelism")
     h.add_argument("--save-hf-every", type=int, default=0, help="write <out-dir>/hf/step_<n> every K steps")
     h.add_argument("--save-hf-final", action="store_true", help="write <out-dir>/hf/step_<steps> at the end")
     h.add_argument("--weight-sync", choices=["disk", "distributed"], default="disk",
@@ -164,14 +168,14 @@ def build_model_config(args: argparse.Namespace) -> TinyMoEConfig:
         model = model_config_from_hf(load_hf_config(args.hf_checkpoint), seq_length=args.seq_length, dtype=dtype,
                                      seed=args.seed + 1234)
         overrides = {k: getattr(args, k) for k in MODEL_FLAGS if k in args.explicit}
-        return dataclasses.replace(model, **overrides)
+        return dataclasses.replace(model, recompute=args.recompute, **overrides)
     return TinyMoEConfig(vocab_size=args.vocab_size or CharTokenizer().vocab_size, hidden_size=args.hidden_size,
                          num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
                          num_query_groups=args.num_query_groups, head_dim=args.head_dim,
                          ffn_hidden_size=args.ffn_hidden_size or 2 * args.hidden_size,
                          num_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
                          moe_ffn_hidden_size=args.moe_ffn_hidden_size, seq_length=args.seq_length, dtype=dtype,
-                         seed=args.seed + 1234)
+                         recompute=args.recompute, seed=args.seed + 1234)
 
 
 def build_task_config(args: argparse.Namespace):
@@ -207,7 +211,8 @@ def build_config(args: argparse.Namespace) -> TrainerConfig:
                               engine=args.rollout_engine, sglang_url=args.sglang_url),
         algorithm=AlgorithmConfig(loss=args.loss, loss_options=options, staleness=args.staleness,
                                   micro_batch_size=args.micro_batch_size, lr=args.lr, clip_grad=args.clip_grad,
-                                  routing_replay=args.routing_replay),
+                                  routing_replay=args.routing_replay,
+                                  distributed_optimizer=args.distributed_optimizer),
         run=RunConfig(steps=args.steps, seed=args.seed, sft_steps=args.sft_steps, out_dir=args.out_dir,
                       sft_micro_batch_size=args.sft_micro_batch_size,
                       checkpoint_every=args.checkpoint_every),

@@ -59,6 +59,7 @@ class TinyMoEConfig:
     moe_layer_freq: int | tuple[int, ...] = 1  # int N: every N-th layer is MoE; tuple: 1=MoE, 0=dense
     moe_aux_loss_coeff: float = 0.0
     moe_enable_routing_replay: bool = False
+    recompute: bool = False  # full activation recomputation, one layer at a time (memory for compute)
     qk_layernorm: bool = True
     rotary_base: int = 10000
     seq_length: int = 64  # max sequence length (RoPE table)
@@ -158,6 +159,9 @@ def transformer_config(cfg: TinyMoEConfig, pcfg: ParallelConfig) -> TransformerC
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         batch_p2p_sync=not on_cpu,  # its torch.cuda.synchronize() has no CPU answer
+        recompute_granularity="full" if cfg.recompute else None,
+        recompute_method="uniform" if cfg.recompute else None,
+        recompute_num_layers=1 if cfg.recompute else None,
         # Our losses return values ready for a SUM reduction; megatron's schedule must not rescale them.
         calculate_per_token_loss=True,
     )

@@ -78,6 +78,7 @@ class AlgorithmConfig:
     clip_grad: float = 1.0
     adv_eps: float = 1e-6
     routing_replay: str = "off"  # off | r2 | r3
+    distributed_optimizer: bool = False  # shard fp32 main weights and Adam moments over data parallelism
 
     def __post_init__(self) -> None:
         c = "AlgorithmConfig"

@@ -16,24 +16,32 @@ from vespo_megatron.megatron.step import install_rl_grad_finalizer
 __all__ = ["wrap_ddp_and_optimizer", "clip_and_step"]
 
 
-def wrap_ddp_and_optimizer(model, *, lr: float, weight_decay: float, clip_grad: float, pg_collection=None):
+def wrap_ddp_and_optimizer(model, *, lr: float, weight_decay: float, clip_grad: float, pg_collection=None,
+                           distributed_optimizer: bool = False):
     """(DDP-wrapped model, megatron optimizer). Gradients are summed over DP x CP (the loss is globally
-    normalised upstream; see `install_rl_grad_finalizer`)."""
+    normalised upstream; see `install_rl_grad_finalizer`). bf16 parameters get fp32 main weights in the
+    optimizer; `distributed_optimizer` shards those and Adam's moments over the data-parallel ranks."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     install_rl_grad_finalizer(model.config, pg_collection)
     on_cuda = torch.cuda.is_available()
+    if not on_cuda and (model.config.bf16 or distributed_optimizer):
+        # megatron's mixed-precision and distributed optimizers accept CUDA tensors only
+        raise ValueError("params dtype bf16 / distributed_optimizer: expected a CUDA device (megatron's "
+                         f"Float16 and distributed optimizers), got bf16={model.config.bf16}, "
+                         f"distributed_optimizer={distributed_optimizer} on a CPU-only torch")
     with cpu_device_context():
         ddp = DistributedDataParallel(
             model.config,
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                          use_distributed_optimizer=False),
+                                          use_distributed_optimizer=distributed_optimizer),
             model,
         )
         opt = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=0.9, adam_beta2=0.98,
-                            clip_grad=clip_grad if on_cuda else 0.0, bf16=False, fp16=False),
+                            clip_grad=clip_grad if on_cuda else 0.0, bf16=model.config.bf16, fp16=False,
+                            use_distributed_optimizer=distributed_optimizer),
             [ddp],
         )
     return ddp, opt

@@ -93,7 +93,8 @@ class Trainer:
             load_hf_weights(model, g, cfg.hf.load, hf_config=self.hf_config, model_cfg=model_cfg)
         self._sender = None  # DistributedWeightSender, opened on the first streamed sync (rank 0)
         self.model, self.optimizer = wrap_ddp_and_optimizer(
-            model, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay, clip_grad=cfg.algorithm.clip_grad)
+            model, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay, clip_grad=cfg.algorithm.clip_grad,
+            distributed_optimizer=cfg.algorithm.distributed_optimizer)
         self.step_fn = RLStep(RLStepConfig(loss_name=cfg.algorithm.loss, loss_config=cfg.algorithm.loss_config(),
                                            temperature=cfg.rollout.temperature), StepGroups(tp=g.tp, cp=g.cp))
         # Routing replay (megatron's RouterReplay): R3 replays the engine's routing, R2 the trainer's own
