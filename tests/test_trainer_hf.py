@@ -148,3 +148,35 @@ def test_weight_sync_to_sglang_sends_the_trainers_hf_weights(tmp_path, mode):
             for name, t in final.items():
                 assert torch.equal(server.received_weights[name], t), name
             assert server.weight_version == "2"
+
+
+def _toy_eval(rank, world_size, out):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import toy_rl
+
+    from vespo_megatron.training.trainer import Trainer
+
+    cfg = toy_rl.build_config(toy_rl.parse_args([
+        "--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "2", "--micro-batch-size", "4",
+        "--sft-steps", "3", "--steps", "1", "--eval-every", "1", "--eval-k", "3", "--eval-max-problems", "6",
+        "--out-dir", out, "--threads", "1"]))
+    trainer = Trainer(cfg)
+    return trainer.run(), [p.text for p in trainer.task.eval_problems()][:6]
+
+
+def test_toy_task_eval_metrics(tmp_path):
+    (values,), problems = run_distributed(_toy_eval, 1, str(tmp_path))[0]
+    assert values["eval/num_problems"] == 6 and len(set(problems)) > 1
+    assert values["eval/pass@1"] <= values["eval/pass@3"]
+    assert values["eval/mean@3"] == pytest.approx(values["eval/pass@1"])
+    assert values["eval/errors"] == 0
+
+
+def test_dry_run_plans_from_the_checkpoint(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import toy_rl
+
+    ckpt, data = _make_checkpoint_and_data(tmp_path)
+    assert toy_rl.main(_args(ckpt, data, str(tmp_path / "run"), "--dry-run")) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["samples_per_step"] == 8
