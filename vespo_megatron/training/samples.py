@@ -88,18 +88,27 @@ def build_samples(
     vocab_size: int,
     adv_eps: float = 1e-6,
     routing: tuple[int, int] | None = None,
+    reward_many: Callable[[list[int], list[Generation]], list[float]] | None = None,
 ) -> tuple[list[RLSample], list[ScoredSample]]:
     """Validate, score and turn generations into `RLSample`s (behaviour log-probs = the engine's for now;
     the trainer replaces them when it recomputes old log-probs). `routing` = (num_moe_layers, top_k) when
-    routing replay needs the engine's routing."""
-    kept: list[ScoredSample] = []
-    for i, (gen, g) in enumerate(zip(generations, groups, strict=True)):
+    routing replay needs the engine's routing. `reward_many(indices, generations)`, when given, scores all
+    valid generations in one call (a checker pool works on them concurrently) instead of `reward_fn`."""
+    valid: list[int] = []
+    for i, gen in enumerate(generations):
         reason = validate_generation(gen, vocab_size=vocab_size, need_routing=routing is not None,
                                      num_moe_layers=routing[0] if routing else 0, top_k=routing[1] if routing else 0)
         if reason is not None:
             rejections.add(reason, gen.sample_id)
-            continue
-        kept.append(ScoredSample(gen, reward_fn(i, gen), g))
+        else:
+            valid.append(i)
+    if len(groups) != len(generations):
+        raise ValueError(f"groups: expected one per generation ({len(generations)}), got {len(groups)}")
+    if reward_many is not None:
+        rewards = reward_many(valid, [generations[i] for i in valid])
+    else:
+        rewards = [reward_fn(i, generations[i]) for i in valid]
+    kept = [ScoredSample(generations[i], r, groups[i]) for i, r in zip(valid, rewards, strict=True)]
     advs = group_advantages([s.reward for s in kept], [s.group for s in kept], adv_eps)
     scored = [ScoredSample(s.generation, s.reward, s.group, a) for s, a in zip(kept, advs, strict=True)]
     samples = [

@@ -311,9 +311,14 @@ class Trainer:
         gens = self._generate(requests, seed=hash((cfg.run.seed, step, g.dp_rank)) % (2**63))
         before = self.rejections.total()
         need_routing = (len(self.moe_layers), cfg.model.moe_router_topk) if cfg.algorithm.routing_replay == "r3" else None
+        many = None
+        if isinstance(self.task, MathTask):  # the checker's worker pool scores the step's responses concurrently
+            def many(idx, valid):
+                return [r.reward for r in self.task.score_many([problems[groups_of[i]] for i in idx],
+                                                               [gen.output_ids for gen in valid])]
         samples, scored = build_samples(gens, groups_of, lambda i, gen: self.task.reward(problems[groups_of[i]], gen.output_ids),
                                         self.rejections, vocab_size=self.task.tok.vocab_size,
-                                        adv_eps=cfg.algorithm.adv_eps, routing=need_routing)
+                                        adv_eps=cfg.algorithm.adv_eps, routing=need_routing, reward_many=many)
         t_rollout = time.time() - t0
         num_micro = cfg.rollout.samples_per_step // g.dp_size // cfg.algorithm.micro_batch_size
         micro = self._micro_batches(samples, num_micro, self._filler(requests[0].prompt_ids))
