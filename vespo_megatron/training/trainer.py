@@ -181,9 +181,7 @@ class Trainer:
                     pass
         else:
             root = os.path.join(self.cfg.run.out_dir, "weights")
-            path = os.path.join(root, f"v{version:07d}")
-            save_hf_checkpoint(self.model, g, path, hf_config=self.hf_config, source_dir=self.cfg.hf.load,
-                               dtype=getattr(torch, self.cfg.hf.save_dtype))
+            path = self._write_hf(os.path.join(root, f"v{version:07d}"))
             if self.rank == 0:
                 self.engine.update_weights(path, version)
                 for old in os.listdir(root):  # the server has loaded `path`; older versions are not needed
@@ -194,7 +192,9 @@ class Trainer:
 
     def save_hf(self, step: int) -> str:
         """Write the policy as a Hugging Face checkpoint to <out_dir>/hf/step_<step> (collective)."""
-        path = os.path.join(self.cfg.run.out_dir, "hf", f"step_{step:07d}")
+        return self._write_hf(os.path.join(self.cfg.run.out_dir, "hf", f"step_{step:07d}"))
+
+    def _write_hf(self, path: str) -> str:
         save_hf_checkpoint(self.model, self.groups, path, hf_config=self.hf_config, source_dir=self.cfg.hf.load,
                            dtype=getattr(torch, self.cfg.hf.save_dtype))
         return path
