@@ -12,8 +12,16 @@ Only the table and plots again (no training; e.g. after editing the collapse rul
     .venv/bin/python examples/sweep.py --preset cpu --report-only
 The list of runs and their commands, starting nothing:
     .venv/bin/python examples/sweep.py --preset cpu --dry-run
-The GPU-sized sweep (staleness 4..64, all losses, 3 seeds, async and mismatch; not run yet):
-    .venv/bin/python examples/sweep.py --preset gpu
+The GPU-sized sweeps (7 losses, N = 1..64, 2 seeds, async and mismatch; a larger model), run in slices on one
+H200 through bench/run_gpu_sweep.sh (docs/results/README.md has the device commands and the verdicts):
+    .venv/bin/python examples/sweep.py --preset gpu         # round 1, a+b / a-b over 0..99: nothing learned
+    .venv/bin/python examples/sweep.py --preset gpu_easy    # round 2, a+b over 0..20, so the model learns;
+                                                            # only seed 0 at N = 1, 16, 64 (64 partial) ran
+Their reports (docs/results/gpu, docs/results/gpu_easy) from the runs brought back from the device:
+    .venv/bin/python examples/sweep.py --preset gpu --report-only --runs-dir runs/sweeps/gpu \\
+        --results-dir docs/results/gpu
+    .venv/bin/python examples/sweep.py --preset gpu_easy --seeds 0 --staleness 1 16 64 --report-only \\
+        --runs-dir runs/sweeps/gpu_easy --results-dir docs/results/gpu_easy
 Own sizes (anything after `--` goes to every toy_rl.py run, e.g. model size):
     .venv/bin/python examples/sweep.py --name mine --losses vespo grpo --staleness 1 4 --seeds 0 1 --steps 30 \\
         --extras async -- --hidden-size 128
@@ -33,20 +41,30 @@ sys.path.insert(0, str(REPO))
 
 from vespo_megatron.experiments.sweep import SweepConfig, expand, run_sweep, write_report  # noqa: E402
 
+# What the two GPU presets share: 7 losses x N in {1, 4, 16, 64} x 2 seeds, async and mismatch, 30 steps.
+_GPU_SWEEP = dict(losses=("vespo", "grpo", "gspo", "sapo", "grpo+tis", "vespo_sqrt", "vespo_lin"),
+                  staleness=(1, 4, 16, 64), seeds=(0, 1), extras=("async", "mismatch"), async_lag=4,
+                  async_old_logprobs=("recompute", "engine"), mismatch_fold=True, steps=30, checkpoint_every=10,
+                  threads=1)
+_GPU_MODEL = ("--hidden-size", "128", "--num-layers", "4", "--num-experts", "8", "--moe-ffn-hidden-size", "64")
+
 PRESETS = {
     # 20 runs of 30 steps (~55 s each on one shared core): five losses at N = 1 and 16, two async pairs (mu
     # recomputed / the engine's), six mismatch runs.
     "cpu": dict(name="cpu", losses=("vespo", "grpo", "gspo", "sapo", "vespo_lin"), staleness=(1, 16), seeds=(0,),
                 extras=("async", "mismatch"), async_lag=4, async_old_logprobs=("recompute", "engine"),
                 mismatch_fold=True, steps=30, checkpoint_every=10, threads=1),
-    # One-GPU leases (bench/run_gpu_sweep.sh; docs/results/gpu/README.md has the commands): a model 8x the CPU
+    # One-GPU leases (bench/run_gpu_sweep.sh; docs/results/README.md has the commands): a model 8x the CPU
     # one (4 layers, hidden 128, 8 experts top-2), answers of up to 4 tokens + <eos> (a+b and a-b, 0..99).
-    "gpu": dict(name="gpu", losses=("vespo", "grpo", "gspo", "sapo", "grpo+tis", "vespo_sqrt", "vespo_lin"),
-                staleness=(1, 4, 16, 64), seeds=(0, 1), extras=("async", "mismatch"), async_lag=4,
-                async_old_logprobs=("recompute", "engine"), mismatch_fold=True, steps=30, checkpoint_every=10,
-                threads=1, base_flags=("--hidden-size", "128", "--num-layers", "4", "--num-experts", "8",
-                                       "--moe-ffn-hidden-size", "64", "--max-operand", "99", "--ops", "+-",
-                                       "--sft-steps", "40", "--sft-micro-batch-size", "32")),
+    "gpu": dict(name="gpu", **_GPU_SWEEP, base_flags=(*_GPU_MODEL, "--max-operand", "99", "--ops", "+-",
+                                                      "--sft-steps", "40", "--sft-micro-batch-size", "32")),
+    # Round 2 on one GPU: the `gpu` preset with an easier task (a+b, 0..20: answers of up to 2 digits + <eos>)
+    # so that the model learns at all (round 1's reward stayed < 0.015). Chosen for a non-zero reward, not to
+    # make the claims appear; same model, losses, N, seeds, steps, async and mismatch settings as `gpu`. SFT
+    # warm start raised from 40 to 100 steps: with 40 the reward after SFT was 0.086 / 0.043 (2 RL steps, CPU
+    # check), with 100 it was 0.418 / 0.312.
+    "gpu_easy": dict(name="gpu_easy", **_GPU_SWEEP, base_flags=(*_GPU_MODEL, "--max-operand", "20", "--ops", "+",
+                                                                "--sft-steps", "100", "--sft-micro-batch-size", "32")),
 }
 
 

@@ -435,9 +435,12 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
                 if row == len(_PLOT_ROWS) - 1:
                     ax.set_xlabel("step")
         handles, labels = axes[0][0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        legend_rows = 0
+        if handles:  # as many columns as the figure's width holds (~1.6 in per entry), rows below
+            ncol = max(1, min(len(labels), int(fig.get_figwidth() / 1.6)))
+            legend_rows = -(-len(labels) // ncol)
+            fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
+        fig.tight_layout(rect=(0, 0.01 + 0.025 * legend_rows, 1, 1))
         path = out / f"{fig_name}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
