@@ -195,3 +195,16 @@ def test_checkpoint_of_another_architecture_fails(tiny_ckpt):
     path, _, _ = tiny_ckpt
     (msg,) = run_distributed(_load_other_arch, 1, path)
     assert "match no model parameter" in msg and "model.layers.2." in msg
+
+
+def test_a_gated_projection_split_without_stride_2_is_refused():
+    from types import SimpleNamespace
+
+    from vespo_megatron.hf.bridge import _check_split
+    from vespo_megatron.megatron.model import ParamLayout
+
+    group = SimpleNamespace(size=lambda: 2)
+    ok = ParamLayout("decoder.layers.1.mlp.linear_fc1.weight", (192, 64), 0, 2, group, False)
+    _check_split(ok)
+    with pytest.raises(RuntimeError, match="partition stride 1; expected 2"):
+        _check_split(ParamLayout("decoder.layers.1.mlp.linear_fc1.weight", (192, 64), 0, 1, group, False))

@@ -139,6 +139,7 @@ def load_hf_weights(model, groups: ParallelGroups, path: str | os.PathLike, *, h
     used: set[str] = set()
     for local, lay in param_layout(model, groups).items():
         param = model.get_parameter(local)
+        _check_split(lay)
         names = bridge.hf_names(lay.global_name)
         full = bridge.to_megatron(lay.global_name, [reader.get(n).float() for n in names])
         if tuple(full.shape) != lay.full_shape:
@@ -156,6 +157,15 @@ def load_hf_weights(model, groups: ParallelGroups, path: str | os.PathLike, *, h
         raise ValueError(f"hf checkpoint {reader.path!r}: {len(unused)} tensor(s) match no model parameter "
                          f"(another architecture?): {unused[:8]}{' ...' if len(unused) > 8 else ''}")
     return len(used)
+
+
+def _check_split(lay) -> None:
+    """A gated `linear_fc1` split over ranks holds [gate_r; up_r] per rank: megatron marks it with partition
+    stride 2, which `shard_of_full` / `full_from_shards` need to map it to HF's separate gate / up. A module
+    that splits it without saying so would be loaded wrong, silently: refuse it."""
+    if lay.global_name.endswith("linear_fc1.weight") and lay.partition_dim is not None and lay.stride != 2:
+        raise RuntimeError(f"hf bridge: {lay.global_name} is split over {lay.group.size()} ranks with partition "
+                           f"stride {lay.stride}; expected 2 (interleaved gate/up of a SwiGLU projection)")
 
 
 def _is_stage_source(groups: ParallelGroups) -> bool:
@@ -179,6 +189,7 @@ def iter_hf_tensors(model, groups: ParallelGroups, hf_config: dict) -> Iterator[
     bridge = HFBridge(hf_config, dtype=torch.float32)
     source = _is_stage_source(groups)
     for local, lay in param_layout(model, groups).items():
+        _check_split(lay)
         t = model.get_parameter(local).detach()
         if lay.partition_dim is not None:
             t = full_from_shards(_gather(t, lay.group), lay.partition_dim, lay.stride)
