@@ -61,3 +61,17 @@ def test_compare_losses_runs_and_plots(tmp_path):
     assert "rollout_corr/tis_clip_frac" in tis
     pytest.importorskip("matplotlib")
     assert list((tmp_path / "plots").glob("*.png"))
+
+
+def test_hf_math_cpu_script_smoke(tmp_path):
+    """The real-model path end to end through the shell script: tiny HF checkpoint, dataset, eval, HF save."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("math_verify")
+    out = tmp_path / "tiny_hf"
+    subprocess.run(["bash", str(ROOT / "examples" / "hf_math_cpu.sh"), "--eval-every", "1", "--threads", "1",
+                    "--no-console"], env=_env(OUT=str(out), STEPS="1", SFT_STEPS="1"), check=True, cwd=ROOT,
+                   capture_output=True, text=True, timeout=600)
+    (row,) = [json.loads(line) for line in (out / "run" / "tiny_hf_math.jsonl").read_text().splitlines()]
+    assert row["eval/num_problems"] == 16 and 0 <= row["eval/pass@1"] <= row["eval/pass@4"] <= 1
+    assert row["data/skipped/missing_answer"] == 1 and row["data/skipped/prompt_too_long"] == 1
+    assert (out / "run" / "hf" / "step_0000001" / "config.json").is_file()
