@@ -52,6 +52,14 @@ def test_console_plain_lines():
     ]
 
 
+def test_console_shows_a_label_once_when_aliases_are_present():
+    sink = ConsoleSink(10, {"reward/mean": "reward", "reward_mean": "reward", "loss": "loss"},
+                       stream=io.StringIO(), clock=FakeClock())
+    line = sink.format_line(1, {"reward_mean": 0.25, "reward/mean": 0.5, "loss": 1.0})
+    assert line.endswith("| reward 0.5 | loss 1")
+    assert sink.format_line(2, {"reward_mean": 0.25}).endswith("| reward 0.25")
+
+
 def test_console_tty_redraws_one_line():
     clock, out = FakeClock(), io.StringIO()
     sink = ConsoleSink(4, ["loss"], stream=out, is_tty=True, bar_width=8, clock=clock)

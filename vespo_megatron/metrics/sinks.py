@@ -27,8 +27,9 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 
 __all__ = ["Sink", "ConsoleSink", "JsonlSink", "WandbSink", "LoggingConfig", "MetricsLogger", "DEFAULT_CONSOLE_KEYS"]
 
-# key -> short label shown on the console (the keys present in a step are shown, in this order); the
-# underscore names are the ones `vespo_megatron.training.trainer` logs today
+# key -> short label shown on the console (the keys present in a step are shown, in this order; where
+# several keys share a label, the first present one); the underscore names are the ones
+# `vespo_megatron.training.trainer` logs today
 DEFAULT_CONSOLE_KEYS: dict[str, str] = {
     "loss": "loss",
     "reward/mean": "reward",
@@ -131,8 +132,11 @@ class ConsoleSink:
             head = f"[{'#' * filled}{'.' * (self.bar_width - filled)}] {head}"
         else:
             head = f"step {head}"
-        shown = [f"{label} {format_value(values[key])}" for key, label in self.keys.items() if key in values]
-        return " | ".join([head, *shown])
+        shown: dict[str, str] = {}  # label -> text: the first present key of a label wins (aliases)
+        for key, label in self.keys.items():
+            if key in values and label not in shown:
+                shown[label] = f"{label} {format_value(values[key])}"
+        return " | ".join([head, *shown.values()])
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         line = self.format_line(step, values)
