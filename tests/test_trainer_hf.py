@@ -180,3 +180,32 @@ def test_dry_run_plans_from_the_checkpoint(tmp_path, capsys):
     assert toy_rl.main(_args(ckpt, data, str(tmp_path / "run"), "--dry-run")) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["samples_per_step"] == 8
+
+
+def _train_math_tp2(rank, world_size, ckpt, data, out):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import toy_rl
+
+    from vespo_megatron.training.trainer import Trainer
+
+    cfg = toy_rl.build_config(toy_rl.parse_args(_args(ckpt, data, out, "--tp", "2", "--sp", "--eval-every", "1",
+                                                      "--eval-k", "2", "--steps", "1", "--sft-steps", "1")))
+    trainer = Trainer(cfg)
+    try:
+        (values,) = trainer.run()
+        return trainer.task._checker is not None, values, dict(trainer.reward_failures)
+    finally:
+        trainer.task.close()
+
+
+def test_math_rewards_are_computed_once_per_replica(tmp_path):
+    """Under TP=2 only the replica's first rank runs the checker; both ranks get its rewards (a timeout on one
+    rank only would otherwise give the two TP ranks different advantages for the same samples)."""
+    ckpt, data = _make_checkpoint_and_data(tmp_path)
+    (started0, values0, fails0), (started1, values1, fails1) = run_distributed(
+        _train_math_tp2, 2, ckpt, data, str(tmp_path / "run"))
+    assert started0 and not started1
+    assert fails0 == fails1 and sum(fails0.values()) > 0  # a random model's answers have no \boxed{} in them
+    # logged at the end of the RL step (before that step's eval checks): the same on both ranks
+    assert 0 < values0["reward/fail_total/no_answer"] == values1["reward/fail_total/no_answer"] <= fails0["no_answer"]
+    assert values0["eval/pass@1"] == values1["eval/pass@1"]

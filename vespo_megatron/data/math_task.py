@@ -95,7 +95,7 @@ class MathTask:
         self.tok = HFTokenizerAdapter(tokenizer, vocab_multiple=cfg.vocab_multiple, eos_token=cfg.eos_token)
         self.dataset = PromptDataset(cfg.data, tokenizer)
         self._own_checker = checker is None
-        self.checker = checker if checker is not None else MathRewardChecker(cfg.reward)
+        self._checker = checker  # our own pool starts on first use: ranks that never score start none
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -104,6 +104,12 @@ class MathTask:
     @property
     def max_new_tokens(self) -> int:
         return self.cfg.max_new_tokens
+
+    @property
+    def checker(self) -> MathRewardChecker:
+        if self._checker is None:
+            self._checker = MathRewardChecker(self.cfg.reward)
+        return self._checker
 
     @property
     def stats(self) -> RewardStats:
@@ -142,5 +148,5 @@ class MathTask:
                                                                                       strict=True))
 
     def close(self) -> None:
-        if self._own_checker:
-            self.checker.close()
+        if self._own_checker and self._checker is not None:
+            self._checker.close()

@@ -15,6 +15,7 @@ Shape legend: [B] samples of a micro-batch, [b, s] one rank's packed tokens of a
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import shutil
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from vespo_megatron.compat import get_forward_backward_func
+from vespo_megatron.data.math_reward import FAILURE_REASONS
 from vespo_megatron.data.math_task import MathTask, MathTaskConfig
 from vespo_megatron.hf.bridge import (
     gather_hf_tensors,
@@ -104,6 +106,8 @@ class Trainer:
             self.replay = RoutingReplay(RoutingReplayConfig(mode=replay_mode), [self.model], tp_size=g.tp_size,
                                         tp_rank=g.tp_rank)
         self.moe_layers = moe_layer_numbers(model_cfg.moe_layer_freq, model_cfg.num_layers)
+        self._replica_group, self._replica_src = self._replica_groups()
+        self.reward_failures: collections.Counter = collections.Counter()  # math checker failures, per reason
         if cfg.rollout.engine == "sglang":
             self.engine = self._sglang_engine(model_cfg)
         else:
@@ -129,12 +133,6 @@ class Trainer:
 
         from .sglang_engine import SGLangEngine, SGLangEngineConfig
 
-        g = self.groups
-        everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, g.dp_rank)
-        replicas = [dist.new_group([r for r, d in enumerate(everyone) if d == dp]) for dp in range(g.dp_size)]
-        self._replica_group = replicas[g.dp_rank]
-        self._replica_src = min(r for r, d in enumerate(everyone) if d == g.dp_rank)
         spec = None
         if self.cfg.algorithm.routing_replay == "r3":
             spec = RoutingSpec(num_hidden_layers=model_cfg.num_layers, moe_layers=tuple(self.moe_layers),
@@ -144,20 +142,41 @@ class Trainer:
             engine.check_server()
         return engine
 
+    def _replica_groups(self):
+        """(group, first rank) of this rank's DP replica: the ranks that train on the same samples."""
+        if self.world_size == 1:
+            return None, 0
+        g = self.groups
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, g.dp_rank)
+        replicas = [dist.new_group([r for r, d in enumerate(everyone) if d == dp]) for dp in range(g.dp_size)]
+        return replicas[g.dp_rank], min(r for r, d in enumerate(everyone) if d == g.dp_rank)
+
+    def _from_replica_source(self, compute):
+        """`compute()` run on the replica's first rank, its result on every rank of the replica."""
+        if self._replica_group is None or dist.get_world_size(self._replica_group) == 1:
+            return compute()
+        out = [compute() if self.rank == self._replica_src else None]
+        dist.broadcast_object_list(out, src=self._replica_src, group=self._replica_group)
+        return out[0]
+
+    def _math_rewards(self, problems, outputs) -> list[float]:
+        """Math-checker rewards, computed once per DP replica: a check that times out on one rank and not on
+        another would give the replica's TP / CP / PP ranks different advantages for the same samples."""
+        results = self._from_replica_source(lambda: self.task.score_many(problems, outputs))
+        self.reward_failures.update(r.reason for r in results if r.reason in FAILURE_REASONS)
+        return [r.reward for r in results]
+
     def _generate(self, requests, seed: int):
         """Generations for this DP replica, one per request; a per-sample engine failure becomes a
         generation with finish_reason "error" (rejected and counted as `engine_error`)."""
         if not isinstance(self.engine, EmbeddedEngine):
             from .engine import Generation
 
-            out = [None]
-            if self.rank == self._replica_src:
-                out = [[r if isinstance(r, Generation) else Generation(
-                    sample_id=q.sample_id, prompt_ids=q.prompt_ids, output_ids=(), output_logprobs=(),
-                    weight_version=self.engine.weight_version, finish_reason="error")
-                    for q, r in zip(requests, self.engine.generate_results(requests), strict=True)]]
-            dist.broadcast_object_list(out, src=self._replica_src, group=self._replica_group)
-            return out[0]
+            return self._from_replica_source(lambda: [r if isinstance(r, Generation) else Generation(
+                sample_id=q.sample_id, prompt_ids=q.prompt_ids, output_ids=(), output_logprobs=(),
+                weight_version=self.engine.weight_version, finish_reason="error")
+                for q, r in zip(requests, self.engine.generate_results(requests), strict=True)])
         return self.engine.generate(requests, seed=seed)
 
     def _sync_weights(self, version: int) -> None:
@@ -314,8 +333,7 @@ class Trainer:
         many = None
         if isinstance(self.task, MathTask):  # the checker's worker pool scores the step's responses concurrently
             def many(idx, valid):
-                return [r.reward for r in self.task.score_many([problems[groups_of[i]] for i in idx],
-                                                               [gen.output_ids for gen in valid])]
+                return self._math_rewards([problems[groups_of[i]] for i in idx], [gen.output_ids for gen in valid])
         samples, scored = build_samples(gens, groups_of, lambda i, gen: self.task.reward(problems[groups_of[i]], gen.output_ids),
                                         self.rejections, vocab_size=self.task.tok.vocab_size,
                                         adv_eps=cfg.algorithm.adv_eps, routing=need_routing, reward_many=many)
@@ -350,7 +368,7 @@ class Trainer:
         for reason, count in self.rejections.counts.items():
             values[f"rollout/rejected_total/{reason}"] = float(count)  # this rank's running totals
         if isinstance(self.task, MathTask):  # this rank's running totals: checker outcomes, dataset rows skipped
-            values.update({k: float(v) for k, v in self.task.stats.log_dict("reward/fail_total/").items()})
+            values.update({f"reward/fail_total/{k}": float(self.reward_failures[k]) for k in FAILURE_REASONS})
             values.update({f"data/skipped/{k}": float(v) for k, v in self.task.skipped.items()})
         values.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout, "weight_version": step + 1})
         if torch.cuda.is_available():  # this (logging) rank's peak; every rank of a balanced layout is alike
@@ -374,8 +392,14 @@ class Trainer:
                                       stop_token_ids=(self.task.tok.EOS,))
                     for i, p in enumerate(mine) for j in range(ec.k)]
         gens = self._generate(requests, seed=hash((self.cfg.run.seed, "eval", step, g.dp_rank)) % (2**63))
-        rewards = torch.tensor([0.0 if gen.finish_reason == "error" else self.task.reward(mine[i // ec.k], gen.output_ids)
-                                for i, gen in enumerate(gens)], dtype=torch.float64).view(len(mine), ec.k)
+        ok = [i for i, gen in enumerate(gens) if gen.finish_reason != "error"]
+        if isinstance(self.task, MathTask):
+            scored = self._math_rewards([mine[i // ec.k] for i in ok], [gens[i].output_ids for i in ok])
+        else:
+            scored = [self.task.reward(mine[i // ec.k], gens[i].output_ids) for i in ok]
+        rewards = torch.zeros(len(gens), dtype=torch.float64)
+        rewards[ok] = torch.tensor(scored, dtype=torch.float64)
+        rewards = rewards.view(len(mine), ec.k)
         correct = (rewards >= 0.5).double()
         errors = sum(gen.finish_reason == "error" for gen in gens)
         lengths = torch.tensor([float(len(gen.output_ids)) for gen in gens], dtype=torch.float64)
