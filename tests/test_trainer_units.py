@@ -44,7 +44,8 @@ def test_bad_generations_are_rejected_and_counted():
         _gen(5, [5, 2], [-0.3]),  # log-prob count mismatch
     ]
     rej = Rejections()
-    samples, scored = build_samples(gens, [0, 0, 0, 1, 1, 1], lambda i, g: float(i == 0), rej, vocab_size=64)
+    samples, scored = build_samples(gens, [0, 0, 0, 1, 1, 1], lambda idx, g: [float(i == 0) for i in idx], rej,
+                                    vocab_size=64)
     assert rej.counts == {"empty_response": 1, "nonfinite_logprob": 1, "token_out_of_vocab": 1,
                           "logprob_count_mismatch": 1}
     assert rej.examples["empty_response"] == "s1"
@@ -52,7 +53,7 @@ def test_bad_generations_are_rejected_and_counted():
     assert len(samples) == 2 and samples[0].response.tolist() == [4, 2]
     # Missing routing when routing replay needs it:
     rej2 = Rejections()
-    build_samples(gens[:1], [0], lambda i, g: 1.0, rej2, vocab_size=64, routing=(2, 2))
+    build_samples(gens[:1], [0], lambda idx, g: [1.0] * len(idx), rej2, vocab_size=64, routing=(2, 2))
     assert rej2.counts == {"missing_routing": 1}
 
 

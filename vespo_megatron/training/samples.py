@@ -82,18 +82,19 @@ def group_advantages(rewards: Sequence[float], groups: Sequence[int], eps: float
 def build_samples(
     generations: Sequence[Generation],
     groups: Sequence[int],
-    reward_fn: Callable[[int, Generation], float],
+    reward_fn: Callable[[list[int], list[Generation]], list[float]],
     rejections: Rejections,
     *,
     vocab_size: int,
     adv_eps: float = 1e-6,
     routing: tuple[int, int] | None = None,
-    reward_many: Callable[[list[int], list[Generation]], list[float]] | None = None,
 ) -> tuple[list[RLSample], list[ScoredSample]]:
     """Validate, score and turn generations into `RLSample`s (behaviour log-probs = the engine's for now;
     the trainer replaces them when it recomputes old log-probs). `routing` = (num_moe_layers, top_k) when
-    routing replay needs the engine's routing. `reward_many(indices, generations)`, when given, scores all
-    valid generations in one call (a checker pool works on them concurrently) instead of `reward_fn`."""
+    routing replay needs the engine's routing. `reward_fn(indices, generations)` scores the valid
+    generations in one call (a checker pool works on them concurrently), one reward each."""
+    if len(groups) != len(generations):
+        raise ValueError(f"groups: expected one per generation ({len(generations)}), got {len(groups)}")
     valid: list[int] = []
     for i, gen in enumerate(generations):
         reason = validate_generation(gen, vocab_size=vocab_size, need_routing=routing is not None,
@@ -102,12 +103,7 @@ def build_samples(
             rejections.add(reason, gen.sample_id)
         else:
             valid.append(i)
-    if len(groups) != len(generations):
-        raise ValueError(f"groups: expected one per generation ({len(generations)}), got {len(groups)}")
-    if reward_many is not None:
-        rewards = reward_many(valid, [generations[i] for i in valid])
-    else:
-        rewards = [reward_fn(i, generations[i]) for i in valid]
+    rewards = reward_fn(valid, [generations[i] for i in valid])
     kept = [ScoredSample(generations[i], r, groups[i]) for i, r in zip(valid, rewards, strict=True)]
     advs = group_advantages([s.reward for s in kept], [s.group for s in kept], adv_eps)
     scored = [ScoredSample(s.generation, s.reward, s.group, a) for s, a in zip(kept, advs, strict=True)]

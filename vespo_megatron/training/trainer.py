@@ -160,9 +160,12 @@ class Trainer:
         dist.broadcast_object_list(out, src=self._replica_src, group=self._replica_group)
         return out[0]
 
-    def _math_rewards(self, problems, outputs) -> list[float]:
-        """Math-checker rewards, computed once per DP replica: a check that times out on one rank and not on
+    def _rewards(self, problems, outputs) -> list[float]:
+        """The task's reward for each (problem, output ids). Math-checker rewards are computed once per DP
+        replica (in one batch, by the checker's worker pool): a check that times out on one rank and not on
         another would give the replica's TP / CP / PP ranks different advantages for the same samples."""
+        if not isinstance(self.task, MathTask):
+            return [self.task.reward(p, o) for p, o in zip(problems, outputs, strict=True)]
         results = self._from_replica_source(lambda: self.task.score_many(problems, outputs))
         self.reward_failures.update(r.reason for r in results if r.reason in FAILURE_REASONS)
         return [r.reward for r in results]
@@ -194,7 +197,7 @@ class Trainer:
                 if self._sender is None:
                     self._sender = DistributedWeightSender(self.engine, ws)
                     self._sender.open()
-                self.last_sync = self._sender.send(tensors, version)
+                self._sender.send(tensors, version)
             else:
                 for _ in tensors:  # the gathers are collective
                     pass
@@ -330,13 +333,10 @@ class Trainer:
         gens = self._generate(requests, seed=hash((cfg.run.seed, step, g.dp_rank)) % (2**63))
         before = self.rejections.total()
         need_routing = (len(self.moe_layers), cfg.model.moe_router_topk) if cfg.algorithm.routing_replay == "r3" else None
-        many = None
-        if isinstance(self.task, MathTask):  # the checker's worker pool scores the step's responses concurrently
-            def many(idx, valid):
-                return self._math_rewards([problems[groups_of[i]] for i in idx], [gen.output_ids for gen in valid])
-        samples, scored = build_samples(gens, groups_of, lambda i, gen: self.task.reward(problems[groups_of[i]], gen.output_ids),
-                                        self.rejections, vocab_size=self.task.tok.vocab_size,
-                                        adv_eps=cfg.algorithm.adv_eps, routing=need_routing, reward_many=many)
+        samples, scored = build_samples(
+            gens, groups_of,
+            lambda idx, valid: self._rewards([problems[groups_of[i]] for i in idx], [gen.output_ids for gen in valid]),
+            self.rejections, vocab_size=self.task.tok.vocab_size, adv_eps=cfg.algorithm.adv_eps, routing=need_routing)
         t_rollout = time.time() - t0
         num_micro = cfg.rollout.samples_per_step // g.dp_size // cfg.algorithm.micro_batch_size
         micro = self._micro_batches(samples, num_micro, self._filler(requests[0].prompt_ids))
@@ -393,10 +393,7 @@ class Trainer:
                     for i, p in enumerate(mine) for j in range(ec.k)]
         gens = self._generate(requests, seed=hash((self.cfg.run.seed, "eval", step, g.dp_rank)) % (2**63))
         ok = [i for i, gen in enumerate(gens) if gen.finish_reason != "error"]
-        if isinstance(self.task, MathTask):
-            scored = self._math_rewards([mine[i // ec.k] for i in ok], [gens[i].output_ids for i in ok])
-        else:
-            scored = [self.task.reward(mine[i // ec.k], gens[i].output_ids) for i in ok]
+        scored = self._rewards([mine[i // ec.k] for i in ok], [gens[i].output_ids for i in ok])
         rewards = torch.zeros(len(gens), dtype=torch.float64)
         rewards[ok] = torch.tensor(scored, dtype=torch.float64)
         rewards = rewards.view(len(mine), ec.k)
