@@ -50,14 +50,14 @@ def replay_exactness(layout, model_cfg, mbs):
     """Record (R2, forward only) then replay: max |logp difference| and the agreement metrics."""
     import dataclasses
 
+    from vespo_megatron.base.metric import finalize_metrics
     from vespo_megatron.compat import get_forward_backward_func
-    from vespo_megatron.losses import finalize_metrics
     from vespo_megatron.megatron.cpu_shim import cpu_device_context
     from vespo_megatron.megatron.model import build_gpt_model
     from vespo_megatron.megatron.parallel_setup import destroy_parallel, initialize_parallel
     from vespo_megatron.megatron.rl_batch import build_rl_microbatch, common_seq_len
     from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
-    from vespo_megatron.parallel.metrics import all_reduce_metrics
+    from vespo_megatron.parallel.reduce_metrics import all_reduce_metrics
     from vespo_megatron.routing.replay import RoutingReplay, RoutingReplayConfig
 
     groups = initialize_parallel(layout)

@@ -10,16 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from loss_reference import RefSeq, reference_loss
 
+from vespo_megatron.base.metric import finalize_metrics, merge_metrics
 from vespo_megatron.losses import (
     LossInputs,
     LossNormalizer,
     RolloutCorrectionConfig,
     VespoConfig,
     build_local_inputs,
-    finalize_metrics,
     get_policy_loss,
     make_loss_config,
-    merge_metrics,
     vespo_phi,
 )
 

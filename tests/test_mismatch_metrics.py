@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vespo_megatron.losses import Metric, Reduce, finalize_metrics, merge_metrics
+from vespo_megatron.base.metric import Metric, Reduce, finalize_metrics, merge_metrics
 from vespo_megatron.metrics import (
     derive_mismatch,
     entropy_metrics,

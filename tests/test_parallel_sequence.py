@@ -8,16 +8,15 @@ import torch
 import torch.distributed as dist
 from dist_harness import run_distributed
 
+from vespo_megatron.base.metric import finalize_metrics, merge_metrics
 from vespo_megatron.losses import (
     LossNormalizer,
     RolloutCorrectionConfig,
     build_local_inputs,
-    finalize_metrics,
     get_policy_loss,
     make_loss_config,
-    merge_metrics,
 )
-from vespo_megatron.parallel.metrics import all_reduce_metrics
+from vespo_megatron.parallel.reduce_metrics import all_reduce_metrics
 from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer
 
 pytestmark = pytest.mark.distributed

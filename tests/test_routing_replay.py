@@ -249,8 +249,8 @@ def _gather_routing(ctx, per_layer_mb):
 
 
 def _reduce(metrics, ctx):
-    from vespo_megatron.losses import finalize_metrics
-    from vespo_megatron.parallel.metrics import all_reduce_metrics
+    from vespo_megatron.base.metric import finalize_metrics
+    from vespo_megatron.parallel.reduce_metrics import all_reduce_metrics
 
     return finalize_metrics(all_reduce_metrics(metrics, _world()))
 

@@ -34,6 +34,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from vespo_megatron.base.validation import ConfigError
+
 __all__ = ["REASONS", "FAILURE_REASONS", "MathRewardConfig", "RewardResult", "RewardStats",
            "MathRewardChecker", "last_boxed", "math_verify_check"]
 
@@ -43,9 +45,6 @@ CHECKER_REASONS = ("correct", "wrong", "no_answer", "gold_unparsable")
 FAILURE_REASONS = tuple(r for r in REASONS if r not in ("correct", "wrong"))
 DEFAULT_CHECKER = "vespo_megatron.data.math_reward:math_verify_check"
 
-
-def _bad(name: str, expected: str, got: object) -> ValueError:
-    return ValueError(f"MathRewardConfig.{name}: expected {expected}, got {got!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,15 +63,15 @@ class MathRewardConfig:
         for name in ("timeout_s", "startup_timeout_s"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
-                raise _bad(name, "a finite number > 0 (seconds)", v)
+                raise ConfigError("MathRewardConfig", name, "a finite number > 0 (seconds)", v)
         if not (isinstance(self.workers, int) and not isinstance(self.workers, bool)
                 and 1 <= self.workers <= 256):
-            raise _bad("workers", "an int in [1, 256]", self.workers)
+            raise ConfigError("MathRewardConfig", "workers", "an int in [1, 256]", self.workers)
         if not isinstance(self.require_boxed, bool):
-            raise _bad("require_boxed", "a bool", self.require_boxed)
+            raise ConfigError("MathRewardConfig", "require_boxed", "a bool", self.require_boxed)
         mod, _, fn = self.checker.partition(":") if isinstance(self.checker, str) else ("", "", "")
         if not (mod and fn and fn.isidentifier() and all(p.isidentifier() for p in mod.split("."))):
-            raise _bad("checker", "'module.path:function'", self.checker)
+            raise ConfigError("MathRewardConfig", "checker", "'module.path:function'", self.checker)
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vespo_megatron.base.validation import ConfigError
+
 __all__ = ["PromptDataConfig", "PromptRecord", "PromptDataset", "iter_rows", "SPLITS"]
 
 SPLITS = ("train", "sft", "eval")  # "sft" draws training rows in its own order (the trainer's warm start)
 _MISSING = object()
 
-
-def _bad(name: str, expected: str, got: object) -> ValueError:
-    return ValueError(f"PromptDataConfig.{name}: expected {expected}, got {got!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,29 +51,29 @@ class PromptDataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str | Path) or Path(self.path).suffix not in (".jsonl", ".parquet"):
-            raise _bad("path", "a .jsonl or .parquet file", self.path)
+            raise ConfigError("PromptDataConfig", "path", "a .jsonl or .parquet file", self.path)
         for name in ("prompt_key", "answer_key"):
             value = getattr(self, name)
             if not (isinstance(value, str) and value and all(value.split("."))):
-                raise _bad(name, "a non-empty key, dotted for nested fields", value)
+                raise ConfigError("PromptDataConfig", name, "a non-empty key, dotted for nested fields", value)
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
-            raise _bad("system_prompt", "a str or None", self.system_prompt)
+            raise ConfigError("PromptDataConfig", "system_prompt", "a str or None", self.system_prompt)
         if self.prompt_template is not None and not (isinstance(self.prompt_template, str)
                                                      and "{prompt}" in self.prompt_template):
-            raise _bad("prompt_template", "None or a str containing '{prompt}'", self.prompt_template)
+            raise ConfigError("PromptDataConfig", "prompt_template", "None or a str containing '{prompt}'", self.prompt_template)
         if not isinstance(self.apply_chat_template, bool):
-            raise _bad("apply_chat_template", "a bool", self.apply_chat_template)
+            raise ConfigError("PromptDataConfig", "apply_chat_template", "a bool", self.apply_chat_template)
         if not (isinstance(self.max_prompt_tokens, int) and not isinstance(self.max_prompt_tokens, bool)
                 and self.max_prompt_tokens >= 1):
-            raise _bad("max_prompt_tokens", "an int >= 1", self.max_prompt_tokens)
+            raise ConfigError("PromptDataConfig", "max_prompt_tokens", "an int >= 1", self.max_prompt_tokens)
         for name in ("too_long", "missing_answer"):
             if getattr(self, name) not in ("skip", "error"):
-                raise _bad(name, "'skip' or 'error'", getattr(self, name))
+                raise ConfigError("PromptDataConfig", name, "'skip' or 'error'", getattr(self, name))
         if not (isinstance(self.eval_count, int) and not isinstance(self.eval_count, bool)
                 and self.eval_count >= 0):
-            raise _bad("eval_count", "an int >= 0", self.eval_count)
+            raise ConfigError("PromptDataConfig", "eval_count", "an int >= 0", self.eval_count)
         if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
-            raise _bad("seed", "an int", self.seed)
+            raise ConfigError("PromptDataConfig", "seed", "an int", self.seed)
 
 
 @dataclass(frozen=True)
@@ -152,7 +151,7 @@ class PromptDataset:
             raise ValueError(f"{cfg.path}: no usable rows (skipped: {dict(self.skipped) or 'none'}; the file "
                              f"has no rows or every row was filtered)")
         if cfg.eval_count >= len(records):
-            raise _bad("eval_count", f"fewer than the {len(records)} usable rows (at least one must stay for"
+            raise ConfigError("PromptDataConfig", "eval_count", f"fewer than the {len(records)} usable rows (at least one must stay for"
                                      f" training)", cfg.eval_count)
         held = set(random.Random(f"{cfg.seed}/eval-rows").sample(range(len(records)), cfg.eval_count))
         self.eval = tuple(r for i, r in enumerate(records) if i in held)

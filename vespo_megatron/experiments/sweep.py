@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vespo_megatron.base.validation import ConfigError
 from vespo_megatron.metrics.plot import DEFAULT_PANELS, read_jsonl
 
 __all__ = ["SweepConfig", "Run", "RunSummary", "CollapseRule", "expand", "run_status", "run_sweep",
@@ -44,9 +45,6 @@ _OWNED_FLAGS = ("--loss", "--staleness", "--micro-batch-size", "--seed", "--step
                 "--async-lag", "--rollout-precision", "--routing-replay", "--rollout-correction")
 TOY_SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "toy_rl.py"
 
-
-def _bad(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"SweepConfig.{name}: expected {expected}, got {got!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,47 +80,47 @@ class SweepConfig:
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and self.name and os.sep not in self.name and self.name not in (".", "..")):
-            raise _bad("name", "a non-empty directory name", self.name)
+            raise ConfigError("SweepConfig", "name", "a non-empty directory name", self.name)
         for fname in ("losses", "async_losses"):
             values = getattr(self, fname)
             if not (isinstance(values, tuple) and all(v in LOSSES for v in values)
                     and len(set(values)) == len(values)):
-                raise _bad(fname, f"a tuple of distinct losses from {LOSSES}", values)
+                raise ConfigError("SweepConfig", fname, f"a tuple of distinct losses from {LOSSES}", values)
         if not self.losses:
-            raise _bad("losses", "at least one loss", self.losses)
+            raise ConfigError("SweepConfig", "losses", "at least one loss", self.losses)
         for fname in ("staleness", "seeds"):
             values = getattr(self, fname)
             if not (isinstance(values, tuple) and values and all(isinstance(v, int) for v in values)
                     and len(set(values)) == len(values)):
-                raise _bad(fname, "a non-empty tuple of distinct ints", values)
+                raise ConfigError("SweepConfig", fname, "a non-empty tuple of distinct ints", values)
         if not all(1 <= n <= 64 for n in self.staleness):
-            raise _bad("staleness", "values in [1, 64]", self.staleness)
+            raise ConfigError("SweepConfig", "staleness", "values in [1, 64]", self.staleness)
         if not (isinstance(self.extras, tuple) and all(e in EXTRAS for e in self.extras)
                 and len(set(self.extras)) == len(self.extras)):
-            raise _bad("extras", f"a tuple of distinct settings from {EXTRAS}", self.extras)
+            raise ConfigError("SweepConfig", "extras", f"a tuple of distinct settings from {EXTRAS}", self.extras)
         if not (isinstance(self.async_old_logprobs, tuple) and self.async_old_logprobs
                 and set(self.async_old_logprobs) <= {"recompute", "engine"}
                 and len(set(self.async_old_logprobs)) == len(self.async_old_logprobs)):
-            raise _bad("async_old_logprobs", "a non-empty tuple from ('recompute', 'engine')",
+            raise ConfigError("SweepConfig", "async_old_logprobs", "a non-empty tuple from ('recompute', 'engine')",
                        self.async_old_logprobs)
         if not isinstance(self.mismatch_fold, bool):
-            raise _bad("mismatch_fold", "a bool", self.mismatch_fold)
+            raise ConfigError("SweepConfig", "mismatch_fold", "a bool", self.mismatch_fold)
         if "async" in self.extras and not self.async_losses:
-            raise _bad("async_losses", "at least one loss with extras 'async'", self.async_losses)
+            raise ConfigError("SweepConfig", "async_losses", "at least one loss with extras 'async'", self.async_losses)
         for fname in ("async_lag", "async_staleness", "mismatch_staleness", "steps", "prompts_per_step",
                       "group_size", "max_micro_batch_size", "checkpoint_every", "threads"):
             value = getattr(self, fname)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise _bad(fname, "a positive int", value)
+                raise ConfigError("SweepConfig", fname, "a positive int", value)
         for fname in ("async_staleness", "mismatch_staleness"):
             self.micro_batch_size(getattr(self, fname), field_name=fname)
         for n in self.staleness:
             self.micro_batch_size(n, field_name="staleness")
         if not (isinstance(self.base_flags, tuple) and all(isinstance(f, str) for f in self.base_flags)):
-            raise _bad("base_flags", "a tuple of str", self.base_flags)
+            raise ConfigError("SweepConfig", "base_flags", "a tuple of str", self.base_flags)
         owned = [f for f in self.base_flags if f.split("=")[0] in _OWNED_FLAGS]
         if owned:
-            raise _bad("base_flags", f"no flag the sweep sets itself ({', '.join(_OWNED_FLAGS)})", owned)
+            raise ConfigError("SweepConfig", "base_flags", f"no flag the sweep sets itself ({', '.join(_OWNED_FLAGS)})", owned)
 
     @property
     def samples_per_step(self) -> int:
@@ -131,7 +129,7 @@ class SweepConfig:
     def micro_batch_size(self, n: int, *, field_name: str = "staleness") -> int:
         """Largest divisor of the mini-batch (samples_per_step / n) that is <= max_micro_batch_size."""
         if self.samples_per_step % n:
-            raise _bad(field_name, f"N dividing the {self.samples_per_step} rollouts per step", n)
+            raise ConfigError("SweepConfig", field_name, f"N dividing the {self.samples_per_step} rollouts per step", n)
         mini = self.samples_per_step // n
         return max(d for d in range(1, min(mini, self.max_micro_batch_size) + 1) if mini % d == 0)
 

@@ -15,16 +15,15 @@ from .config import (
     VespoConfig,
 )
 from .inputs import build_local_inputs
-from .metrics import finalize_metrics, merge_metrics
 from .registry import POLICY_LOSSES, PolicyLoss, get_policy_loss, make_loss_config
 from .segments import masked_segment_sum, segment_count
-from .types import LossInputs, LossNormalizer, LossOutput, Metric, Reduce
+from .types import LossInputs, LossNormalizer, LossOutput
 from .vespo import vespo_loss, vespo_phi
 
 __all__ = [
     "AGGREGATION_MODES", "GSPOConfig", "PPOClipConfig", "ReinforceConfig", "RolloutCorrectionConfig",
-    "SAPOConfig", "VespoConfig", "LossInputs", "LossNormalizer", "LossOutput", "Metric", "Reduce",
+    "SAPOConfig", "VespoConfig", "LossInputs", "LossNormalizer", "LossOutput",
     "POLICY_LOSSES", "PolicyLoss", "get_policy_loss", "make_loss_config", "vespo_phi", "vespo_loss",
-    "aggregate", "token_weights", "build_local_inputs", "finalize_metrics", "merge_metrics",
+    "aggregate", "token_weights", "build_local_inputs",
     "masked_segment_sum", "segment_count",
 ]

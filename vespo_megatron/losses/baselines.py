@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from vespo_megatron.base.metric import Metric
+
 from .common import TOKEN_LOG_RATIO_CLAMP, finish, sequence_stats, token_log_ratio
 from .config import GSPOConfig, PPOClipConfig, ReinforceConfig, SAPOConfig
-from .types import LossInputs, LossNormalizer, LossOutput, Metric
+from .types import LossInputs, LossNormalizer, LossOutput
 
 __all__ = ["grpo_loss", "gspo_loss", "sapo_loss", "reinforce_loss"]
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vespo_megatron.base.metric import Metric
+
 from .aggregation import aggregate
 from .config import _LossConfigBase
 from .rollout_correction import rollout_correction
-from .types import LossInputs, LossNormalizer, LossOutput, Metric
+from .types import LossInputs, LossNormalizer, LossOutput
 
 # exp(20) ~ 4.9e8: beyond it a token ratio only produces inf/NaN. Clamped tokens are counted.
 TOKEN_LOG_RATIO_CLAMP = 20.0

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from vespo_megatron.base.validation import ConfigError
+
 __all__ = [
     "AGGREGATION_MODES",
     "RolloutCorrectionConfig",
@@ -20,23 +22,20 @@ AggregationMode = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_me
 AGGREGATION_MODES: tuple[str, ...] = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
 
 
-def _bad(cls: str, name: str, expected: str, got: object) -> ValueError:
-    return ValueError(f"{cls}.{name}: expected {expected}, got {got!r}")
-
 
 def _check_choice(cls: str, name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise _bad(cls, name, f"one of {list(choices)}", value)
+        raise ConfigError(cls, name, f"one of {list(choices)}", value)
 
 
 def _check_epsilon(cls: str, name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and 0.0 < value < 1.0):
-        raise _bad(cls, name, "a float in (0, 1)", value)
+        raise ConfigError(cls, name, "a float in (0, 1)", value)
 
 
 def _check_positive(cls: str, name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise _bad(cls, name, "a finite positive float", value)
+        raise ConfigError(cls, name, "a finite positive float", value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,11 +58,11 @@ class RolloutCorrectionConfig:
         _check_choice(cls, "mode", self.mode, ("none", "tis", "mis", "fold"))
         _check_choice(cls, "level", self.level, ("token", "sequence", "geometric"))
         if not (isinstance(self.upper, (int, float)) and math.isfinite(self.upper) and self.upper > 1.0):
-            raise _bad(cls, "upper", "a finite float > 1", self.upper)
+            raise ConfigError(cls, "upper", "a finite float > 1", self.upper)
         if self.lower is not None and not (0.0 <= self.lower < 1.0):
-            raise _bad(cls, "lower", "a float in [0, 1) or None", self.lower)
+            raise ConfigError(cls, "lower", "a float in [0, 1) or None", self.lower)
         if self.lower is not None and self.mode != "mis":
-            raise _bad(cls, "lower", "None unless mode='mis'", self.lower)
+            raise ConfigError(cls, "lower", "None unless mode='mis'", self.lower)
 
     @property
     def effective_lower(self) -> float:
@@ -78,10 +77,10 @@ class _LossConfigBase:
     def __post_init__(self) -> None:
         _check_choice(type(self).__name__, "aggregation", self.aggregation, AGGREGATION_MODES)
         if not isinstance(self.rollout_correction, RolloutCorrectionConfig):
-            raise _bad(type(self).__name__, "rollout_correction", "a RolloutCorrectionConfig",
+            raise ConfigError(type(self).__name__, "rollout_correction", "a RolloutCorrectionConfig",
                        type(self.rollout_correction).__name__)
         if self.rollout_correction.mode == "fold" and not isinstance(self, VespoConfig):
-            raise _bad(type(self).__name__, "rollout_correction.mode", "'none', 'tis' or 'mis' "
+            raise ConfigError(type(self).__name__, "rollout_correction.mode", "'none', 'tis' or 'mis' "
                        "('fold' is VESPO's way and needs a VespoConfig)", "fold")
 
 
@@ -104,18 +103,18 @@ class VespoConfig(_LossConfigBase):
         for name in ("c_pos", "c_neg"):
             value = getattr(self, name)
             if not (isinstance(value, tuple) and len(value) == 2):
-                raise _bad("VespoConfig", name, "a pair (c1, c2)", value)
+                raise ConfigError("VespoConfig", name, "a pair (c1, c2)", value)
             c1, c2 = value
             if not (math.isfinite(c1) and c1 >= 0):
-                raise _bad("VespoConfig", f"{name}[0] (c1)", "a finite float >= 0", c1)
+                raise ConfigError("VespoConfig", f"{name}[0] (c1)", "a finite float >= 0", c1)
             if not (math.isfinite(c2) and c2 >= 0):
-                raise _bad("VespoConfig", f"{name}[1] (c2)", "a finite float >= 0", c2)
+                raise ConfigError("VespoConfig", f"{name}[1] (c2)", "a finite float >= 0", c2)
         _check_choice("VespoConfig", "length_norm", self.length_norm, ("none", "sqrt", "lin"))
         _check_positive("VespoConfig", "log_w_clamp", self.log_w_clamp)
         # phi <= exp(c1 * clamp + c2) must stay inside float32.
         worst = max(c1 * self.log_w_clamp + c2 for c1, c2 in (self.c_pos, self.c_neg))
         if worst > 80.0:
-            raise _bad("VespoConfig", "log_w_clamp", f"c1 * log_w_clamp + c2 <= 80 (phi must fit in float32; "
+            raise ConfigError("VespoConfig", "log_w_clamp", f"c1 * log_w_clamp + c2 <= 80 (phi must fit in float32; "
                        f"worst case is {worst:.1f})", self.log_w_clamp)
 
 
@@ -132,7 +131,7 @@ class PPOClipConfig(_LossConfigBase):
         _check_epsilon("PPOClipConfig", "eps_low", self.eps_low)
         _check_epsilon("PPOClipConfig", "eps_high", self.eps_high)
         if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise _bad("PPOClipConfig", "dual_clip", "None or a float > 1", self.dual_clip)
+            raise ConfigError("PPOClipConfig", "dual_clip", "None or a float > 1", self.dual_clip)
 
 
 @dataclass(frozen=True, kw_only=True)

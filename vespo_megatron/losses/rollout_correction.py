@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vespo_megatron.base.metric import Metric
+
 from .config import RolloutCorrectionConfig
-from .types import LossInputs, Metric
+from .types import LossInputs
 
 __all__ = ["RolloutCorrection", "rollout_correction"]
 

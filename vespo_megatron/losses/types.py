@@ -13,79 +13,16 @@ batch (all micro-batches, all data-parallel ranks). The loss functions never com
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from vespo_megatron.base.metric import Metric
+
 from .segments import check_token_seq
 
-__all__ = ["Reduce", "Metric", "LossInputs", "LossNormalizer", "LossOutput"]
-
-
-class Reduce(enum.Enum):
-    """How a metric reduces across micro-batches and ranks."""
-
-    SUM = "sum"
-    MAX = "max"
-    MIN = "min"
-    MEAN = "mean"  # mean by count: `value` holds the local sum, `count` the local count
-
-
-# The identity of MAX / MIN over an empty selection; finalize_metrics reads it back as NaN.
-EMPTY_EXTREME = torch.finfo(torch.float64).max
-
-
-def _extreme(values: Tensor, where: Tensor | None, *, largest: bool) -> Tensor:
-    v = values.detach().double().reshape(-1)
-    fill = torch.full_like(v, -EMPTY_EXTREME if largest else EMPTY_EXTREME)
-    if where is not None:
-        v = torch.where(where.reshape(-1).bool(), v, fill)
-    if v.numel() == 0:
-        return fill.new_full((), -EMPTY_EXTREME if largest else EMPTY_EXTREME)
-    return v.max() if largest else v.min()
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A detached scalar plus how it reduces. For MEAN, `value` is a sum and `count` its count."""
-
-    value: Tensor
-    reduce: Reduce
-    count: Tensor | None = None
-
-    @staticmethod
-    def sum(value: Tensor) -> Metric:
-        return Metric(value.detach().double().reshape(()), Reduce.SUM)
-
-    @staticmethod
-    def max(values: Tensor, where: Tensor | None = None) -> Metric:
-        """Max of `values` over the positions where `where` is true (all when None). Nothing selected gives
-        -EMPTY_EXTREME, which `finalize_metrics` reads as NaN."""
-        return Metric(_extreme(values, where, largest=True), Reduce.MAX)
-
-    @staticmethod
-    def min(values: Tensor, where: Tensor | None = None) -> Metric:
-        """Min of `values` over `where` (all when None); nothing selected gives +EMPTY_EXTREME (NaN when read)."""
-        return Metric(_extreme(values, where, largest=False), Reduce.MIN)
-
-    @staticmethod
-    def mean(values: Tensor, where: Tensor | None = None) -> Metric:
-        """Mean of `values` over the positions where `where` is true (all positions when None)."""
-        values = values.detach().double()
-        if where is None:
-            where = torch.ones_like(values, dtype=torch.bool)
-        where = where.bool()
-        total = torch.where(where, values, torch.zeros_like(values)).sum()
-        return Metric(total, Reduce.MEAN, where.sum().double())
-
-    def result(self) -> float:
-        """The metric's value once all partial metrics are merged (NaN for an empty mean)."""
-        if self.reduce is Reduce.MEAN:
-            assert self.count is not None
-            return float(self.value / self.count) if float(self.count) > 0 else float("nan")
-        return float(self.value)
+__all__ = ["LossInputs", "LossNormalizer", "LossOutput"]
 
 
 @dataclass(frozen=True)

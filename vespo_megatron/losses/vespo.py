@@ -16,9 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vespo_megatron.base.metric import Metric
+
 from .common import finish, sequence_stats, token_log_ratio
 from .config import VespoConfig
-from .types import LossInputs, LossNormalizer, LossOutput, Metric
+from .types import LossInputs, LossNormalizer, LossOutput
 
 __all__ = ["vespo_phi", "vespo_loss"]
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vespo_megatron.losses import LossNormalizer, Metric, get_policy_loss
+from vespo_megatron.base.metric import Metric
+from vespo_megatron.losses import LossNormalizer, get_policy_loss
 from vespo_megatron.megatron.rl_batch import RLMicroBatch
 from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs

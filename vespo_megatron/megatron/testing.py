@@ -363,10 +363,10 @@ def run_rl_layout(
     `grads="full"` gathers every full gradient; `grads="norms"` only each parameter's gradient norm (for
     models too big to gather: a Qwen3-30B-A3B slice on GPUs). Every rank returns the full result.
     """
-    from vespo_megatron.losses import finalize_metrics, merge_metrics
+    from vespo_megatron.base.metric import finalize_metrics, merge_metrics
     from vespo_megatron.megatron.rl_batch import build_rl_microbatch, common_seq_len
     from vespo_megatron.megatron.step import RLStep, StepGroups
-    from vespo_megatron.parallel.metrics import all_reduce_metrics
+    from vespo_megatron.parallel.reduce_metrics import all_reduce_metrics
 
     groups = initialize_parallel(layout)
     try:

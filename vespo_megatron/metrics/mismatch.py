@@ -30,7 +30,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from vespo_megatron.losses import Metric, finalize_metrics, masked_segment_sum, segment_count
+from vespo_megatron.base.metric import Metric, finalize_metrics
+from vespo_megatron.losses import masked_segment_sum, segment_count
 from vespo_megatron.losses.segments import check_token_seq
 
 __all__ = [

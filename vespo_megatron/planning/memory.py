@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vespo_megatron.base.validation import ConfigError
+
 __all__ = [
     "PRESETS", "GIB", "ModelShape", "Layout", "RunSetup", "ParamCounts", "RankParams", "StageMemory",
     "MemoryPlan", "count_params", "rank_params", "stage_layers", "check_layout", "plan_memory",
@@ -55,13 +57,10 @@ BATCH_BYTES_PER_TOKEN = 5 * 8 + 1 + 2 * 4
 LOSS_BYTES_PER_TOKEN = 9 * 4
 
 
-def _bad(cls: str, name: str, expected: str, got: object) -> ValueError:
-    return ValueError(f"{cls}.{name}: expected {expected}, got {got!r}")
-
 
 def _int_at_least(cls: str, name: str, value: object, low: int) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
-        raise _bad(cls, name, f"an int >= {low}", value)
+        raise ConfigError(cls, name, f"an int >= {low}", value)
 
 
 # --- model shape ---------------------------------------------------------------------------------------
@@ -101,22 +100,22 @@ class ModelShape:
             _int_at_least(c, name, getattr(self, name), 0)
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                raise _bad(c, "hidden_size", f"a multiple of num_attention_heads={self.num_attention_heads} "
+                raise ConfigError(c, "hidden_size", f"a multiple of num_attention_heads={self.num_attention_heads} "
                            "when head_dim is None", self.hidden_size)
         else:
             _int_at_least(c, "head_dim", self.head_dim, 1)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise _bad(c, "num_key_value_heads", f"a divisor of num_attention_heads={self.num_attention_heads}",
+            raise ConfigError(c, "num_key_value_heads", f"a divisor of num_attention_heads={self.num_attention_heads}",
                        self.num_key_value_heads)
         if not isinstance(self.mlp_only_layers, tuple):
-            raise _bad(c, "mlp_only_layers", "a tuple of layer indices", self.mlp_only_layers)
+            raise ConfigError(c, "mlp_only_layers", "a tuple of layer indices", self.mlp_only_layers)
         for i in self.mlp_only_layers:
             if not (isinstance(i, int) and 0 <= i < self.num_hidden_layers):
-                raise _bad(c, "mlp_only_layers", f"indices in [0, {self.num_hidden_layers})", self.mlp_only_layers)
+                raise ConfigError(c, "mlp_only_layers", f"indices in [0, {self.num_hidden_layers})", self.mlp_only_layers)
         if self.num_experts > 0:
             _int_at_least(c, "moe_intermediate_size", self.moe_intermediate_size, 1)
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
-                raise _bad(c, "num_experts_per_tok", f"in [1, num_experts={self.num_experts}]",
+                raise ConfigError(c, "num_experts_per_tok", f"in [1, num_experts={self.num_experts}]",
                            self.num_experts_per_tok)
         if any(not m for m in self.moe_layers()):
             _int_at_least(c, "intermediate_size", self.intermediate_size, 1)
@@ -245,7 +244,7 @@ class Layout:
             _int_at_least("Layout", name, getattr(self, name), 1)
         expert_block = self.etp * self.ep * self.pp
         if self.world % expert_block:
-            raise _bad("Layout", "world", f"a multiple of etp*ep*pp={expert_block} (world = tp*cp*pp*dp)",
+            raise ConfigError("Layout", "world", f"a multiple of etp*ep*pp={expert_block} (world = tp*cp*pp*dp)",
                        self.world)
 
     @classmethod
@@ -253,9 +252,9 @@ class Layout:
         for name, value in (("gpus", gpus), ("tp", tp), ("cp", cp), ("ep", ep), ("etp", etp), ("pp", pp)):
             _int_at_least("Layout", name, value, 1)
         if gpus % (tp * cp * pp):
-            raise _bad("Layout", "gpus", f"a multiple of tp*cp*pp={tp * cp * pp}", gpus)
+            raise ConfigError("Layout", "gpus", f"a multiple of tp*cp*pp={tp * cp * pp}", gpus)
         if gpus % (etp * ep * pp):
-            raise _bad("Layout", "gpus", f"a multiple of etp*ep*pp={etp * ep * pp}", gpus)
+            raise ConfigError("Layout", "gpus", f"a multiple of etp*ep*pp={etp * ep * pp}", gpus)
         return cls(tp=tp, cp=cp, ep=ep, etp=etp, pp=pp, dp=gpus // (tp * cp * pp))
 
     @property
@@ -307,15 +306,15 @@ def check_layout(m: ModelShape, lay: Layout) -> None:
                      (lay.ep, lay.etp)))
     for ok, name, expected, got in need:
         if not ok:
-            raise _bad("ModelShape", name, expected, got)
+            raise ConfigError("ModelShape", name, expected, got)
 
 
 def stage_layers(m: ModelShape, pp: int, stage: int) -> range:
     """Layer indices of pipeline stage `stage` (even split, megatron's default)."""
     if m.num_hidden_layers % pp:
-        raise _bad("ModelShape", "num_hidden_layers", f"a multiple of pp={pp}", m.num_hidden_layers)
+        raise ConfigError("ModelShape", "num_hidden_layers", f"a multiple of pp={pp}", m.num_hidden_layers)
     if not 0 <= stage < pp:
-        raise _bad("stage_layers", "stage", f"in [0, {pp})", stage)
+        raise ConfigError("stage_layers", "stage", f"in [0, {pp})", stage)
     per = m.num_hidden_layers // pp
     return range(stage * per, (stage + 1) * per)
 
@@ -392,18 +391,18 @@ class RunSetup:
         for name in ("micro_batch_tokens", "seq_length", "micro_batches_per_step"):
             _int_at_least(c, name, getattr(self, name), 1)
         if self.seq_length > self.micro_batch_tokens:
-            raise _bad(c, "seq_length", f"<= micro_batch_tokens={self.micro_batch_tokens}", self.seq_length)
+            raise ConfigError(c, "seq_length", f"<= micro_batch_tokens={self.micro_batch_tokens}", self.seq_length)
         for name, allowed in (("params_dtype", ("bf16", "fp32")), ("attention", ("flash", "unfused")),
                               ("routing_replay", ("off", "r2", "r3"))):
             if getattr(self, name) not in allowed:
-                raise _bad(c, name, f"one of {allowed}", getattr(self, name))
+                raise ConfigError(c, name, f"one of {allowed}", getattr(self, name))
         if not isinstance(self.distributed_optimizer, bool):
-            raise _bad(c, "distributed_optimizer", "a bool", self.distributed_optimizer)
+            raise ConfigError(c, "distributed_optimizer", "a bool", self.distributed_optimizer)
         if not (isinstance(self.gpu_memory_gib, tuple) and self.gpu_memory_gib
                 and all(isinstance(g, (int, float)) and g > 0 for g in self.gpu_memory_gib)):
-            raise _bad(c, "gpu_memory_gib", "a non-empty tuple of sizes > 0", self.gpu_memory_gib)
+            raise ConfigError(c, "gpu_memory_gib", "a non-empty tuple of sizes > 0", self.gpu_memory_gib)
         if not (isinstance(self.headroom, (int, float)) and 0 <= self.headroom < 1):
-            raise _bad(c, "headroom", "a fraction in [0, 1)", self.headroom)
+            raise ConfigError(c, "headroom", "a fraction in [0, 1)", self.headroom)
 
     @property
     def param_bytes(self) -> int:
@@ -419,7 +418,7 @@ def _check_tokens(lay: Layout, setup: RunSetup) -> None:
     # The trainer pads a micro-batch to a multiple of 2*cp (load-balanced CP chunks) times tp (SP split).
     multiple = (2 * lay.cp if lay.cp > 1 else 1) * lay.tp
     if setup.micro_batch_tokens % multiple:
-        raise _bad("RunSetup", "micro_batch_tokens", f"a multiple of {multiple} (2*cp if cp > 1, times tp)",
+        raise ConfigError("RunSetup", "micro_batch_tokens", f"a multiple of {multiple} (2*cp if cp > 1, times tp)",
                    setup.micro_batch_tokens)
 
 

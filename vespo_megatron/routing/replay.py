@@ -56,8 +56,8 @@ from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_func
 from megatron.core.transformer.moe.router import TopKRouter
 from torch import Tensor
 
+from vespo_megatron.base.metric import Metric, Reduce
 from vespo_megatron.compat import RouterReplay, RouterReplayAction
-from vespo_megatron.losses import Metric, Reduce
 from vespo_megatron.routing.alignment import (
     moe_layer_numbers,
     replay_tensors,

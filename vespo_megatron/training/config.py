@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from vespo_megatron.base.validation import ConfigError
 from vespo_megatron.data.math_task import MathTaskConfig
 from vespo_megatron.losses import get_policy_loss, make_loss_config
 from vespo_megatron.megatron.model import TinyMoEConfig
@@ -18,13 +19,10 @@ from vespo_megatron.training.weight_sync import WeightSyncConfig
 __all__ = ["RolloutConfig", "AlgorithmConfig", "RunConfig", "HFCheckpointConfig", "EvalConfig", "TrainerConfig"]
 
 
-def _bad(cls: str, name: str, expected: str, got: object) -> ValueError:
-    return ValueError(f"{cls}.{name}: expected {expected}, got {got!r}")
-
 
 def _positive_int(cls: str, name: str, value: object) -> None:
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise _bad(cls, name, "an int >= 1", value)
+        raise ConfigError(cls, name, "an int >= 1", value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,21 +42,21 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         c = "RolloutConfig"
         if self.engine not in ("embedded", "sglang"):
-            raise _bad(c, "engine", "'embedded' or 'sglang'", self.engine)
+            raise ConfigError(c, "engine", "'embedded' or 'sglang'", self.engine)
         _positive_int(c, "prompts_per_step", self.prompts_per_step)
         _positive_int(c, "group_size", self.group_size)
         if self.group_size < 2:
-            raise _bad(c, "group_size", "an int >= 2 (group-normalised advantages need 2 samples)", self.group_size)
+            raise ConfigError(c, "group_size", "an int >= 2 (group-normalised advantages need 2 samples)", self.group_size)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise _bad(c, "temperature", "a float > 0", self.temperature)
+            raise ConfigError(c, "temperature", "a float > 0", self.temperature)
         if self.precision not in ("fp32", "bf16"):
-            raise _bad(c, "precision", "'fp32' or 'bf16'", self.precision)
+            raise ConfigError(c, "precision", "'fp32' or 'bf16'", self.precision)
         if not (isinstance(self.async_lag, int) and 0 <= self.async_lag <= 64):
-            raise _bad(c, "async_lag", "an int in [0, 64]", self.async_lag)
+            raise ConfigError(c, "async_lag", "an int in [0, 64]", self.async_lag)
         if self.old_logprobs not in ("recompute", "engine"):
-            raise _bad(c, "old_logprobs", "'recompute' or 'engine'", self.old_logprobs)
+            raise ConfigError(c, "old_logprobs", "'recompute' or 'engine'", self.old_logprobs)
         if self.engine == "sglang" and not self.sglang_url:
-            raise _bad(c, "sglang_url", "the server's URL when engine='sglang'", self.sglang_url)
+            raise ConfigError(c, "sglang_url", "the server's URL when engine='sglang'", self.sglang_url)
 
     @property
     def samples_per_step(self) -> int:
@@ -85,14 +83,14 @@ class AlgorithmConfig:
         get_policy_loss(self.loss)
         self.loss_config()  # validates loss_options
         if not (isinstance(self.staleness, int) and 1 <= self.staleness <= 64):
-            raise _bad(c, "staleness", "an int in [1, 64]", self.staleness)
+            raise ConfigError(c, "staleness", "an int in [1, 64]", self.staleness)
         _positive_int(c, "micro_batch_size", self.micro_batch_size)
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise _bad(c, "lr", "a finite float > 0", self.lr)
+            raise ConfigError(c, "lr", "a finite float > 0", self.lr)
         if not self.clip_grad >= 0:
-            raise _bad(c, "clip_grad", "a float >= 0 (0: no clipping)", self.clip_grad)
+            raise ConfigError(c, "clip_grad", "a float >= 0 (0: no clipping)", self.clip_grad)
         if self.routing_replay not in ("off", "r2", "r3"):
-            raise _bad(c, "routing_replay", "'off', 'r2' or 'r3'", self.routing_replay)
+            raise ConfigError(c, "routing_replay", "'off', 'r2' or 'r3'", self.routing_replay)
 
     def loss_config(self):
         return make_loss_config(self.loss, **self.loss_options)
@@ -112,11 +110,11 @@ class RunConfig:
         c = "RunConfig"
         _positive_int(c, "steps", self.steps)
         if not (isinstance(self.sft_steps, int) and self.sft_steps >= 0):
-            raise _bad(c, "sft_steps", "an int >= 0", self.sft_steps)
+            raise ConfigError(c, "sft_steps", "an int >= 0", self.sft_steps)
         if self.sft_micro_batch_size is not None:
             _positive_int(c, "sft_micro_batch_size", self.sft_micro_batch_size)
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
-            raise _bad(c, "checkpoint_every", "an int >= 0", self.checkpoint_every)
+            raise ConfigError(c, "checkpoint_every", "an int >= 0", self.checkpoint_every)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,9 +134,9 @@ class HFCheckpointConfig:
     def __post_init__(self) -> None:
         c = "HFCheckpointConfig"
         if not (isinstance(self.save_every, int) and self.save_every >= 0):
-            raise _bad(c, "save_every", "an int >= 0", self.save_every)
+            raise ConfigError(c, "save_every", "an int >= 0", self.save_every)
         if self.save_dtype not in ("bfloat16", "float16", "float32"):
-            raise _bad(c, "save_dtype", "'bfloat16', 'float16' or 'float32'", self.save_dtype)
+            raise ConfigError(c, "save_dtype", "'bfloat16', 'float16' or 'float32'", self.save_dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,10 +153,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         c = "EvalConfig"
         if not (isinstance(self.every, int) and self.every >= 0):
-            raise _bad(c, "every", "an int >= 0", self.every)
+            raise ConfigError(c, "every", "an int >= 0", self.every)
         _positive_int(c, "k", self.k)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise _bad(c, "temperature", "a float > 0", self.temperature)
+            raise ConfigError(c, "temperature", "a float > 0", self.temperature)
         if self.max_problems is not None:
             _positive_int(c, "max_problems", self.max_problems)
 
@@ -203,7 +201,7 @@ class TrainerConfig:
                              f"one rank sees every token and layer (tp = cp = pp = 1), got tp={p.tp}, cp={p.cp}, "
                              f"pp={p.pp}; use 'r2' or the SGLang engine")
         if not isinstance(self.task, ArithmeticTaskConfig | MathTaskConfig):
-            raise _bad("TrainerConfig", "task", "an ArithmeticTaskConfig or a MathTaskConfig", self.task)
+            raise ConfigError("TrainerConfig", "task", "an ArithmeticTaskConfig or a MathTaskConfig", self.task)
         if isinstance(self.task, MathTaskConfig) and not (self.hf.tokenizer or self.hf.load):
             raise ValueError("HFCheckpointConfig.tokenizer: a dataset task needs a Hugging Face tokenizer directory "
                              "(tokenizer, or load to use the checkpoint's), got None")

@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from vespo_megatron.base.metric import Metric, finalize_metrics, merge_metrics
 from vespo_megatron.compat import get_forward_backward_func
 from vespo_megatron.data.math_reward import FAILURE_REASONS
 from vespo_megatron.data.math_task import MathTask, MathTaskConfig
@@ -34,7 +35,6 @@ from vespo_megatron.hf.bridge import (
     save_hf_checkpoint,
 )
 from vespo_megatron.hf.config import load_hf_config
-from vespo_megatron.losses import Metric, finalize_metrics, merge_metrics
 from vespo_megatron.losses.inputs import sequence_sums
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
 from vespo_megatron.megatron.model import build_gpt_model
@@ -48,7 +48,7 @@ from vespo_megatron.metrics.mismatch import (
     staleness_histogram,
 )
 from vespo_megatron.parallel.cp_split import round_up
-from vespo_megatron.parallel.metrics import all_reduce_metrics
+from vespo_megatron.parallel.reduce_metrics import all_reduce_metrics
 from vespo_megatron.parallel.sequence import all_reduce_sum
 from vespo_megatron.routing import RoutingRecord, strided_fill
 from vespo_megatron.routing.alignment import moe_layer_numbers

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vespo_megatron.losses import Metric, Reduce
+from vespo_megatron.base.metric import Metric, Reduce
 from vespo_megatron.parallel.sequence import comm_device
 
 __all__ = ["all_reduce_metrics"]
