@@ -96,7 +96,7 @@ def replay_exactness(layout, model_cfg, mbs):
 def run(args) -> None:
     from vespo_megatron.megatron.parallel_setup import ParallelConfig
     from vespo_megatron.megatron.step import RLStepConfig
-    from vespo_megatron.megatron.testing import random_rl_micro_batches, run_rl_layout
+    from vespo_megatron.testing.layouts import random_rl_micro_batches, run_rl_layout
     from vespo_megatron.training.launch import init_distributed
 
     rank, world = init_distributed()

@@ -32,7 +32,9 @@ import time
 import numpy as np
 import torch
 
-from vespo_megatron.routing import RoutingSpec, decode_routed_experts, sglang_payload
+from vespo_megatron.rollout.sglang import routed_experts as sglang_payload
+from vespo_megatron.rollout.sglang.routed_experts import decode_routed_experts
+from vespo_megatron.routing import RoutingSpec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QWEN3_30B_A3B = {"num_hidden_layers": 48, "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,

@@ -27,7 +27,7 @@ def _model_cfg():
 
 
 def _batches(cfg):
-    from vespo_megatron.megatron.testing import make_packed_batch, make_padded_batch
+    from vespo_megatron.testing.layouts import make_packed_batch, make_padded_batch
 
     padded = make_padded_batch(cfg.vocab_size, rows=4, seq_len=16, seed=1, pad_from=[16, 11, 7, 16])
     # pad_multiple 4 = 2*cp for CP=2, and keeps T divisible by tp=2 under SP
@@ -36,7 +36,7 @@ def _batches(cfg):
 
 
 def _run_layouts(rank, world_size, layouts, packed_layouts):
-    from vespo_megatron.megatron.testing import run_layout
+    from vespo_megatron.testing.layouts import run_layout
 
     cfg = _model_cfg()
     padded, packed = _batches(cfg)

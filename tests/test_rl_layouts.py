@@ -32,7 +32,7 @@ def _model_cfg():
 
 def _micro_batches(vocab: int):
     """4 micro-batches x 2 samples, prompts 1-5 and responses 1-9 tokens."""
-    from vespo_megatron.megatron.testing import random_rl_micro_batches
+    from vespo_megatron.testing.layouts import random_rl_micro_batches
 
     return random_rl_micro_batches(vocab, num_micro=4, per_micro=2, max_prompt=5, max_response=9)
 
@@ -46,7 +46,7 @@ def _step_cfg(loss):
 
 
 def _run(rank, world_size, layouts):
-    from vespo_megatron.megatron.testing import run_rl_layout
+    from vespo_megatron.testing.layouts import run_rl_layout
 
     cfg = _model_cfg()
     mbs = _micro_batches(cfg.vocab_size)

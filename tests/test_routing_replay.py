@@ -333,7 +333,7 @@ def _pass_keep(ctx, replay):
 
 
 def _decode(payloads):
-    from vespo_megatron.routing import routing_from_meta_info
+    from vespo_megatron.rollout.sglang.routed_experts import routing_from_meta_info
 
     return {key: routing_from_meta_info(meta, spec=_spec(), sample_id=str(key)) for key, meta in payloads.items()}
 
@@ -380,7 +380,7 @@ def _layout_run(layout, batch_layout, payloads):
             probe_old = (probe.dispatched, dict(probe.direct))
             probe.reset()
             upd_logits, loss, m_upd = _pass(ctx, replay, "update", forward_only=False)
-            from vespo_megatron.megatron.testing import finalize_grads, gather_full_grads
+            from vespo_megatron.testing.layouts import finalize_grads, gather_full_grads
 
             finalize_grads(ctx.model, ctx.groups)
             grads = {k: v for k, v in gather_full_grads(ctx.model, ctx.groups).items()}

@@ -1,4 +1,4 @@
-"""SGLangEngine against the local fake SGLang server (real HTTP on 127.0.0.1, no GPU, no SGLang install).
+"""SGLangClient against the local fake SGLang server (real HTTP on 127.0.0.1, no GPU, no SGLang install).
 
 What these tests pin: the request body SGLang gets, decoding of its answer (log-prob triples, finish
 reasons, base64 routing), retry/backoff/no-retry rules, the feature check at start, per-sample errors
@@ -17,24 +17,25 @@ import urllib.request
 import numpy as np
 import pytest
 
-from vespo_megatron.routing import RoutingSpec
-from vespo_megatron.testing import CORRUPTIONS, FakeOutput, FakeSGLangServer, hash_policy
-from vespo_megatron.training.engine import EngineError, Generation, GenerationRequest, RolloutEngine
-from vespo_megatron.training.sglang_engine import (
+from vespo_megatron.rollout.engine import EngineError, Generation, GenerationRequest, RolloutEngine
+from vespo_megatron.rollout.sglang.client import (
     HTTPStatusError,
     SampleError,
-    SGLangEngine,
-    SGLangEngineConfig,
+    SGLangClient,
+    SGLangClientConfig,
 )
+from vespo_megatron.rollout.sglang.engine import SGLangEngine
+from vespo_megatron.routing import RoutingSpec
+from vespo_megatron.testing import CORRUPTIONS, FakeOutput, FakeSGLangServer, hash_policy
 
 SPEC = RoutingSpec(num_hidden_layers=4, moe_layers=(1, 2, 3), top_k=2, num_experts=8)
 
 
-def make_engine(server: FakeSGLangServer, **overrides) -> SGLangEngine:
+def make_engine(server: FakeSGLangServer, **overrides) -> SGLangClient:
     kwargs = dict(base_url=server.url, timeout_s=5.0, max_retries=2, backoff_s=0.001, max_backoff_s=0.004,
                   routing_spec=SPEC, seed=0)
     kwargs.update(overrides)
-    return SGLangEngine(SGLangEngineConfig(**kwargs))
+    return SGLangClient(SGLangClientConfig(**kwargs))
 
 
 def req(i: int, **kw) -> GenerationRequest:
@@ -58,7 +59,7 @@ def test_round_trip_logprobs_and_routing(server):
 
     server.policy = policy
     engine = make_engine(server)
-    assert isinstance(engine, RolloutEngine)
+    assert isinstance(SGLangEngine(engine, None, sender=False), RolloutEngine)  # the client behind the protocol
     [gen] = engine.generate([GenerationRequest("a", (1, 2, 3), max_new_tokens=4, temperature=0.7,
                                                return_routing=True, stop_token_ids=(7,))])
     assert gen == Generation(sample_id="a", prompt_ids=(1, 2, 3), output_ids=(5, 6, 7),
@@ -134,7 +135,7 @@ def test_timeout_raises_after_max_retries_with_backoff(server):
 def test_connection_refused_is_retried_then_engine_error():
     with FakeSGLangServer() as s:
         url = s.url  # a port that is free again once the server stops
-    engine = SGLangEngine(SGLangEngineConfig(base_url=url, max_retries=2, backoff_s=0.001, max_backoff_s=0.002))
+    engine = SGLangClient(SGLangClientConfig(base_url=url, max_retries=2, backoff_s=0.001, max_backoff_s=0.002))
     with pytest.raises(EngineError, match=r"failed after 3 attempts.*connection error"):
         engine.check_server()
 
@@ -295,11 +296,11 @@ def test_invalid_requests_are_rejected_before_sending(server):
 ])
 def test_config_validation_names_field(field, value, message):
     with pytest.raises(ValueError, match=message):
-        SGLangEngineConfig(**{"base_url": "http://127.0.0.1:30000", field: value})
+        SGLangClientConfig(**{"base_url": "http://127.0.0.1:30000", field: value})
 
 
 def test_backoff_is_exponential_capped_and_jittered():
-    engine = SGLangEngine(SGLangEngineConfig(base_url="http://127.0.0.1:1", backoff_s=1.0, max_backoff_s=5.0, seed=1))
+    engine = SGLangClient(SGLangClientConfig(base_url="http://127.0.0.1:1", backoff_s=1.0, max_backoff_s=5.0, seed=1))
     for attempt, cap in enumerate([1.0, 2.0, 4.0, 5.0, 5.0]):
         delays = [engine._backoff(attempt) for _ in range(50)]
         assert all(cap * 0.5 <= d <= cap for d in delays)

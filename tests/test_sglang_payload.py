@@ -20,16 +20,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vespo_megatron.routing import (
+from vespo_megatron.rollout.sglang import routed_experts as sglang_payload
+from vespo_megatron.rollout.sglang.routed_experts import (
     RoutingPayloadError,
-    RoutingRecord,
-    RoutingSpec,
-    compact_dtype,
     decode_routed_experts,
     routing_from_meta_info,
-    sglang_payload,
-    strided_fill,
 )
+from vespo_megatron.routing import RoutingRecord, RoutingSpec, compact_dtype, strided_fill
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sglang"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -55,14 +54,12 @@ def _args(ckpt, data, out, *extra):
 
 
 def _train_math(rank, world_size, ckpt, data, out):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import toy_rl
-
+    from vespo_megatron.training import cli as train_cli
     from vespo_megatron.training.trainer import Trainer
 
     # one SFT step: a random model answers nothing right, and RL with all-zero advantages changes nothing
-    cfg = toy_rl.build_config(toy_rl.parse_args(_args(ckpt, data, out, "--eval-every", "1", "--eval-k", "2",
-                                                      "--save-hf-final", "--sft-steps", "1")))
+    cfg = train_cli.config_from_argv(_args(ckpt, data, out, "--eval-every", "1", "--eval-k", "2",
+                                                      "--save-hf-final", "--sft-steps", "1"))
     trainer = Trainer(cfg)
     try:
         return trainer.run()
@@ -96,34 +93,30 @@ def test_hf_checkpoint_math_data_eval_and_save(tmp_path):
 
 
 def test_model_flags_that_disagree_with_the_checkpoint_fail_before_building(tmp_path):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import toy_rl
+    from vespo_megatron.training import cli as train_cli
 
     ckpt, data = _make_checkpoint_and_data(tmp_path)
-    args = toy_rl.parse_args(_args(ckpt, data, str(tmp_path / "run"), "--num-experts", "8", "--hidden-size", "64"))
-    cfg = toy_rl.build_config(args)
+    cfg = train_cli.config_from_argv(_args(ckpt, data, str(tmp_path / "run"), "--num-experts", "8", "--hidden-size", "64"))
     with pytest.raises(ValueError, match=r"hidden_size: model flags 64, checkpoint 32(.|\n)*num_experts: model "
                                          r"flags 8, checkpoint 4"):
         cfg.validate(1)
-    ok = dataclasses.replace(cfg, model=toy_rl.build_model_config(toy_rl.parse_args(_args(ckpt, data, "x"))))
+    ok = dataclasses.replace(cfg, model=train_cli.config_from_argv(_args(ckpt, data, "x")).model)
     ok.validate(1)
 
 
 def _train_sglang(rank, world_size, out, mode, server_url):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import toy_rl
-
     from vespo_megatron.hf.bridge import iter_hf_tensors
+    from vespo_megatron.training import cli as train_cli
     from vespo_megatron.training.trainer import Trainer
 
-    cfg = toy_rl.build_config(toy_rl.parse_args([
+    cfg = train_cli.config_from_argv([
         "--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "2", "--micro-batch-size", "4",
         "--sft-steps", "0", "--steps", "2", "--rollout-engine", "sglang", "--sglang-url", server_url,
-        "--weight-sync", mode, "--weight-sync-bucket-mib", "1", "--out-dir", out, "--threads", "1"]))
+        "--weight-sync", mode, "--weight-sync-bucket-mib", "1", "--out-dir", out, "--threads", "1"])
     trainer = Trainer(cfg)
     trainer.run()
     # the trainer's final weights in HF naming (bf16 on disk; the stream sends the parameters' dtype)
-    return {n: t.clone() for n, t in iter_hf_tensors(trainer.model, trainer.groups, trainer.hf_config)}
+    return {n: t.clone() for n, t in iter_hf_tensors(trainer.model, trainer.groups, trainer.policy.hf_config)}
 
 
 @pytest.mark.parametrize("mode", ["disk", "distributed"])
@@ -151,15 +144,13 @@ def test_weight_sync_to_sglang_sends_the_trainers_hf_weights(tmp_path, mode):
 
 
 def _toy_eval(rank, world_size, out):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import toy_rl
-
+    from vespo_megatron.training import cli as train_cli
     from vespo_megatron.training.trainer import Trainer
 
-    cfg = toy_rl.build_config(toy_rl.parse_args([
+    cfg = train_cli.config_from_argv([
         "--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "2", "--micro-batch-size", "4",
         "--sft-steps", "3", "--steps", "1", "--eval-every", "1", "--eval-k", "3", "--eval-max-problems", "6",
-        "--out-dir", out, "--threads", "1"]))
+        "--out-dir", out, "--threads", "1"])
     trainer = Trainer(cfg)
     return trainer.run(), [p.text for p in trainer.task.eval_problems()][:6]
 
@@ -173,23 +164,20 @@ def test_toy_task_eval_metrics(tmp_path):
 
 
 def test_dry_run_plans_from_the_checkpoint(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import toy_rl
+    from vespo_megatron.training import cli as train_cli
 
     ckpt, data = _make_checkpoint_and_data(tmp_path)
-    assert toy_rl.main(_args(ckpt, data, str(tmp_path / "run"), "--dry-run")) == 0
+    assert train_cli.main(_args(ckpt, data, str(tmp_path / "run"), "--dry-run")) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["samples_per_step"] == 8
 
 
 def _train_math_tp2(rank, world_size, ckpt, data, out):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import toy_rl
-
+    from vespo_megatron.training import cli as train_cli
     from vespo_megatron.training.trainer import Trainer
 
-    cfg = toy_rl.build_config(toy_rl.parse_args(_args(ckpt, data, out, "--tp", "2", "--sp", "--eval-every", "1",
-                                                      "--eval-k", "2", "--steps", "1", "--sft-steps", "1")))
+    cfg = train_cli.config_from_argv(_args(ckpt, data, out, "--tp", "2", "--sp", "--eval-every", "1",
+                                                      "--eval-k", "2", "--steps", "1", "--sft-steps", "1"))
     trainer = Trainer(cfg)
     try:
         (values,) = trainer.run()

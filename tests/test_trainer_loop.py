@@ -27,15 +27,12 @@ TINY = ["--hidden-size", "32", "--num-experts", "4", "--moe-ffn-hidden-size", "3
 
 def _train(rank, world_size, argv_list, out_dir):
     from vespo_megatron.megatron.parallel_setup import destroy_parallel
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    import toy_rl
-
+    from vespo_megatron.training import cli as train_cli
     from vespo_megatron.training.trainer import Trainer
 
     results = {}
     for name, argv in argv_list:
-        cfg = toy_rl.build_config(toy_rl.parse_args([*argv, "--out-dir", os.path.join(out_dir, name)]))
+        cfg = train_cli.config_from_argv([*argv, "--out-dir", os.path.join(out_dir, name)])
         trainer = Trainer(cfg)
         try:
             results[name] = (trainer.is_log_rank, trainer.run())

@@ -4,7 +4,6 @@ format), including R3 routing replay from SGLang's routed-experts payloads and w
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(rank, world_size, out_dir):
-    sys.path.insert(0, str(ROOT / "examples"))
-    import toy_rl
-
     from vespo_megatron.testing import FakeSGLangServer, hash_policy
+    from vespo_megatron.training import cli as train_cli
     from vespo_megatron.training.trainer import Trainer
 
     with FakeSGLangServer(hash_policy(vocab_size=64), num_hidden_layers=2, top_k=2, num_experts=4) as server:
-        cfg = toy_rl.build_config(toy_rl.parse_args([
+        cfg = train_cli.config_from_argv([
             "--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "4",
             "--staleness", "2", "--sft-steps", "0", "--steps", "2", "--rollout-engine", "sglang",
             "--sglang-url", server.url, "--routing-replay", "r3", "--rollout-correction", "tis",
-            "--out-dir", out_dir, "--threads", "1"]))
+            "--out-dir", out_dir, "--threads", "1"])
         trainer = Trainer(cfg)
         history = trainer.run()
         return history, len(server.weight_loads), len(server.bodies("/generate")), dict(trainer.rejections.counts)

@@ -7,18 +7,20 @@ import math
 
 import pytest
 
+from vespo_megatron.losses import VespoConfig
 from vespo_megatron.megatron.model import TinyMoEConfig
 from vespo_megatron.megatron.parallel_setup import ParallelConfig
+from vespo_megatron.rollout.engine import Generation
+from vespo_megatron.training.advantages import ADVANTAGE_ESTIMATORS, grpo_advantages, resolve_advantage
 from vespo_megatron.training.config import AlgorithmConfig, RolloutConfig, TrainerConfig
-from vespo_megatron.training.engine import Generation
-from vespo_megatron.training.samples import Rejections, build_samples, group_advantages
+from vespo_megatron.training.samples import Rejections, build_samples
 from vespo_megatron.training.toy_task import ArithmeticTask, ArithmeticTaskConfig, CharTokenizer
 
 
 def test_group_advantages_against_loop():
     rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
     groups = [0, 0, 0, 1, 1, 2, 2]
-    adv = group_advantages(rewards, groups, eps=0.0 + 1e-12)
+    adv = grpo_advantages(rewards, groups, eps=0.0 + 1e-12)
     for g in set(groups):
         rs = [r for r, gg in zip(rewards, groups, strict=True) if gg == g]
         mean = sum(rs) / len(rs)
@@ -27,6 +29,29 @@ def test_group_advantages_against_loop():
             if gg == g:
                 assert a == pytest.approx((r - mean) / (std + 1e-12))
     assert adv[3] == adv[4] == 0.0  # a group with no spread carries no signal
+
+
+def test_dr_grpo_and_rloo_against_loops():
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 1.0, 0.0, 0.25]
+    groups = [0, 0, 0, 1, 1, 2, 2, 3]
+    dr = ADVANTAGE_ESTIMATORS["dr_grpo"](rewards, groups, 1e-6)
+    rloo = ADVANTAGE_ESTIMATORS["rloo"](rewards, groups, 1e-6)
+    for i, (r, g) in enumerate(zip(rewards, groups, strict=True)):
+        mates = [rr for rr, gg in zip(rewards, groups, strict=True) if gg == g]
+        others = [rr for j, (rr, gg) in enumerate(zip(rewards, groups, strict=True)) if gg == g and j != i]
+        assert dr[i] == pytest.approx(r - sum(mates) / len(mates))
+        assert rloo[i] == pytest.approx(r - sum(others) / len(others) if others else 0.0)
+    assert rloo[7] == 0.0  # a lone sample has no baseline: no signal
+    # RLOO is Dr. GRPO scaled by n / (n - 1)
+    assert rloo[0] == pytest.approx(dr[0] * 3 / 2)
+
+
+def test_advantage_estimator_by_import_path_and_bad_names():
+    assert resolve_advantage("vespo_megatron.training.advantages:rloo_advantages") is ADVANTAGE_ESTIMATORS["rloo"]
+    with pytest.raises(ValueError, match=r"AlgorithmConfig.advantage: expected one of \['dr_grpo', 'grpo', 'rloo'\]"):
+        AlgorithmConfig(advantage="ppo")
+    with pytest.raises(ValueError, match="AlgorithmConfig.advantage: expected an importable module"):
+        AlgorithmConfig(advantage="no_such_module_xyz:f")
 
 
 def _gen(i, out, lps, prompt=(1, 5, 6)):
@@ -60,8 +85,10 @@ def test_bad_generations_are_rejected_and_counted():
 @pytest.mark.parametrize("change, match", [
     (dict(parallel=ParallelConfig(tp=3, sp=True)), r"world size|tp"),
     (dict(rollout=RolloutConfig(prompts_per_step=3, group_size=4)), r"prompts_per_step: expected a multiple of the data-parallel size 2"),
-    (dict(algorithm=AlgorithmConfig(staleness=3)), r"staleness: the 32 samples per DP rank"),
-    (dict(algorithm=AlgorithmConfig(micro_batch_size=5)), r"micro_batch_size: a mini-batch has 32 samples"),
+    (dict(algorithm=AlgorithmConfig(staleness=3), rollout=RolloutConfig(prompts_per_step=16, group_size=4)),
+     r"staleness: the 32 samples per DP rank"),
+    (dict(algorithm=AlgorithmConfig(micro_batch_size=5, staleness=1), rollout=RolloutConfig(prompts_per_step=16, group_size=4)),
+     r"micro_batch_size: a mini-batch has 32 samples"),
     (dict(algorithm=AlgorithmConfig(routing_replay="r2"), model=TinyMoEConfig(moe_layer_freq=(0, 0))),
      r"routing_replay: 'r2' needs MoE layers"),
 ])
@@ -76,10 +103,12 @@ def test_config_field_errors():
         RolloutConfig(group_size=1)
     with pytest.raises(ValueError, match=r"AlgorithmConfig.staleness: expected an int in \[1, 64\], got 65"):
         AlgorithmConfig(staleness=65)
-    with pytest.raises(ValueError, match=r"policy loss name"):
+    with pytest.raises(ValueError, match=r"AlgorithmConfig.loss: expected one of \[.*'vespo'.*\] or an import path"):
         AlgorithmConfig(loss="dpo")
-    with pytest.raises(ValueError, match=r"PPOClipConfig.eps_low"):
-        AlgorithmConfig(loss="grpo", loss_options={"eps_low": 2.0})
+    with pytest.raises(ValueError, match=r"AlgorithmConfig.loss_config: expected a PPOClipConfig for loss 'grpo'"):
+        AlgorithmConfig(loss="grpo", loss_config=VespoConfig())
+    # the loss's typed config is filled in from the name
+    assert AlgorithmConfig(loss="vespo_sqrt").loss_config == VespoConfig(length_norm="sqrt")
 
 
 def test_toy_task_is_deterministic_and_verifiable():

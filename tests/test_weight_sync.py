@@ -24,15 +24,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vespo_megatron.testing import FakeSGLangServer
-from vespo_megatron.training.engine import EngineError, GenerationRequest
-from vespo_megatron.training.sglang_engine import SGLangEngine, SGLangEngineConfig
-from vespo_megatron.training.weight_sync import (
+from vespo_megatron.rollout.engine import EngineError, GenerationRequest
+from vespo_megatron.rollout.sglang.client import SGLangClient, SGLangClientConfig
+from vespo_megatron.rollout.sglang.weight_sync import (
     DistributedWeightSender,
     WeightSyncConfig,
     bucketize,
     dtype_name,
 )
+from vespo_megatron.testing import FakeSGLangServer
 
 BUCKET_BYTES = 4096
 
@@ -74,14 +74,14 @@ def _sync_config(port: int, group_name: str, backend: str) -> WeightSyncConfig:
                             bucket_timeout_s=30.0)
 
 
-def _scenario_sync(engine: SGLangEngine, cfg: WeightSyncConfig) -> dict:
+def _scenario_sync(engine: SGLangClient, cfg: WeightSyncConfig) -> dict:
     with DistributedWeightSender(engine, cfg) as sender:
         stats = sender.send(iter(make_tensors(0)), version=7)  # an iterator, as the HF converter yields
         gen = engine.generate([GenerationRequest(sample_id="after", prompt_ids=(1, 2, 3), max_new_tokens=4)])
     return {"stats": stats, "engine_version": engine.weight_version, "gen_version": gen[0].weight_version}
 
 
-def _scenario_refused(engine: SGLangEngine, cfg: WeightSyncConfig) -> dict:
+def _scenario_refused(engine: SGLangClient, cfg: WeightSyncConfig) -> dict:
     # 1. the server refuses to join: open() fails at once, not after init_timeout_s
     start = time.monotonic()
     with pytest.raises(EngineError) as join:
@@ -100,7 +100,7 @@ def _scenario_refused(engine: SGLangEngine, cfg: WeightSyncConfig) -> dict:
             "again": str(again.value), "engine_version": engine.weight_version}
 
 
-def _scenario_load_error(engine: SGLangEngine, cfg: WeightSyncConfig) -> dict:
+def _scenario_load_error(engine: SGLangClient, cfg: WeightSyncConfig) -> dict:
     with DistributedWeightSender(engine, cfg) as sender:
         with pytest.raises(EngineError) as bad:
             sender.send(make_tensors(0), version=7)  # the server has lm_head with another shape
@@ -122,7 +122,7 @@ def _trainer(url: str, scenario: str, port: int, group_name: str, backend: str, 
         if with_default_group:  # the trainer's own world (of one here): the update group must not need it
             torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                                  rank=0, world_size=1, **extra)
-        engine = SGLangEngine(SGLangEngineConfig(base_url=url, timeout_s=10.0, max_retries=0))
+        engine = SGLangClient(SGLangClientConfig(base_url=url, timeout_s=10.0, max_retries=0))
         engine.check_server()  # as at trainer start: tags the server with version 0
         out.put(("ok", SCENARIOS[scenario](engine, _sync_config(port, group_name, backend))))
     except BaseException:
@@ -292,7 +292,7 @@ def test_config_defaults_and_sender_needs_distributed_mode():
     cfg = WeightSyncConfig()
     assert (cfg.mode, cfg.bucket_bytes, cfg.backend) == ("disk", 512 * 1024**2, "auto")
     assert cfg.resolved_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
-    engine = SGLangEngine(SGLangEngineConfig(base_url="http://127.0.0.1:9"))
+    engine = SGLangClient(SGLangClientConfig(base_url="http://127.0.0.1:9"))
     with pytest.raises(ValueError, match="config.mode: expected 'distributed'"):
         DistributedWeightSender(engine, cfg)
 
@@ -302,7 +302,7 @@ def test_config_defaults_and_sender_needs_distributed_mode():
 
 def test_engine_calls_are_sent_once_and_carry_the_servers_message():
     with FakeSGLangServer() as server:
-        engine = SGLangEngine(SGLangEngineConfig(base_url=server.url, timeout_s=5.0, max_retries=3,
+        engine = SGLangClient(SGLangClientConfig(base_url=server.url, timeout_s=5.0, max_retries=3,
                                                  backoff_s=0.001))
         with pytest.raises(EngineError, match="Group nope not in"):
             engine.update_weights_from_distributed(["w"], ["float32"], [[2]], group_name="nope", version=3)
@@ -321,6 +321,6 @@ def test_engine_calls_are_sent_once_and_carry_the_servers_message():
             engine.update_weights_from_distributed(["a", "b"], ["float32"], [[1]])
     with FakeSGLangServer(has_weight_version_api=False, weight_version="3") as server:
         # no /get_weight_version (newest SGLang answers it 404): the tag comes from the model info
-        engine = SGLangEngine(SGLangEngineConfig(base_url=server.url, timeout_s=5.0))
+        engine = SGLangClient(SGLangClientConfig(base_url=server.url, timeout_s=5.0))
         assert engine.get_weight_version() == "3"
         assert [p for p, _ in server.requests] == ["/get_weight_version", "/model_info", "/get_model_info"]

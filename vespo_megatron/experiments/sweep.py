@@ -1,4 +1,4 @@
-"""Sweeps of `examples/toy_rl.py` for the paper's stability claims: staleness N, fully asynchronous rollouts,
+"""Sweeps of the toy training run (`vespo-train`) for the paper's stability claims: staleness N, fully asynchronous rollouts,
 MoE train/inference mismatch with and without routing replay.
 
 A `SweepConfig` expands (`expand`) into named `Run`s, each one subprocess of the toy trainer with its own
@@ -36,14 +36,15 @@ __all__ = ["SweepConfig", "Run", "RunSummary", "CollapseRule", "expand", "run_st
            "summarize", "markdown_table", "plot_settings", "write_report"]
 
 LOSSES = ("vespo", "vespo_sqrt", "vespo_lin", "grpo", "gspo", "sapo", "reinforce", "grpo+tis")
-# Sweep labels that are a loss plus a rollout correction (toy_rl.py flags).
+# Sweep labels that are a loss plus a rollout correction (`vespo-train` flags).
 _LOSS_FLAGS = {"grpo+tis": ("--loss", "grpo", "--rollout-correction", "tis")}
 EXTRAS = ("async", "mismatch")
 # Flags the sweep sets itself; base_flags may not carry them.
 _OWNED_FLAGS = ("--loss", "--staleness", "--micro-batch-size", "--seed", "--steps", "--out-dir", "--run-name",
                 "--checkpoint-every", "--no-console", "--threads", "--prompts-per-step", "--group-size",
                 "--async-lag", "--rollout-precision", "--routing-replay", "--rollout-correction")
-TOY_SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "toy_rl.py"
+# Each run is one trainer process: `vespo-train`, run as a module of the installed package.
+TRAIN_MODULE = "vespo_megatron.training.cli"
 
 
 
@@ -137,7 +138,7 @@ class SweepConfig:
 @dataclass(frozen=True)
 class Run:
     """One trainer process. `setting` groups runs into one plot panel (e.g. "n8", "async_lag4", "mismatch");
-    `label` is its line in that panel (e.g. "grpo+tis+r3"); `flags` are toy_rl.py flags (no out-dir / name)."""
+    `label` is its line in that panel (e.g. "grpo+tis+r3"); `flags` are `vespo-train` flags (no out-dir / name)."""
 
     name: str
     setting: str
@@ -152,9 +153,8 @@ class Run:
     def jsonl(self, runs_dir: str | os.PathLike) -> Path:
         return self.out_dir(runs_dir) / f"{self.name}.jsonl"
 
-    def command(self, runs_dir: str | os.PathLike, *, python: str = sys.executable,
-                script: str | os.PathLike = TOY_SCRIPT) -> list[str]:
-        return [python, str(script), *self.flags, "--out-dir", str(self.out_dir(runs_dir)), "--run-name", self.name]
+    def command(self, runs_dir: str | os.PathLike, *, python: str = sys.executable) -> list[str]:
+        return [python, "-m", TRAIN_MODULE, *self.flags, "--out-dir", str(self.out_dir(runs_dir)), "--run-name", self.name]
 
 
 def _run(cfg: SweepConfig, setting: str, label: str, seed: int, n: int, flags: Sequence[str]) -> Run:

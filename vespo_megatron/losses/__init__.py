@@ -15,7 +15,14 @@ from .config import (
     VespoConfig,
 )
 from .inputs import build_local_inputs
-from .registry import POLICY_LOSSES, PolicyLoss, get_policy_loss, make_loss_config
+from .registry import (
+    POLICY_LOSSES,
+    LossConfig,
+    PolicyLoss,
+    get_policy_loss,
+    make_loss_config,
+    resolve_policy_loss,
+)
 from .segments import masked_segment_sum, segment_count
 from .types import LossInputs, LossNormalizer, LossOutput
 from .vespo import vespo_loss, vespo_phi
@@ -23,7 +30,7 @@ from .vespo import vespo_loss, vespo_phi
 __all__ = [
     "AGGREGATION_MODES", "GSPOConfig", "PPOClipConfig", "ReinforceConfig", "RolloutCorrectionConfig",
     "SAPOConfig", "VespoConfig", "LossInputs", "LossNormalizer", "LossOutput",
-    "POLICY_LOSSES", "PolicyLoss", "get_policy_loss", "make_loss_config", "vespo_phi", "vespo_loss",
+    "POLICY_LOSSES", "LossConfig", "PolicyLoss", "get_policy_loss", "resolve_policy_loss", "make_loss_config", "vespo_phi", "vespo_loss",
     "aggregate", "token_weights", "build_local_inputs",
     "masked_segment_sum", "segment_count",
 ]

@@ -7,12 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vespo_megatron.base.imports import load_object
+
 from .baselines import grpo_loss, gspo_loss, reinforce_loss, sapo_loss
 from .config import GSPOConfig, PPOClipConfig, ReinforceConfig, SAPOConfig, VespoConfig
 from .types import LossInputs, LossNormalizer, LossOutput
 from .vespo import vespo_loss
 
-__all__ = ["PolicyLoss", "get_policy_loss", "make_loss_config", "POLICY_LOSSES"]
+__all__ = ["PolicyLoss", "get_policy_loss", "make_loss_config", "resolve_policy_loss", "LossConfig", "POLICY_LOSSES"]
+
+# The typed configs of the registered losses; a loss name selects its member (`PolicyLoss.config_cls`).
+LossConfig = VespoConfig | PPOClipConfig | GSPOConfig | SAPOConfig | ReinforceConfig
 
 
 @dataclass(frozen=True)
@@ -65,3 +70,15 @@ def get_policy_loss(name: str) -> PolicyLoss:
 def make_loss_config(name: str, **overrides: Any):
     """The config for loss `name` with its defaults, `overrides` applied and validated."""
     return get_policy_loss(name).default_config(**overrides)
+
+
+def resolve_policy_loss(name: str) -> PolicyLoss:
+    """A registered loss by name, or one from outside the package by import path 'module:build', where
+    `build()` returns a `PolicyLoss` (e.g. `PolicyLoss("my_loss", fn, VespoConfig, {})`)."""
+    if name in POLICY_LOSSES:
+        return POLICY_LOSSES[name]
+    build = load_object(name, what="AlgorithmConfig.loss", known=sorted(POLICY_LOSSES))
+    loss = build()
+    if not isinstance(loss, PolicyLoss):
+        raise ValueError(f"AlgorithmConfig.loss: expected {name!r} to build a PolicyLoss, got {type(loss).__name__}")
+    return loss

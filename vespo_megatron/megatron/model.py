@@ -7,7 +7,7 @@ Determinism across layouts: after megatron builds the local shards, `init_params
 every matrix with a slice of a full tensor drawn from a generator seeded by (seed, global parameter name),
 so the full (gathered) weights are bit-identical for every TP/SP/CP/EP/PP/DP layout. The same name and
 partition bookkeeping (`param_layout`, `shard_of_full`, `full_from_shards`) is used to gather full
-gradients in `vespo_megatron.megatron.testing`.
+gradients in `vespo_megatron.testing.layouts`.
 
 Shape legend: V vocab, h hidden, P size of the group a parameter is split over, s partition stride.
 """

@@ -3,7 +3,7 @@
 megatron's torch fallback (`WrappedTorchNorm`) asserts `not config.sequence_parallel`; transformer-engine's
 norm is GPU-only. Under sequence parallelism each TP rank normalises a different shard of the tokens, so the
 norm weight's gradient is partial per rank: we tag it `sequence_parallel = True`, which is the attribute
-megatron's `finalize_model_grads` (and `vespo_megatron.megatron.testing.finalize_grads`) use to all-reduce it
+megatron's `finalize_model_grads` (and `vespo_megatron.testing.layouts.finalize_grads`) use to all-reduce it
 over the TP group. QK-norm weights are reduced by name (`q_layernorm`/`k_layernorm`) in the same place.
 
 Constructor signature follows megatron's norm builders: `(config, hidden_size, eps, ...)`.

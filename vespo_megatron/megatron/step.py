@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from vespo_megatron.base.metric import Metric
-from vespo_megatron.losses import LossNormalizer, get_policy_loss
+from vespo_megatron.losses import LossNormalizer, resolve_policy_loss
 from vespo_megatron.megatron.rl_batch import RLMicroBatch
 from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
@@ -37,7 +37,7 @@ __all__ = ["RLStepConfig", "StepGroups", "RLStep", "install_rl_grad_finalizer"]
 
 @dataclass(frozen=True, kw_only=True)
 class RLStepConfig:
-    """loss_name: a name of `get_policy_loss`; loss_config: its config (None: the loss's defaults);
+    """loss_name: a registered loss or an import path (`resolve_policy_loss`); loss_config: its config (None: the loss's defaults);
     temperature: the rollout engine's sampling temperature (log-probs are of softmax(logits / T))."""
 
     loss_name: str = "vespo"
@@ -47,7 +47,7 @@ class RLStepConfig:
     logprob_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
-        loss = get_policy_loss(self.loss_name)  # ValueError for unknown names
+        loss = resolve_policy_loss(self.loss_name)  # ValueError for unknown names
         if self.loss_config is not None and not isinstance(self.loss_config, loss.config_cls):
             raise ValueError(f"RLStepConfig.loss_config: expected a {loss.config_cls.__name__} for "
                              f"{self.loss_name!r}, got {type(self.loss_config).__name__}")
@@ -69,7 +69,7 @@ class RLStep:
     def __init__(self, cfg: RLStepConfig, groups: StepGroups):
         self.cfg = cfg
         self.groups = groups
-        self.loss = get_policy_loss(cfg.loss_name)
+        self.loss = resolve_policy_loss(cfg.loss_name)
         self.loss_config = cfg.loss_config if cfg.loss_config is not None else self.loss.default_config()
 
     def normalizer(self, micro_batches: Sequence[RLMicroBatch], *, dp_group=None) -> LossNormalizer:

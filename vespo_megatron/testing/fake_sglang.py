@@ -168,7 +168,7 @@ class _State:
 
 
 class FakeSGLangServer:
-    """``with FakeSGLangServer(...) as server: SGLangEngineConfig(base_url=server.url, ...)``."""
+    """``with FakeSGLangServer(...) as server: SGLangClientConfig(base_url=server.url, ...)``."""
 
     def __init__(
         self,

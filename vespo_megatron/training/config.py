@@ -6,57 +6,51 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from vespo_megatron.base.validation import ConfigError
+from vespo_megatron.base.imports import is_import_path
+from vespo_megatron.base.validation import ConfigError, check_choice, check_float, check_int
 from vespo_megatron.data.math_task import MathTaskConfig
-from vespo_megatron.losses import get_policy_loss, make_loss_config
+from vespo_megatron.losses import LossConfig, resolve_policy_loss
 from vespo_megatron.megatron.model import TinyMoEConfig
 from vespo_megatron.megatron.parallel_setup import ParallelConfig
+from vespo_megatron.rollout.embedded import EmbeddedEngineConfig
+from vespo_megatron.rollout.factory import ENGINES
+from vespo_megatron.rollout.sglang.engine import SGLangEngineConfig
+from vespo_megatron.training.advantages import resolve_advantage
 from vespo_megatron.training.toy_task import ArithmeticTaskConfig
-from vespo_megatron.training.weight_sync import WeightSyncConfig
 
 __all__ = ["RolloutConfig", "AlgorithmConfig", "RunConfig", "HFCheckpointConfig", "EvalConfig", "TrainerConfig"]
 
 
 
-def _positive_int(cls: str, name: str, value: object) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ConfigError(cls, name, "an int >= 1", value)
-
-
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
-    """engine: embedded (the policy samples itself) | sglang (HTTP server at sglang_url).
-    old_logprobs: recompute (trainer forward at rollout weights) | engine (the engine's log-probs as mu)."""
+    """engine: a name in `vespo_megatron.rollout.factory.ENGINES` (embedded: the policy samples itself;
+    sglang: an HTTP server) or an import path 'module:builder'. old_logprobs: recompute (trainer forward at
+    the rollout weights) | engine (the engine's log-probs as mu). embedded / sglang: each engine's settings."""
 
     engine: str = "embedded"
-    prompts_per_step: int = 16
-    group_size: int = 4
+    prompts_per_step: int = 32
+    group_size: int = 8
     temperature: float = 1.0
-    precision: str = "fp32"  # embedded engine: "bf16" gives a real train/inference mismatch
-    async_lag: int = 0  # rollouts by weights this many syncs old (fully asynchronous mode)
     old_logprobs: str = "recompute"
-    sglang_url: str | None = None
+    embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
+    sglang: SGLangEngineConfig = field(default_factory=SGLangEngineConfig)
 
     def __post_init__(self) -> None:
         c = "RolloutConfig"
-        if self.engine not in ("embedded", "sglang"):
-            raise ConfigError(c, "engine", "'embedded' or 'sglang'", self.engine)
-        _positive_int(c, "prompts_per_step", self.prompts_per_step)
-        _positive_int(c, "group_size", self.group_size)
+        if self.engine not in ENGINES and not is_import_path(self.engine):
+            raise ConfigError(c, "engine", f"one of {sorted(ENGINES)} or an import path 'module:builder'",
+                              self.engine)
+        check_int(c, "prompts_per_step", self.prompts_per_step, low=1)
+        check_int(c, "group_size", self.group_size, low=1)
         if self.group_size < 2:
-            raise ConfigError(c, "group_size", "an int >= 2 (group-normalised advantages need 2 samples)", self.group_size)
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(c, "temperature", "a float > 0", self.temperature)
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(c, "precision", "'fp32' or 'bf16'", self.precision)
-        if not (isinstance(self.async_lag, int) and 0 <= self.async_lag <= 64):
-            raise ConfigError(c, "async_lag", "an int in [0, 64]", self.async_lag)
-        if self.old_logprobs not in ("recompute", "engine"):
-            raise ConfigError(c, "old_logprobs", "'recompute' or 'engine'", self.old_logprobs)
-        if self.engine == "sglang" and not self.sglang_url:
-            raise ConfigError(c, "sglang_url", "the server's URL when engine='sglang'", self.sglang_url)
+            raise ConfigError(c, "group_size", "an int >= 2 (group-normalised advantages need 2 samples)",
+                              self.group_size)
+        check_float(c, "temperature", self.temperature, positive=True)
+        check_choice(c, "old_logprobs", self.old_logprobs, ("recompute", "engine"))
+        if self.engine == "sglang" and not self.sglang.url:
+            raise ConfigError("SGLangEngineConfig", "url", "the server's URL when engine='sglang'", self.sglang.url)
 
     @property
     def samples_per_step(self) -> int:
@@ -65,13 +59,17 @@ class RolloutConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AlgorithmConfig:
-    """staleness N = global batch / mini-batch: optimizer updates per rollout batch (the paper's knob)."""
+    """loss: a registered policy loss (`vespo_megatron.losses.POLICY_LOSSES`) or an import path
+    'module:build' (`build()` returns a `PolicyLoss`). loss_config: that loss's typed config (None: its
+    defaults). advantage: an estimator in `ADVANTAGE_ESTIMATORS` (grpo, dr_grpo, rloo) or an import path.
+    staleness N = global batch / mini-batch: optimizer updates per rollout batch (the paper's knob)."""
 
     loss: str = "vespo"
-    loss_options: dict[str, Any] = field(default_factory=dict)  # fields of the loss's config
-    staleness: int = 1
-    micro_batch_size: int = 8  # samples per micro-batch on one DP rank
-    lr: float = 1e-3
+    loss_config: LossConfig | None = None
+    advantage: str = "grpo"
+    staleness: int = 2
+    micro_batch_size: int = 32  # samples per micro-batch on one DP rank
+    lr: float = 3e-4
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     adv_eps: float = 1e-6
@@ -80,41 +78,53 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         c = "AlgorithmConfig"
-        get_policy_loss(self.loss)
-        self.loss_config()  # validates loss_options
-        if not (isinstance(self.staleness, int) and 1 <= self.staleness <= 64):
-            raise ConfigError(c, "staleness", "an int in [1, 64]", self.staleness)
-        _positive_int(c, "micro_batch_size", self.micro_batch_size)
+        loss = resolve_policy_loss(self.loss)
+        if self.loss_config is None:
+            object.__setattr__(self, "loss_config", loss.default_config())
+        elif not isinstance(self.loss_config, loss.config_cls):
+            raise ConfigError(c, "loss_config", f"a {loss.config_cls.__name__} for loss {self.loss!r}",
+                              type(self.loss_config).__name__)
+        resolve_advantage(self.advantage)
+        check_int(c, "staleness", self.staleness, low=1, high=64)
+        check_int(c, "micro_batch_size", self.micro_batch_size, low=1)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(c, "lr", "a finite float > 0", self.lr)
         if not self.clip_grad >= 0:
             raise ConfigError(c, "clip_grad", "a float >= 0 (0: no clipping)", self.clip_grad)
-        if self.routing_replay not in ("off", "r2", "r3"):
-            raise ConfigError(c, "routing_replay", "'off', 'r2' or 'r3'", self.routing_replay)
+        check_choice(c, "routing_replay", self.routing_replay, ("off", "r2", "r3"))
 
-    def loss_config(self):
-        return make_loss_config(self.loss, **self.loss_options)
+    @property
+    def policy_loss(self):
+        return resolve_policy_loss(self.loss)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    steps: int = 30
+    """The run's metrics, checkpoints and exports live under <out_dir>/<run_name>.jsonl (metrics) and
+    <out_dir>/checkpoints. threads: torch intra-op threads per process (0: torch's default)."""
+
+    steps: int = 60
     seed: int = 0
-    sft_steps: int = 0  # supervised warm start on correct answers before RL
+    sft_steps: int = 40  # supervised warm start on correct answers before RL
     sft_lr: float = 3e-3
     sft_micro_batch_size: int | None = None  # None: the RL micro-batch size (staleness sweeps shrink that one)
     out_dir: str = "runs/toy"
-    checkpoint_every: int = 0  # 0: never
+    run_name: str = "toy"
+    checkpoint_every: int = 10  # 0: never
+    console: bool = True
+    wandb: bool = False  # also log to wandb (offline unless WANDB_MODE=online)
+    threads: int = 0
 
     def __post_init__(self) -> None:
         c = "RunConfig"
-        _positive_int(c, "steps", self.steps)
+        check_int(c, "steps", self.steps, low=1)
         if not (isinstance(self.sft_steps, int) and self.sft_steps >= 0):
             raise ConfigError(c, "sft_steps", "an int >= 0", self.sft_steps)
         if self.sft_micro_batch_size is not None:
-            _positive_int(c, "sft_micro_batch_size", self.sft_micro_batch_size)
+            check_int(c, "sft_micro_batch_size", self.sft_micro_batch_size, low=1)
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
             raise ConfigError(c, "checkpoint_every", "an int >= 0", self.checkpoint_every)
+        check_int(c, "threads", self.threads, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,11 +164,11 @@ class EvalConfig:
         c = "EvalConfig"
         if not (isinstance(self.every, int) and self.every >= 0):
             raise ConfigError(c, "every", "an int >= 0", self.every)
-        _positive_int(c, "k", self.k)
+        check_int(c, "k", self.k, low=1)
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(c, "temperature", "a float > 0", self.temperature)
         if self.max_problems is not None:
-            _positive_int(c, "max_problems", self.max_problems)
+            check_int(c, "max_problems", self.max_problems, low=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,7 +181,6 @@ class TrainerConfig:
     run: RunConfig = field(default_factory=RunConfig)
     hf: HFCheckpointConfig = field(default_factory=HFCheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
     def validate(self, world_size: int) -> None:
         """Checks across groups; raises ValueError naming the fields and numbers involved."""
@@ -193,9 +202,9 @@ class TrainerConfig:
         if a.routing_replay == "r2" and r.old_logprobs != "recompute":
             raise ValueError("AlgorithmConfig.routing_replay: 'r2' records the trainer's routing in the old-log-prob "
                              f"pass; expected RolloutConfig.old_logprobs='recompute', got {r.old_logprobs!r}")
-        if r.engine == "sglang" and (r.async_lag or r.precision != "fp32"):
-            raise ValueError("RolloutConfig.async_lag / precision: embedded-engine settings; with engine='sglang' "
-                             f"the server decides them, got async_lag={r.async_lag}, precision={r.precision!r}")
+        if r.engine == "sglang" and r.embedded != EmbeddedEngineConfig():
+            raise ValueError("RolloutConfig.embedded: embedded-engine settings (lag, precision); with engine='sglang' "
+                             f"the server decides them, got {r.embedded}")
         if a.routing_replay == "r3" and r.engine == "embedded" and p.tp * p.cp * p.pp != 1:
             raise ValueError("AlgorithmConfig.routing_replay: 'r3' with the embedded engine records routing where "
                              f"one rank sees every token and layer (tp = cp = pp = 1), got tp={p.tp}, cp={p.cp}, "
@@ -205,8 +214,8 @@ class TrainerConfig:
         if isinstance(self.task, MathTaskConfig) and not (self.hf.tokenizer or self.hf.load):
             raise ValueError("HFCheckpointConfig.tokenizer: a dataset task needs a Hugging Face tokenizer directory "
                              "(tokenizer, or load to use the checkpoint's), got None")
-        if self.weight_sync.mode != "disk" and r.engine != "sglang":
-            raise ValueError(f"WeightSyncConfig.mode: {self.weight_sync.mode!r} streams weights to an SGLang server; "
+        if r.sglang.weight_sync.mode != "disk" and r.engine != "sglang":
+            raise ValueError(f"WeightSyncConfig.mode: {r.sglang.weight_sync.mode!r} streams weights to an SGLang server; "
                              f"expected 'disk' with RolloutConfig.engine={r.engine!r}")
         if self.hf.load is not None:
             from vespo_megatron.hf.config import check_matches_hf, load_hf_config

@@ -1,4 +1,4 @@
-"""Generations -> RL samples: rewards, validation with counted rejection, group-normalised advantages.
+"""Generations -> RL samples: rewards, validation with counted rejection, advantages within each group.
 
 A bad generation (empty response, non-finite log-probs, token ids outside the vocabulary, wrong routing
 shape) is dropped with a reason; the rest of its group keeps going (advantages are normalised over the
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import torch
 
 from vespo_megatron.megatron.rl_batch import RLSample
-from vespo_megatron.routing import RoutingRecord
+from vespo_megatron.rollout.engine import Generation, SampleError
 
-from .engine import Generation
+from .advantages import Estimator, grpo_advantages
 
-__all__ = ["Rejections", "ScoredSample", "validate_generation", "group_advantages", "build_samples"]
+__all__ = ["Rejections", "ScoredSample", "validate_generation", "build_samples"]
 
 
 @dataclass
@@ -43,10 +43,10 @@ class ScoredSample:
     advantage: float = 0.0
 
 
-def validate_generation(gen: Generation, *, vocab_size: int, num_moe_layers: int = 0, top_k: int = 0,
-                        need_routing: bool = False) -> str | None:
+def validate_generation(gen: Generation | SampleError, *, vocab_size: int, num_moe_layers: int = 0,
+                        top_k: int = 0, need_routing: bool = False) -> str | None:
     """The reason this generation cannot be trained on, or None."""
-    if gen.finish_reason == "error":
+    if isinstance(gen, SampleError):
         return "engine_error"
     if len(gen.output_ids) == 0:
         return "empty_response"
@@ -66,21 +66,8 @@ def validate_generation(gen: Generation, *, vocab_size: int, num_moe_layers: int
     return None
 
 
-def group_advantages(rewards: Sequence[float], groups: Sequence[int], eps: float = 1e-6) -> list[float]:
-    """GRPO advantages: (r - mean of its group) / (std of its group + eps); population std."""
-    by_group: dict[int, list[float]] = collections.defaultdict(list)
-    for r, g in zip(rewards, groups, strict=True):
-        by_group[g].append(r)
-    stats = {}
-    for g, rs in by_group.items():
-        mean = sum(rs) / len(rs)
-        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
-        stats[g] = (mean, std)
-    return [(r - stats[g][0]) / (stats[g][1] + eps) for r, g in zip(rewards, groups, strict=True)]
-
-
 def build_samples(
-    generations: Sequence[Generation],
+    generations: Sequence[Generation | SampleError],
     groups: Sequence[int],
     reward_fn: Callable[[list[int], list[Generation]], list[float]],
     rejections: Rejections,
@@ -88,6 +75,7 @@ def build_samples(
     vocab_size: int,
     adv_eps: float = 1e-6,
     routing: tuple[int, int] | None = None,
+    advantages: Estimator = grpo_advantages,
 ) -> tuple[list[RLSample], list[ScoredSample]]:
     """Validate, score and turn generations into `RLSample`s (behaviour log-probs = the engine's for now;
     the trainer replaces them when it recomputes old log-probs). `routing` = (num_moe_layers, top_k) when
@@ -105,7 +93,7 @@ def build_samples(
             valid.append(i)
     rewards = reward_fn(valid, [generations[i] for i in valid])
     kept = [ScoredSample(generations[i], r, groups[i]) for i, r in zip(valid, rewards, strict=True)]
-    advs = group_advantages([s.reward for s in kept], [s.group for s in kept], adv_eps)
+    advs = advantages([s.reward for s in kept], [s.group for s in kept], adv_eps)
     scored = [ScoredSample(s.generation, s.reward, s.group, a) for s, a in zip(kept, advs, strict=True)]
     samples = [
         RLSample(
@@ -121,5 +109,3 @@ def build_samples(
     return samples, scored
 
 
-def routing_of(scored: Sequence[ScoredSample]) -> list[RoutingRecord | None]:
-    return [s.generation.routing for s in scored]

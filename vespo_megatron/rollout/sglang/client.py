@@ -4,20 +4,20 @@ Endpoints used (SGLang's ``http_server.py``; request fields from ``io_struct.py`
 
 - ``POST /generate`` with ``GenerateReqInput`` fields ``rid``, ``input_ids`` (tokens in, no tokenizer
   round trip), ``sampling_params`` (``temperature``, ``max_new_tokens``, ``stop_token_ids`` and
-  ``SGLangEngineConfig.extra_sampling_params``), ``return_logprob: true`` with ``logprob_start_len: -1``
+  ``SGLangClientConfig.extra_sampling_params``), ``return_logprob: true`` with ``logprob_start_len: -1``
   (SGLang's "output tokens only") and, for requests that ask for routing, ``return_routed_experts: true``.
   The answer is ``{"text", "output_ids", "meta_info"}``; ``meta_info`` carries ``id``, ``finish_reason``
   (``{"type": "stop" | "length" | "abort", ...}``), ``prompt_tokens``, ``completion_tokens``,
   ``output_token_logprobs`` (one ``[logprob, token_id, text-or-null]`` triple per output token),
   ``weight_version`` (SGLang >= 0.5) and ``routed_experts`` (base64 int32 ``[P + O - 1, L, K]``).
 - ``GET /server_info`` (``/get_server_info`` on servers that predate the rename): the server arguments,
-  read by :meth:`SGLangEngine.check_server` for ``enable_return_routed_experts``.
+  read by :meth:`SGLangClient.check_server` for ``enable_return_routed_experts``.
 - ``POST /update_weight_version`` ``{"new_version", "abort_all_requests"}``: tag the served weights.
 - ``POST /update_weights_from_disk`` ``{"model_path", "load_format", "weight_version", "flush_cache",
   "abort_all_requests"}``, then ``POST /flush_cache``.
 - ``POST /pause_generation`` ``{"mode"}`` / ``POST /continue_generation`` (async RL), ``POST /abort_request``
   ``{"rid"}`` (best effort, after a timed-out attempt).
-- Streamed weight updates (driven by :mod:`vespo_megatron.training.weight_sync`, each sent once, never
+- Streamed weight updates (driven by :mod:`vespo_megatron.rollout.sglang.weight_sync`, each sent once, never
   retried): ``POST /init_weights_update_group``, ``POST /update_weights_from_distributed`` (one per bucket),
   ``POST /destroy_weights_update_group``, and ``GET /get_weight_version`` (or the ``weight_version`` of
   ``/model_info`` / ``/get_model_info``) to read the tag back.
@@ -33,8 +33,8 @@ fields, a log-prob count that differs from the completion-token count, token ids
 ``output_ids`` and the log-prob triples, a NaN / null / positive log-prob, an aborted request, a bad
 routing payload, a weight-version tag other than the expected one) is the sample's fault, not the
 engine's: it becomes a :class:`SampleError` (an :class:`EngineError`) carrying ``sample_id``.
-:meth:`SGLangEngine.generate_results` returns a ``Generation`` or a ``SampleError`` per request so the
-trainer can drop and count bad samples; :meth:`SGLangEngine.generate` (the :class:`RolloutEngine`
+:meth:`SGLangClient.generate_results` returns a ``Generation`` or a ``SampleError`` per request so the
+trainer can drop and count bad samples; :meth:`SGLangClient.generate` (the :class:`RolloutEngine`
 method) raises the first ``SampleError`` instead. Engine-wide failures always raise.
 
 Weight versions: the engine keeps its version client-side (``weight_version``) and tags the server with
@@ -66,10 +66,12 @@ from os import PathLike
 from types import MappingProxyType
 from typing import Any
 
-from vespo_megatron.routing import RoutingPayloadError, RoutingSpec, routing_from_meta_info
-from vespo_megatron.training.engine import EngineError, Generation, GenerationRequest, RolloutEngine
+from vespo_megatron.rollout.engine import EngineError, Generation, GenerationRequest, SampleError
+from vespo_megatron.routing import RoutingSpec
 
-__all__ = ["SGLangEngine", "SGLangEngineConfig", "SampleError", "HTTPStatusError"]
+from .routed_experts import RoutingPayloadError, routing_from_meta_info
+
+__all__ = ["SGLangClient", "SGLangClientConfig", "SampleError", "HTTPStatusError"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +80,6 @@ _OWN_SAMPLING_KEYS = frozenset({"temperature", "max_new_tokens", "stop_token_ids
 # A sampled token's log-prob is <= 0; allow float32 rounding above it.
 _LOGPROB_TOLERANCE = 1e-4
 _FINISH_TYPES = ("stop", "length")
-
-
-class SampleError(EngineError):
-    """One sample's answer cannot be used (malformed, NaN log-prob, aborted); the batch is otherwise fine."""
-
-    def __init__(self, sample_id: str, message: str):
-        super().__init__(f"sample {sample_id!r}: {message}")
-        self.sample_id = sample_id
-        self.reason = message
 
 
 class HTTPStatusError(EngineError):
@@ -118,7 +111,7 @@ def _check_number(name: str, value, *, low: float, integer: bool, allow_equal: b
 
 
 @dataclass(frozen=True, kw_only=True)
-class SGLangEngineConfig:
+class SGLangClientConfig:
     """Where the SGLang server is and how hard to try.
 
     ``timeout_s`` bounds one HTTP attempt of ``/generate`` (connect and read); ``update_timeout_s`` one
@@ -199,12 +192,12 @@ def _server_message(raw: bytes) -> str:
     return text[:2000]
 
 
-class SGLangEngine(RolloutEngine):
-    """A :class:`RolloutEngine` backed by one SGLang HTTP server (``SGLangEngineConfig.base_url``)."""
+class SGLangClient:
+    """The HTTP client of one SGLang server (``SGLangClientConfig.base_url``)."""
 
-    def __init__(self, config: SGLangEngineConfig):
-        if not isinstance(config, SGLangEngineConfig):
-            raise TypeError(f"config: expected an SGLangEngineConfig, got {type(config).__name__}")
+    def __init__(self, config: SGLangClientConfig):
+        if not isinstance(config, SGLangClientConfig):
+            raise TypeError(f"config: expected an SGLangClientConfig, got {type(config).__name__}")
         self.config = config
         self._version = config.initial_weight_version
         self._server_tag: str | None = None  # the weight_version string the server took from us, if any
@@ -319,6 +312,12 @@ class SGLangEngine(RolloutEngine):
             self._version = version
             self._server_tag = str(version)
 
+    def note_weight_version(self, version: int) -> None:
+        """Another client (the trainer's sending rank) tagged the server with `version`: answers now carry it."""
+        with self._busy:
+            self._version = version
+            self._server_tag = str(version)
+
     def pause_generation(self, mode: str = "abort") -> None:
         """``POST /pause_generation``: ``"abort"`` returns in-flight requests, ``"retract"`` re-queues them
         (KV recomputed later), ``"in_place"`` keeps them and their KV (then ``/flush_cache`` fails)."""
@@ -332,7 +331,7 @@ class SGLangEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ streamed weight updates
     # The calls SGLang offers for a separate (non-colocated) server;
-    # :mod:`vespo_megatron.training.weight_sync` drives them. Each is sent once, never retried: a repeated
+    # :mod:`vespo_megatron.rollout.sglang.weight_sync` drives them. Each is sent once, never retried: a repeated
     # join or bucket would leave the server waiting in a collective the trainer has already left.
 
     @contextmanager
@@ -455,7 +454,7 @@ class SGLangEngine(RolloutEngine):
             _check_number(f"requests[{i}].temperature", r.temperature, low=0, integer=False)
             if r.return_routing and self.config.routing_spec is None:
                 raise ValueError(f"requests[{i}].return_routing: routing asked for sample {r.sample_id!r} but "
-                                 f"SGLangEngineConfig.routing_spec is None")
+                                 f"SGLangClientConfig.routing_spec is None")
 
     def _payload(self, r: GenerationRequest, rid: str) -> dict:
         sampling = dict(self.config.extra_sampling_params)

@@ -30,9 +30,9 @@ The protocol (SGLang ``http_server.py``, ``io_struct.py``, ``model_runner.py``, 
    /destroy_weights_update_group`` ``{group_name}`` on close.
 
 Between buckets SGLang serves requests with partly updated weights (each bucket takes the model-update
-write lock only for itself): pause generation around a sync (``SGLangEngine.pause_generation``) if that
-matters. Generation through the *same* :class:`SGLangEngine` never interleaves with a sync: the sender holds
-the engine's lock (:meth:`SGLangEngine.exclusive`) for the whole of :meth:`DistributedWeightSender.send`.
+write lock only for itself): pause generation around a sync (``SGLangClient.pause_generation``) if that
+matters. Generation through the *same* :class:`SGLangClient` never interleaves with a sync: the sender holds
+the engine's lock (:meth:`SGLangClient.exclusive`) for the whole of :meth:`DistributedWeightSender.send`.
 
 Memory: one bucket (at most ``bucket_bytes``, or one larger tensor alone) plus one look-ahead tensor is
 held at a time; on NCCL each bucket is copied to the current CUDA device if it is not there already.
@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import socket
 import threading
 import time
@@ -55,10 +57,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vespo_megatron.training.engine import EngineError
-from vespo_megatron.training.sglang_engine import SGLangEngine, _check_number
+from vespo_megatron.rollout.engine import EngineError, PolicyWeights
+from vespo_megatron.rollout.sglang.client import SGLangClient, _check_number
 
 __all__ = [
+    "DiskWeightSync",
+    "StreamedWeightSync",
+    "make_weight_sync",
     "DistributedWeightSender",
     "WeightSyncConfig",
     "WeightSyncStats",
@@ -77,7 +82,7 @@ _BACKENDS = ("auto", "nccl", "gloo")
 class WeightSyncConfig:
     """How the trainer pushes weights to the SGLang server.
 
-    ``mode="disk"`` keeps ``SGLangEngine.update_weights`` (a checkpoint path); ``"distributed"`` uses
+    ``mode="disk"`` keeps ``SGLangClient.update_weights`` (a checkpoint path); ``"distributed"`` uses
     :class:`DistributedWeightSender`. ``master_address`` must be reachable *from the server* (the trainer
     hosts the rendezvous store there); ``master_port=0`` picks a free port when the group is opened.
     ``server_ranks`` is the number of server workers joining (SGLang: its ``tp_size``); None reads it from
@@ -234,9 +239,9 @@ class DistributedWeightSender:
     on both sides. Not thread-safe: one sender per engine, driven from one thread.
     """
 
-    def __init__(self, engine: SGLangEngine, config: WeightSyncConfig):
-        if not isinstance(engine, SGLangEngine):
-            raise TypeError(f"engine: expected an SGLangEngine, got {type(engine).__name__}")
+    def __init__(self, engine: SGLangClient, config: WeightSyncConfig):
+        if not isinstance(engine, SGLangClient):
+            raise TypeError(f"engine: expected an SGLangClient, got {type(engine).__name__}")
         if not isinstance(config, WeightSyncConfig):
             raise TypeError(f"config: expected a WeightSyncConfig, got {type(config).__name__}")
         if config.mode != "distributed":
@@ -379,7 +384,7 @@ class DistributedWeightSender:
         rank 0 in the same order; then the server's answer is checked (``success: false`` or an HTTP error
         raise :class:`EngineError` with the server's message). The last bucket carries ``weight_version`` and
         ``flush_cache`` (unless the engine's ``flush_cache_after_update`` is off). Afterwards the server must
-        report ``str(version)`` (:meth:`SGLangEngine.get_weight_version`; servers that report none are not
+        report ``str(version)`` (:meth:`SGLangClient.get_weight_version`; servers that report none are not
         checked).
 
         A server that fails *after* receiving a bucket leaves the group usable (its weights are partly
@@ -467,3 +472,60 @@ def _free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- the two strategies, picked once
+
+
+class DiskWeightSync:
+    """Every trainer rank writes its shard of an HF checkpoint to ``<root>/v<version>``; the sending rank
+    has the server load it (``/update_weights_from_disk``) and removes the older versions, which the
+    server no longer reads. ``root`` must be on a file system the server can read."""
+
+    def __init__(self, client: SGLangClient | None, root: str):
+        self.client, self.root = client, root
+
+    def sync(self, weights: PolicyWeights, version: int) -> None:
+        path = weights.write_hf(os.path.join(self.root, f"v{version:07d}"))
+        if self.client is None:
+            return
+        self.client.update_weights(path, version)
+        for old in os.listdir(self.root):
+            if old.startswith("v") and old != os.path.basename(path):
+                shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+
+    def close(self) -> None:
+        pass
+
+
+class StreamedWeightSync:
+    """The trainer's HF tensors gathered to rank 0 and streamed bucket by bucket to the server's workers
+    (``/update_weights_from_distributed``, :class:`DistributedWeightSender`); the group is opened on the
+    first sync and kept."""
+
+    def __init__(self, client: SGLangClient | None, config: WeightSyncConfig):
+        self.client, self.config = client, config
+        self._sender: DistributedWeightSender | None = None
+
+    def sync(self, weights: PolicyWeights, version: int) -> None:
+        tensors = weights.hf_tensors(dst=0)
+        if self.client is None:
+            for _ in tensors:  # the gathers are collective
+                pass
+            return
+        if self._sender is None:
+            self._sender = DistributedWeightSender(self.client, self.config)
+            self._sender.open()
+        self._sender.send(tensors, version)
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+
+
+def make_weight_sync(config: WeightSyncConfig, client: SGLangClient | None, *, root: str):
+    """The strategy `config.mode` names. `client` is None on the ranks that only take part in the export
+    (every rank but the sender)."""
+    if config.mode == "distributed":
+        return StreamedWeightSync(client, config)
+    return DiskWeightSync(client, root)

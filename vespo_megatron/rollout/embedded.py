@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from vespo_megatron.base.validation import check_choice, check_int
 from vespo_megatron.compat import RouterReplay, RouterReplayAction, get_forward_backward_func
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
 from vespo_megatron.parallel.cp_split import round_up, zigzag_indices
@@ -29,34 +30,35 @@ from vespo_megatron.parallel.sequence import comm_device
 from vespo_megatron.routing import RoutingRecord
 from vespo_megatron.routing.record import compact_dtype
 
-from .engine import Generation, GenerationRequest
+from .engine import Generation, GenerationRequest, PolicyWeights, SampleError
 
 __all__ = ["EmbeddedEngineConfig", "EmbeddedEngine"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class EmbeddedEngineConfig:
-    precision: str = "fp32"  # "fp32" | "bf16" (inference in lower precision: a real mismatch)
-    lag: int = 0  # sample with the weights of `lag` syncs ago (async training)
-    record_routing: bool = False  # R3: record the engine's routing (RouterReplay RECORD)
+    """precision: fp32 | bf16 (the engine's forward under bf16 autocast while the trainer stays in fp32: a
+    real train/inference mismatch). lag: sample with the weights of `lag` syncs ago (asynchronous RL)."""
+
+    precision: str = "fp32"
+    lag: int = 0
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"EmbeddedEngineConfig.precision: expected 'fp32' or 'bf16', got {self.precision!r}")
-        if not (isinstance(self.lag, int) and 0 <= self.lag <= 64):
-            raise ValueError(f"EmbeddedEngineConfig.lag: expected an int in [0, 64], got {self.lag!r}")
+        check_choice("EmbeddedEngineConfig", "precision", self.precision, ("fp32", "bf16"))
+        check_int("EmbeddedEngineConfig", "lag", self.lag, low=0, high=64)
 
 
 class EmbeddedEngine:
     def __init__(self, cfg: EmbeddedEngineConfig, model, groups, *, vocab_size: int, eos_id: int,
-                 moe_layers: tuple[int, ...] = (), num_experts: int | None = None):
-        if cfg.record_routing and groups.tp_size * groups.cp_size * groups.pp_size != 1:
+                 moe_layers: tuple[int, ...] = (), num_experts: int | None = None, record_routing: bool = False):
+        if record_routing and groups.tp_size * groups.cp_size * groups.pp_size != 1:
             raise ValueError(
-                "EmbeddedEngineConfig.record_routing: the embedded engine records routing only where one rank "
+                "record_routing: the embedded engine records routing only where one rank "
                 f"sees every token of every MoE layer (tp = cp = pp = 1), got tp={groups.tp_size}, "
                 f"cp={groups.cp_size}, pp={groups.pp_size}; use routing_replay='r2' or SGLang (R3) instead"
             )
         self.cfg = cfg
+        self.record_routing = record_routing  # R3: record the routing used at generation
         self.model = model  # the (DDP-wrapped) training model: its weights are swapped in for lagged versions
         self.groups = groups
         self.vocab_size = vocab_size
@@ -74,17 +76,19 @@ class EmbeddedEngine:
         """The version of the weights the next generation uses."""
         return self._snapshots[0][0] if self._snapshots else self._version
 
-    def update_weights(self, source, version: int) -> None:
-        """`source`: the training model; its weights are snapshotted (kept for `lag` more syncs)."""
+    def sync_weights(self, weights: PolicyWeights, version: int) -> None:
+        """The engine samples with the training model itself; with `lag` > 0 its weights are snapshotted
+        (kept for `lag` more syncs)."""
         if self.cfg.lag > 0:
-            state = {k: v.detach().clone() for k, v in source.state_dict().items() if isinstance(v, torch.Tensor)}
+            state = {k: v.detach().clone() for k, v in weights.model.state_dict().items()
+                     if isinstance(v, torch.Tensor)}
             self._snapshots.append((version, state))
         self._version = version
 
     def state(self) -> dict:
         return {"version": self._version, "snapshots": list(self._snapshots)}
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, weights: PolicyWeights) -> None:
         self._version = state["version"]
         self._snapshots.clear()
         self._snapshots.extend(state["snapshots"])
@@ -155,7 +159,7 @@ class EmbeddedEngine:
             x = buf.cpu()
         return x
 
-    def generate(self, requests: list[GenerationRequest], *, seed: int = 0) -> list[Generation]:
+    def generate(self, requests: list[GenerationRequest], *, seed: int = 0) -> list[Generation | SampleError]:
         if not requests:
             return []
         temps = {r.temperature for r in requests}
@@ -174,7 +178,7 @@ class EmbeddedEngine:
         done = torch.zeros(B, dtype=torch.bool)
         out_ids = [[] for _ in range(B)]
         out_lp = [[] for _ in range(B)]
-        record = self.cfg.record_routing and any(r.return_routing for r in requests)
+        record = self.record_routing and any(r.return_routing for r in requests)
         with self._engine_weights():
             self.model.eval()
             try:

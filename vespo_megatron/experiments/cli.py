@@ -1,0 +1,137 @@
+"""`vespo-sweep`: a sweep of training runs (`vespo-train`, the toy run) for the paper's stability claims and write its table and plots.
+
+Simplifications: runs go one after another in this process's machine (one trainer process at a time, each
+single-rank); the toy task and model are the ones of `vespo-train` (examples/toy_rl.py). Each run has its own out-dir
+`<runs-dir>/<run name>/`; a finished run is skipped, a half-finished one resumes from its checkpoint, so the
+same command can be repeated after an interruption. Outputs: `<results-dir>/table.md`, `summary.json`,
+`staleness.png`, `async.png`, `mismatch.png`, `command.md`.
+
+The CPU sweep committed in docs/results/cpu/ (about 25 minutes on 2 shared cores), from the repository root:
+    .venv/bin/python examples/sweep.py --preset cpu
+Only the table and plots again (no training; e.g. after editing the collapse rule):
+    .venv/bin/python examples/sweep.py --preset cpu --report-only
+The list of runs and their commands, starting nothing:
+    .venv/bin/python examples/sweep.py --preset cpu --dry-run
+The GPU-sized sweeps (7 losses, N = 1..64, 2 seeds, async and mismatch; a larger model), run in slices on one
+H200 through bench/run_gpu_sweep.sh (docs/results/README.md has the device commands and the verdicts):
+    .venv/bin/python examples/sweep.py --preset gpu         # round 1, a+b / a-b over 0..99: nothing learned
+    .venv/bin/python examples/sweep.py --preset gpu_easy    # round 2, a+b over 0..20, so the model learns;
+                                                            # only seed 0 at N = 1, 16, 64 (64 partial) ran
+Their reports (docs/results/gpu, docs/results/gpu_easy) from the runs brought back from the device:
+    .venv/bin/python examples/sweep.py --preset gpu --report-only --runs-dir runs/sweeps/gpu \\
+        --results-dir docs/results/gpu
+    .venv/bin/python examples/sweep.py --preset gpu_easy --seeds 0 --staleness 1 16 64 --report-only \\
+        --runs-dir runs/sweeps/gpu_easy --results-dir docs/results/gpu_easy
+Own sizes (anything after `--` goes to every training run, e.g. model size):
+    .venv/bin/python examples/sweep.py --name mine --losses vespo grpo --staleness 1 4 --seeds 0 1 --steps 30 \\
+        --extras async -- --hidden-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import shlex
+import sys
+from pathlib import Path
+
+from vespo_megatron.experiments.sweep import SweepConfig, expand, run_sweep, write_report
+
+# What the two GPU presets share: 7 losses x N in {1, 4, 16, 64} x 2 seeds, async and mismatch, 30 steps.
+_GPU_SWEEP = dict(losses=("vespo", "grpo", "gspo", "sapo", "grpo+tis", "vespo_sqrt", "vespo_lin"),
+                  staleness=(1, 4, 16, 64), seeds=(0, 1), extras=("async", "mismatch"), async_lag=4,
+                  async_old_logprobs=("recompute", "engine"), mismatch_fold=True, steps=30, checkpoint_every=10,
+                  threads=1)
+_GPU_MODEL = ("--hidden-size", "128", "--num-layers", "4", "--num-experts", "8", "--moe-ffn-hidden-size", "64")
+
+PRESETS = {
+    # 20 runs of 30 steps (~55 s each on one shared core): five losses at N = 1 and 16, two async pairs (mu
+    # recomputed / the engine's), six mismatch runs.
+    "cpu": dict(name="cpu", losses=("vespo", "grpo", "gspo", "sapo", "vespo_lin"), staleness=(1, 16), seeds=(0,),
+                extras=("async", "mismatch"), async_lag=4, async_old_logprobs=("recompute", "engine"),
+                mismatch_fold=True, steps=30, checkpoint_every=10, threads=1),
+    # One-GPU leases (bench/run_gpu_sweep.sh; docs/results/README.md has the commands): a model 8x the CPU
+    # one (4 layers, hidden 128, 8 experts top-2), answers of up to 4 tokens + <eos> (a+b and a-b, 0..99).
+    "gpu": dict(name="gpu", **_GPU_SWEEP, base_flags=(*_GPU_MODEL, "--max-operand", "99", "--ops", "+-",
+                                                      "--sft-steps", "40", "--sft-micro-batch-size", "32")),
+    # Round 2 on one GPU: the `gpu` preset with an easier task (a+b, 0..20: answers of up to 2 digits + <eos>)
+    # so that the model learns at all (round 1's reward stayed < 0.015). Chosen for a non-zero reward, not to
+    # make the claims appear; same model, losses, N, seeds, steps, async and mismatch settings as `gpu`. SFT
+    # warm start raised from 40 to 100 steps: with 40 the reward after SFT was 0.086 / 0.043 (2 RL steps, CPU
+    # check), with 100 it was 0.418 / 0.312.
+    "gpu_easy": dict(name="gpu_easy", **_GPU_SWEEP, base_flags=(*_GPU_MODEL, "--max-operand", "20", "--ops", "+",
+                                                                "--sft-steps", "100", "--sft-micro-batch-size", "32")),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named sweep; flags below override it")
+    p.add_argument("--name", default=None, help="sweep name (results in docs/results/<name>)")
+    p.add_argument("--losses", nargs="+", default=None)
+    p.add_argument("--staleness", nargs="+", type=int, default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--extras", nargs="*", default=None, help="async, mismatch")
+    p.add_argument("--async-lag", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (0: torch default)")
+    p.add_argument("--runs-dir", default=None, help="default runs/sweeps/<name>")
+    p.add_argument("--results-dir", default=None, help="default docs/results/<name>")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (one GPU holds many toy runs)")
+    p.add_argument("--only", nargs="+", default=None, metavar="GLOB",
+                   help="run only the runs whose name matches one of these globs (e.g. 'n64-*' '*-s0')")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, start nothing")
+    p.add_argument("--report-only", action="store_true", help="write table and plots from the existing runs")
+    p.add_argument("base_flags", nargs="*", help="after --: flags for every training run")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    fields = dict(PRESETS[args.preset]) if args.preset else {}
+    for key in ("name", "losses", "staleness", "seeds", "extras", "async_lag", "steps", "threads"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = tuple(value) if isinstance(value, list) else value
+    if args.base_flags:
+        fields["base_flags"] = tuple(args.base_flags)
+    if "name" not in fields:
+        print("error: give --preset or --name", file=sys.stderr)
+        return 2
+    if fields.get("threads") == 0:
+        fields.pop("threads")  # SweepConfig wants a positive int; the trainer's 0 means the torch default
+    try:
+        cfg = SweepConfig(**fields)
+    except (TypeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runs_dir = Path(args.runs_dir or Path("runs") / "sweeps" / cfg.name)
+    results_dir = Path(args.results_dir or Path("docs") / "results" / cfg.name)
+    if args.dry_run:
+        print(dataclasses.asdict(cfg))
+        for run in expand(cfg):
+            print(shlex.join(run.command(runs_dir)))
+        return 0
+    if not args.report_only:
+        only = None if not args.only else (lambda run: any(fnmatch.fnmatch(run.name, g) for g in args.only))
+        outcome = run_sweep(cfg, runs_dir, jobs=args.jobs, only=only)
+        failed = {k: v for k, v in outcome.items() if v.startswith("failed")}
+        if failed:
+            print(f"failed runs: {failed}", file=sys.stderr)
+    command = shlex.join(["python", "examples/sweep.py", *[a for a in argv if a != "--report-only"]])
+    written = write_report(cfg, runs_dir, results_dir, command=command)
+    (results_dir / "command.md").write_text(
+        f"From the repository root:\n\n```bash\n{command}\n```\n\nTable and plots only, from existing runs:\n\n"
+        f"```bash\n{command} --report-only\n```\n\nRuns (one trainer process each):\n\n```bash\n"
+        + "\n".join(shlex.join(["python", *r.command(Path('runs/sweeps') / cfg.name, python='')[1:]])
+                    for r in expand(cfg))
+        + "\n```\n", encoding="utf-8")
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

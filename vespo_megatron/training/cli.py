@@ -1,0 +1,235 @@
+"""`vespo-train`: the trainer's command line, generated from the `TrainerConfig` tree.
+
+The default run is `toy_config()` (a tiny Qwen3-MoE-shaped model on the arithmetic task); every flag's
+default is that config's value (`--help` shows it). Flags are the field names (`--lr`, `--hidden-size`,
+`--staleness`), except where `FLAGS` names one (a name used twice in the tree, or a historical flag).
+`--loss NAME` selects the loss's typed config (its fields become flags such as `--c-pos`, `--eps-high`,
+`--rollout-correction`); `--task math` (implied by `--prompt-data`) selects the dataset task.
+
+    vespo-train --loss grpo --rollout-correction tis          # = python -m vespo_megatron.training.cli
+    torchrun --nproc-per-node 2 -m vespo_megatron.training.cli --ep 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+from vespo_megatron.base.validation import ConfigError
+from vespo_megatron.cli import CLIError, ConfigCLI
+from vespo_megatron.losses import resolve_policy_loss
+from vespo_megatron.megatron.model import TinyMoEConfig
+
+from .config import TrainerConfig
+from .toy_task import ArithmeticTaskConfig, CharTokenizer
+
+__all__ = ["toy_config", "make_cli", "config_from_argv", "main"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Qwen3-30B-A3B: 48 layers, hidden 2048, 32 query / 4 KV heads of 128, 128 experts top-8 (expert FFN 768),
+# vocab 151936, every layer MoE.
+PRESETS = {
+    "qwen3-30b-a3b": dict(hidden_size=2048, num_layers=48, num_attention_heads=32, num_query_groups=4, head_dim=128,
+                          ffn_hidden_size=6144, num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
+                          vocab_size=151936, seq_length=4096),
+}
+
+FLAGS = {
+    "model.dtype": "--params-dtype",
+    "task.eval_count": "--eval-count",
+    "task.data.path": "--prompt-data",
+    "task.data.eval_count": "--eval-holdout",
+    "task.reward.timeout_s": "--reward-timeout",
+    "task.reward.workers": "--reward-workers",
+    "task.reward.require_boxed": "--reward-require-boxed",
+    "task.reward.checker": "--reward-checker",
+    "task.reward.startup_timeout_s": "--reward-startup-timeout-s",
+    "rollout.engine": "--rollout-engine",
+    "rollout.embedded.precision": "--rollout-precision",
+    "rollout.embedded.lag": "--async-lag",
+    "algorithm.loss_config.rollout_correction.mode": "--rollout-correction",
+    "algorithm.loss_config.rollout_correction.level": "--rollout-correction-level",
+    "algorithm.loss_config.rollout_correction.upper": "--rollout-correction-upper",
+    "algorithm.loss_config.rollout_correction.lower": "--rollout-correction-lower",
+    "hf.load": "--hf-checkpoint",
+    "hf.save_every": "--save-hf-every",
+    "hf.save_final": "--save-hf-final",
+    "hf.save_dtype": "--save-hf-dtype",
+    "eval.every": "--eval-every",
+    "eval.k": "--eval-k",
+    "eval.temperature": "--eval-temperature",
+    "eval.max_problems": "--eval-max-problems",
+}
+for _name in ("url", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "max_concurrency", "update_timeout_s"):
+    FLAGS[f"rollout.sglang.{_name}"] = "--sglang-" + _name.replace("_", "-")
+for _name in ("master_address", "master_port", "group_name", "backend", "rank_offset", "server_ranks",
+              "init_timeout_s", "bucket_timeout_s"):
+    FLAGS[f"rollout.sglang.weight_sync.{_name}"] = "--weight-sync-" + _name.replace("_", "-")
+FLAGS["rollout.sglang.weight_sync.mode"] = "--weight-sync"
+FLAGS["rollout.sglang.weight_sync.bucket_bytes"] = "--weight-sync-bucket-mib"
+
+# Derived from other fields (the seeds follow --seed; the replay switch follows --routing-replay).
+HIDDEN = ("model.seed", "model.moe_enable_routing_replay", "task.seed", "task.data.seed",
+          "algorithm.loss_config.length_norm")
+
+GROUPS = {"model": "model", "parallel": "parallelism", "task": "task and data", "rollout": "rollout",
+          "algorithm": "algorithm", "hf": "checkpoint (Hugging Face)", "eval": "evaluation",
+          "run": "run, checkpoints and logging"}
+
+HELPS = {
+    "rollout.embedded.lag": "rollouts by weights this many syncs old (asynchronous RL)",
+    "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
+    "algorithm.routing_replay": "r3: replay the engine's routing; r2: the trainer's own recorded routing",
+    "hf.load": "start from this HF checkpoint dir; the model flags come from its config.json "
+               "(model flags given explicitly must match it)",
+    "task.data.path": "a JSONL or Parquet file of prompts with reference answers (selects --task math)",
+    "--task": "arithmetic (the toy task) or math (a prompt dataset; implied by --prompt-data)",
+}
+
+
+def toy_config() -> TrainerConfig:
+    """The default run: the toy task, its character tokenizer's vocabulary, a 2-layer 4-expert model."""
+    return TrainerConfig(model=TinyMoEConfig(vocab_size=CharTokenizer().vocab_size, moe_ffn_hidden_size=64),
+                         task=ArithmeticTaskConfig(max_operand=9))
+
+
+def _choose_task(name: str):
+    from vespo_megatron.data.math_task import MathTaskConfig
+
+    choices = {"arithmetic": ArithmeticTaskConfig, "math": MathTaskConfig}
+    if name not in choices:
+        raise CLIError(f"--task: expected one of {sorted(choices)}, got {name!r}")
+    return choices[name]
+
+
+def _choose_loss(name: str):
+    try:
+        return resolve_policy_loss(name).default_config()
+    except ConfigError as e:
+        raise CLIError(f"--loss: expected {e.expected}, got {e.got!r}") from None
+
+
+def make_cli(base: TrainerConfig | None = None) -> ConfigCLI:
+    return ConfigCLI(
+        base or toy_config(), flags=FLAGS, groups=GROUPS, hidden=HIDDEN, helps=HELPS,
+        selectors={"task": ("--task", _choose_task), "algorithm.loss_config": ("algorithm.loss", _choose_loss)},
+        converters={"model.dtype": (_dtype, lambda d: next(k for k, v in DTYPES.items() if v == d), None),
+                    "rollout.sglang.weight_sync.bucket_bytes": (lambda s: int(s) * 2**20,
+                                                                lambda b: str(b // 2**20), None)})
+
+
+def _dtype(text: str) -> torch.dtype:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"expected one of {sorted(DTYPES)}, got {text!r}")
+    return DTYPES[text]
+
+
+def _extra_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("launch")
+    g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
+                   help="fill the model flags with a known shape (explicit flags still win)")
+    g.add_argument("--dry-run", action="store_true", default=False,
+                   help="validate the configuration for --world-size ranks, print the plan, start nothing")
+    g.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of ranks to plan for")
+
+
+def parse_args(argv=None, *, cli: ConfigCLI | None = None) -> argparse.Namespace:
+    cli = cli or make_cli()
+    return cli.build_parser(__doc__, extra=_extra_flags).parse_args(argv)
+
+
+def config_from_args(ns: argparse.Namespace, *, cli: ConfigCLI | None = None) -> TrainerConfig:
+    """The run's config: the toy base, then a model preset or an HF checkpoint's model, then the flags; the
+    derived seeds last. Raises CLIError naming the flag."""
+    cli = cli or make_cli()
+    base = cli.base
+    seed = getattr(ns, "run.seed", base.run.seed)
+    if getattr(ns, "model_preset", None):
+        base = dataclasses.replace(base, model=dataclasses.replace(base.model, **PRESETS[ns.model_preset]))
+    hf_dir = getattr(ns, "hf.load", None)
+    if hf_dir:
+        from vespo_megatron.hf.config import load_hf_config, model_config_from_hf
+
+        model = model_config_from_hf(load_hf_config(hf_dir), seq_length=getattr(ns, "model.seq_length",
+                                                                                base.model.seq_length),
+                                     dtype=getattr(ns, "model.dtype", base.model.dtype))
+        base = dataclasses.replace(base, model=model)
+    cfg = cli.config_from(ns, base=base)
+    task = cfg.task
+    task = (dataclasses.replace(task, seed=seed) if isinstance(task, ArithmeticTaskConfig)
+            else dataclasses.replace(task, data=dataclasses.replace(task.data, seed=seed)))
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seed=seed + 1234), task=task)
+
+
+def config_from_argv(argv=None) -> TrainerConfig:
+    cli = make_cli()
+    return config_from_args(parse_args(argv, cli=cli), cli=cli)
+
+
+def dry_run(cfg: TrainerConfig, world_size: int) -> None:
+    """Validate for `world_size` ranks and print the plan: layout, batch split, parameter count."""
+    cfg.validate(world_size)
+    m, p, r, a = cfg.model, cfg.parallel, cfg.rollout, cfg.algorithm
+    dp = p.data_parallel_size(world_size)
+    head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+    attn = m.hidden_size * head_dim * (2 * m.num_attention_heads + 2 * m.num_query_groups)
+    experts = m.num_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size
+    params = m.num_layers * (attn + experts + m.hidden_size * m.num_experts) + 2 * m.vocab_size * m.hidden_size
+    print(json.dumps({
+        "world_size": world_size, "layout": dataclasses.asdict(p), "data_parallel": dp,
+        "samples_per_step": r.samples_per_step, "samples_per_dp_rank": r.samples_per_step // dp,
+        "mini_batches_per_step (staleness N)": a.staleness,
+        "micro_batches_per_mini_batch": r.samples_per_step // dp // a.staleness // a.micro_batch_size,
+        "loss": a.loss, "routing_replay": a.routing_replay,
+        "total_params_billion": round(params / 1e9, 2),
+        "active_params_per_token_billion": round((m.num_layers * (attn + m.moe_router_topk * experts // m.num_experts)
+                                                  + 2 * m.vocab_size * m.hidden_size) / 1e9, 2),
+    }, indent=2))
+
+
+def main(argv=None) -> int:
+    cli = make_cli()
+    args = parse_args(argv, cli=cli)
+    try:
+        cfg = config_from_args(args, cli=cli)  # bad flags fail here, before any process group or model exists
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    if args.dry_run:
+        dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        return 0
+    from vespo_megatron.metrics.sinks import LoggingConfig, MetricsLogger
+
+    from .launch import init_distributed
+    from .trainer import Trainer  # imports megatron-core's schedules
+
+    init_distributed()
+    trainer = Trainer(cfg)
+    start = trainer.resume()
+    run = cfg.run
+    logging_cfg = LoggingConfig(out_dir=run.out_dir, run_name=run.run_name, console=run.console, wandb=run.wandb)
+    run_config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    with MetricsLogger.from_config(logging_cfg, run.steps, run_config, rank=0 if trainer.is_log_rank else 1,
+                                   resume_from_step=start) as logger:
+        trainer.log_fn = logger.log
+        history = trainer.run(start)
+    if trainer.is_log_rank:
+        rewards = [h["reward_mean"] for h in history]
+        k = max(1, min(10, len(rewards) // 3))
+        if len(rewards) >= 2 * k:
+            print(f"reward: mean of the first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps "
+                  f"{sum(rewards[-k:]) / k:.3f}", file=sys.stderr)
+        print(f"metrics: {os.path.join(run.out_dir, run.run_name)}.jsonl", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
