@@ -2,8 +2,8 @@
 
 A model family (`vespo_megatron.models`) fills one from its `config.json`; the memory planner counts
 parameters and activations from it, and the family's megatron config is built from it. The fields use
-Hugging Face's names; which layers have routed experts is stated explicitly (`dense_layers`), so no
-family's rule for it (Qwen3-MoE's `mlp_only_layers` / `decoder_sparse_step`, ...) leaks out of its module.
+Hugging Face's names; which layers have routed experts is stated explicitly (`dense_layers`), so each
+family's rule for it stays in the family's module.
 Pure Python: the planner imports it without torch.
 """
 
