@@ -13,7 +13,7 @@ every question the other modules ask about it:
   (`weight_bridge`, used by `vespo_megatron.hf.bridge`);
 - published configs by name (`presets`).
 
-A new family is one module with one subclass, plus a line in `vespo_megatron.models.FAMILIES`.
+A new family is one module with one subclass, plus its entry (and import) in `vespo_megatron.models.FAMILIES`.
 
 Module-level imports stay pure Python: the planner and the routing spec read families without torch or
 megatron, which are imported only by the methods that build megatron or mbridge objects.
