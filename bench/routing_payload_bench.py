@@ -32,13 +32,12 @@ import time
 import numpy as np
 import torch
 
+from vespo_megatron.models import preset_config
 from vespo_megatron.rollout.sglang import routed_experts as sglang_payload
 from vespo_megatron.rollout.sglang.routed_experts import decode_routed_experts
 from vespo_megatron.routing import RoutingSpec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-QWEN3_30B_A3B = {"num_hidden_layers": 48, "num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
-                 "mlp_only_layers": []}
 
 
 def synthetic_routing(num_rows: int, spec: RoutingSpec, seed: int = 0) -> np.ndarray:
@@ -68,7 +67,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
 
-    spec = RoutingSpec.from_hf_config(QWEN3_30B_A3B)
+    spec = RoutingSpec.from_hf_config(preset_config("qwen3-30b-a3b"))
     p, o = args.prompt_tokens, args.tokens - args.prompt_tokens
     rows = p + o - 1
     ids = synthetic_routing(rows, spec)

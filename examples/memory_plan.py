@@ -1,4 +1,4 @@
-"""Per-GPU memory plan of a Qwen3-MoE training run under a megatron-core layout, before launching it.
+"""Per-GPU memory plan of a MoE training run under a megatron-core layout, before launching it.
 
 Prints a markdown report (parameters, weights, fp32 grads, Adam state, activations with and without full
 recomputation, RL extras, whether it fits each GPU size) and, with --out, writes it and a JSON next to it.
@@ -37,7 +37,7 @@ from vespo_megatron.planning.memory import (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--hf-config", help="a Hugging Face Qwen3-MoE config.json")
+    model.add_argument("--hf-config", help="a Hugging Face config.json of a registered model family (qwen3_moe, mixtral)")
     model.add_argument("--preset", choices=sorted(PRESETS))
     lay = p.add_argument_group("layout (world = tp * cp * pp * dp; sequence parallelism on when tp > 1)")
     for name in ("tp", "cp", "ep", "etp", "pp"):

@@ -1,7 +1,7 @@
 """The memory plan (`vespo_megatron.planning.memory`) against independent references.
 
-Parameter counts: transformers' `Qwen3MoeForCausalLM` (tiny ones on CPU, Qwen3-30B-A3B / 235B-A22B on the
-meta device) and the published totals; per-rank counts: the local shards of megatron-core models built in
+Parameter counts: transformers' `Qwen3MoeForCausalLM` and `MixtralForCausalLM` (tiny ones on CPU,
+Qwen3-30B-A3B / 235B-A22B / Mixtral-8x7B on the meta device) and the published totals; per-rank counts: the local shards of megatron-core models built in
 two gloo processes (TP2+SP, EP2, PP2, CP2). Activations: Korthikanti et al. 2022's per-layer formula and
 its scaling laws. Static memory: ZeRO-1 conservation. Plus validation errors and the CLI.
 """
@@ -85,6 +85,28 @@ def test_param_counts_match_transformers_model(variant):
         assert shape.moe_layers() == (False, True, False, True)
 
 
+MIXTRAL_TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2)
+
+
+@pytest.mark.parametrize("changes", [{}, dict(head_dim=None, num_key_value_heads=4)])
+def test_mixtral_param_counts_match_transformers_model(changes):
+    """Mixtral's family counts no QK-norm, no dense layers and `intermediate_size` as the expert width."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(**{**MIXTRAL_TINY, **changes})
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config)
+    shape = ModelShape.from_hf_config(config.to_dict())
+    counts = count_params(shape)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    hf = _hf_groups(model)
+    for group, numel in hf.items():
+        assert getattr(counts, group) == numel, group
+    assert hf["experts"] > 0 and hf["dense_mlp"] == 0 and shape.moe_layers() == (True, True, True)
+
+
 def _meta_numel(shape_kwargs: dict) -> int:
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -108,6 +130,21 @@ def test_qwen3_30b_a3b_totals_match_published_and_transformers():
     # truncated to one decimal (1.6% below it), so the check is the truncation plus 2%.
     assert math.floor(counts.active / 1e8) == 33
     assert abs(counts.active - 3.3e9) / 3.3e9 < 0.02
+
+
+def test_mixtral_8x7b_totals_match_published_and_transformers():
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from vespo_megatron.models import preset_config
+
+    counts = count_params(PRESETS["mixtral-8x7b"])
+    with torch.device("meta"):
+        model = MixtralForCausalLM(MixtralConfig(**preset_config("mixtral-8x7b")))
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    # Mistral AI's announcement of Mixtral 8x7B: 46.7B total parameters, 12.9B used per token.
+    assert abs(counts.total - 46.7e9) / 46.7e9 < 0.005
+    assert abs(counts.active - 12.9e9) / 12.9e9 < 0.005
 
 
 def test_qwen3_235b_a22b_totals_match_published_and_transformers():
@@ -164,7 +201,7 @@ def _shape_of(cfg) -> ModelShape:
                       head_dim=cfg.kv_channels, intermediate_size=cfg.ffn_hidden_size,
                       moe_intermediate_size=cfg.moe_ffn_hidden_size, num_experts=cfg.num_experts,
                       num_experts_per_tok=cfg.moe_router_topk,
-                      mlp_only_layers=tuple(i for i, moe in enumerate(cfg.moe_pattern()) if not moe),
+                      dense_layers=tuple(i for i, moe in enumerate(cfg.moe_pattern()) if not moe),
                       tie_word_embeddings=False, qk_norm=cfg.qk_layernorm)
 
 
@@ -324,9 +361,10 @@ def test_routing_replay_ids_and_fits():
     (lambda: Layout(tp=2, ep=4), "Layout.world: expected a multiple of etp\\*ep\\*pp=4"),
     (lambda: plan_memory(QWEN3_30B, Layout(tp=4, cp=2), dataclasses.replace(SETUP, micro_batch_tokens=4100)),
      "micro_batch_tokens: expected a multiple of 16"),
-    (lambda: dataclasses.replace(QWEN3_30B, num_experts_per_tok=200), "num_experts_per_tok: expected in \\[1"),
+    (lambda: dataclasses.replace(QWEN3_30B, num_experts_per_tok=200),
+     "num_experts_per_tok: expected an int in \\[1, 128\\], got 200"),
     (lambda: dataclasses.replace(QWEN3_30B, num_key_value_heads=5), "num_key_value_heads: expected a divisor"),
-    (lambda: dataclasses.replace(QWEN3_30B, mlp_only_layers=(48,)), "mlp_only_layers: expected indices"),
+    (lambda: dataclasses.replace(QWEN3_30B, dense_layers=(48,)), "dense_layers: expected indices"),
     (lambda: dataclasses.replace(SETUP, headroom=1.5), "RunSetup.headroom: expected a fraction"),
     (lambda: dataclasses.replace(SETUP, seq_length=65536), "RunSetup.seq_length: expected <= micro_batch_tokens"),
     (lambda: dataclasses.replace(SETUP, params_dtype="fp16"), "RunSetup.params_dtype: expected one of"),

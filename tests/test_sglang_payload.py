@@ -185,10 +185,9 @@ def test_spec_from_hf_configs():
     assert s.all_moe and s.dtype == np.uint8
     s = RoutingSpec.from_hf_config(dict(QWEN_TINY, num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=[3]))
     assert s.moe_layers == (1, 5)
-    ds = {"num_hidden_layers": 5, "n_routed_experts": 300, "num_experts_per_tok": 8, "first_k_dense_replace": 2,
-          "moe_layer_freq": 1}
-    s = RoutingSpec.from_hf_config(ds)
-    assert s.moe_layers == (2, 3, 4) and s.dtype == np.int16
+    s = RoutingSpec.from_hf_config({"model_type": "mixtral", "num_hidden_layers": 3, "num_local_experts": 300,
+                                     "num_experts_per_tok": 2})
+    assert s.moe_layers == (0, 1, 2) and s.dtype == np.int16
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -208,10 +207,13 @@ def test_spec_validation_names_field(kwargs, field):
 
 
 def test_spec_from_hf_config_errors():
-    with pytest.raises(ValueError, match="num_experts_per_tok"):
-        RoutingSpec.from_hf_config({"num_hidden_layers": 2, "num_experts": 4})
-    with pytest.raises(ValueError, match="n_routed_experts"):
-        RoutingSpec.from_hf_config({"num_hidden_layers": 2, "num_experts_per_tok": 2})
+    with pytest.raises(ValueError, match="top_k: expected an int >= 1, got 0"):
+        RoutingSpec.from_hf_config({"model_type": "qwen3_moe", "num_hidden_layers": 2, "num_experts": 4})
+    # only what hf/ can load: a DeepSeek-V3 config has no family
+    with pytest.raises(ValueError, match=r"model_type: expected one of the registered model families \['mixtral', "
+                                         r"'qwen3_moe'\], got 'deepseek_v3'"):
+        RoutingSpec.from_hf_config({"model_type": "deepseek_v3", "num_hidden_layers": 2, "n_routed_experts": 4,
+                                    "num_experts_per_tok": 2})
 
 
 def test_compact_dtype_boundaries():

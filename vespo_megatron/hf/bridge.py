@@ -1,19 +1,21 @@
-"""Hugging Face Qwen3-MoE checkpoints into and out of our megatron-core model, under any TP/EP/PP/CP/DP layout.
+"""Hugging Face checkpoints of any registered model family into and out of our megatron-core model, under
+any TP/EP/PP/CP/DP layout.
 
 Who does what:
-- **mbridge** (the maintained bridge library; see the README for why not Megatron-Bridge) supplies the
-  name map (megatron name -> HF names) and the tensor conversions (q/k/v into megatron's per-query-group
-  fused `linear_qkv`, gate/up into the fused SwiGLU `linear_fc1`, and back). `HFBridge` calls exactly
-  three of its methods; nothing else of mbridge runs (its model builder wants transformer-engine and its
-  loader reads megatron's global parallel state).
+- **the model family** (`vespo_megatron.models`, chosen by the config's `model_type`) hands over its
+  **mbridge** bridge (the maintained bridge library; see the README for why not Megatron-Bridge), which
+  supplies the name map (megatron name -> HF names) and the tensor conversions (q/k/v into megatron's
+  per-query-group fused `linear_qkv`, gate/up into the fused SwiGLU `linear_fc1`, and back). `HFBridge`
+  calls exactly three of its methods; nothing else of mbridge runs (its model builder wants
+  transformer-engine and its loader reads megatron's global parallel state).
 - **Our layout bookkeeping** (`vespo_megatron.megatron.model.param_layout`: global layer/expert numbering,
   full shape, partition dim and stride, the group a parameter is split over) does the sharding, the same
   code that makes our weights layout independent.
 - The hand-written part is a name adapter (`bridge_name`): megatron's local / non-grouped expert spec calls
   an expert weight `mlp.experts.local_experts.<e>.linear_fc1.weight` and keeps the attention norm separate
   (`input_layernorm`), where mbridge expects transformer-engine's grouped names (`linear_fc1.weight<e>`,
-  `linear_qkv.layer_norm_weight`); plus the dense-MLP names (Qwen3-MoE's `mlp_only_layers`), which
-  mbridge's qwen3_moe map lacks.
+  `linear_qkv.layer_norm_weight`). Family-specific gaps of mbridge's maps (Qwen3-MoE's dense layers) are
+  filled in the family's module.
 
 Loading (`load_hf_weights`) reads on every rank only the tensors of its own parameters, checks each full
 shape against the model, and checks across ranks that every tensor of the checkpoint was used: a
@@ -41,6 +43,7 @@ from vespo_megatron.hf.config import check_matches_hf
 from vespo_megatron.hf.safetensors_io import CheckpointReader, ShardWriter, finalize_checkpoint
 from vespo_megatron.megatron.model import TinyMoEConfig, full_from_shards, param_layout, shard_of_full
 from vespo_megatron.megatron.parallel_setup import ParallelGroups
+from vespo_megatron.models import family_for_config, get_family
 
 __all__ = ["HFBridge", "bridge_name", "gather_hf_tensors", "hf_config_from_model", "iter_hf_tensors",
            "load_hf_weights", "save_hf_checkpoint"]
@@ -60,31 +63,13 @@ def bridge_name(global_name: str) -> str:
     return global_name
 
 
-def _mbridge_qwen3_moe(hf_config: dict, dtype: torch.dtype):
-    from mbridge.core.parallel_states import ParallelStates
-    from mbridge.models.qwen3moe import Qwen3MoEBridge
-    from transformers import Qwen3MoeConfig
-
-    class Qwen3MoEWithDense(Qwen3MoEBridge):
-        # Qwen3-MoE's dense layers (mlp_only_layers / decoder_sparse_step) use the plain MLP names.
-        _MLP_MAPPING = {
-            **Qwen3MoEBridge._MLP_MAPPING,
-            "mlp.linear_fc1.weight": ["model.layers.{layer_number}.mlp.gate_proj.weight",
-                                      "model.layers.{layer_number}.mlp.up_proj.weight"],
-            "mlp.linear_fc2.weight": ["model.layers.{layer_number}.mlp.down_proj.weight"],
-        }
-
-    # One-rank parallel states: mbridge is used for names and conversions of full tensors only.
-    return Qwen3MoEWithDense(Qwen3MoeConfig.from_dict(hf_config), dtype=dtype, parallel_states=ParallelStates())
-
-
 class HFBridge:
     """Names and conversions between our megatron parameters (full tensors) and HF tensors."""
 
     def __init__(self, hf_config: dict, dtype: torch.dtype = torch.float32):
         self.hf_config = dict(hf_config)
         self.dtype = dtype
-        self._mb = _mbridge_qwen3_moe(self.hf_config, dtype)
+        self._mb = family_for_config(self.hf_config).weight_bridge(self.hf_config, dtype)
 
     def hf_names(self, global_name: str) -> list[str]:
         try:
@@ -100,21 +85,11 @@ class HFBridge:
         return list(zip(names, tensors, strict=True))
 
 
-def hf_config_from_model(cfg: TinyMoEConfig, *, torch_dtype: str = "bfloat16", **extra) -> dict:
-    """A Qwen3-MoE `config.json` for a model built from our flags (toy runs exported for SGLang / eval)."""
-    pattern = cfg.moe_pattern()
-    return {
-        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_query_groups,
-        "head_dim": cfg.kv_channels, "intermediate_size": cfg.ffn_hidden_size,
-        "moe_intermediate_size": cfg.moe_ffn_hidden_size, "num_experts": cfg.num_experts,
-        "num_experts_per_tok": cfg.moe_router_topk, "norm_topk_prob": True, "decoder_sparse_step": 1,
-        "mlp_only_layers": [i for i, m in enumerate(pattern) if not m], "max_position_embeddings": cfg.seq_length,
-        "rms_norm_eps": cfg.layernorm_epsilon, "rope_theta": float(cfg.rotary_base), "hidden_act": "silu",
-        "tie_word_embeddings": False, "attention_bias": False, "use_sliding_window": False,
-        "router_aux_loss_coef": cfg.moe_aux_loss_coeff, "torch_dtype": torch_dtype, **extra,
-    }
+def hf_config_from_model(cfg: TinyMoEConfig, *, model_type: str = "qwen3_moe", torch_dtype: str = "bfloat16",
+                         **extra) -> dict:
+    """A `config.json` of family `model_type` for a model built from our flags (toy runs exported for SGLang /
+    eval); `extra` keys are added (e.g. token ids)."""
+    return get_family(model_type).hf_config(cfg, torch_dtype=torch_dtype, **extra)
 
 
 def _unwrap(model):

@@ -1,7 +1,9 @@
-"""A tiny Qwen3-MoE-shaped megatron-core `GPTModel`, built identically under every parallel layout.
+"""A megatron-core MoE `GPTModel` (tiny by default), built identically under every parallel layout.
 
-Qwen3-MoE shape: RMSNorm, SwiGLU experts, QK-norm, GQA, RoPE, untied embeddings, no biases, softmax top-k
-router with normalised top-k probabilities; `moe_layer_freq` mixes dense layers in.
+The shape every model family of `vespo_megatron.models` maps onto: RMSNorm, SwiGLU experts, optional
+QK-norm (Qwen3-MoE: on, Mixtral: off), GQA, RoPE, untied embeddings, no biases, softmax top-k router with
+normalised top-k probabilities; `moe_layer_freq` mixes dense layers in. `vespo_megatron.models` builds
+this config from a Hugging Face config.
 
 Determinism across layouts: after megatron builds the local shards, `init_params_deterministic` overwrites
 every matrix with a slice of a full tensor drawn from a generator seeded by (seed, global parameter name),
@@ -42,6 +44,7 @@ from vespo_megatron.megatron.cpu_shim import install_cpu_shim
 from vespo_megatron.megatron.norms import Norm
 from vespo_megatron.megatron.parallel_setup import ParallelConfig, ParallelGroups
 from vespo_megatron.megatron.reference_attention import ReferenceAttention
+from vespo_megatron.routing.alignment import moe_layer_numbers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,9 +100,9 @@ class TinyMoEConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def moe_pattern(self) -> list[int]:
-        if isinstance(self.moe_layer_freq, tuple):
-            return list(self.moe_layer_freq)
-        return [1 if i % self.moe_layer_freq == 0 else 0 for i in range(self.num_layers)]
+        """Per layer: 1 for MoE, 0 for dense (megatron's `moe_layer_freq` list form)."""
+        moe = set(moe_layer_numbers(self.moe_layer_freq, self.num_layers))
+        return [int(i in moe) for i in range(self.num_layers)]
 
 
 def transformer_config(cfg: TinyMoEConfig, pcfg: ParallelConfig) -> TransformerConfig:
@@ -145,7 +148,7 @@ def transformer_config(cfg: TinyMoEConfig, pcfg: ParallelConfig) -> TransformerC
         moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
         moe_layer_freq=list(cfg.moe_pattern()),
         moe_router_score_function="softmax",
-        moe_router_pre_softmax=False,  # softmax over the top-k = Qwen3's normalised top-k probabilities
+        moe_router_pre_softmax=False,  # softmax over the top-k = renormalised top-k probabilities (Qwen3-MoE, Mixtral)
         moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",

@@ -1,5 +1,6 @@
-"""Planning a run before launching it: per-GPU memory of a Qwen3-MoE model under a megatron-core layout
-(`vespo_megatron.planning.memory`; CLI: `examples/memory_plan.py`). Pure Python: no torch, no megatron."""
+"""Planning a run before launching it: per-GPU memory of a MoE model (any family of `vespo_megatron.models`)
+under a megatron-core layout (`vespo_megatron.planning.memory`; CLI: `examples/memory_plan.py`). Pure Python:
+no torch, no megatron."""
 
 from .memory import (
     PRESETS,

@@ -1,15 +1,15 @@
-"""Per-GPU memory plan of a Qwen3-MoE training run for one megatron-core parallel layout.
+"""Per-GPU memory plan of a MoE training run (Qwen3-MoE, Mixtral, ...) for one megatron-core parallel layout.
 
 Why: a Qwen3-30B-A3B-class RL run fails with an out-of-memory error minutes after it is launched on a
 cluster, after the model is built and the rollouts are generated. This module answers "how many GPUs and
-which TP/EP/PP/CP layout" before the launch, from the Hugging Face config alone (no torch, no megatron).
+which TP/EP/PP/CP layout" before the launch, from the Hugging Face config alone (no torch, no megatron): the
+config's model family (`vespo_megatron.models`) turns it into a `ModelShape`, counted here.
 
 What it counts, per GPU (one rank of one pipeline stage; every stage is planned and the worst is reported):
 
 * parameters: embedding (first stage) and output layer (last stage), split over TP; attention split over TP;
   norms and the router replicated over TP; experts split over EP (whole experts) and expert-TP (columns);
-  dense MLP layers (``mlp_only_layers`` / ``decoder_sparse_step``) split over TP; layers split evenly
-  over PP stages;
+  dense MLP layers (``ModelShape.dense_layers``) split over TP; layers split evenly over PP stages;
 * static memory: weights (2 B/param bf16, 4 B fp32), fp32 main gradients (4 B/param: megatron's DDP with
   ``grad_reduce_in_fp32`` / megatron-lm's ``--accumulate-allreduce-grads-in-fp32``), Adam state (bf16
   params: fp32 master weights + m + v = 12 B/param; fp32 params: m + v = 8 B/param), sharded by the
@@ -31,13 +31,13 @@ Units: bytes and parameter counts are ints; GiB = 2**30 bytes.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from vespo_megatron.base.validation import ConfigError
+from vespo_megatron.models import PRESETS as MODEL_PRESETS
+from vespo_megatron.models import ModelShape
 
 __all__ = [
     "PRESETS", "GIB", "ModelShape", "Layout", "RunSetup", "ParamCounts", "RankParams", "StageMemory",
@@ -63,111 +63,8 @@ def _int_at_least(cls: str, name: str, value: object, low: int) -> None:
         raise ConfigError(cls, name, f"an int >= {low}", value)
 
 
-# --- model shape ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelShape:
-    """The Qwen3-MoE Hugging Face config fields that set parameter and activation sizes (same names).
-
-    Layer i is MoE iff ``num_experts > 0``, ``i not in mlp_only_layers`` and ``(i + 1) % decoder_sparse_step
-    == 0`` (transformers' ``Qwen3MoeDecoderLayer``); other layers have a dense SwiGLU MLP of width
-    ``intermediate_size``. ``num_experts = 0`` is a dense Qwen3.
-    """
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    intermediate_size: int = 0  # dense-layer MLP width (unused when every layer is MoE)
-    moe_intermediate_size: int = 0
-    num_experts: int = 0
-    num_experts_per_tok: int = 0
-    decoder_sparse_step: int = 1
-    mlp_only_layers: tuple[int, ...] = ()
-    tie_word_embeddings: bool = False
-    qk_norm: bool = True  # Qwen3: RMSNorm on every query / key head (weights of size head_dim)
-    attention_bias: bool = False
-
-    def __post_init__(self):
-        c = "ModelShape"
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "decoder_sparse_step"):
-            _int_at_least(c, name, getattr(self, name), 1)
-        for name in ("intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok"):
-            _int_at_least(c, name, getattr(self, name), 0)
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ConfigError(c, "hidden_size", f"a multiple of num_attention_heads={self.num_attention_heads} "
-                           "when head_dim is None", self.hidden_size)
-        else:
-            _int_at_least(c, "head_dim", self.head_dim, 1)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(c, "num_key_value_heads", f"a divisor of num_attention_heads={self.num_attention_heads}",
-                       self.num_key_value_heads)
-        if not isinstance(self.mlp_only_layers, tuple):
-            raise ConfigError(c, "mlp_only_layers", "a tuple of layer indices", self.mlp_only_layers)
-        for i in self.mlp_only_layers:
-            if not (isinstance(i, int) and 0 <= i < self.num_hidden_layers):
-                raise ConfigError(c, "mlp_only_layers", f"indices in [0, {self.num_hidden_layers})", self.mlp_only_layers)
-        if self.num_experts > 0:
-            _int_at_least(c, "moe_intermediate_size", self.moe_intermediate_size, 1)
-            if not 1 <= self.num_experts_per_tok <= self.num_experts:
-                raise ConfigError(c, "num_experts_per_tok", f"in [1, num_experts={self.num_experts}]",
-                           self.num_experts_per_tok)
-        if any(not m for m in self.moe_layers()):
-            _int_at_least(c, "intermediate_size", self.intermediate_size, 1)
-
-    @property
-    def kv_channels(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    def moe_layers(self) -> tuple[bool, ...]:
-        """Per layer: True for MoE, False for a dense MLP."""
-        return tuple(self.num_experts > 0 and i not in self.mlp_only_layers
-                     and (i + 1) % self.decoder_sparse_step == 0 for i in range(self.num_hidden_layers))
-
-    @classmethod
-    def from_hf_config(cls, config: dict) -> ModelShape:
-        """From a Hugging Face ``config.json`` dict (Qwen3-MoE, or dense Qwen3 without ``num_experts``).
-
-        The hub's configs name the expert count ``num_experts``; transformers >= 5 writes ``num_local_experts``.
-        """
-        head_dim = config.get("head_dim")
-        return cls(
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=config["num_attention_heads"],
-            num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-            head_dim=head_dim,
-            intermediate_size=config.get("intermediate_size") or 0,
-            moe_intermediate_size=config.get("moe_intermediate_size") or 0,
-            num_experts=config.get("num_experts") or config.get("num_local_experts") or 0,
-            num_experts_per_tok=config.get("num_experts_per_tok") or 0,
-            decoder_sparse_step=config.get("decoder_sparse_step") or 1,
-            mlp_only_layers=tuple(config.get("mlp_only_layers") or ()),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", False)),
-        )
-
-    @classmethod
-    def from_hf_json(cls, path: str | Path) -> ModelShape:
-        return cls.from_hf_config(json.loads(Path(path).read_text()))
-
-
-# Published Hugging Face configs (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B config.json).
-PRESETS: dict[str, ModelShape] = {
-    "qwen3-30b-a3b": ModelShape(vocab_size=151936, hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
-                                num_key_value_heads=4, head_dim=128, intermediate_size=6144,
-                                moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
-    "qwen3-235b-a22b": ModelShape(vocab_size=151936, hidden_size=4096, num_hidden_layers=94,
-                                  num_attention_heads=64, num_key_value_heads=4, head_dim=128,
-                                  intermediate_size=12288, moe_intermediate_size=1536, num_experts=128,
-                                  num_experts_per_tok=8),
-}
+# Published configs of every registered model family ("qwen3-30b-a3b", "mixtral-8x7b", ...).
+PRESETS: dict[str, ModelShape] = {name: ModelShape.from_hf_config(cfg) for name, cfg in MODEL_PRESETS.items()}
 
 
 # --- parameter counts ----------------------------------------------------------------------------------

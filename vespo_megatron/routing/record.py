@@ -19,11 +19,13 @@ constant id does not send every such token to the same expert and hence the same
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from vespo_megatron.models import family_for_config
 
 __all__ = ["MAX_EXPERTS", "RoutingRecord", "RoutingSpec", "compact_dtype", "strided_fill"]
 
@@ -104,39 +106,13 @@ class RoutingSpec:
 
     @classmethod
     def from_hf_config(cls, config: Mapping) -> RoutingSpec:
-        """From a Hugging Face ``config.json`` dict of a Qwen2/Qwen3-MoE or DeepSeek-V2/V3 style model.
-
-        Qwen-MoE: ``num_experts``, ``num_experts_per_tok``; layer i is MoE when it is not in
-        ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0`` (as in transformers' Qwen3MoE).
-        DeepSeek: ``n_routed_experts``, ``num_experts_per_tok``; layer i is MoE when
-        ``i >= first_k_dense_replace`` and ``i % moe_layer_freq == 0``.
-        """
+        """From the ``config.json`` dict of a registered model family (``vespo_megatron.models``): the family
+        says which layers are MoE, the top-k and the expert count."""
         if not isinstance(config, Mapping):
             raise ValueError(f"config: expected a mapping (HF config.json), got {type(config).__name__}")
-        missing = [k for k in ("num_hidden_layers", "num_experts_per_tok") if k not in config]
-        if missing:
-            raise ValueError(f"config: expected keys {missing} (num_hidden_layers, num_experts_per_tok)")
-        num_layers = config["num_hidden_layers"]
-        _check_int("num_hidden_layers", num_layers, 1)
-        if "n_routed_experts" in config:
-            first_dense = config.get("first_k_dense_replace", 0)
-            freq = config.get("moe_layer_freq", 1)
-            _check_int("first_k_dense_replace", first_dense, 0)
-            _check_int("moe_layer_freq", freq, 1)
-            moe = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
-            num_experts = config["n_routed_experts"]
-        elif "num_experts" in config:
-            step = config.get("decoder_sparse_step", 1)
-            _check_int("decoder_sparse_step", step, 1)
-            mlp_only = config.get("mlp_only_layers") or []
-            if not isinstance(mlp_only, Sequence) or isinstance(mlp_only, str):
-                raise ValueError(f"mlp_only_layers: expected a list of layer indices, got {mlp_only!r}")
-            moe = tuple(i for i in range(num_layers) if i not in set(mlp_only) and (i + 1) % step == 0)
-            num_experts = config["num_experts"]
-        else:
-            raise ValueError("config: expected 'num_experts' (Qwen-MoE) or 'n_routed_experts' (DeepSeek), got neither")
-        return cls(num_hidden_layers=num_layers, moe_layers=moe, top_k=config["num_experts_per_tok"],
-                   num_experts=num_experts)
+        family = family_for_config(config)
+        return cls(num_hidden_layers=family.num_layers(config), moe_layers=family.moe_layers(config),
+                   top_k=family.experts_per_token(config), num_experts=family.num_experts(config))
 
 
 @dataclass(frozen=True)
