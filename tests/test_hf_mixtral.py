@@ -58,7 +58,7 @@ def tiny_ckpt(tmp_path_factory):
 def _load_forward_save(rank, world, layouts, path, tokens, out_root):
     from vespo_megatron.hf.bridge import load_hf_weights, save_hf_checkpoint
     from vespo_megatron.megatron.parallel_setup import ParallelConfig
-    from vespo_megatron.megatron.testing import Batch, run_layout
+    from vespo_megatron.testing.layouts import Batch, run_layout
 
     hf_cfg = load_hf_config(path)
     model_cfg = model_config_from_hf(hf_cfg, dtype=torch.float32)

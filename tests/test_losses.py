@@ -8,10 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from loss_reference import RefSeq, reference_loss
+from loss_reference import RefSeq, reference_loss, reference_normalizer
 
 from vespo_megatron.base.metric import finalize_metrics, merge_metrics
 from vespo_megatron.losses import (
+    GSPOConfig,
     LossInputs,
     LossNormalizer,
     RolloutCorrectionConfig,
@@ -21,8 +22,11 @@ from vespo_megatron.losses import (
     make_loss_config,
     vespo_phi,
 )
+from vespo_megatron.parallel.sequence import global_normalizer
 
 NAMES = ["vespo", "vespo_sqrt", "vespo_lin", "grpo", "gspo", "sapo", "reinforce"]
+# Loss variants the reference covers: a name and config overrides.
+VARIANTS = [(n, {}) for n in NAMES] + [("gspo", {"gradient": "sequence"})]
 
 
 def make_batch(seed: int, num_seqs: int = 6, max_len: int = 9, scale: float = 0.3, pad_garbage: float = float("nan")):
@@ -64,17 +68,35 @@ CORRECTIONS = [
     RolloutCorrectionConfig(mode="mis", level="token", upper=1.15),
     RolloutCorrectionConfig(mode="mis", level="geometric", upper=1.05, lower=0.97),
     RolloutCorrectionConfig(mode="mis", level="sequence", upper=1.5),
+    RolloutCorrectionConfig(mode="fold"),
+    RolloutCorrectionConfig(mode="fold_tis", upper=1.1),
 ]
 
 
-@pytest.mark.parametrize("name", NAMES)
+def built(flat, cfg):
+    """The library's inputs and (single-process) global normaliser for `cfg`'s rollout correction."""
+    rc = cfg.rollout_correction
+    inputs = build_local_inputs(**flat, rollout_correction=rc)
+    norm = global_normalizer([flat["mask"]], [flat["token_seq"]], [flat["num_seqs"]], old_logps=[flat["old_logp"]],
+                             rollout_logps=[flat["rollout_logp"]], rollout_correction=rc)
+    return inputs, norm
+
+
+# Every variant with every correction it accepts (the folds are VESPO's).
+CASES = [(v, c) for v in range(len(VARIANTS)) for c in range(len(CORRECTIONS))
+         if VARIANTS[v][0].startswith("vespo") or not CORRECTIONS[c].mode.startswith("fold")]
+
+
+@pytest.mark.parametrize("variant, corr", CASES)
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
-@pytest.mark.parametrize("corr", range(len(CORRECTIONS)))
-def test_loss_and_grad_match_float64_loop_reference(name, aggregation, corr):
-    flat, seqs, norm = make_batch(seed=hash((name, aggregation, corr)) % 1000)
-    cfg = make_loss_config(name, aggregation=aggregation, rollout_correction=CORRECTIONS[corr])
-    out = get_policy_loss(name)(build_local_inputs(**flat), norm, cfg)
-    ref, phis = reference_loss(name, seqs, cfg, norm.num_tokens, norm.num_seqs)
+def test_loss_and_grad_match_float64_loop_reference(variant, corr, aggregation):
+    name, overrides = VARIANTS[variant]
+    flat, seqs, _ = make_batch(seed=hash((name, aggregation, corr)) % 1000)
+    cfg = make_loss_config(name, aggregation=aggregation, rollout_correction=CORRECTIONS[corr], **overrides)
+    inputs, norm = built(flat, cfg)
+    assert (norm.num_tokens, norm.num_seqs) == reference_normalizer(seqs, cfg.rollout_correction)
+    out = get_policy_loss(name)(inputs, norm, cfg)
+    ref, phis = reference_loss(name, seqs, cfg)
     torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-14)
     (g,) = torch.autograd.grad(out.loss, flat["logp"])
     g_ref = torch.zeros_like(g)  # a reference that kept no token has no graph
@@ -96,7 +118,7 @@ def test_fold_and_dual_clip_against_reference(name):
         cfg = make_loss_config(name, dual_clip=1.5, eps_low=0.1, eps_high=0.1)
     else:
         cfg = make_loss_config(name, eps_low=0.05, eps_high=0.05)
-    out = get_policy_loss(name)(build_local_inputs(**flat), norm, cfg)
+    out = get_policy_loss(name)(build_local_inputs(**flat, rollout_correction=cfg.rollout_correction), norm, cfg)
     ref, _ = reference_loss(name, seqs, cfg, norm.num_tokens, norm.num_seqs)
     torch.testing.assert_close(out.loss, ref, rtol=1e-12, atol=1e-14)
 
@@ -209,7 +231,10 @@ def test_log_w_clamp_is_counted_and_metrics_merge():
     flat["logp"] = (flat["logp"].detach() + 25.0).requires_grad_(True)  # log W above the clamp (20)
     out = get_policy_loss("vespo")(build_local_inputs(**flat), norm)
     values = finalize_metrics(out.metrics)
-    assert values["vespo/log_w_clamped_frac"] == 1.0
+    # Each token is clamped to +20 before the sum, so only sequences of 2+ tokens exceed the log W clamp.
+    lengths = flat["mask"].reshape(flat["num_seqs"], -1).sum(1)
+    assert values["vespo/log_w_clamped_frac"] == pytest.approx(float((lengths > 1).sum() / (lengths > 0).sum()))
+    assert 0 < values["vespo/log_w_clamped_frac"] < 1
     assert values["ratio/log_ratio_clamped_frac"] == 1.0  # every token ratio exceeds e^20 too
     assert torch.isfinite(out.loss)
     # Two micro-batches merge: sums add, means are weighted by their counts.
@@ -221,14 +246,17 @@ def test_log_w_clamp_is_counted_and_metrics_merge():
 
 def test_mis_mask_and_tis_clip_are_counted():
     flat, _, norm = make_batch(seed=5, scale=1.0)
-    inputs = build_local_inputs(**flat)
-    out = get_policy_loss("grpo")(inputs, norm, make_loss_config(
-        "grpo", rollout_correction=RolloutCorrectionConfig(mode="mis", upper=1.1)))
+    mis = RolloutCorrectionConfig(mode="mis", upper=1.1)
+    out = get_policy_loss("grpo")(build_local_inputs(**flat, rollout_correction=mis), norm,
+                                  make_loss_config("grpo", rollout_correction=mis))
     values = finalize_metrics(out.metrics)
     rho = torch.exp(flat["old_logp"] - flat["rollout_logp"])[flat["mask"]]
-    expected = float(((rho > 1.1) | (rho < 1 / 1.1)).double().mean())
-    assert values["rollout_corr/mis_masked_frac"] == pytest.approx(expected)
+    outside = (rho > 1.1) | (rho < 1 / 1.1)
+    assert values["rollout_corr/mis_masked_frac"] == pytest.approx(float(outside.double().mean()))
+    assert values["rollout_corr/mis_masked_tokens"] == float(outside.sum())
+    assert values["num_loss_tokens"] == values["num_response_tokens"] - float(outside.sum())
     assert 0 < values["rollout_corr/is_weight_ess"] <= 1
+    inputs = build_local_inputs(**flat)
     out = get_policy_loss("grpo")(inputs, norm, make_loss_config(
         "grpo", rollout_correction=RolloutCorrectionConfig(mode="tis", upper=1.1)))
     assert finalize_metrics(out.metrics)["rollout_corr/tis_clip_frac"] == pytest.approx(float((rho > 1.1).double().mean()))
@@ -243,7 +271,13 @@ def test_mis_mask_and_tis_clip_are_counted():
     (lambda: make_loss_config("gspo", eps_high=0.0), r"GSPOConfig.eps_high"),
     (lambda: get_policy_loss("ppo2"), r"policy loss name: expected one of .* got 'ppo2'"),
     (lambda: make_loss_config("grpo", aggregation="mean"), r"aggregation: expected one of"),
-    (lambda: make_loss_config("grpo", rollout_correction=RolloutCorrectionConfig(mode="fold")), r"'fold' is VESPO"),
+    (lambda: make_loss_config("grpo", rollout_correction=RolloutCorrectionConfig(mode="fold")), r"'fold_tis' are VESPO"),
+    (lambda: make_loss_config("gspo", rollout_correction=RolloutCorrectionConfig(mode="fold_tis")), r"need a VespoConfig"),
+    (lambda: RolloutCorrectionConfig(mode="fold", level="sequence"), r"level: expected 'token' with mode='fold'"),
+    (lambda: VespoConfig(w_floor=1.0), r"VespoConfig.w_floor: expected a float in \[0, 1\)"),
+    (lambda: VespoConfig(c2_floor=-1.0), r"VespoConfig.c2_floor"),
+    (lambda: GSPOConfig(gradient="mean"), r"GSPOConfig.gradient: expected one of \['token', 'sequence'\]"),
+    (lambda: GSPOConfig(log_ratio_max=0.0), r"GSPOConfig.log_ratio_max"),
     (lambda: RolloutCorrectionConfig(mode="tis", upper=0.5), r"upper: expected a finite float > 1"),
     (lambda: make_loss_config("vespo_sqrt", length_norm="lin"), r"fixed to 'sqrt'"),
     (lambda: VespoConfig(c_pos=(5.0, 3.0)), r"phi must fit in float32"),
@@ -275,8 +309,17 @@ def test_bad_inputs_raise():
         LossNormalizer(num_tokens=0, num_seqs=1)
     detached = LossInputs(**{**build_local_inputs(**flat).__dict__,
                              "seq_log_ratio": build_local_inputs(**flat).seq_log_ratio.detach()})
-    with pytest.raises(ValueError, match=r"GSPO differentiates through the sequence log-ratio"):
-        get_policy_loss("gspo")(detached, norm)
+    with pytest.raises(ValueError, match=r"GSPO with gradient='sequence' differentiates through"):
+        get_policy_loss("gspo")(detached, norm, GSPOConfig(gradient="sequence"))
+    get_policy_loss("gspo")(detached, norm)  # the default token gradient never needs it
+    # A loss that rejects or folds needs inputs built for that correction (else the normaliser and the
+    # sums would not know about the rejection).
+    for rc in (RolloutCorrectionConfig(mode="mis"), RolloutCorrectionConfig(mode="fold")):
+        with pytest.raises(ValueError, match=r"LossInputs.rollout_correction: expected the inputs built for"):
+            get_policy_loss("vespo")(build_local_inputs(**flat), norm, make_loss_config("vespo", rollout_correction=rc))
+    with pytest.raises(ValueError, match=r"LossInputs.rollout_correction"):
+        mis_inputs = build_local_inputs(**flat, rollout_correction=RolloutCorrectionConfig(mode="mis"))
+        get_policy_loss("grpo")(mis_inputs, norm)
 
 
 def test_constant_token_advantages_accepted_by_sequence_losses():

@@ -1,6 +1,8 @@
 """Layout invariance of the RL step on a tiny megatron-core MoE GPT: the same global batch (mixed lengths,
 packed THD and padded, several micro-batches) under DP2, TP2+SP, CP2, EP2 and PP2 gives the single
-process's loss, per-sequence log W and phi, and full gradients, for vespo, grpo and gspo.
+process's loss, per-sequence log W and phi, and full gradients, for vespo (rollout ratio folded), grpo (masked
+IS at token level) and gspo (masked IS at sequence level): rejected tokens leave the normaliser and the sums
+the same way under every layout.
 
 The same step through megatron's DistributedDataParallel (the trainer's path) is checked for vespo too.
 
@@ -41,7 +43,11 @@ def _step_cfg(loss):
     from vespo_megatron.losses import RolloutCorrectionConfig, make_loss_config
     from vespo_megatron.megatron.step import RLStepConfig
 
-    corr = RolloutCorrectionConfig(mode="fold") if loss == "vespo" else RolloutCorrectionConfig(mode="tis")
+    corr = {
+        "vespo": RolloutCorrectionConfig(mode="fold"),
+        "grpo": RolloutCorrectionConfig(mode="mis", level="token", upper=1.1),
+        "gspo": RolloutCorrectionConfig(mode="mis", level="sequence", upper=1.2),
+    }[loss]
     return RLStepConfig(loss_name=loss, loss_config=make_loss_config(loss, rollout_correction=corr), temperature=0.9)
 
 
@@ -77,6 +83,8 @@ def test_reference_is_not_trivial(results):
         assert any(g.abs().max() > 0 for n, g in r.grads.items() if "router" in n)
         assert r.seq_log_ratio.abs().max() > 0.1
     assert ref[("ref", "vespo", "thd")].seq_phi is not None
+    for loss in ("grpo", "gspo"):  # masked IS rejects some tokens / sequences, not all
+        assert 0 < ref[("ref", loss, "thd")].metrics["rollout_corr/mis_masked_frac"] < 1, loss
     # The packed and the padded batch are the same samples: same per-sequence log W.
     torch.testing.assert_close(ref[("ref", "vespo", "thd")].seq_log_ratio, ref[("ref", "vespo", "padded")].seq_log_ratio,
                                rtol=0, atol=2e-5)
@@ -96,5 +104,5 @@ def test_layout_matches_single_process(results, name, loss, batch_layout):
         assert got.grads.keys() == ref.grads.keys()
         for pname, grad in ref.grads.items():
             torch.testing.assert_close(got.grads[pname], grad, rtol=1e-4, atol=1e-7, msg=pname)
-        for key in ("num_response_tokens", "ratio/log_ratio_abs_mean"):
+        for key in ("num_response_tokens", "num_loss_tokens", "ratio/log_ratio_abs_mean"):
             assert got.metrics[key] == pytest.approx(ref.metrics[key], rel=1e-5), key

@@ -14,7 +14,7 @@ from .config import (
     SAPOConfig,
     VespoConfig,
 )
-from .inputs import build_local_inputs
+from .inputs import build_local_inputs, inputs_from_sums, loss_sums
 from .registry import (
     POLICY_LOSSES,
     LossConfig,
@@ -30,7 +30,7 @@ from .vespo import vespo_loss, vespo_phi
 __all__ = [
     "AGGREGATION_MODES", "GSPOConfig", "PPOClipConfig", "ReinforceConfig", "RolloutCorrectionConfig",
     "SAPOConfig", "VespoConfig", "LossInputs", "LossNormalizer", "LossOutput",
-    "POLICY_LOSSES", "LossConfig", "PolicyLoss", "get_policy_loss", "resolve_policy_loss", "make_loss_config", "vespo_phi", "vespo_loss",
-    "aggregate", "token_weights", "build_local_inputs",
+    "POLICY_LOSSES", "LossConfig", "PolicyLoss", "get_policy_loss", "resolve_policy_loss", "make_loss_config",
+    "vespo_phi", "vespo_loss", "aggregate", "token_weights", "build_local_inputs", "loss_sums", "inputs_from_sums",
     "masked_segment_sum", "segment_count",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from vespo_megatron.base.metric import Metric
 
-from .common import TOKEN_LOG_RATIO_CLAMP, finish, sequence_stats, token_log_ratio
+from .common import finish, sequence_stats, token_log_ratio
 from .config import GSPOConfig, PPOClipConfig, ReinforceConfig, SAPOConfig
 from .types import LossInputs, LossNormalizer, LossOutput
 
@@ -39,31 +39,44 @@ def grpo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: PPOClipConfig
 
 
 def gspo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: GSPOConfig | None = None) -> LossOutput:
-    """s_b = exp(log W_b / |y_b|) (gradient flows through `seq_log_ratio`, which the caller all-reduces with
-    an autograd-aware collective under context parallelism); l_b = -min(s A, clip(s) A), carried by every
-    response token of sequence b and aggregated like the token losses (default seq_mean_token_mean)."""
+    """s_b = exp(log W_b / |y_b|) over the kept tokens, log s clamped from above at `log_ratio_max`;
+    l = -min(s A, clip(s) A), carried by every loss token of sequence b and aggregated like the token losses
+    (default seq_mean_token_mean).
+
+    gradient='token' (verl): token t's copy is evaluated at s_t = sg[s_b] * exp(log pi_t - sg[log pi_t]),
+    equal to s_b in value, so token t's gradient is its own (times its own correction weight).
+    gradient='sequence': the copies are evaluated at s_b itself and the gradient flows through
+    `seq_log_ratio` (which the caller all-reduces with an autograd-aware collective under CP)."""
     cfg = cfg or GSPOConfig()
     metrics: dict[str, Metric] = {}
     token_log_ratio(inputs, metrics)
-    if not inputs.seq_log_ratio.requires_grad and inputs.logp.requires_grad:
+    if cfg.gradient == "sequence" and not inputs.seq_log_ratio.requires_grad and inputs.logp.requires_grad:
         raise ValueError(
-            "LossInputs.seq_log_ratio: GSPO differentiates through the sequence log-ratio; expected a tensor "
-            "that requires grad (build it with the autograd-aware reduction), got a detached tensor"
+            "LossInputs.seq_log_ratio: GSPO with gradient='sequence' differentiates through the sequence "
+            "log-ratio; expected a tensor that requires grad (build it with the autograd-aware reduction), got "
+            "a detached tensor"
         )
     adv = inputs.sequence_advantages()
+    seq = inputs.token_seq.long()
     seq_len = inputs.seq_num_tokens.to(inputs.seq_log_ratio.dtype).clamp(min=1.0)
-    raw = inputs.seq_log_ratio / seq_len
-    log_s = raw.clamp(-TOKEN_LOG_RATIO_CLAMP, TOKEN_LOG_RATIO_CLAMP)
+    raw = inputs.seq_log_ratio / seq_len  # [B]
+    if cfg.gradient == "token":
+        logp = torch.where(inputs.mask, inputs.logp, torch.zeros_like(inputs.logp))  # no NaN from padding
+        log_s = (logp - logp.detach()).to(raw.dtype) + raw.detach()[seq]  # [T], value log s_b
+    else:
+        log_s = raw[seq]  # [T], gradient through s_b
+    log_s = log_s.clamp(max=cfg.log_ratio_max)
     s = torch.exp(log_s)
-    a = adv.to(s.dtype)
-    seq_loss = -torch.minimum(s * a, s.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * a)
+    a = adv.to(s.dtype)[seq]
+    token_loss = -torch.minimum(s * a, s.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * a)
+    s_b = torch.exp(raw.detach().clamp(max=cfg.log_ratio_max))
+    a_b = adv.to(s_b.dtype)
     has_tokens = inputs.seq_num_tokens > 0
-    clip = ((a > 0) & (s > 1.0 + cfg.eps_high)) | ((a < 0) & (s < 1.0 - cfg.eps_low))
+    clip = ((a_b > 0) & (s_b > 1.0 + cfg.eps_high)) | ((a_b < 0) & (s_b < 1.0 - cfg.eps_low))
     metrics["gspo/seq_clip_frac"] = Metric.mean(clip.double(), has_tokens)
-    metrics["gspo/log_ratio_clamped_frac"] = Metric.mean((raw != log_s).double(), has_tokens)
-    sequence_stats("gspo/seq_ratio", s, has_tokens, metrics)
-    token_loss = seq_loss[inputs.token_seq.long()].to(inputs.logp.dtype)
-    return finish(token_loss, inputs, cfg, normalizer, metrics)
+    metrics["gspo/log_ratio_clamped_frac"] = Metric.mean((raw.detach() > cfg.log_ratio_max).double(), has_tokens)
+    sequence_stats("gspo/seq_ratio", s_b, has_tokens, metrics)
+    return finish(token_loss.to(inputs.logp.dtype), inputs, cfg, normalizer, metrics)
 
 
 def sapo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: SAPOConfig | None = None) -> LossOutput:

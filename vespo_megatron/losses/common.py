@@ -13,10 +13,10 @@ from vespo_megatron.base.metric import Metric
 from .aggregation import aggregate
 from .config import _LossConfigBase
 from .rollout_correction import rollout_correction
+from .rollout_terms import TOKEN_LOG_RATIO_CLAMP
 from .types import LossInputs, LossNormalizer, LossOutput
 
-# exp(20) ~ 4.9e8: beyond it a token ratio only produces inf/NaN. Clamped tokens are counted.
-TOKEN_LOG_RATIO_CLAMP = 20.0
+__all__ = ["TOKEN_LOG_RATIO_CLAMP", "token_log_ratio", "finish", "sequence_stats"]
 
 
 def token_log_ratio(inputs: LossInputs, metrics: dict[str, Metric]) -> Tensor:
@@ -43,7 +43,9 @@ def finish(
     weighted = torch.where(corr.keep, token_loss * corr.token_weight.to(token_loss.dtype), torch.zeros_like(token_loss))
     loss = aggregate(weighted, inputs, cfg.aggregation, normalizer)
     metrics["loss"] = Metric.sum(loss)
-    metrics["num_response_tokens"] = Metric.sum(inputs.mask.double().sum())
+    response = inputs.mask if inputs.rejected is None else inputs.mask | inputs.rejected
+    metrics["num_response_tokens"] = Metric.sum(response.double().sum())
+    metrics["num_loss_tokens"] = Metric.sum(inputs.mask.double().sum())
     return LossOutput(loss=loss, metrics=metrics, **extra)
 
 

@@ -28,7 +28,8 @@ class PolicyLoss:
     fn: Callable[..., LossOutput]
     config_cls: type
     fixed: dict[str, Any]
-    seq_grad: bool = False  # differentiates through the sequence log-ratio (needs the autograd all-reduce)
+    # config -> whether the loss differentiates through the sequence log-ratio (needs the autograd all-reduce)
+    seq_grad: Callable[[Any], bool] = lambda config: False
 
     def default_config(self, **overrides: Any):
         for key, value in self.fixed.items():
@@ -54,7 +55,7 @@ POLICY_LOSSES: dict[str, PolicyLoss] = {
     "vespo_sqrt": PolicyLoss("vespo_sqrt", vespo_loss, VespoConfig, {"length_norm": "sqrt"}),
     "vespo_lin": PolicyLoss("vespo_lin", vespo_loss, VespoConfig, {"length_norm": "lin"}),
     "grpo": PolicyLoss("grpo", grpo_loss, PPOClipConfig, {}),
-    "gspo": PolicyLoss("gspo", gspo_loss, GSPOConfig, {}, seq_grad=True),
+    "gspo": PolicyLoss("gspo", gspo_loss, GSPOConfig, {}, seq_grad=lambda config: config.gradient == "sequence"),
     "sapo": PolicyLoss("sapo", sapo_loss, SAPOConfig, {}),
     "reinforce": PolicyLoss("reinforce", reinforce_loss, ReinforceConfig, {}),
 }

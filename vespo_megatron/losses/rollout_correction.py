@@ -6,8 +6,9 @@ Shape legend: [T] tokens, [B] sequences. rho_t = pi_old_train(y_t) / pi_rollout(
          sequence:  w_b = min(prod_t rho_t, upper)
          geometric: w_b = min(exp(mean_t log rho_t), upper)
     mis  the same ratios, but tokens (token level) or whole sequences (sequence/geometric level) whose ratio
-         lies outside [lower, upper] are dropped from the loss; the dropped fraction is a metric.
-    fold (VESPO) handled in vespo.py: log W += sum_t log rho_t.
+         lies outside [lower, upper] are dropped. The drop happens when the inputs are built
+         (`rollout_terms`), so here `inputs.mask` already holds the kept tokens; this module only counts them.
+    fold, fold_tis (VESPO) handled in the inputs' rollout row and vespo.py: log W += the row.
 """
 
 from __future__ import annotations
@@ -49,9 +50,25 @@ def _log_rho(inputs: LossInputs, level: str) -> tuple[Tensor, Tensor]:
     return token, seq_log[seq]
 
 
+def _upstream(cfg: RolloutCorrectionConfig | None) -> RolloutCorrectionConfig | None:
+    return cfg if cfg is not None and cfg.shapes_inputs else None
+
+
+def check_inputs_built_for(inputs: LossInputs, cfg: RolloutCorrectionConfig) -> None:
+    """ValueError unless the inputs were built for the same rejecting / folding correction as the loss's
+    (a rejection the normaliser and the sums never saw would silently change the loss)."""
+    if _upstream(inputs.rollout_correction) != _upstream(cfg):
+        raise ValueError(
+            f"LossInputs.rollout_correction: expected the inputs built for the loss's rollout correction "
+            f"{_upstream(cfg)!r} (pass rollout_correction= to build_local_inputs / build_loss_inputs / "
+            f"global_normalizer), got {_upstream(inputs.rollout_correction)!r}"
+        )
+
+
 def rollout_correction(inputs: LossInputs, cfg: RolloutCorrectionConfig) -> RolloutCorrection:
+    check_inputs_built_for(inputs, cfg)
     ones = torch.ones_like(inputs.logp).detach()
-    if cfg.mode in ("none", "fold"):
+    if cfg.mode in ("none", "fold", "fold_tis"):
         return RolloutCorrection(ones, inputs.mask, {})
     if inputs.rollout_logp is None:
         raise ValueError(
@@ -71,14 +88,16 @@ def rollout_correction(inputs: LossInputs, cfg: RolloutCorrectionConfig) -> Roll
         metrics["rollout_corr/tis_clip_frac"] = Metric.mean(clipped.double(), mask)
         keep = mask
     else:
-        log_lower = math.log(cfg.effective_lower) if cfg.effective_lower > 0 else -math.inf
-        outside = mask & ((level_log > log_upper) | (level_log < log_lower))
-        keep = mask & ~outside
+        # Rejected upstream: `mask` holds the kept tokens, `rejected` the dropped ones.
+        assert inputs.rejected is not None
+        response = mask | inputs.rejected
+        keep = mask
         weight = ones
-        metrics["rollout_corr/mis_masked_frac"] = Metric.mean(outside.double(), mask)
-        metrics["rollout_corr/mis_masked_tokens"] = Metric.sum(outside.double().sum())
-    # Effective sample size of the raw IS ratios at this level, ESS = E[w]^2 / E[w^2] after reduction
-    # (log ratio capped at 300 so that w^2 stays finite in float64; a cap that fires drives ESS to ~0).
+        metrics["rollout_corr/mis_masked_frac"] = Metric.mean(inputs.rejected.double(), response)
+        metrics["rollout_corr/mis_masked_tokens"] = Metric.sum(inputs.rejected.double().sum())
+    # Effective sample size of the raw IS ratios at this level over the loss tokens (for mis: the kept ones),
+    # ESS = E[w]^2 / E[w^2] after reduction (log ratio capped at 300 so that w^2 stays finite in float64; a
+    # cap that fires drives ESS to ~0).
     w = torch.exp(level_log.double().clamp(max=300.0))
     metrics["rollout_corr/is_weight_mean"] = Metric.mean(w, mask)
     metrics["rollout_corr/is_weight_sq_mean"] = Metric.mean(w * w, mask)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vespo_megatron.base.metric import Metric
 
+from .config import RolloutCorrectionConfig
 from .segments import check_token_seq
 
 __all__ = ["LossInputs", "LossNormalizer", "LossOutput"]
@@ -29,8 +30,9 @@ __all__ = ["LossInputs", "LossNormalizer", "LossOutput"]
 class LossNormalizer:
     """Global denominators for one optimizer step, computed once upstream.
 
-    num_tokens: response tokens (mask true) over the whole global batch (all micro-batches, all DP ranks).
-    num_seqs:   sequences with at least one response token over the same global batch.
+    num_tokens: loss tokens (response tokens not rejected by masked IS) over the whole global batch (all
+                micro-batches, all DP ranks).
+    num_seqs:   sequences with at least one loss token over the same global batch.
     """
 
     num_tokens: float
@@ -49,15 +51,20 @@ class LossInputs:
 
     logp:             [T] log pi_theta(y_t) under the current policy, with grad
     old_logp:         [T] log mu(y_t), the behaviour policy (trainer's old-log-prob pass, or the engine)
-    mask:             [T] bool, response tokens that count in the loss
+    mask:             [T] bool, tokens that count in the loss: response tokens not rejected by a masked-IS
+                      rollout correction (rejection is applied when the inputs are built)
     token_seq:        [T] int64, sequence index of each token in [0, B)
     advantages:       [B] per-sequence advantages, or [T] per-token advantages
-    seq_log_ratio:    [B] sum_t mask_t * (logp_t - old_logp_t) over the *whole* sequence (already
-                      all-reduced over context parallelism). Sequence-level losses that need its gradient
-                      (GSPO) require it to carry grad; VESPO detaches it.
-    seq_num_tokens:   [B] response-token count of each whole sequence (all context-parallel shards)
+    seq_log_ratio:    [B] sum_t mask_t * clamp(logp_t - old_logp_t, -20, 20) over the *whole* sequence
+                      (already all-reduced over context parallelism; 0 for a rejected sequence). GSPO with
+                      gradient='sequence' requires it to carry grad; the other losses detach it.
+    seq_num_tokens:   [B] loss-token count of each whole sequence (all context-parallel shards)
     rollout_logp:     [T] optional log-probs reported by the rollout engine (for rollout correction)
-    seq_rollout_log_ratio: [B] optional sum_t mask_t * (old_logp_t - rollout_logp_t), whole sequence
+    seq_rollout_log_ratio: [B] optional sum over the response tokens of the rollout term of
+                      `rollout_correction` (sum_t log rho_t; clamped or truncated per token for the folds)
+    rejected:         [T] bool, response tokens removed by masked IS (None unless mode='mis'); for metrics
+    rollout_correction: the correction the inputs were built for (None: none); a loss whose config rejects
+                      or folds checks that it matches
     """
 
     logp: Tensor
@@ -69,12 +76,14 @@ class LossInputs:
     seq_num_tokens: Tensor
     rollout_logp: Tensor | None = None
     seq_rollout_log_ratio: Tensor | None = None
+    rejected: Tensor | None = None
+    rollout_correction: RolloutCorrectionConfig | None = None
 
     def __post_init__(self) -> None:
         num_tokens = self.logp.shape
         if self.logp.dim() != 1:
             raise ValueError(f"LossInputs.logp: expected a 1-D [T] tensor, got shape {tuple(num_tokens)}")
-        for name in ("old_logp", "mask", "token_seq", "rollout_logp"):
+        for name in ("old_logp", "mask", "token_seq", "rollout_logp", "rejected"):
             value = getattr(self, name)
             if value is not None and value.shape != num_tokens:
                 raise ValueError(

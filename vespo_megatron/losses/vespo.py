@@ -2,9 +2,13 @@
 
 Shape legend: [T] tokens, [B] sequences, token_seq [T] -> [0, B).
 
-    log W_b = sum_t m_t (log pi - log mu)           whole sequence, no length normalisation (the caller
-                                                    all-reduces it over context parallelism)
-    log phi = c1 * log W + c2 * (1 - W)             (c1, c2) = c_pos if A_b >= 0 else c_neg; phi(1) = 1
+    log W_b = sum_t m_t clamp(log pi - log mu, +-20)    whole sequence, no length normalisation; each token
+                                                        clamped before the sum (the authors' numerics; the
+                                                        caller all-reduces the sum over context parallelism)
+              [+ sum_t m_t log rho_t]                   fold / fold_tis: W = pi_theta / pi_rollout
+    log W   = clamp(log W, +-20)
+    log phi = c1 * max(log W, log 1e-8) + c2 * (1 - W)  (c1, c2) = c_pos if A_b >= 0 else c_neg, c2 >= 1e-4
+                                                        (the authors' floors); phi(1) = 1
     phi     = exp(log phi), detached
     loss    = -sum_t m_t * phi_b * A_b * log pi_t   aggregated with the global normaliser
 
@@ -13,13 +17,16 @@ so d loss / d log pi_t = -phi_b * A_b * m_t * weight_t (weight_t = 1 / N_tokens 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from vespo_megatron.base.metric import Metric
 
 from .common import finish, sequence_stats, token_log_ratio
-from .config import VespoConfig
+from .config import FOLD_MODES, VespoConfig
+from .rollout_terms import FOLD_TIS_FLOOR, TOKEN_LOG_RATIO_CLAMP
 from .types import LossInputs, LossNormalizer, LossOutput
 
 __all__ = ["vespo_phi", "vespo_loss"]
@@ -32,13 +39,16 @@ def vespo_phi(
     c_neg: tuple[float, float] = (3.0, 2.0),
     *,
     log_w_clamp: float = 20.0,
+    w_floor: float = 1e-8,
+    c2_floor: float = 1e-4,
     return_log: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """[B] detached phi(W) for sequence log-weights `seq_log_ratio` [B] and advantages [B].
 
-    Computed in float64 log space, exponentiated last; log W is clamped to +-log_w_clamp first (the
-    authors' numerics), so any finite input gives a finite phi. Returns phi (and log phi when
-    `return_log`) in the dtype of `seq_log_ratio`.
+    Computed in float64 log space, exponentiated last, with the authors' numerics: log W clamped to
+    +-log_w_clamp, the c1 term taken of max(W, w_floor), c2 raised to c2_floor (0 turns a floor off); any
+    finite input gives a finite phi. Returns phi (and log phi when `return_log`) in the dtype of
+    `seq_log_ratio`.
     """
     if seq_log_ratio.shape != seq_advantage.shape:
         raise ValueError(
@@ -50,8 +60,10 @@ def vespo_phi(
     log_w = seq_log_ratio.detach().double().clamp(-log_w_clamp, log_w_clamp)
     positive = seq_advantage.detach() >= 0
     c1 = torch.where(positive, torch.full_like(log_w, c_pos[0]), torch.full_like(log_w, c_neg[0]))
-    c2 = torch.where(positive, torch.full_like(log_w, c_pos[1]), torch.full_like(log_w, c_neg[1]))
-    log_phi = c1 * log_w + c2 * (-torch.expm1(log_w))  # 1 - W = -(e^{log W} - 1), exact near W = 1
+    c2 = torch.where(positive, torch.full_like(log_w, c_pos[1]), torch.full_like(log_w, c_neg[1])).clamp(min=c2_floor)
+    # The floor acts on the c1 term only (authors: log(W.clamp(min=1e-8))); 1 - W uses the clamped W.
+    log_w_c1 = log_w.clamp(min=math.log(w_floor)) if w_floor > 0 else log_w
+    log_phi = c1 * log_w_c1 + c2 * (-torch.expm1(log_w))  # 1 - W = -(e^{log W} - 1), exact near W = 1
     out_dtype = seq_log_ratio.dtype if seq_log_ratio.is_floating_point() else torch.float32
     phi = torch.exp(log_phi).to(out_dtype)
     return (phi, log_phi.to(out_dtype)) if return_log else phi
@@ -64,15 +76,24 @@ def vespo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: VespoConfig 
     adv = inputs.sequence_advantages()
     seq_len = inputs.seq_num_tokens.to(torch.float64)
     log_w = inputs.seq_log_ratio.detach().to(torch.float64)
-    if cfg.rollout_correction.mode == "fold":
-        if inputs.seq_rollout_log_ratio is None:
-            raise ValueError("LossInputs.seq_rollout_log_ratio: rollout_correction.mode='fold' needs it, got None")
+    rc = cfg.rollout_correction
+    if rc.mode in FOLD_MODES:
+        if inputs.seq_rollout_log_ratio is None or inputs.rollout_logp is None:
+            raise ValueError(f"LossInputs.rollout_logp: rollout_correction.mode={rc.mode!r} needs it, got None")
+        # The row was clamped / truncated per token when the inputs were built (checked in finish()).
         log_w = log_w + inputs.seq_rollout_log_ratio.detach().to(torch.float64)
+        log_rho = (inputs.old_logp.detach() - inputs.rollout_logp.detach()).double()
+        if rc.mode == "fold":
+            cut = log_rho.abs() > TOKEN_LOG_RATIO_CLAMP
+        else:
+            cut = (log_rho > math.log(rc.upper)) | (log_rho < math.log(FOLD_TIS_FLOOR))
+        metrics["rollout_corr/fold_clamped_frac"] = Metric.mean((cut & inputs.mask).double(), inputs.mask)
     if cfg.length_norm == "sqrt":
         log_w = log_w / seq_len.clamp(min=1.0).sqrt()
     elif cfg.length_norm == "lin":
         log_w = log_w / seq_len.clamp(min=1.0)
-    phi = vespo_phi(log_w, adv, cfg.c_pos, cfg.c_neg, log_w_clamp=cfg.log_w_clamp)
+    phi = vespo_phi(log_w, adv, cfg.c_pos, cfg.c_neg, log_w_clamp=cfg.log_w_clamp, w_floor=cfg.w_floor,
+                    c2_floor=cfg.c2_floor)
 
     has_tokens = seq_len > 0
     pos, neg = has_tokens & (adv >= 0), has_tokens & (adv < 0)
@@ -81,6 +102,8 @@ def vespo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: VespoConfig 
     sequence_stats("vespo/log_w_pos", log_w, pos, metrics)
     sequence_stats("vespo/log_w_neg", log_w, neg, metrics)
     metrics["vespo/log_w_clamped_frac"] = Metric.mean((log_w.abs() > cfg.log_w_clamp).double(), has_tokens)
+    floored = log_w.clamp(-cfg.log_w_clamp, cfg.log_w_clamp) < (math.log(cfg.w_floor) if cfg.w_floor > 0 else -math.inf)
+    metrics["vespo/w_floored_frac"] = Metric.mean(floored.double(), has_tokens)
 
     seq = inputs.token_seq.long()
     coeff = (phi * adv.to(phi.dtype))[seq].to(inputs.logp.dtype)

@@ -72,14 +72,22 @@ class RLStep:
         self.loss = resolve_policy_loss(cfg.loss_name)
         self.loss_config = cfg.loss_config if cfg.loss_config is not None else self.loss.default_config()
 
+    @property
+    def rollout_correction(self):
+        return self.loss_config.rollout_correction
+
     def normalizer(self, micro_batches: Sequence[RLMicroBatch], *, dp_group=None) -> LossNormalizer:
-        """The global normaliser of one optimizer step (all micro-batches of this rank; CP and DP reduced)."""
+        """The global normaliser of one optimizer step (all micro-batches of this rank; CP and DP reduced),
+        counting only the tokens the loss keeps (masked IS rejects before the step)."""
         return global_normalizer(
             [mb.loss_mask.reshape(-1) for mb in micro_batches],
             [mb.token_seq.reshape(-1) for mb in micro_batches],
             [mb.num_seqs for mb in micro_batches],
             cp_group=self.groups.cp,
             dp_group=dp_group,
+            old_logps=[mb.old_logp.reshape(-1) for mb in micro_batches],
+            rollout_logps=[None if mb.rollout_logp is None else mb.rollout_logp.reshape(-1) for mb in micro_batches],
+            rollout_correction=self.rollout_correction,
         )
 
     def token_logprobs(self, logits: Tensor, batch: RLMicroBatch):
@@ -101,8 +109,9 @@ class RLStep:
             num_seqs=batch.num_seqs,
             advantages=batch.advantages,
             rollout_logp=None if batch.rollout_logp is None else batch.rollout_logp.reshape(-1),
+            rollout_correction=self.rollout_correction,
             cp_group=self.groups.cp,
-            differentiable_seq_log_ratio=self.loss.seq_grad,
+            differentiable_seq_log_ratio=self.loss.seq_grad(self.loss_config),
         )
         out = self.loss(inputs, normalizer, self.loss_config)
         metrics = dict(out.metrics)
@@ -115,7 +124,7 @@ class RLStep:
             "seq_phi": out.seq_phi,
             "logp": lp.logprobs.detach(),  # [b, s]: the trainer-vs-engine mismatch when mu is the engine's
         }
-        return out.loss, mask.sum().to(torch.int), reported
+        return out.loss, inputs.mask.sum().to(torch.int), reported  # the tokens the loss kept
 
     def forward_step(self, normalizer: LossNormalizer):
         """A `forward_step_func(data_iterator, model)` for `get_forward_backward_func` (training)."""
