@@ -73,7 +73,7 @@ def test_two_rank_layouts_train(tmp_path, layouts):
         for values in hist:
             assert math.isfinite(values["loss"]) and math.isfinite(values["grad_norm_mean"]), (name, values)
             assert values["mismatch/log_ratio_abs_max"] < 1e-4, name  # fp32 engine = trainer
-        assert any(v["grad_norm_mean"] > 0 and 0 < v["reward_mean"] < 1 for v in hist), (name, hist)
+        assert any(v["grad_norm_mean"] > 0 and 0 < v["reward/mean"] < 1 for v in hist), (name, hist)
 
 
 def _cmd(out_dir):

@@ -33,7 +33,6 @@ __all__ = ["Sink", "ConsoleSink", "JsonlSink", "WandbSink", "LoggingConfig", "Me
 DEFAULT_CONSOLE_KEYS: dict[str, str] = {
     "loss": "loss",
     "reward/mean": "reward",
-    "reward_mean": "reward",
     "mismatch/kl_k3": "kl3",
     "mismatch/k3_kl": "kl3",
     "grad_norm": "gnorm",

@@ -24,6 +24,7 @@ from vespo_megatron.base.validation import ConfigError
 from vespo_megatron.cli import CLIError, ConfigCLI
 from vespo_megatron.losses import resolve_policy_loss
 from vespo_megatron.megatron.model import TinyMoEConfig
+from vespo_megatron.models import PRESETS, preset_config
 
 from .config import TrainerConfig
 from .toy_task import ArithmeticTaskConfig, CharTokenizer
@@ -31,14 +32,6 @@ from .toy_task import ArithmeticTaskConfig, CharTokenizer
 __all__ = ["toy_config", "make_cli", "config_from_argv", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-# Qwen3-30B-A3B: 48 layers, hidden 2048, 32 query / 4 KV heads of 128, 128 experts top-8 (expert FFN 768),
-# vocab 151936, every layer MoE.
-PRESETS = {
-    "qwen3-30b-a3b": dict(hidden_size=2048, num_layers=48, num_attention_heads=32, num_query_groups=4, head_dim=128,
-                          ffn_hidden_size=6144, num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
-                          vocab_size=151936, seq_length=4096),
-}
 
 FLAGS = {
     "model.dtype": "--params-dtype",
@@ -133,7 +126,7 @@ def _dtype(text: str) -> torch.dtype:
 def _extra_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("launch")
     g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
-                   help="fill the model flags with a known shape (explicit flags still win)")
+                   help="the model shape of a published config (vespo_megatron.models; explicit flags still win)")
     g.add_argument("--dry-run", action="store_true", default=False,
                    help="validate the configuration for --world-size ranks, print the plan, start nothing")
     g.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of ranks to plan for")
@@ -150,14 +143,15 @@ def config_from_args(ns: argparse.Namespace, *, cli: ConfigCLI | None = None) ->
     cli = cli or make_cli()
     base = cli.base
     seed = getattr(ns, "run.seed", base.run.seed)
-    if getattr(ns, "model_preset", None):
-        base = dataclasses.replace(base, model=dataclasses.replace(base.model, **PRESETS[ns.model_preset]))
     hf_dir = getattr(ns, "hf.load", None)
-    if hf_dir:
+    preset = getattr(ns, "model_preset", None)
+    if hf_dir or preset:  # the model's shape from a checkpoint's config.json or a published config
         from vespo_megatron.hf.config import load_hf_config, model_config_from_hf
 
-        model = model_config_from_hf(load_hf_config(hf_dir), seq_length=getattr(ns, "model.seq_length",
-                                                                                base.model.seq_length),
+        hf_config = load_hf_config(hf_dir) if hf_dir else preset_config(preset)
+        # A checkpoint keeps the run's sequence length; a preset is sized for a 4k-token launch by default.
+        seq = getattr(ns, "model.seq_length", base.model.seq_length if hf_dir else 4096)
+        model = model_config_from_hf(hf_config, seq_length=seq,
                                      dtype=getattr(ns, "model.dtype", base.model.dtype))
         base = dataclasses.replace(base, model=model)
     cfg = cli.config_from(ns, base=base)
@@ -222,7 +216,7 @@ def main(argv=None) -> int:
         trainer.log_fn = logger.log
         history = trainer.run(start)
     if trainer.is_log_rank:
-        rewards = [h["reward_mean"] for h in history]
+        rewards = [h["reward/mean"] for h in history]
         k = max(1, min(10, len(rewards) // 3))
         if len(rewards) >= 2 * k:
             print(f"reward: mean of the first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps "

@@ -222,7 +222,6 @@ class TrainerConfig:
 
             check_matches_hf(self.model, load_hf_config(self.hf.load), source=f"hf checkpoint {self.hf.load!r}")
         moe = self.model.moe_layer_freq
-        has_moe = any(moe) if isinstance(moe, tuple) else moe >= 1
-        if a.routing_replay != "off" and not has_moe:
+        if a.routing_replay != "off" and not any(self.model.moe_pattern()):
             raise ValueError(f"AlgorithmConfig.routing_replay: {a.routing_replay!r} needs MoE layers, and the "
                              f"model has none (moe_layer_freq={moe!r})")

@@ -53,7 +53,6 @@ def rollout_metrics(scored, step: int, *, max_lag: int, rejected: int) -> dict[s
     lags = torch.tensor([step - s.generation.weight_version for s in scored], dtype=torch.long)
     return {**response_stats(lengths, rewards, binary=True),
             **staleness_histogram(lags, max_lag=max_lag),
-            "reward_mean": Metric.mean(rewards),
             "rollout/rejected": Metric.sum(torch.tensor(float(rejected)))}
 
 
