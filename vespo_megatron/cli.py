@@ -216,16 +216,15 @@ class ConfigCLI:
                 and self.leaves[p].member_of[0] == path]
         if current is not None and all(type(current) in u for u in used):
             return type(current), current
-        common = set(members).intersection(*used) if used else set()
+        common = set(members).intersection(*used)
         if len(common) == 1:
             return common.pop(), None
-        used = set().union(*used)
-        if path in self._selectors and current is not None:
-            return type(current), current
-        names = sorted(m.__name__ for m in used) or [m.__name__ for m in members]
         sel = self._selectors.get(path, ("--" + path,))[0]
         sel = self.leaves[sel].flag if sel in self.leaves else sel
-        raise CLIError(f"{sel}: the flags given belong to different configs ({', '.join(names)}); choose one")
+        names = sorted(m.__name__ for m in (set().union(*used) if not common else common))
+        if not common:
+            raise CLIError(f"{sel}: the flags given belong to different configs ({', '.join(names)}); choose one")
+        raise CLIError(f"{sel}: the flags given apply to {' / '.join(names)}; choose one with {sel}")
 
     def _rebuild(self, obj, cls: type, prefix: str, given: dict, chosen: dict):
         hints = typing.get_type_hints(cls)
