@@ -237,3 +237,28 @@ def test_trainer_checks_out_dir_before_warm_start(tmp_path):
     (tmp_path / "f").write_text("x")
     (msg,) = run_distributed(_trainer_on_unwritable_out_dir, 1, str(tmp_path / "f" / "run"))
     assert "not a writable directory" in msg and "f/run" in msg
+
+
+def _two_ranks(rank, world_size, d):
+    model, opt = _model_opt(rank)
+    for s in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(float(10 * rank + s))
+        ck.save_checkpoint(d, s, model=model, optimizer=opt, extra={}, rank=rank, world_size=world_size, keep=2)
+    torch.distributed.barrier()
+    if rank == 1:  # only rank 1's file of the newest is truncated: both ranks must fall back together
+        f = os.path.join(d, "step_0000003", "rank00001.pt")
+        os.truncate(f, os.path.getsize(f) // 2)
+    torch.distributed.barrier()
+    a = ck.load_latest_checkpoint(d, model=model, optimizer=opt, rank=rank, world_size=world_size)
+    return sorted(os.listdir(d)), a["step"], float(model.weight[0, 0])
+
+
+def test_two_ranks_keep_and_agree_on_fallback(tmp_path):
+    from dist_harness import run_distributed
+
+    d = str(tmp_path / "ckpt")
+    res = run_distributed(_two_ranks, 2, d)
+    # keep=2 left steps 2 and 3; step 3's rank-1 file is truncated: both ranks fall back to step 2
+    assert res == [(["latest", "step_0000002", "step_0000003"], 2, 2.0),
+                   (["latest", "step_0000002", "step_0000003"], 2, 12.0)]
