@@ -1,6 +1,18 @@
-"""Atomic checkpoints: every rank writes its own file into a temporary directory that rank 0 renames into
-place once all ranks are done, then points `latest` at it (write-then-rename, so a run killed at any moment
-leaves either the previous checkpoint or the new one, never half of one).
+"""Atomic, verified checkpoints that survive faults.
+
+Save: every rank writes its own file into `<step>.tmp`; the ranks then exchange (size, crc32) of their files
+and rank 0 writes the completion marker `complete.json` last, renames the directory into place and points
+`latest` at it (write-then-rename: a run killed at any moment leaves the previous checkpoints and maybe the
+new one, never half of one under a final name). Before writing, each rank checks the free space against the
+state's tensor bytes; on any failure the temporary files are removed before the error is re-raised, and a
+torch short-write error (`unexpected pos`) on a full disk becomes `OSError: No space left on device (...)`.
+With `keep` K > 0, all but the newest K complete checkpoints are deleted after a successful save.
+
+Load: `latest` is only a hint. The step directories are scanned newest first; a checkpoint is used when its
+marker is present and this rank's file has the recorded size and checksum and loads (every rank must agree;
+rank 0 lists the candidates and broadcasts them). A missing, truncated, partial or unreadable checkpoint is
+skipped with a warning naming it and the reason. Backward compatible: a checkpoint written before markers
+existed (no `complete.json`) is treated as intact when its rank files load.
 
 Contents per rank: model and optimizer state, RNG states, step, engine state (weight version and, in async
 mode, the lagged weight snapshots). The data position is the step: prompts are a pure function of it.
@@ -8,15 +20,28 @@ mode, the lagged weight snapshots). The data position is the step: prompts are a
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
 import random
+import re
 import shutil
+import tempfile
+import zlib
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["save_checkpoint", "load_latest_checkpoint"]
+__all__ = ["save_checkpoint", "load_latest_checkpoint", "check_writable", "check_free_space", "state_bytes",
+           "MARKER"]
+
+log = logging.getLogger(__name__)
+MARKER = "complete.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# torch's messages for a write that stopped short (inline_container.cc on a full disk)
+_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
 
 
 def _rng_state() -> dict:
@@ -29,47 +54,258 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(ckpt_dir: str, step: int, *, model, optimizer, extra: dict, rank: int, world_size: int) -> str:
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _gather(obj, world_size: int) -> list:
+    """Every rank's `obj` (a collective when distributed; also the barrier of the save)."""
+    if not _distributed(world_size):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def state_bytes(obj) -> int:
+    """The bytes of every tensor in a nested state (dicts, lists, tuples): the size estimate of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def _nearest_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_free_space(directory: str, need_bytes: int) -> None:
+    """Raise `OSError(ENOSPC, "No space left on device ...")` when `directory` (or its nearest existing
+    parent) has no more than `need_bytes` free."""
+    free = shutil.disk_usage(_nearest_existing(directory)).free
+    if free <= need_bytes:
+        raise OSError(errno.ENOSPC, f"No space left on device: {directory} needs about {need_bytes} bytes, "
+                                    f"{free} free")
+
+
+def check_writable(out_dir: str, need_bytes: int = 0) -> None:
+    """At start, before any model work: `out_dir` must be creatable and writable (probed with a real file,
+    so permissions, read-only mounts and a file in the way all show) and have more than `need_bytes` free.
+    Raises OSError naming the directory."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write_probe_"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"out_dir {out_dir!r} is not a writable directory: {e.strerror or e}") from e
+    check_free_space(out_dir, need_bytes)
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _short_write(e: BaseException) -> bool:
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in _SHORT_WRITE)
+
+
+def _write_rank_file(tmp: str, path: str, state: dict) -> tuple[int, int]:
+    need = state_bytes(state)
+    check_free_space(tmp, need)
+    try:
+        torch.save(state, path + ".part")
+        with open(path + ".part", "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(path + ".part", path)
+    except BaseException as e:
+        _remove(path + ".part")
+        if _short_write(e):
+            free = shutil.disk_usage(_nearest_existing(tmp)).free
+            if free <= need:
+                raise OSError(errno.ENOSPC, f"No space left on device ({tmp}: torch.save stopped short, needs "
+                                            f"about {need} bytes, {free} free): {e}") from e
+        raise
+    return os.path.getsize(path), _crc32(path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_write(path: str, text: str) -> None:
+    with open(path + ".part", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".part", path)
+
+
+def save_checkpoint(ckpt_dir: str, step: int, *, model, optimizer, extra: dict, rank: int, world_size: int,
+                    keep: int = 0) -> str:
+    """Write `<ckpt_dir>/step_<step>` (collective); with `keep` > 0 then delete all but the newest `keep`
+    complete checkpoints. Returns the checkpoint's directory."""
     final = os.path.join(ckpt_dir, f"step_{step:07d}")
     tmp = final + ".tmp"
+    name = f"rank{rank:05d}.pt"
+    error = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp, exist_ok=True)
-    if world_size > 1:
-        dist.barrier()
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as e:
+            error = e
+    setup = _gather(None if error is None else str(error), world_size)  # the barrier: the directory exists
+    if setup[0] is not None:
+        if error is not None:
+            raise error
+        raise RuntimeError(f"checkpoint {final}: rank 0 could not create {tmp}: {setup[0]}")
+    result: tuple = ()
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": _rng_state(), "extra": extra, "world_size": world_size}
-    path = os.path.join(tmp, f"rank{rank:05d}.pt")
-    torch.save(state, path + ".part")
-    os.replace(path + ".part", path)
-    if world_size > 1:
-        dist.barrier()
+    try:
+        result = _write_rank_file(tmp, os.path.join(tmp, name), state)
+    except BaseException as e:  # noqa: BLE001 - re-raised below, after every rank knows
+        error = e
+    # Every rank reaches this gather, failed or not: nobody hangs in a barrier, everybody cleans up.
+    reports = _gather((result, None if error is None else f"{type(error).__name__}: {error}"), world_size)
+    failed = [(r, msg) for r, (_, msg) in enumerate(reports) if msg is not None]
+    if failed:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise RuntimeError(f"checkpoint {final}: rank {failed[0][0]} failed to write: {failed[0][1]}")
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = os.path.join(ckpt_dir, "latest.tmp")
-        with open(latest_tmp, "w") as f:
-            f.write(os.path.basename(final) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(latest_tmp, os.path.join(ckpt_dir, "latest"))
-    if world_size > 1:
-        dist.barrier()
+        marker = {"step": step, "world_size": world_size,
+                  "files": {f"rank{r:05d}.pt": {"size": size, "crc32": crc} for r, ((size, crc), _) in
+                            enumerate(reports)}}
+        try:
+            _fsync_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_write(os.path.join(ckpt_dir, "latest"), os.path.basename(final) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if keep > 0:
+            _prune(ckpt_dir, keep, final)
+    _gather(None, world_size)
     return final
 
 
-def load_latest_checkpoint(ckpt_dir: str, *, model, optimizer, rank: int, world_size: int) -> dict | None:
-    """Restore the newest complete checkpoint; returns {"step", "extra"} or None when there is none."""
-    latest = os.path.join(ckpt_dir, "latest")
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        name = f.read().strip()
-    path = os.path.join(ckpt_dir, name, f"rank{rank:05d}.pt")
+def _step_dirs(ckpt_dir: str) -> list[str]:
+    """The step directories under `ckpt_dir`, newest first (temporary `.tmp` ones excluded)."""
+    try:
+        names = os.listdir(ckpt_dir)
+    except FileNotFoundError:
+        return []
+    steps = [(int(m.group(1)), n) for n in names if (m := _STEP_DIR.match(n)) and
+             os.path.isdir(os.path.join(ckpt_dir, n))]
+    return [n for _, n in sorted(steps, reverse=True)]
+
+
+def _prune(ckpt_dir: str, keep: int, just_written: str) -> None:
+    complete = [n for n in _step_dirs(ckpt_dir) if os.path.exists(os.path.join(ckpt_dir, n, MARKER))]
+    for n in complete[keep:]:
+        path = os.path.join(ckpt_dir, n)
+        if os.path.abspath(path) != os.path.abspath(just_written):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_rank_file(ckpt: str, rank: int, world_size: int) -> dict:
+    """This rank's state of checkpoint directory `ckpt`, verified; raises ValueError saying what is wrong
+    (OSError / torch's errors for unreadable files pass through)."""
+    name = f"rank{rank:05d}.pt"
+    path = os.path.join(ckpt, name)
+    marker_path = os.path.join(ckpt, MARKER)
+    if os.path.exists(marker_path):
+        with open(marker_path) as f:
+            marker = json.load(f)
+        if marker["world_size"] != world_size:
+            raise _WorldSizeMismatch(f"checkpoint {ckpt}: written by {marker['world_size']} ranks, "
+                                     f"this run has {world_size}")
+        entry = marker["files"][name]
+        if not os.path.exists(path):
+            raise ValueError(f"{name} is missing")
+        size = os.path.getsize(path)
+        if size != entry["size"]:
+            raise ValueError(f"{name} has {size} bytes, the marker says {entry['size']} (truncated?)")
+        if _crc32(path) != entry["crc32"]:
+            raise ValueError(f"{name}: checksum differs from the marker's (corrupted)")
+    elif not os.path.exists(path):
+        raise ValueError(f"no {MARKER} and no {name} (partial checkpoint)")
     state = torch.load(path, weights_only=False)
     if state["world_size"] != world_size:
-        raise ValueError(f"checkpoint {path}: written by {state['world_size']} ranks, this run has {world_size}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
-    return {"step": state["step"], "extra": state["extra"]}
+        raise _WorldSizeMismatch(f"checkpoint {path}: written by {state['world_size']} ranks, "
+                                 f"this run has {world_size}")
+    return state
+
+
+class _WorldSizeMismatch(ValueError):
+    """Not a damaged checkpoint: a run with another layout. Raised, never skipped."""
+
+
+def _latest_hint(ckpt_dir: str, candidates: list[str]) -> None:
+    latest = os.path.join(ckpt_dir, "latest")
+    if not os.path.exists(latest):
+        if candidates:
+            log.warning("checkpoint: %s is missing; scanning the step directories", latest)
+        return
+    with open(latest) as f:
+        name = f.read().strip()
+    if not name:
+        log.warning("checkpoint: %s is empty; scanning the step directories", latest)
+    elif name not in candidates:
+        log.warning("checkpoint: %s names %s, which does not exist; scanning the step directories", latest, name)
+
+
+def load_latest_checkpoint(ckpt_dir: str, *, model, optimizer, rank: int, world_size: int) -> dict | None:
+    """Restore the newest intact checkpoint; returns {"step", "extra", "path"} or None when there is none.
+    Damaged ones (missing / truncated / unreadable files, no marker and no loadable file) are skipped with a
+    warning; a checkpoint without marker (written before markers existed) counts as intact if it loads."""
+    candidates = _step_dirs(ckpt_dir) if rank == 0 else None
+    if _distributed(world_size):
+        box = [candidates]
+        dist.broadcast_object_list(box, src=0)
+        candidates = box[0]
+    if rank == 0:
+        _latest_hint(ckpt_dir, candidates)
+    for name in candidates:
+        ckpt = os.path.join(ckpt_dir, name)
+        state, reason = None, None
+        try:
+            state = _read_rank_file(ckpt, rank, world_size)
+        except _WorldSizeMismatch as e:
+            reason = ("mismatch", str(e))
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, and said so
+            reason = ("damaged", f"rank {rank}: {type(e).__name__}: {e}")
+        reasons = [r for r in _gather(reason, world_size) if r is not None]
+        if any(kind == "mismatch" for kind, _ in reasons):
+            raise ValueError(next(msg for kind, msg in reasons if kind == "mismatch"))
+        if reasons:
+            if rank == 0:
+                log.warning("checkpoint %s is damaged, skipped (falling back to an older one): %s", ckpt,
+                            "; ".join(msg for _, msg in reasons))
+            continue
+        if not os.path.exists(os.path.join(ckpt, MARKER)) and rank == 0:
+            log.info("checkpoint %s has no %s (written before markers); its files load, using it", ckpt, MARKER)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        return {"step": state["step"], "extra": state["extra"], "path": ckpt}
+    if candidates and rank == 0:
+        log.warning("checkpoint: no intact checkpoint among %s under %s; starting fresh", candidates, ckpt_dir)
+    return None

@@ -111,6 +111,7 @@ class RunConfig:
     out_dir: str = "runs/toy"
     run_name: str = "toy"
     checkpoint_every: int = 10  # 0: never
+    keep_checkpoints: int = 0  # keep the newest K complete checkpoints, delete older ones (0: keep all)
     console: bool = True
     wandb: bool = False  # also log to wandb (offline unless WANDB_MODE=online)
     threads: int = 0
@@ -125,6 +126,7 @@ class RunConfig:
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
             raise ConfigError(c, "checkpoint_every", "an int >= 0", self.checkpoint_every)
         check_int(c, "threads", self.threads, low=0)
+        check_int(c, "keep_checkpoints", self.keep_checkpoints, low=0)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -45,7 +45,7 @@ from vespo_megatron.routing.replay import RoutingReplay, RoutingReplayConfig
 
 from .advantages import resolve_advantage
 from .batching import MicroBatcher
-from .checkpoint import load_latest_checkpoint, save_checkpoint
+from .checkpoint import check_writable, load_latest_checkpoint, save_checkpoint, state_bytes
 from .config import TrainerConfig
 from .evaluation import evaluate
 from .optim import clip_and_step, wrap_ddp_and_optimizer
@@ -231,7 +231,9 @@ class Trainer:
         return self.policy.write_hf(os.path.join(self.cfg.run.out_dir, "hf", f"step_{step:07d}"))
 
     def resume(self) -> int:
-        """Restore the newest checkpoint under run.out_dir (or warm-start a fresh run); the first step to run."""
+        """Restore the newest intact checkpoint under run.out_dir (or warm-start a fresh run); the first step
+        to run. Checks first that the out-dir is writable and has room for a checkpoint, before any model work."""
+        check_writable(self.cfg.run.out_dir, self.checkpoint_bytes_estimate())
         resumed = load_latest_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, rank=self.rank,
                                          world_size=self.world_size)
         if resumed is not None:
@@ -241,6 +243,14 @@ class Trainer:
             sft_warm_start(self)
         self.engine.sync_weights(self.policy, 0)
         return 0
+
+    def checkpoint_bytes_estimate(self) -> int:
+        """This rank's checkpoint size before the optimizer has state: the parameters plus Adam's two fp32
+        moments and an fp32 master copy per parameter (0 when checkpoints are off)."""
+        if not self.cfg.run.checkpoint_every:
+            return 0
+        params = sum(p.numel() for p in self.model.parameters())
+        return state_bytes(self.model.state_dict()) + 12 * params
 
     @property
     def ckpt_dir(self) -> str:
@@ -262,5 +272,6 @@ class Trainer:
             every = self.cfg.run.checkpoint_every
             if every and (step + 1) % every == 0:
                 save_checkpoint(self.ckpt_dir, step, model=self.model, optimizer=self.optimizer,
-                                extra={"engine": self.engine.state()}, rank=self.rank, world_size=self.world_size)
+                                extra={"engine": self.engine.state()}, rank=self.rank, world_size=self.world_size,
+                                keep=self.cfg.run.keep_checkpoints)
         return history
