@@ -12,6 +12,7 @@ import json
 import math
 import re
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 
 from vespo_megatron.rollout.engine import EngineError, Generation, GenerationRequest, RolloutEngine
 from vespo_megatron.rollout.sglang.client import (
+    CacheFlushRefused,
     HTTPStatusError,
     SampleError,
     SGLangClient,
@@ -224,7 +226,7 @@ def test_update_weights_sets_version_and_later_generations_carry_it(server):
     assert engine.weight_version == 3 and server.weight_version == "3"
     assert server.weight_loads == [{"model_path": "/ckpt/step_3", "weight_version": "3", "flush_cache": True,
                                      "abort_all_requests": False, "load_format": "auto"}]
-    assert server.num_flushes == flushes + 2  # the update's own flush, then /flush_cache
+    assert server.num_flushes == flushes + 1  # the update's own flush, no second /flush_cache
     after = engine.generate([req(0), req(1)])
     assert [g.weight_version for g in after] == [3, 3]
     assert after[0].output_ids != before.output_ids  # the fake's tokens depend on the served version
@@ -305,3 +307,53 @@ def test_backoff_is_exponential_capped_and_jittered():
         delays = [engine._backoff(attempt) for _ in range(50)]
         assert all(cap * 0.5 <= d <= cap for d in delays)
         assert len(set(delays)) > 1
+
+
+# ---------------------------------------------------------------------------- SGLang versions
+
+
+@pytest.mark.parametrize("sglang_version", ["0.5.20", "0.5.23"])
+def test_unknown_sampling_params_are_rejected_by_the_server(sglang_version):
+    with FakeSGLangServer(sglang_version=sglang_version) as s:
+        bad = SGLangClient(SGLangClientConfig(base_url=s.url, timeout_s=5.0, max_retries=0,
+                                              extra_sampling_params={"seed": 1}))
+        with pytest.raises(EngineError, match=r"HTTP 400.*Unexpected keyword argument 'seed'"):
+            bad.generate([req(0)])
+        good = SGLangClient(SGLangClientConfig(base_url=s.url, timeout_s=5.0, max_retries=0,
+                                               extra_sampling_params={"sampling_seed": 1, "top_p": 1.0}))
+        assert len(good.generate([req(0)])) == 1
+        assert s.bodies("/generate")[-1]["sampling_params"]["sampling_seed"] == 1
+
+
+@pytest.mark.parametrize("sglang_version", ["0.5.20", "0.5.23"])
+def test_refused_flush_loads_weights_and_the_client_fixes_the_tag(sglang_version):
+    with FakeSGLangServer(sglang_version=sglang_version) as s:
+        engine = SGLangClient(SGLangClientConfig(base_url=s.url, timeout_s=5.0, max_retries=0))
+        engine.check_server()
+        s.refuse_flush(2)
+        with pytest.raises(CacheFlushRefused, match=r"loaded the weights from '/ckpt/4' \(now tagged "
+                                                    r"weight_version '4'\).*requests are still running"):
+            engine.update_weights("/ckpt/4", version=4)
+        assert [b["model_path"] for b in s.weight_loads] == ["/ckpt/4"]  # loaded once, not retried
+        assert engine.weight_version == 4 and s.weight_version == "4"  # set by /update_weight_version
+        assert s.bodies("/update_weight_version")[-1] == {"new_version": "4", "abort_all_requests": False}
+        assert engine.get_weight_version() == "4"
+        assert [g.weight_version for g in engine.generate([req(0), req(1)])] == [4, 4]  # no stale tag
+        with pytest.raises(EngineError, match=r"refused to flush its prefix cache \(HTTP 400\): Flush cache"):
+            engine.flush_cache()
+        flushes = s.num_flushes
+        engine.flush_cache()
+        assert s.num_flushes == flushes + 1
+
+
+def test_fake_server_refuses_flush_without_tagging():
+    # What SGLang does, seen without the client's fix-up: 400 after loading, tag unchanged.
+    with FakeSGLangServer(weight_version="1") as s:
+        s.refuse_flush()
+        data = json.dumps({"model_path": "/ckpt/2", "weight_version": "2"}).encode()
+        request = urllib.request.Request(s.url + "/update_weights_from_disk", data=data, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=5)
+        assert e.value.code == 400 and "cache was not flushed" in json.loads(e.value.read())["message"]
+        assert s.weight_version == "1" and s.weight_loads[-1]["model_path"] == "/ckpt/2"

@@ -108,7 +108,14 @@ def _scenario_load_error(engine: SGLangClient, cfg: WeightSyncConfig) -> dict:
     return {"bad": str(bad.value), "stats": stats, "engine_version": engine.weight_version}
 
 
-SCENARIOS = {"sync": _scenario_sync, "refused": _scenario_refused, "load_error": _scenario_load_error}
+def _scenario_two_syncs(engine: SGLangClient, cfg: WeightSyncConfig) -> dict:
+    with DistributedWeightSender(engine, cfg) as sender:
+        sender.send(make_tensors(0), version=5)
+        stats = sender.send(make_tensors(1), version=6)
+    return {"stats": stats, "engine_version": engine.weight_version}
+
+
+SCENARIOS = {"two_syncs": _scenario_two_syncs, "sync": _scenario_sync, "refused": _scenario_refused, "load_error": _scenario_load_error}
 
 
 def _trainer(url: str, scenario: str, port: int, group_name: str, backend: str, with_default_group: bool,
@@ -184,8 +191,13 @@ def test_sync_end_to_end(backend, with_default_group):
         assert server.bodies("/destroy_weights_update_group") == [{"group_name": bodies[0]["group_name"]}]
         assert server.weight_update_groups == []  # closed on both sides
 
-        with urllib.request.urlopen(server.url + "/get_weight_version", timeout=5) as resp:
-            assert json.loads(resp.read()) == {"weight_version": "7"}
+        with urllib.request.urlopen(server.url + "/model_info", timeout=5) as resp:
+            assert json.loads(resp.read())["weight_version"] == "7"
+        # SGLang >= 0.5.21: the buckets ran inside one begin/end session (the fake answers 400 outside one)
+        paths = [p for p, _ in server.requests if p.endswith(("_weight_update", "_from_distributed"))]
+        assert paths[:6] == ["/begin_weight_update"] + ["/update_weights_from_distributed"] * 4 + [
+            "/end_weight_update"], paths
+        assert not server.session_open
         assert result["engine_version"] == 7 and result["gen_version"] == 7  # later generations carry it
         stats = result["stats"]
         assert (stats.version, stats.num_buckets, stats.num_tensors) == (7, 4, len(SPECS))
@@ -301,7 +313,7 @@ def test_config_defaults_and_sender_needs_distributed_mode():
 
 
 def test_engine_calls_are_sent_once_and_carry_the_servers_message():
-    with FakeSGLangServer() as server:
+    with FakeSGLangServer(sglang_version="0.5.20") as server:  # no session needed there
         engine = SGLangClient(SGLangClientConfig(base_url=server.url, timeout_s=5.0, max_retries=3,
                                                  backoff_s=0.001))
         with pytest.raises(EngineError, match="Group nope not in"):
@@ -319,8 +331,69 @@ def test_engine_calls_are_sent_once_and_carry_the_servers_message():
         assert engine.get_weight_version() == "default"
         with pytest.raises(ValueError, match="equal non-zero lengths"):
             engine.update_weights_from_distributed(["a", "b"], ["float32"], [[1]])
-    with FakeSGLangServer(has_weight_version_api=False, weight_version="3") as server:
-        # no /get_weight_version (newest SGLang answers it 404): the tag comes from the model info
+    with FakeSGLangServer(sglang_version="0.5.20", has_weight_version_api=False, weight_version="3") as server:
+        # no /get_weight_version and no /model_info: the tag comes from /get_model_info
         engine = SGLangClient(SGLangClientConfig(base_url=server.url, timeout_s=5.0))
         assert engine.get_weight_version() == "3"
         assert [p for p, _ in server.requests] == ["/get_weight_version", "/model_info", "/get_model_info"]
+    with FakeSGLangServer(weight_version="4") as server:  # SGLang >= 0.5.21 removed /get_weight_version
+        engine = SGLangClient(SGLangClientConfig(base_url=server.url, timeout_s=5.0))
+        assert engine.get_weight_version() == "4"
+        assert [p for p, _ in server.requests] == ["/get_weight_version", "/model_info"]
+
+
+# ---------------------------------------------------------------------------- SGLang versions and guards
+
+
+@pytest.mark.distributed
+def test_old_server_without_sessions_is_asked_once_then_synced_without_one():
+    with FakeSGLangServer(group_timeout_s=30.0, sglang_version="0.5.20") as server:
+        result = run_trainer(server, "two_syncs")
+        assert result["engine_version"] == 6 and server.weight_version == "6"
+        assert result["stats"].num_buckets == 4
+        assert len(server.bodies("/begin_weight_update")) == 1  # 404 once, remembered
+        assert server.bodies("/end_weight_update") == []
+        for name, tensor in make_tensors(1):
+            assert bits(server.received_weights[name]) == bits(tensor), name
+
+
+def test_bucket_outside_a_session_is_refused_on_new_servers_only():
+    with FakeSGLangServer() as server:
+        engine = SGLangClient(SGLangClientConfig(base_url=server.url, timeout_s=5.0))
+        with pytest.raises(EngineError, match="must run between begin_weight_update"):
+            engine.update_weights_from_distributed(["w"], ["float32"], [[2]], group_name="nope", version=3)
+        with pytest.raises(EngineError, match="no weight-update session is open"):
+            engine.end_weight_update()
+        assert engine.begin_weight_update() is True and server.session_open
+        with pytest.raises(EngineError, match="already open"):
+            engine.begin_weight_update()
+        with pytest.raises(EngineError, match="Group nope not in"):  # inside a session: on to the group check
+            engine.update_weights_from_distributed(["w"], ["float32"], [[2]], group_name="nope", version=3)
+        engine.end_weight_update()
+        assert not server.session_open
+        assert server.bodies("/begin_weight_update")[0] == {} and server.bodies("/end_weight_update")[-1] == {}
+    with FakeSGLangServer(sglang_version="0.5.20") as server:
+        engine = SGLangClient(SGLangClientConfig(base_url=server.url, timeout_s=5.0))
+        assert engine.begin_weight_update() is False
+        with pytest.raises(EngineError, match="HTTP 404"):
+            engine.end_weight_update()
+
+
+def test_data_parallel_server_is_refused_before_opening_the_group():
+    with FakeSGLangServer(dp_size=2) as server:
+        engine = SGLangClient(SGLangClientConfig(base_url=server.url, timeout_s=5.0, max_retries=0))
+        cfg = _sync_config(free_port(), "g", "gloo")
+        for config in (cfg, dataclasses.replace(cfg, server_ranks=1)):
+            with pytest.raises(EngineError, match=r"dp_size=2, expected dp_size=1"):
+                DistributedWeightSender(engine, config).open()
+        assert server.bodies("/init_weights_update_group") == []
+        with pytest.raises(EngineError, match="HTTP 500.*data-parallel replicas are not supported"):
+            engine.init_weights_update_group(master_address="127.0.0.1", master_port=free_port(),
+                                              rank_offset=1, world_size=2, group_name="g", backend="gloo")
+
+
+def test_fake_server_version_is_validated():
+    with pytest.raises(ValueError, match="sglang_version"):
+        FakeSGLangServer(sglang_version="0.5")
+    with pytest.raises(ValueError, match="dp_size"):
+        FakeSGLangServer(dp_size=0)

@@ -9,10 +9,18 @@ speaks the request and answer shapes of SGLang's ``/generate`` (single and batch
 ``meta_info`` with ``id``, ``finish_reason``, ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
 ``weight_version``, ``output_token_logprobs`` as ``[logprob, token_id, null]`` triples and, when asked and
 enabled, ``routed_experts`` as base64 of little-endian int32 ``[P + O - 1, L, K]``), ``/server_info`` and
-``/get_server_info``, ``/get_model_info``, ``/get_weight_version``, ``/update_weight_version``,
+``/get_server_info``, ``/model_info`` / ``/get_model_info``, ``/get_weight_version``, ``/update_weight_version``,
 ``/update_weights_from_disk``, ``/flush_cache``, ``/pause_generation``, ``/continue_generation``,
 ``/abort_request`` and ``/health``. Error answers use SGLang's shapes (``{"error": {"message": ...}}`` for
 ``/generate``, ``{"success": false, "message": ...}`` for weight updates).
+
+Versions: ``sglang_version`` (default ``"0.5.23"``) names the SGLang release whose handlers are mirrored.
+From 0.5.21 (:data:`SESSION_SINCE`) ``/update_weights_from_distributed`` answers 400 outside a
+``/begin_weight_update`` .. ``/end_weight_update`` session, and ``/get_weight_version`` is gone (the tag is
+``/model_info``'s ``weight_version``); up to 0.5.20 the session endpoints answer 404 and ``/model_info`` does
+not exist. Both: unknown ``sampling_params`` keys answer 400 (SGLang's ``SamplingParams(**kwargs)``); a
+refused cache flush (:meth:`FakeSGLangServer.refuse_flush`) makes a weight update answer 400 after loading,
+with the tag unchanged; ``dp_size > 1`` makes ``/init_weights_update_group`` answer 500 (SGLang's assert).
 
 Streamed weight updates (SGLang's non-colocated RL path): ``/init_weights_update_group`` joins a process
 group (gloo; NCCL too with ``device="cuda:N"``) as rank ``rank_offset`` by the same steps as SGLang's
@@ -73,6 +81,25 @@ CORRUPTIONS = (
     "abort",  # finish_reason {"type": "abort"}
     "stale_version",  # meta_info["weight_version"] of another version
 )
+
+
+# The first SGLang release whose /update_weights_from_distributed needs a /begin_weight_update ..
+# /end_weight_update session, and which dropped /get_weight_version for /model_info's weight_version.
+SESSION_SINCE = (0, 5, 21)
+
+# The API fields of SGLang's SamplingParams (python/sglang/srt/sampling/sampling_params.py, 0.5.23): any other
+# sampling_params key is an unexpected keyword argument, answered 400.
+SAMPLING_PARAMS = frozenset({
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "beam_width",
+    "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+    "spaces_between_special_tokens", "no_stop_trim", "stream_interval", "logit_bias", "sampling_seed",
+    "custom_params", "watermark",
+})
+
+# SGLang's message when a weight update's cache flush is refused (scheduler weight_updater.py).
+FLUSH_REFUSED = ("Weights were updated, but the cache was not flushed because requests are still running or "
+                 "queued. Retract or finish them, then call /flush_cache.")
 
 
 @dataclass(frozen=True)
@@ -186,10 +213,21 @@ class FakeSGLangServer:
         expected_weights: Mapping[str, tuple[str, Sequence[int]]] | None = None,
         group_timeout_s: float = 60.0,
         device: str = "cpu",
+        sglang_version: str = "0.5.23",
+        dp_size: int = 1,
     ):
         """``expected_weights``: name -> (dtype name, shape) of the served model, checked on streamed updates
         (None: accept anything). ``group_timeout_s``: rendezvous and collective timeout of update groups.
-        ``device``: where streamed tensors are received; ``"cuda:N"`` also allows the NCCL backend."""
+        ``device``: where streamed tensors are received; ``"cuda:N"`` also allows the NCCL backend.
+        ``sglang_version``: the SGLang release whose handlers are mirrored (see :data:`SESSION_SINCE`).
+        ``dp_size``: the server's data-parallel size (> 1: update groups answer HTTP 500, as SGLang asserts)."""
+        parts = sglang_version.split(".") if isinstance(sglang_version, str) else []
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"sglang_version: expected 'MAJOR.MINOR.PATCH' such as '0.5.23', got {sglang_version!r}")
+        self.sglang_version = tuple(int(p) for p in parts)
+        if not isinstance(dp_size, int) or dp_size < 1:
+            raise ValueError(f"dp_size: expected an int >= 1, got {dp_size!r}")
+        self.dp_size = dp_size
         if top_k > num_experts:
             raise ValueError(f"top_k: expected <= num_experts={num_experts}, got {top_k}")
         self.policy = policy or hash_policy()
@@ -204,6 +242,7 @@ class FakeSGLangServer:
         self.device = device
         self._lock = threading.Lock()
         self._state = _State(weight_version=weight_version, model_path=model_path)
+        self._session_open = False  # a begin_weight_update / end_weight_update session (>= 0.5.21)
         self._faults: list[_Fault] = []
         self._stopping = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
@@ -294,6 +333,17 @@ class FakeSGLangServer:
             return sorted(self._state.groups)
 
     @property
+    def has_weight_update_session(self) -> bool:
+        """Whether this server mirrors SGLang >= 0.5.21 (``/begin_weight_update`` / ``/end_weight_update``)."""
+        return self.sglang_version >= SESSION_SINCE
+
+    @property
+    def session_open(self) -> bool:
+        """Whether a weight-update session is open now."""
+        with self._lock:
+            return self._session_open
+
+    @property
     def max_in_flight(self) -> int:
         """Most ``/generate`` requests handled at the same time."""
         with self._lock:
@@ -319,6 +369,20 @@ class FakeSGLangServer:
         match = None if prompt_ids is None else (lambda req, p=tuple(prompt_ids): req.input_ids == p)
         self._add(_Fault(kind, n, ("/generate",), match))
 
+    def refuse_flush(self, n: int | None = 1) -> None:
+        """Refuse the next ``n`` cache flushes (``None``: all), as SGLang does while requests are running or
+        queued: ``/flush_cache`` answers 400, and a weight update asked to flush loads the new weights, keeps
+        the old weight-version tag and answers 400 (``flush_cache_after_weight_update``)."""
+        self._add(_Fault("refuse_flush", n, ("flush",)))
+
+    def _flush(self) -> bool:
+        """One cache flush; False when refused (see :meth:`refuse_flush`)."""
+        if self._take("flush", ("refuse_flush",)) is not None:
+            return False
+        with self._lock:
+            self._state.num_flushes += 1
+        return True
+
     def _add(self, fault: _Fault) -> None:
         with self._lock:
             self._faults.append(fault)
@@ -342,7 +406,7 @@ class FakeSGLangServer:
         with self._lock:
             version, model = self._state.weight_version, self._state.model_path
         return {"model_path": model, "enable_return_routed_experts": self.enable_return_routed_experts,
-                "skip_tokenizer_init": False, "weight_version": version, "tp_size": 1, "dp_size": 1,
+                "skip_tokenizer_init": False, "weight_version": version, "tp_size": 1, "dp_size": self.dp_size,
                 "version": "fake-0.0", "internal_states": [{}]}
 
     def _generate_one(self, body: dict, i: int | None) -> tuple[int, Any]:
@@ -352,10 +416,17 @@ class FakeSGLangServer:
 
         input_ids = body["input_ids"][i] if i is not None else body["input_ids"]
         rid = pick("rid", None) or f"fake-{time.monotonic_ns()}"
+        sampling = pick("sampling_params", None) or {}
+        unknown = sorted(set(sampling) - SAMPLING_PARAMS) if isinstance(sampling, dict) else None
+        if unknown is None:
+            return 400, {"error": {"message": f"sampling_params: expected a JSON object, got {sampling!r}"}}
+        if unknown:  # SGLang builds SamplingParams(**sampling_params), which rejects unknown keywords
+            return 400, {"error": {"message": f"Unexpected keyword argument {unknown[0]!r} in sampling_params "
+                                              f"(unknown keys {unknown})"}}
         with self._lock:
             version, model = self._state.weight_version, self._state.model_path
         req = FakeRequest(rid=rid, input_ids=tuple(int(t) for t in input_ids),
-                          sampling_params=dict(pick("sampling_params", None) or {}),
+                          sampling_params=dict(sampling),
                           return_logprob=bool(pick("return_logprob", False)),
                           logprob_start_len=int(pick("logprob_start_len", -1)),
                           return_routed_experts=bool(body.get("return_routed_experts", False)),
@@ -407,11 +478,12 @@ class FakeSGLangServer:
             return 200, ""
         if (path == "/server_info" and not self.legacy_server_info) or path == "/get_server_info":
             return 200, self._server_info()
-        if path == "/get_model_info":
+        new = self.has_weight_update_session  # SGLang >= 0.5.21
+        if path == "/get_model_info" or (path == "/model_info" and new):
             info = self._server_info()
             return 200, {"model_path": info["model_path"], "is_generation": True,
                          "weight_version": info["weight_version"]}
-        if path == "/get_weight_version" and self.has_weight_version_api:
+        if path == "/get_weight_version" and self.has_weight_version_api and not new:
             return 200, {"weight_version": self.weight_version}
         if method != "POST" and path not in ("/flush_cache",):
             return 404, {"detail": "Not Found"}
@@ -430,13 +502,18 @@ class FakeSGLangServer:
             with self._lock:
                 self._state.model_path = body["model_path"]
                 self._state.weight_loads.append(dict(body))
-                message = "Succeeded to update model weights."
-                if body.get("weight_version") is not None:
+            # As SGLang: the weights are loaded first; a refused flush then fails the call, and the tokenizer
+            # manager takes the new tag only on success, so the tag stays the old one.
+            if body.get("flush_cache", True) and not self._flush():
+                return 400, {"success": False, "message": FLUSH_REFUSED, "num_paused_requests": 0}
+            message = "Succeeded to update model weights."
+            if body.get("weight_version") is not None:
+                with self._lock:
                     self._state.weight_version = str(body["weight_version"])
-                    message += f" Weight version updated to {body['weight_version']}."
-                if body.get("flush_cache", True):
-                    self._state.num_flushes += 1
+                message += f" Weight version updated to {body['weight_version']}."
             return 200, {"success": True, "message": message, "num_paused_requests": 0}
+        if path in ("/begin_weight_update", "/end_weight_update") and new:
+            return self._weight_update_session(path == "/begin_weight_update", body)
         if path == "/init_weights_update_group":
             return self._init_weights_update_group(body)
         if path == "/update_weights_from_distributed":
@@ -444,8 +521,8 @@ class FakeSGLangServer:
         if path == "/destroy_weights_update_group":
             return self._destroy_weights_update_group(body)
         if path == "/flush_cache":
-            with self._lock:
-                self._state.num_flushes += 1
+            if not self._flush():
+                return 400, "Flush cache failed.\n"
             return 200, "Cache flushed.\nPlease check backend logs for more details.\n"
         if path == "/pause_generation":
             with self._lock:
@@ -463,11 +540,32 @@ class FakeSGLangServer:
 
     # ------------------------------------------------------------------ streamed weight updates
 
+    def _weight_update_session(self, begin: bool, body: Any) -> tuple[int, Any]:
+        """``/begin_weight_update`` (``BeginWeightUpdateReqInput``: ``selector``, default ``"all"``) and
+        ``/end_weight_update`` (``EndWeightUpdateReqInput``: no fields): SGLang >= 0.5.21."""
+        if body is not None and not isinstance(body, dict):
+            return 400, {"error": {"message": "expected a JSON object"}}
+        if begin and (body or {}).get("selector", "all") not in ("target", "draft", "all"):
+            return 400, {"success": False, "message": f"invalid selector {(body or {}).get('selector')!r}; "
+                                                      f"expected 'target', 'draft', or 'all'"}
+        with self._lock:
+            if begin and self._session_open:
+                return 400, {"success": False, "message": "a weight-update session is already open; call "
+                                                          "end_weight_update() first"}
+            if not begin and not self._session_open:
+                return 400, {"success": False, "message": "no weight-update session is open; call "
+                                                          "begin_weight_update() first"}
+            self._session_open = begin
+        return 200, {"success": True, "message": "Success"}
+
     def _init_weights_update_group(self, body: Any) -> tuple[int, Any]:
         missing = [k for k in ("master_address", "master_port", "rank_offset", "world_size")
                    if not isinstance(body, dict) or k not in body]
         if missing:
             return 400, {"error": {"message": f"{missing}: field required"}}
+        if self.dp_size != 1:  # SGLang asserts this in the tokenizer manager: an internal server error
+            return 500, {"error": {"message": "data-parallel replicas are not supported for update weights "
+                                              "from distributed"}}
         group_name = body.get("group_name", "weight_update_group")
         backend = body.get("backend", "nccl")
         backends = ("gloo",) if self.device == "cpu" else ("gloo", "nccl")
@@ -500,6 +598,9 @@ class FakeSGLangServer:
         with self._lock:
             pg = self._state.groups.get(group_name)
             known = sorted(self._state.groups)
+        if self.has_weight_update_session and not self.session_open:  # checked before receiving anything
+            return 400, {"success": False, "message": "update_weights_from_distributed must run between "
+                                                      "begin_weight_update() and end_weight_update()"}
         if pg is None:
             return 400, {"success": False, "message": f"Group {group_name} not in {known}. Please call "
                                                       f"`init_weights_update_group` first."}
@@ -525,8 +626,9 @@ class FakeSGLangServer:
         message = "Succeeded to update parameter online."
         with self._lock:
             self._state.received.update(received)
-            if body.get("flush_cache", True):
-                self._state.num_flushes += 1
+        if body.get("flush_cache", True) and not self._flush():
+            return 400, {"success": False, "message": FLUSH_REFUSED}
+        with self._lock:
             if body.get("weight_version") is not None:
                 self._state.weight_version = str(body["weight_version"])
                 message += f" Weight version updated to {body['weight_version']}."
@@ -577,7 +679,8 @@ class FakeSGLangServer:
                 self._state.in_flight -= 1
 
 
-_SUCCESS_SHAPED = ("/update_weights", "/init_weights_update_group", "/destroy_weights_update_group")
+_SUCCESS_SHAPED = ("/update_weights", "/init_weights_update_group", "/destroy_weights_update_group",
+                   "/begin_weight_update", "/end_weight_update")
 
 
 def _join_group_like_sglang(*, init_method: str, rank: int, world_size: int, group_name: str, backend: str,

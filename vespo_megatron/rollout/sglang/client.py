@@ -14,13 +14,18 @@ Endpoints used (SGLang's ``http_server.py``; request fields from ``io_struct.py`
   read by :meth:`SGLangClient.check_server` for ``enable_return_routed_experts``.
 - ``POST /update_weight_version`` ``{"new_version", "abort_all_requests"}``: tag the served weights.
 - ``POST /update_weights_from_disk`` ``{"model_path", "load_format", "weight_version", "flush_cache",
-  "abort_all_requests"}``, then ``POST /flush_cache``.
+  "abort_all_requests"}``; the server flushes its prefix cache itself (``flush_cache``). When it refuses the
+  flush (requests still running or queued) it answers 400 *after* loading the new weights, with its tag
+  unchanged: the client then tags the server itself (``/update_weight_version``) and raises
+  :class:`CacheFlushRefused`. ``POST /flush_cache`` (:meth:`SGLangClient.flush_cache`) retries a flush.
 - ``POST /pause_generation`` ``{"mode"}`` / ``POST /continue_generation`` (async RL), ``POST /abort_request``
   ``{"rid"}`` (best effort, after a timed-out attempt).
 - Streamed weight updates (driven by :mod:`vespo_megatron.rollout.sglang.weight_sync`, each sent once, never
-  retried): ``POST /init_weights_update_group``, ``POST /update_weights_from_distributed`` (one per bucket),
-  ``POST /destroy_weights_update_group``, and ``GET /get_weight_version`` (or the ``weight_version`` of
-  ``/model_info`` / ``/get_model_info``) to read the tag back.
+  retried): ``POST /init_weights_update_group``, ``POST /begin_weight_update`` ``{}`` (SGLang >= 0.5.21;
+  404 on older servers), ``POST /update_weights_from_distributed`` (one per bucket), ``POST
+  /end_weight_update`` ``{}``, ``POST /destroy_weights_update_group``, and ``GET /get_weight_version``
+  (SGLang <= 0.5.20; newer ones answer 404) or the ``weight_version`` of ``/model_info`` /
+  ``/get_model_info`` to read the tag back.
 
 Batching: one ``/generate`` call per request, ``max_concurrency`` of them in flight from a thread pool.
 SGLang's scheduler batches concurrent requests continuously, so nothing is lost against one batched
@@ -71,7 +76,7 @@ from vespo_megatron.routing import RoutingSpec
 
 from .routed_experts import RoutingPayloadError, routing_from_meta_info
 
-__all__ = ["SGLangClient", "SGLangClientConfig", "SampleError", "HTTPStatusError"]
+__all__ = ["CacheFlushRefused", "SGLangClient", "SGLangClientConfig", "SampleError", "HTTPStatusError"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +85,9 @@ _OWN_SAMPLING_KEYS = frozenset({"temperature", "max_new_tokens", "stop_token_ids
 # A sampled token's log-prob is <= 0; allow float32 rounding above it.
 _LOGPROB_TOLERANCE = 1e-4
 _FINISH_TYPES = ("stop", "length")
+# Part of SGLang's message when a weight update loaded the weights but its cache flush was refused
+# (python/sglang/srt/managers/scheduler_components/weight_updater.py, flush_cache_after_weight_update).
+_FLUSH_REFUSED_MARK = "cache was not flushed"
 
 
 class HTTPStatusError(EngineError):
@@ -89,6 +97,12 @@ class HTTPStatusError(EngineError):
         super().__init__(message)
         self.status = status
         self.server_message = server_message
+
+
+class CacheFlushRefused(EngineError):
+    """The server loaded the new weights but refused to flush its prefix cache (requests still running or
+    queued): the weights and the engine's version are the new ones, but cached prefixes computed with the old
+    weights may still be reused. Call :meth:`SGLangClient.flush_cache` once the server is idle."""
 
 
 class _Retryable(Exception):
@@ -290,27 +304,71 @@ class SGLangClient:
     def update_weights(self, source: str | PathLike, version: int) -> None:
         """Load the checkpoint at ``source`` (a path the *server* can read) and tag it ``version``.
 
-        ``POST /update_weights_from_disk`` with ``weight_version=str(version)``, then ``/flush_cache`` (the
-        prefix cache holds KV of the old weights) unless ``flush_cache_after_update`` is off. Later
-        generations carry ``version``. Raises :class:`EngineError` with the server's message on failure;
-        the engine's version is then unchanged.
+        ``POST /update_weights_from_disk`` with ``weight_version=str(version)`` and ``flush_cache`` (the
+        prefix cache holds KV of the old weights; the server flushes it in the same call) unless
+        ``flush_cache_after_update`` is off. Later generations carry ``version``. Raises
+        :class:`EngineError` with the server's message on failure; the engine's version is then unchanged.
+
+        A refused flush: SGLang answers 400 after loading the new weights and keeps its old tag. Then this
+        tags the server ``str(version)`` with ``/update_weight_version``, moves the engine's version to
+        ``version`` (the served weights are the new ones), and raises :class:`CacheFlushRefused`; so no
+        stale tag makes every later sample fail the version check.
         """
         if not isinstance(source, str | PathLike) or not str(source):
             raise ValueError(f"source: expected a checkpoint path (str or os.PathLike), got {source!r}")
         _check_number("version", version, low=0, integer=True)
-        body = {"model_path": str(source), "weight_version": str(version), "flush_cache": True,
-                "abort_all_requests": False}
+        body = {"model_path": str(source), "weight_version": str(version),
+                "flush_cache": self.config.flush_cache_after_update, "abort_all_requests": False}
         if self.config.load_format is not None:
             body["load_format"] = self.config.load_format
         with self._busy:
-            answer = self._post("/update_weights_from_disk", body, timeout=self.config.update_timeout_s)
+            try:
+                answer = self._post("/update_weights_from_disk", body, timeout=self.config.update_timeout_s)
+            except HTTPStatusError as e:
+                if _FLUSH_REFUSED_MARK in e.server_message:
+                    self._after_refused_flush(str(source), version, e.server_message)
+                raise
             if isinstance(answer, Mapping) and answer.get("success") is False:
+                message = str(answer.get("message", ""))
+                if _FLUSH_REFUSED_MARK in message:
+                    self._after_refused_flush(str(source), version, message)
                 raise EngineError(f"SGLang server at {self.config.base_url} failed to load weights from "
-                                  f"{str(source)!r}: {answer.get('message', '')}")
-            if self.config.flush_cache_after_update:
-                self._post("/flush_cache", None, timeout=self.config.timeout_s)
+                                  f"{str(source)!r}: {message}")
             self._version = version
             self._server_tag = str(version)
+
+    def _after_refused_flush(self, source: str, version: int, server_message: str) -> None:
+        """The weights at ``source`` are loaded but the server kept its old tag: set the tag, then raise."""
+        tag = str(version)
+        where = f"SGLang server at {self.config.base_url}"
+        try:
+            self._post("/update_weight_version", {"new_version": tag, "abort_all_requests": False},
+                       timeout=self.config.timeout_s)
+        except EngineError as e:
+            # The served weights are new but the tag could not be set: stop checking tags rather than
+            # reject every later sample for a tag the server will never report.
+            self._version = version
+            self._server_tag = None
+            raise CacheFlushRefused(
+                f"{where} loaded the weights from {source!r} but refused to flush its prefix cache "
+                f"({server_message}); setting its weight_version to {tag!r} then failed ({e}): answers' "
+                f"weight_version tags are no longer checked. Call flush_cache() once the server is idle"
+            ) from None
+        self._version = version
+        self._server_tag = tag
+        raise CacheFlushRefused(
+            f"{where} loaded the weights from {source!r} (now tagged weight_version {tag!r}) but refused to "
+            f"flush its prefix cache: {server_message} Expected the flush to succeed; until flush_cache() "
+            f"succeeds, cached prefixes computed with the old weights may be reused")
+
+    def flush_cache(self) -> None:
+        """``POST /flush_cache``; raises :class:`EngineError` when the server refuses (HTTP 400: requests are
+        still running or queued)."""
+        try:
+            self._post("/flush_cache", None, timeout=self.config.timeout_s)
+        except HTTPStatusError as e:
+            raise EngineError(f"SGLang server at {self.config.base_url} refused to flush its prefix cache "
+                              f"(HTTP {e.status}): {e.server_message.strip()}") from None
 
     def note_weight_version(self, version: int) -> None:
         """Another client (the trainer's sending rank) tagged the server with `version`: answers now carry it."""
@@ -344,7 +402,7 @@ class SGLangClient:
     def get_weight_version(self) -> str | None:
         """The server's weight-version tag; None on servers that do not report one.
 
-        ``GET /get_weight_version``; where that answers 404 (the newest SGLang deprecates it that way), the
+        ``GET /get_weight_version``; where that answers 404 (SGLang >= 0.5.21 removed it), the
         ``weight_version`` field of ``/model_info``, then of ``/get_model_info`` (older servers).
         """
         for path in ("/get_weight_version", "/model_info", "/get_model_info"):
@@ -360,6 +418,25 @@ class SGLangClient:
             tag = answer.get("weight_version")
             return None if tag is None else str(tag)
         return None
+
+    def begin_weight_update(self, *, timeout: float | None = None) -> bool:
+        """``POST /begin_weight_update`` ``{}`` (``BeginWeightUpdateReqInput``; its ``selector`` defaults to
+        ``"all"``): open the weight-update session that SGLang >= 0.5.21 requires around
+        ``/update_weights_from_distributed``. Returns False when the server has no such endpoint (HTTP 404:
+        SGLang <= 0.5.20); raises :class:`EngineError` with the server's message on any other failure (e.g.
+        a session is already open)."""
+        try:
+            self._post_once("/begin_weight_update", {}, timeout=timeout or self.config.timeout_s)
+        except HTTPStatusError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def end_weight_update(self, *, timeout: float | None = None) -> str:
+        """``POST /end_weight_update`` ``{}`` (``EndWeightUpdateReqInput`` has no fields): close the session
+        :meth:`begin_weight_update` opened. Returns the server's message; raises :class:`EngineError`."""
+        return self._post_once("/end_weight_update", {}, timeout=timeout or self.config.update_timeout_s)
 
     def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
                                   world_size: int, group_name: str, backend: str = "nccl",

@@ -22,12 +22,19 @@ The protocol (SGLang ``http_server.py``, ``io_struct.py``, ``model_runner.py``, 
    ``weight_version``: on success SGLang's tokenizer manager sets the server's tag to it *as soon as that
    bucket is loaded* (``_update_weight_version_if_provided``), so a tag sent with an intermediate bucket would
    label generations made from half-updated weights. It is therefore sent with the last bucket only; the
-   intermediate buckets omit it (``None``: the tag is left alone). Servers started with
-   ``--enable-weight-runtime-manifest`` (newer SGLang) require a new ``weight_version`` on *every* update,
-   which a multi-bucket sync cannot satisfy: use one bucket or turn the manifest off.
-4. The new tag is read back from ``GET /get_weight_version`` (the newest SGLang answers that 404 and reports
+   intermediate buckets omit it (``None``: the tag is left alone). A refused flush (requests still running)
+   fails that bucket with HTTP 400 after it loaded.
+4. Session (SGLang >= 0.5.21): the buckets of one sync run between ``POST /begin_weight_update`` ``{}`` and
+   ``POST /end_weight_update`` ``{}`` (``BeginWeightUpdateReqInput`` / ``EndWeightUpdateReqInput`` in
+   ``io_struct.py``; the scheduler's ``weight_updater.py`` answers a bucket outside a session with 400 before
+   receiving anything). The end call runs in a ``finally``. A server that answers 404 to begin (0.5.20 and
+   older) has no sessions: the sender remembers that and sends the buckets alone.
+5. The new tag is read back from ``GET /get_weight_version`` (SGLang >= 0.5.21 answers that 404 and reports
    ``weight_version`` in ``/model_info``; older ones in ``/get_model_info``); ``POST
    /destroy_weights_update_group`` ``{group_name}`` on close.
+
+Data parallelism: SGLang asserts ``dp_size == 1`` for weight-update groups (HTTP 500); :meth:`open` checks the
+server's ``dp_size`` first and raises :class:`EngineError` instead.
 
 Between buckets SGLang serves requests with partly updated weights (each bucket takes the model-update
 write lock only for itself): pause generation around a sync (``SGLangClient.pause_generation``) if that
@@ -253,6 +260,7 @@ class DistributedWeightSender:
         self._pg: dist.ProcessGroup | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._broken: str | None = None  # why the group can no longer be used
+        self._has_session: bool | None = None  # /begin_weight_update exists (None: not asked yet)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -363,9 +371,15 @@ class DistributedWeightSender:
             logger.warning("weight sync: aborting group %r failed: %s", self.config.group_name, e)
 
     def _server_ranks(self) -> int:
+        info = self.engine.server_info or self.engine.check_server()
+        dp = info.get("dp_size", 1)
+        if dp not in (None, 1):
+            raise EngineError(f"SGLang server at {self.engine.config.base_url} has dp_size={dp!r}, expected "
+                              f"dp_size=1: SGLang's weight-update groups do not support data-parallel "
+                              f"replicas (it asserts dp_size == 1 and answers HTTP 500); restart the server "
+                              f"with --dp-size 1, or use WeightSyncConfig(mode='disk')")
         if self.config.server_ranks is not None:
             return self.config.server_ranks
-        info = self.engine.server_info or self.engine.check_server()
         tp, pp = info.get("tp_size"), info.get("pp_size", 1)
         if not isinstance(tp, int) or tp < 1:
             raise EngineError(f"SGLang /server_info has no usable tp_size ({tp!r}); set WeightSyncConfig."
@@ -382,7 +396,9 @@ class DistributedWeightSender:
 
         Per bucket: the metadata POST runs in a background thread while the tensors are broadcast from
         rank 0 in the same order; then the server's answer is checked (``success: false`` or an HTTP error
-        raise :class:`EngineError` with the server's message). The last bucket carries ``weight_version`` and
+        raise :class:`EngineError` with the server's message). On SGLang >= 0.5.21 the buckets run inside one
+        ``/begin_weight_update`` .. ``/end_weight_update`` session (the end call in a ``finally``). The last
+        bucket carries ``weight_version`` and
         ``flush_cache`` (unless the engine's ``flush_cache_after_update`` is off). Afterwards the server must
         report ``str(version)`` (:meth:`SGLangClient.get_weight_version`; servers that report none are not
         checked).
@@ -401,13 +417,20 @@ class DistributedWeightSender:
         start = time.perf_counter()
         num_buckets = num_tensors = num_bytes = 0
         with self.engine.exclusive():
-            for bucket, is_last in _buckets_with_last(named_tensors, self.config.bucket_bytes):
-                self._send_bucket(bucket, version=version, is_last=is_last, index=num_buckets)
-                num_buckets += 1
-                num_tensors += len(bucket)
-                num_bytes += sum(_nbytes(t) for _, t in bucket)
-            if num_buckets == 0:
-                raise ValueError("named_tensors: expected at least one (name, tensor) pair, got none")
+            in_session = self._begin_session()
+            done = False
+            try:
+                for bucket, is_last in _buckets_with_last(named_tensors, self.config.bucket_bytes):
+                    self._send_bucket(bucket, version=version, is_last=is_last, index=num_buckets)
+                    num_buckets += 1
+                    num_tensors += len(bucket)
+                    num_bytes += sum(_nbytes(t) for _, t in bucket)
+                if num_buckets == 0:
+                    raise ValueError("named_tensors: expected at least one (name, tensor) pair, got none")
+                done = True
+            finally:
+                if in_session:
+                    self._end_session(raise_errors=done)
             served = self.engine.get_weight_version()
             if served is not None and served != str(version):
                 raise EngineError(f"SGLang server at {self.engine.config.base_url} reports weight_version "
@@ -417,6 +440,33 @@ class DistributedWeightSender:
         logger.info("weight sync: version %d, %d tensors, %.1f MiB in %d buckets, %.2f s", version,
                     num_tensors, num_bytes / 1024**2, num_buckets, stats.seconds)
         return stats
+
+    def _begin_session(self) -> bool:
+        """Open the server's weight-update session; False on servers without sessions (404, remembered)."""
+        if self._has_session is False:
+            return False
+        try:
+            opened = self.engine.begin_weight_update(timeout=self.config.bucket_timeout_s)
+        except EngineError as e:
+            raise EngineError(f"weight sync: SGLang server at {self.engine.config.base_url} refused to open a "
+                              f"weight-update session (/begin_weight_update): {e}") from e
+        if not opened:
+            logger.info("weight sync: %s has no /begin_weight_update (SGLang <= 0.5.20): buckets are sent "
+                        "without a weight-update session", self.engine.config.base_url)
+        self._has_session = opened
+        return opened
+
+    def _end_session(self, *, raise_errors: bool) -> None:
+        """Close the session; a failure raises when the sync itself succeeded, else it is logged (the
+        sync's own error is the one raised)."""
+        try:
+            self.engine.end_weight_update(timeout=self.config.bucket_timeout_s)
+        except EngineError as e:
+            message = (f"weight sync: SGLang server at {self.engine.config.base_url} failed to close the "
+                       f"weight-update session (/end_weight_update): {e}")
+            if raise_errors:
+                raise EngineError(message) from e
+            logger.error("%s (after the sync had failed)", message)
 
     def _device(self) -> torch.device:
         if self.backend == "nccl":
