@@ -1,5 +1,5 @@
 """RLStep with `fused_lm_head=True` against the logits path on the tiny megatron MoE GPT (fp32): the same loss,
-metrics, per-sequence log W / phi and full gradients (the output layer's included), under TP2 + SP and PP2 (the fused head only on the last stage), through megatron's schedules; and the
+metrics, per-sequence log W / phi and full gradients (the output layer's included), under TP2 + SP, PP2 and CP2 (the fused head only on the last stage), through megatron's schedules; and the
 forward-only old-log-prob pass gives the same log-probs and entropies. `lm_head_token_logprobs` (megatron's
 region functions around the fused head) is checked alone under gloo TP2 with and without SP against float64.
 
@@ -34,8 +34,9 @@ def _step_cfg(fused: bool):
                         temperature=0.9, fused_lm_head=fused, lm_head_chunk_elements=768 if fused else None)
 
 
-def _old_logprobs(layout, model_cfg, mbs, step_cfg):
-    """The forward-only old-log-prob pass: {"logp", "entropy"} of each local micro-batch (last stage)."""
+def _old_logprobs(layout, model_cfg, mbs):
+    """The forward-only old-log-prob pass on one model, fused first, then the logits path (which also checks
+    that the fused call gave the output layer back): {fused: [(logp, entropy)] per local micro-batch}."""
     from vespo_megatron.compat import get_forward_backward_func
     from vespo_megatron.megatron.cpu_shim import cpu_device_context
     from vespo_megatron.megatron.model import build_gpt_model
@@ -49,13 +50,17 @@ def _old_logprobs(layout, model_cfg, mbs, step_cfg):
         seq_len = common_seq_len(mbs, pad_multiple=8)
         local = [build_rl_microbatch(m, cp_size=groups.cp_size, cp_rank=groups.cp_rank, pad_multiple=8,
                                      seq_len=seq_len) for m in mbs[groups.dp_rank::groups.dp_size]]
-        step = RLStep(step_cfg, StepGroups(tp=groups.tp, cp=groups.cp))
-        with torch.no_grad(), cpu_device_context():
-            outs = get_forward_backward_func()(
-                forward_step_func=step.logprob_forward_step(), data_iterator=iter(local), model=[model],
-                num_microbatches=len(local), seq_length=local[0].tokens.size(1) * groups.cp_size,
-                micro_batch_size=local[0].tokens.size(0), forward_only=True)
-        return [(o["logp"].clone(), o["entropy"].clone()) for o in outs] if groups.is_last_stage else []
+        res = {}
+        for fused in (True, False):
+            step = RLStep(_step_cfg(fused), StepGroups(tp=groups.tp, cp=groups.cp))
+            with torch.no_grad(), cpu_device_context():
+                outs = get_forward_backward_func()(
+                    forward_step_func=step.logprob_forward_step(), data_iterator=iter(local), model=[model],
+                    num_microbatches=len(local), seq_length=local[0].tokens.size(1) * groups.cp_size,
+                    micro_batch_size=local[0].tokens.size(0), forward_only=True)
+            res[fused] = [(o["logp"].clone(), o["entropy"].clone()) for o in outs] if groups.is_last_stage else []
+        assert "forward" not in vars(model.output_layer)  # the class's forward is back
+        return res
     finally:
         destroy_parallel()
 
@@ -67,13 +72,14 @@ def _run(rank, world_size):
     cfg = _model_cfg()
     mbs = random_rl_micro_batches(cfg.vocab_size, num_micro=2, per_micro=2, max_prompt=5, max_response=9)
     # (TP2 without SP is refused for MoE models; `test_lm_head_token_logprobs_tp2` covers that mapping.)
-    layouts = {"tp2_sp": ParallelConfig(tp=2, sp=True), "pp2": ParallelConfig(pp=2)}
+    layouts = {"tp2_sp": ParallelConfig(tp=2, sp=True), "pp2": ParallelConfig(pp=2), "cp2": ParallelConfig(cp=2)}
     out = {}
     for name, layout in layouts.items():
         for fused in (False, True):
             out[(name, fused)] = run_rl_layout(layout, cfg, mbs, _step_cfg(fused))
+    old = _old_logprobs(layouts["tp2_sp"], cfg, mbs)
     for fused in (False, True):
-        out[("old_logp", fused)] = _old_logprobs(layouts["tp2_sp"], cfg, mbs, _step_cfg(fused))
+        out[("old_logp", fused)] = old[fused]
     return out
 
 
@@ -87,7 +93,7 @@ def _close(a, b, rtol, atol=0.0):
                                rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", ["tp2_sp", "pp2"])
+@pytest.mark.parametrize("name", ["tp2_sp", "pp2", "cp2"])
 def test_fused_head_matches_logits_path(results, name):
     off, on = results[(name, False)], results[(name, True)]
     assert off.loss != 0.0 and any(g.abs().max() > 0 for g in off.grads.values())  # a non-trivial step
