@@ -181,7 +181,7 @@ def _train_math_tp2(rank, world_size, ckpt, data, out):
     trainer = Trainer(cfg)
     try:
         (values,) = trainer.run()
-        return trainer.task._checker is not None, values, dict(trainer.reward_failures)
+        return trainer.task._checker is not None, values, dict(trainer.rewards.failures)
     finally:
         trainer.task.close()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -273,6 +274,8 @@ def build_gpt_model(
         model = model.cuda()
     init_params_deterministic(model, cfg, groups)
     mark_expert_params(model)
+    if last:
+        model.output_layer.__class__ = SkippableOutputLayer  # see output_layer_skipped
     return model
 
 
@@ -379,3 +382,103 @@ def init_params_deterministic(model: GPTModel, cfg: TinyMoEConfig, groups: Paral
             g = layout.group
             full = shard_of_full(full, layout.partition_dim, layout.stride, g.rank(), g.size())
         param.copy_(full.to(param.dtype))
+
+
+# --- the fused LM head: stop at the final hidden states -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LMHeadInput:
+    """What the fused RL loss head needs from the last pipeline stage instead of logits.
+
+    hidden: [b, s_local, h] the final (normed) hidden states as `GPTModel` returns them with its output layer
+    skipped (s_local = s / tp under sequence parallelism; CP-local); weight: [V/tp, h] this rank's
+    output-layer shard (the shared embedding under tied weights); sequence_parallel: the output layer's flag.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    sequence_parallel: bool
+
+
+def unwrap_gpt(model: torch.nn.Module) -> GPTModel:
+    """The `GPTModel` inside megatron's wrappers (DDP, Float16Module: each holds it as `.module`)."""
+    inner = model
+    while not isinstance(inner, GPTModel):
+        if not hasattr(inner, "module"):
+            raise ValueError(f"model: expected a GPTModel or a wrapper of one (.module), got {type(model).__name__}")
+        inner = inner.module
+    return inner
+
+
+class SkippableOutputLayer(tensor_parallel.ColumnParallelLinear):
+    """megatron's output layer, which can hand back its input instead of the logits (`emit_hidden`), so that
+    the fused RL loss head computes the log-probs from the hidden states and this layer's weight without the
+    [s, b, V/tp] logits. `build_gpt_model` gives the model's output layer this class; nothing else changes
+    (same parameters, same checkpoint, same logits while `emit_hidden` is False)."""
+
+    emit_hidden: bool = False
+
+    def forward(self, input_, weight=None, runtime_gather_output=None, **kwargs):
+        if self.emit_hidden:
+            return input_, None
+        return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
+
+
+@contextmanager
+def output_layer_skipped(model: torch.nn.Module):
+    """Within the context the model returns its final hidden states [b, s_local, h] instead of logits.
+
+    Yields a function `head(output) -> LMHeadInput` for the model's output, or None on a pipeline stage without
+    an output layer (it returns its hidden states anyway). megatron's `_postprocess` is kept (it only calls
+    the output layer, then transposes [s, b, .] -> [b, s, .]); the output layer (`SkippableOutputLayer`) hands
+    back its input while the context is open, so the weight stays a parameter of the model.
+    """
+    gpt = unwrap_gpt(model)
+    if not gpt.post_process:
+        yield None
+        return
+    if gpt.config.mtp_num_layers:
+        raise ValueError(f"RLStepConfig.fused_lm_head: expected a model without multi-token prediction, got "
+                         f"mtp_num_layers={gpt.config.mtp_num_layers}")
+    layer = gpt.output_layer
+    if not isinstance(layer, SkippableOutputLayer):
+        raise ValueError("RLStepConfig.fused_lm_head: expected a model from build_gpt_model (its output layer can "
+                         f"hand back the hidden states), got an output layer of type {type(layer).__name__}")
+    weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else layer.weight
+    sp = bool(layer.sequence_parallel)
+    layer.emit_hidden = True
+    try:
+        yield lambda output: LMHeadInput(hidden=output, weight=weight, sequence_parallel=sp)
+    finally:
+        layer.emit_hidden = False
+
+
+def lm_head_token_logprobs(head: LMHeadInput, labels: torch.Tensor, *, tp_group, temperature: float,
+                           compute_entropy: bool, chunk_elements: int | None = None):
+    """Per-token log-probs [b, s_local] (and entropy) through `fused_lm_head_logprobs`.
+
+    The hidden states go through megatron's own region functions with `tp_group`, exactly as
+    `ColumnParallelLinear` does before its GEMM: with sequence parallelism an all-gather of the sequence
+    (reduce-scatter of d hidden in backward), else the identity (all-reduce of d hidden in backward).
+    """
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    from vespo_megatron.parallel.fused_lm_head import fused_lm_head_logprobs
+    from vespo_megatron.parallel.vocab_parallel import TokenLogProbs
+
+    tp = tp_group.size() if tp_group is not None else 1
+    if head.sequence_parallel and tp > 1:
+        hidden = gather_from_sequence_parallel_region(head.hidden.transpose(0, 1), group=tp_group)  # [s, b, h]
+        targets = labels.transpose(0, 1)  # [s, b]
+    else:
+        hidden = head.hidden if tp == 1 else copy_to_tensor_model_parallel_region(head.hidden, group=tp_group)
+        targets = labels
+    out = fused_lm_head_logprobs(hidden, head.weight, targets, tp_group=tp_group, temperature=temperature,
+                                 compute_entropy=compute_entropy, chunk_elements=chunk_elements)
+    if targets is labels:
+        return out
+    return TokenLogProbs(out.logprobs.transpose(0, 1), None if out.entropy is None else out.entropy.transpose(0, 1))

@@ -19,6 +19,7 @@ Shape legend: [b, s] this rank's model input, [b, s, V/tp] logits (vocab split o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,14 +38,20 @@ __all__ = ["RLStepConfig", "StepGroups", "RLStep", "install_rl_grad_finalizer"]
 
 @dataclass(frozen=True, kw_only=True)
 class RLStepConfig:
-    """loss_name: a registered loss or an import path (`resolve_policy_loss`); loss_config: its config (None: the loss's defaults);
-    temperature: the rollout engine's sampling temperature (log-probs are of softmax(logits / T))."""
+    """loss_name: a registered loss or an import path (`resolve_policy_loss`);
+    loss_config: its config (None: the loss's defaults);
+    temperature: the rollout engine's sampling temperature (log-probs are of softmax(logits / T));
+    fused_lm_head: stop the model at its final hidden states and compute the log-probs with the output layer
+    fused in (`parallel.fused_lm_head`: the [T, V/tp] logits are never held; same values and gradients);
+    False keeps the logits path; lm_head_chunk_elements: the fused head's logits tile (None: 2**29)."""
 
     loss_name: str = "vespo"
     loss_config: Any = None
     temperature: float = 1.0
     compute_entropy: bool = True
     logprob_chunk_size: int | None = None
+    fused_lm_head: bool = False
+    lm_head_chunk_elements: int | None = None
 
     def __post_init__(self) -> None:
         loss = resolve_policy_loss(self.loss_name)  # ValueError for unknown names
@@ -53,6 +60,8 @@ class RLStepConfig:
                              f"{self.loss_name!r}, got {type(self.loss_config).__name__}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"RLStepConfig.temperature: expected a float > 0, got {self.temperature!r}")
+        if not isinstance(self.fused_lm_head, bool):
+            raise ValueError(f"RLStepConfig.fused_lm_head: expected a bool, got {self.fused_lm_head!r}")
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,15 @@ class RLStep:
             rollout_correction=self.rollout_correction,
         )
 
-    def token_logprobs(self, logits: Tensor, batch: RLMicroBatch):
+    def token_logprobs(self, logits, batch: RLMicroBatch):
+        """`logits` [b, s, V/tp], or the model's `LMHeadInput` when `fused_lm_head` is on."""
+        if self.cfg.fused_lm_head:
+            from vespo_megatron.megatron.model import lm_head_token_logprobs
+
+            return lm_head_token_logprobs(
+                logits, batch.labels, tp_group=self.groups.tp, temperature=self.cfg.temperature,
+                compute_entropy=self.cfg.compute_entropy, chunk_elements=self.cfg.lm_head_chunk_elements,
+            )
         return vocab_parallel_logprobs(
             logits, batch.labels, tp_group=self.groups.tp, temperature=self.cfg.temperature,
             compute_entropy=self.cfg.compute_entropy, chunk_size=self.cfg.logprob_chunk_size,
@@ -136,7 +153,7 @@ class RLStep:
 
         def logprob_func(batch: RLMicroBatch, logits: Tensor):
             lp = self.token_logprobs(logits, batch)
-            zero = logits.sum() * 0.0
+            zero = (logits.hidden if self.cfg.fused_lm_head else logits).sum() * 0.0
             return zero, batch.loss_mask.sum().to(torch.int), {"logp": lp.logprobs.detach(), "entropy": (
                 None if lp.entropy is None else lp.entropy.detach())}
 
@@ -145,12 +162,20 @@ class RLStep:
     def _forward_step(self, on_output):
         def forward_step(data_iterator, model):
             batch: RLMicroBatch = next(data_iterator).to(next(model.parameters()).device)
-            logits = model(
-                input_ids=batch.tokens,
-                position_ids=batch.position_ids,
-                attention_mask=None,
-                packed_seq_params=batch.packed_seq_params,
-            )
+            head = None
+            with contextlib.ExitStack() as stack:
+                if self.cfg.fused_lm_head:  # the model returns its final hidden states, not logits
+                    from vespo_megatron.megatron.model import output_layer_skipped
+
+                    head = stack.enter_context(output_layer_skipped(model))
+                logits = model(
+                    input_ids=batch.tokens,
+                    position_ids=batch.position_ids,
+                    attention_mask=None,
+                    packed_seq_params=batch.packed_seq_params,
+                )
+            if head is not None:
+                return logits, lambda output: on_output(batch, head(output))
             return logits, lambda output: on_output(batch, output)
 
         return forward_step

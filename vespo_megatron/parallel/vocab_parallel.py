@@ -106,15 +106,18 @@ def _local_stats_torch(z2d: Tensor, local_tgt: Tensor, temperature: float, entro
     return m_l, s_l, a_l, tgt_l
 
 
-def _grad_torch(z2d, local_tgt, lse, ent, g_lp, g_h, temperature: float, chunk: int) -> Tensor:
+def _grad_torch(z2d, local_tgt, lse, ent, g_lp, g_h, temperature: float, chunk: int, out=None) -> Tensor:
     """d/d logits of sum_t (g_lp[t] * logp[t] + g_h[t] * H[t]) for this shard, in the logits' dtype.
+
+    ``out``: where to write it (None: a new tensor); ``out=z2d`` is allowed (each chunk is read before it
+    is overwritten), which the fused LM head uses to turn a recomputed logits tile into its gradient.
 
     With logp_v = z_v - lse and p_v = exp(logp_v):
     dlogp_t/dz_v = 1[v == y_t] - p_v, dH_t/dz_v = -p_v (logp_v + H_t), and dz/dlogits = 1 / temperature.
     """
     t, v_local = z2d.shape
     dev = z2d.device
-    grad = torch.empty_like(z2d)  # [T, V/tp] in the logits' dtype
+    grad = torch.empty_like(z2d) if out is None else out  # [T, V/tp] in the logits' dtype
     inv_t = 1.0 / temperature
     glp = (g_lp * inv_t) if g_lp is not None else torch.zeros(t, dtype=torch.float32, device=dev)
     gh = (g_h * inv_t) if g_h is not None else None
@@ -222,9 +225,10 @@ def _local_stats_triton(z2d: Tensor, local_tgt: Tensor, temperature: float, entr
     return m_l, s_l, (a_l if entropy else None), tgt_l
 
 
-def _grad_triton(z2d, local_tgt, lse, ent, g_lp, g_h, temperature: float) -> Tensor:
+def _grad_triton(z2d, local_tgt, lse, ent, g_lp, g_h, temperature: float, out=None) -> Tensor:
+    """As `_grad_torch`; ``out=z2d`` is allowed (every element is loaded before the same program stores it)."""
     t, v_local = z2d.shape
-    grad = torch.empty_like(z2d)
+    grad = torch.empty_like(z2d) if out is None else out
     glp = g_lp.contiguous() if g_lp is not None else torch.zeros_like(lse)
     entropy = g_h is not None
     gh = g_h.contiguous() if entropy else glp

@@ -1,0 +1,176 @@
+"""RLStep with `fused_lm_head=True` against the logits path on the tiny megatron MoE GPT (fp32): the same loss,
+metrics, per-sequence log W / phi and full gradients (the output layer's included), under TP2 + SP, PP2 and CP2 (the fused head only on the last stage), through megatron's schedules; and the
+forward-only old-log-prob pass gives the same log-probs and entropies. `lm_head_token_logprobs` (megatron's
+region functions around the fused head) is checked alone under gloo TP2 with and without SP against float64.
+
+Tolerances (fp32 model; the fused head only changes the order of fp32 sums): loss and metrics rel 1e-5,
+log W abs 2e-5, gradients rel 1e-4 / abs 1e-7 (as tests/test_rl_layouts.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from dist_harness import run_distributed
+
+pytestmark = [pytest.mark.distributed, pytest.mark.megatron]
+
+
+def _model_cfg():
+    from vespo_megatron.megatron.model import TinyMoEConfig
+
+    return TinyMoEConfig(hidden_size=32, num_layers=2, moe_layer_freq=(1, 0), ffn_hidden_size=64, seq_length=64)
+
+
+def _step_cfg(fused: bool):
+    from vespo_megatron.losses import RolloutCorrectionConfig, make_loss_config
+    from vespo_megatron.megatron.step import RLStepConfig
+
+    corr = RolloutCorrectionConfig(mode="fold")
+    # lm_head_chunk_elements: 128 vocab x 6 tokens per tile -> many forward chunks, vocab tiles, token blocks
+    return RLStepConfig(loss_name="vespo", loss_config=make_loss_config("vespo", rollout_correction=corr),
+                        temperature=0.9, fused_lm_head=fused, lm_head_chunk_elements=768 if fused else None)
+
+
+def _old_logprobs(layout, model_cfg, mbs):
+    """The forward-only old-log-prob pass on one model, fused first, then the logits path (which also checks
+    that the fused call gave the output layer back): {fused: [(logp, entropy)] per local micro-batch}."""
+    from vespo_megatron.compat import get_forward_backward_func
+    from vespo_megatron.megatron.cpu_shim import cpu_device_context
+    from vespo_megatron.megatron.model import build_gpt_model
+    from vespo_megatron.megatron.parallel_setup import destroy_parallel, initialize_parallel
+    from vespo_megatron.megatron.rl_batch import build_rl_microbatch, common_seq_len
+    from vespo_megatron.megatron.step import RLStep, StepGroups
+
+    groups = initialize_parallel(layout)
+    try:
+        model = build_gpt_model(model_cfg, layout, groups, attention_backend="reference")
+        seq_len = common_seq_len(mbs, pad_multiple=8)
+        local = [build_rl_microbatch(m, cp_size=groups.cp_size, cp_rank=groups.cp_rank, pad_multiple=8,
+                                     seq_len=seq_len) for m in mbs[groups.dp_rank::groups.dp_size]]
+        res = {}
+        for fused in (True, False):
+            step = RLStep(_step_cfg(fused), StepGroups(tp=groups.tp, cp=groups.cp))
+            with torch.no_grad(), cpu_device_context():
+                outs = get_forward_backward_func()(
+                    forward_step_func=step.logprob_forward_step(), data_iterator=iter(local), model=[model],
+                    num_microbatches=len(local), seq_length=local[0].tokens.size(1) * groups.cp_size,
+                    micro_batch_size=local[0].tokens.size(0), forward_only=True)
+            res[fused] = [(o["logp"].clone(), o["entropy"].clone()) for o in outs] if groups.is_last_stage else []
+        assert "forward" not in vars(model.output_layer)  # the class's forward is back
+        return res
+    finally:
+        destroy_parallel()
+
+
+def _run(rank, world_size):
+    from vespo_megatron.megatron.testing import random_rl_micro_batches, run_rl_layout
+
+    from vespo_megatron.megatron.parallel_setup import ParallelConfig
+
+    cfg = _model_cfg()
+    mbs = random_rl_micro_batches(cfg.vocab_size, num_micro=2, per_micro=2, max_prompt=5, max_response=9)
+    # (TP2 without SP is refused for MoE models; `test_lm_head_token_logprobs_tp2` covers that mapping.)
+    layouts = {"tp2_sp": ParallelConfig(tp=2, sp=True), "pp2": ParallelConfig(pp=2), "cp2": ParallelConfig(cp=2)}
+    out = {}
+    for name, layout in layouts.items():
+        for fused in (False, True):
+            out[(name, fused)] = run_rl_layout(layout, cfg, mbs, _step_cfg(fused))
+    old = _old_logprobs(layouts["tp2_sp"], cfg, mbs)
+    for fused in (False, True):
+        out[("old_logp", fused)] = old[fused]
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_run, 2)[0]
+
+
+def _close(a, b, rtol, atol=0.0):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                               rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", ["tp2_sp", "pp2", "cp2"])
+def test_fused_head_matches_logits_path(results, name):
+    off, on = results[(name, False)], results[(name, True)]
+    assert off.loss != 0.0 and any(g.abs().max() > 0 for g in off.grads.values())  # a non-trivial step
+    _close(on.loss, off.loss, rtol=1e-5)
+    _close(on.seq_log_ratio, off.seq_log_ratio, rtol=0.0, atol=2e-5)
+    _close(on.seq_phi, off.seq_phi, rtol=1e-4, atol=1e-7)
+    assert set(on.metrics) == set(off.metrics) and "entropy_mean" in on.metrics
+    for key in off.metrics:
+        _close(on.metrics[key], off.metrics[key], rtol=1e-5, atol=1e-7)
+    assert set(on.grads) == set(off.grads)
+    head = [k for k in off.grads if k.endswith("output_layer.weight")]
+    assert head and off.grads[head[0]].abs().max() > 0  # the output layer's gradient is compared too
+    for key, g in off.grads.items():
+        torch.testing.assert_close(on.grads[key], g, rtol=1e-4, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_old_logprob_pass_matches(results):
+    off, on = results[("old_logp", False)], results[("old_logp", True)]
+    assert len(off) == len(on) == 2
+    for (lp0, h0), (lp1, h1) in zip(off, on, strict=True):
+        assert lp1.shape == lp0.shape
+        torch.testing.assert_close(lp1, lp0, rtol=0.0, atol=2e-5)
+        torch.testing.assert_close(h1, h0, rtol=0.0, atol=2e-5)
+
+
+def test_config_rejects_non_bool():
+    from vespo_megatron.megatron.step import RLStepConfig
+
+    with pytest.raises(ValueError, match=r"RLStepConfig.fused_lm_head: expected a bool, got 1"):
+        RLStepConfig(fused_lm_head=1)
+    assert dataclasses.replace(RLStepConfig(), fused_lm_head=True).fused_lm_head
+
+
+def _head_worker(rank, world_size, hidden, weight, labels, glp, gh):
+    import torch.distributed as dist
+
+    from vespo_megatron.megatron.cpu_shim import cpu_device_context, install_cpu_shim
+    from vespo_megatron.megatron.model import LMHeadInput, lm_head_token_logprobs
+
+    install_cpu_shim()  # megatron's mappings allocate on "the current CUDA device"
+    group = dist.new_group([0, 1])
+    v_local = weight.shape[0] // world_size
+    out = {}
+    for sp in (False, True):
+        s_local = hidden.shape[1] // world_size
+        mine = hidden[:, rank * s_local : (rank + 1) * s_local] if sp else hidden  # [b, s_local, h]
+        h = mine.clone().requires_grad_()
+        w = weight[rank * v_local : (rank + 1) * v_local].clone().requires_grad_()
+        with cpu_device_context():
+            lp = lm_head_token_logprobs(LMHeadInput(hidden=h, weight=w, sequence_parallel=sp), labels,
+                                        tp_group=group, temperature=0.8, compute_entropy=True, chunk_elements=40)
+            ((lp.logprobs * glp).sum() + (lp.entropy * gh).sum()).backward()
+        out[sp] = (lp.logprobs.detach(), lp.entropy.detach(), h.grad, w.grad)
+    return out
+
+
+def test_lm_head_token_logprobs_tp2():
+    g = torch.Generator().manual_seed(3)
+    b, s, h, v = 2, 6, 8, 40
+    hidden, weight = torch.randn(b, s, h, generator=g), torch.randn(v, h, generator=g)
+    labels = torch.randint(0, v, (b, s), generator=g)
+    glp, gh = torch.randn(b, s, generator=g), torch.randn(b, s, generator=g)
+    res = run_distributed(_head_worker, 2, hidden, weight, labels, glp, gh)
+
+    x, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    logp = torch.log_softmax(x @ w.t() / 0.8, -1)
+    ref_lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    ref_h = -(logp.exp() * logp).sum(-1)
+    ref_dx, ref_dw = torch.autograd.grad((ref_lp * glp).sum() + (ref_h * gh).sum(), (x, w))
+    tol = dict(rtol=0.0, atol=2e-5)
+    for sp in (False, True):
+        for rank, per_rank in enumerate(res):
+            lp, ent, dx, dw = per_rank[sp]
+            assert lp.shape == (b, s)
+            torch.testing.assert_close(lp.double(), ref_lp.detach(), **tol)
+            torch.testing.assert_close(ent.double(), ref_h.detach(), **tol)
+            want = ref_dx[:, rank * s // 2 : (rank + 1) * s // 2] if sp else ref_dx
+            torch.testing.assert_close(dx.double(), want, **tol)  # summed over TP by megatron's mappings
+            torch.testing.assert_close(dw.double(), ref_dw[rank * v // 2 : (rank + 1) * v // 2], **tol)
