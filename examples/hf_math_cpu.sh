@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-model path at toy size on a CPU: a tiny Qwen3-MoE HF checkpoint and tokenizer (made here, random
 # weights), a JSONL math dataset with chat-templated prompts, math-verify rewards, held-out eval every 5
-# steps, and the trained policy written back as a Hugging Face checkpoint (runs/tiny_hf/run/hf/step_<n>).
+# steps, and the trained policy written back as a Hugging Face checkpoint (runs/tiny_hf/run/tiny_hf_math/hf/step_<n>).
 #   bash examples/hf_math_cpu.sh                 # about 2-3 minutes on 2 cores
 #   STEPS=2 SFT_STEPS=2 bash examples/hf_math_cpu.sh   # a smoke run
 set -euo pipefail

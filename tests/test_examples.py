@@ -48,19 +48,38 @@ def test_dry_run_rejects_bad_layouts(flags, message):
 
 @pytest.mark.megatron
 def test_compare_losses_runs_and_plots(tmp_path):
-    flags = ["--steps", "2", "--sft-steps", "2", "--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "4",
-             "--micro-batch-size", "4", "--threads", "1"]
+    """Enough steps to write checkpoints (every step): each run must train in its own directory, not resume
+    another run's checkpoint (the four once shared <out>/checkpoints and three of them logged nothing)."""
+    flags = ["--steps", "3", "--checkpoint-every", "1", "--sft-steps", "2", "--hidden-size", "32",
+             "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "4", "--threads", "1"]
     subprocess.run(["bash", str(ROOT / "examples" / "compare_losses.sh"), *flags], env=_env(OUT=str(tmp_path)),
                    check=True, capture_output=True, timeout=900, cwd=ROOT)
-    for run in ("vespo", "grpo_tis", "grpo_r3", "vespo_r3"):
-        lines = (tmp_path / f"{run}.jsonl").read_text().splitlines()
-        assert len(lines) == 2
-    r3 = json.loads((tmp_path / "grpo_r3.jsonl").read_text().splitlines()[-1])
+    losses = {"vespo": "vespo", "grpo_tis": "grpo", "grpo_r3": "grpo", "vespo_r3": "vespo"}
+    for run, loss in losses.items():
+        lines = (tmp_path / run / f"{run}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [0, 1, 2], run
+        assert (tmp_path / run / "checkpoints" / "latest").read_text().strip() == "step_0000002", run
+        assert json.loads((tmp_path / run / "config.json").read_text())["algorithm"]["loss"] == loss, run
+    r3 = json.loads((tmp_path / "grpo_r3" / "grpo_r3.jsonl").read_text().splitlines()[-1])
     assert 0 <= r3["routing/agree_exact"] <= 1  # replay on: the agreement metric is logged
-    tis = json.loads((tmp_path / "grpo_tis.jsonl").read_text().splitlines()[-1])
+    tis = json.loads((tmp_path / "grpo_tis" / "grpo_tis.jsonl").read_text().splitlines()[-1])
     assert "rollout_corr/tis_clip_frac" in tis
     pytest.importorskip("matplotlib")
     assert list((tmp_path / "plots").glob("*.png"))
+
+
+@pytest.mark.parametrize("script, first", [("compare_losses.sh", "vespo"), ("staleness.sh", "vespo_n1"),
+                                           ("async.sh", "vespo_lag2")])
+def test_scripts_fail_naming_a_run_without_records(tmp_path, script, first):
+    """A trainer that exits 0 but logs nothing (here a stand-in for python) must fail the script, not drop
+    the run from the plot with a note."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", str(ROOT / "examples" / script)], env=_env(OUT=str(tmp_path)) | {"PYTHON": str(fake)},
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode != 0
+    assert f"error: run '{first}' produced no records" in out.stderr
 
 
 def test_hf_math_cpu_script_smoke(tmp_path):
@@ -71,7 +90,8 @@ def test_hf_math_cpu_script_smoke(tmp_path):
     subprocess.run(["bash", str(ROOT / "examples" / "hf_math_cpu.sh"), "--eval-every", "1", "--threads", "1",
                     "--no-console"], env=_env(OUT=str(out), STEPS="1", SFT_STEPS="1"), check=True, cwd=ROOT,
                    capture_output=True, text=True, timeout=600)
-    (row,) = [json.loads(line) for line in (out / "run" / "tiny_hf_math.jsonl").read_text().splitlines()]
+    run = out / "run" / "tiny_hf_math"  # --out-dir $OUT/run --run-name tiny_hf_math
+    (row,) = [json.loads(line) for line in (run / "tiny_hf_math.jsonl").read_text().splitlines()]
     assert row["eval/num_problems"] == 16 and 0 <= row["eval/pass@1"] <= row["eval/pass@4"] <= 1
     assert row["data/skipped/missing_answer"] == 1 and row["data/skipped/prompt_too_long"] == 1
-    assert (out / "run" / "hf" / "step_0000001" / "config.json").is_file()
+    assert (run / "hf" / "step_0000001" / "config.json").is_file()

@@ -3,6 +3,7 @@ Training is replaced by a fake runner that writes JSONL records (no process star
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -69,7 +70,8 @@ def test_expand_names_and_fixed_rollouts_per_step():
         "mismatch-vespo_fold-s0", "mismatch-vespo_fold_r3-s0"]
     assert _flag(both[3], "--old-logprobs") == "engine" and _flag(both[-1], "--rollout-correction") == "fold"
     cmd = runs[0].command("/x")
-    assert cmd[-4:] == ["--out-dir", "/x/n1-vespo-s0", "--run-name", "n1-vespo-s0"]
+    assert cmd[-4:] == ["--out-dir", "/x", "--run-name", "n1-vespo-s0"]  # the trainer's run dir: /x/n1-vespo-s0
+    assert runs[0].jsonl("/x") == Path("/x/n1-vespo-s0/n1-vespo-s0.jsonl")
 
 
 def test_run_sweep_skips_done_and_restarts_partial(tmp_path):

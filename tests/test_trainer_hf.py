@@ -82,7 +82,7 @@ def test_hf_checkpoint_math_data_eval_and_save(tmp_path):
         assert values["eval/mean@2"] == pytest.approx(values["eval/pass@1"])  # binary rewards
         assert values["data/skipped/missing_answer"] == 1 and values["data/skipped/prompt_too_long"] == 1
         assert torch.isfinite(torch.tensor(values["loss"]))
-    saved = os.path.join(out, "hf", "step_0000002")
+    saved = os.path.join(out, "toy", "hf", "step_0000002")  # <out-dir>/<run-name>/hf
     original, final = CheckpointReader(ckpt), CheckpointReader(saved)
     assert final.names() == original.names()
     changed = [n for n in original.names() if not torch.equal(original.get(n).bfloat16(), final.get(n))]
@@ -135,7 +135,8 @@ def test_weight_sync_to_sglang_sends_the_trainers_hf_weights(tmp_path, mode):
             assert got.names() == sorted(final)
             for name, t in final.items():
                 assert torch.equal(got.get(name), t.bfloat16()), name
-            assert sorted(os.listdir(os.path.join(out, "weights"))) == ["v0000002"]  # older versions removed
+            # older versions removed; under the run's own directory
+            assert sorted(os.listdir(os.path.join(out, "toy", "weights"))) == ["v0000002"]
         else:
             assert sorted(server.received_weights) == sorted(final)
             for name, t in final.items():

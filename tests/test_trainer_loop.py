@@ -82,7 +82,7 @@ def _cmd(out_dir):
 
 
 def _lines(out_dir):
-    path = Path(out_dir) / "toy.jsonl"
+    path = Path(out_dir) / "toy" / "toy.jsonl"  # the run's directory: <out-dir>/<run-name>/
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -95,7 +95,7 @@ def test_sigkill_and_restart_resumes_identically(tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_cmd(ref_dir), check=True, env=env, timeout=600, capture_output=True)
     proc = subprocess.Popen(_cmd(killed_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed_dir / "checkpoints" / "latest"
+    latest = killed_dir / "toy" / "checkpoints" / "latest"
     deadline = time.time() + 600
     while not latest.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -103,7 +103,9 @@ def test_sigkill_and_restart_resumes_identically(tmp_path):
     proc.wait()
     assert latest.read_text().strip() == "step_0000001"
     assert len(_lines(killed_dir)) < 5  # killed mid-run
-    subprocess.run(_cmd(killed_dir), check=True, env=env, timeout=600, capture_output=True)
+    restart = subprocess.run(_cmd(killed_dir), check=True, env=env, timeout=600, capture_output=True, text=True)
+    assert "resumed from step 2" in restart.stderr
+    assert "(5 steps)" in restart.stderr.split("reward:")[1]  # the summary covers the killed process's steps too
     ref, resumed = _lines(ref_dir), _lines(killed_dir)
     assert [x["step"] for x in resumed] == [0, 1, 2, 3, 4]
     assert any(x["grad_norm_mean"] > 0 for x in ref[2:])  # the compared steps really train

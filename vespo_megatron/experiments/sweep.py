@@ -2,7 +2,8 @@
 MoE train/inference mismatch with and without routing replay.
 
 A `SweepConfig` expands (`expand`) into named `Run`s, each one subprocess of the toy trainer with its own
-out-dir `<runs_dir>/<run name>/` (checkpoints live in `<out-dir>/checkpoints`, so runs must not share one).
+run directory `<runs_dir>/<run name>/` (the trainer's `--out-dir <runs_dir> --run-name <name>`: checkpoints,
+JSONL and the run's train.log live there).
 `run_sweep` runs them one at a time and skips the finished ones; `summarize` reads their JSONL and decides
 collapse; `write_report` writes the markdown table and the per-setting plots.
 
@@ -148,13 +149,14 @@ class Run:
     flags: tuple[str, ...]
 
     def out_dir(self, runs_dir: str | os.PathLike) -> Path:
+        """The run's own directory, as the trainer makes it: <runs_dir>/<name>."""
         return Path(runs_dir) / self.name
 
     def jsonl(self, runs_dir: str | os.PathLike) -> Path:
         return self.out_dir(runs_dir) / f"{self.name}.jsonl"
 
     def command(self, runs_dir: str | os.PathLike, *, python: str = sys.executable) -> list[str]:
-        return [python, "-m", TRAIN_MODULE, *self.flags, "--out-dir", str(self.out_dir(runs_dir)), "--run-name", self.name]
+        return [python, "-m", TRAIN_MODULE, *self.flags, "--out-dir", str(runs_dir), "--run-name", self.name]
 
 
 def _run(cfg: SweepConfig, setting: str, label: str, seed: int, n: int, flags: Sequence[str]) -> Run:

@@ -160,12 +160,15 @@ class JsonlSink:
     Non-finite values are written as null (strict JSON). The file is opened in append mode; with
     `resume_from_step`, lines whose step is >= it (written after the checkpoint being resumed) are dropped
     first, as is a partial last line left by a crash, so the resumed run continues the same file cleanly.
+    `resume_from_step=0` (a fresh start) never drops records: an old file with records is moved aside.
     """
 
     def __init__(self, path: str | os.PathLike, resume_from_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_from_step is not None and self.path.exists():
+        if resume_from_step == 0 and self._has_records():
+            self._move_aside()  # a fresh start over an old file: keep it whole (never truncate to 0 lines)
+        elif resume_from_step is not None and self.path.exists():
             self._truncate(resume_from_step)
         elif self.path.exists() and self.path.stat().st_size > 0:
             with open(self.path, "rb") as f:
@@ -175,6 +178,21 @@ class JsonlSink:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write("\n")
         self._file: TextIO | None = open(self.path, "a", encoding="utf-8")
+
+    def _has_records(self) -> bool:
+        if not self.path.is_file():
+            return False
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            return any(line.strip() for line in f)
+
+    def _move_aside(self) -> None:
+        """Rename the old file to `<name>.jsonl.<n>.old` (the first free n) and say so on stderr."""
+        n = 1
+        while (aside := self.path.with_name(f"{self.path.name}.{n}.old")).exists():
+            n += 1
+        os.replace(self.path, aside)
+        print(f"note: {self.path} held records of an earlier start of this run but the run starts from step 0 "
+              f"(no checkpoint to resume from); the old records were moved to {aside}", file=sys.stderr, flush=True)
 
     def _truncate(self, resume_from_step: int) -> None:
         kept = []

@@ -207,21 +207,27 @@ def main(argv=None) -> int:
 
     init_distributed()
     trainer = Trainer(cfg)
-    start = trainer.resume()
+    from .run_dir import ConfigMismatchError, read_history, reward_summary
+
+    try:
+        start = trainer.resume()  # says "resumed from step N" / "already complete (N steps)"
+    except ConfigMismatchError as e:  # another experiment's directory: a message naming the flags, no traceback
+        if trainer.is_log_rank:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     run = cfg.run
-    logging_cfg = LoggingConfig(out_dir=run.out_dir, run_name=run.run_name, console=run.console, wandb=run.wandb)
-    run_config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    with MetricsLogger.from_config(logging_cfg, run.steps, run_config, rank=0 if trainer.is_log_rank else 1,
-                                   resume_from_step=start) as logger:
-        trainer.log_fn = logger.log
-        history = trainer.run(start)
+    logging_cfg = LoggingConfig(out_dir=run.run_dir, run_name=run.run_name, console=run.console, wandb=run.wandb)
+    if start < run.steps:
+        run_config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+        with MetricsLogger.from_config(logging_cfg, run.steps, run_config, rank=0 if trainer.is_log_rank else 1,
+                                       resume_from_step=start) as logger:
+            trainer.log_fn = logger.log
+            trainer.run(start)
     if trainer.is_log_rank:
-        rewards = [h["reward/mean"] for h in history]
-        k = max(1, min(10, len(rewards) // 3))
-        if len(rewards) >= 2 * k:
-            print(f"reward: mean of the first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps "
-                  f"{sum(rewards[-k:]) / k:.3f}", file=sys.stderr)
-        print(f"metrics: {os.path.join(run.out_dir, run.run_name)}.jsonl", file=sys.stderr)
+        summary = reward_summary(read_history(logging_cfg.jsonl_path, run.steps))  # every step, resumed or not
+        if summary:
+            print(summary, file=sys.stderr)
+        print(f"metrics: {logging_cfg.jsonl_path}", file=sys.stderr)
     return 0
 
 

@@ -5,6 +5,7 @@ checks everything that depends on several groups at start, before any model is b
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from vespo_megatron.base.imports import is_import_path
@@ -100,16 +101,20 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """The run's metrics, checkpoints and exports live under <out_dir>/<run_name>.jsonl (metrics) and
-    <out_dir>/checkpoints. threads: torch intra-op threads per process (0: torch's default)."""
+    """Each run owns the directory `run_dir` = <out_dir>/<run_name>/: its config.json, metrics
+    (<run_name>.jsonl), checkpoints/, plots, HF exports (hf/) and engine weight dirs (weights/). A restart with
+    the same out-dir and name resumes it when the saved config matches (`vespo_megatron.training.run_dir`);
+    allow_config_change: resume even when it does not. threads: torch intra-op threads per process (0: torch's
+    default)."""
 
     steps: int = 60
     seed: int = 0
     sft_steps: int = 40  # supervised warm start on correct answers before RL
     sft_lr: float = 3e-3
     sft_micro_batch_size: int | None = None  # None: the RL micro-batch size (staleness sweeps shrink that one)
-    out_dir: str = "runs/toy"
+    out_dir: str = "runs"
     run_name: str = "toy"
+    allow_config_change: bool = False
     checkpoint_every: int = 10  # 0: never
     keep_checkpoints: int = 0  # keep the newest K complete checkpoints, delete older ones (0: keep all)
     console: bool = True
@@ -127,13 +132,23 @@ class RunConfig:
             raise ConfigError(c, "checkpoint_every", "an int >= 0", self.checkpoint_every)
         check_int(c, "threads", self.threads, low=0)
         check_int(c, "keep_checkpoints", self.keep_checkpoints, low=0)
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ConfigError(c, "out_dir", "a directory", self.out_dir)
+        name = self.run_name
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(c, "run_name", "a non-empty name without '/' (the run's directory under out_dir)", name)
+
+    @property
+    def run_dir(self) -> str:
+        """<out_dir>/<run_name>: everything this run writes lives here, so runs never share files."""
+        return os.path.join(self.out_dir, self.run_name)
 
 
 @dataclass(frozen=True, kw_only=True)
 class HFCheckpointConfig:
     """Hugging Face checkpoints. load: a Qwen3-MoE checkpoint directory to start from (its config.json must
     match the model flags; a trainer checkpoint of the run, when present, still wins on restart).
-    save_every: also write the policy as an HF checkpoint to <out_dir>/hf/step_<n> every K steps (0: never);
+    save_every: also write the policy as an HF checkpoint to <run_dir>/hf/step_<n> every K steps (0: never);
     save_final: and after the last step. save_dtype: the stored dtype. tokenizer: the tokenizer directory for
     dataset prompts (default: `load`)."""
 

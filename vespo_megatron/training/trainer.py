@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 
 import torch
@@ -50,6 +51,7 @@ from .config import TrainerConfig
 from .evaluation import evaluate
 from .optim import clip_and_step, wrap_ddp_and_optimizer
 from .rewards import RewardScorer, make_task, rollout_metrics, task_counters
+from .run_dir import check_run_config
 from .samples import Rejections, build_samples
 from .sft import sft_warm_start
 
@@ -95,7 +97,7 @@ class Trainer:
             model=self.model, groups=g, replica=self.replica, vocab_size=self.task.tok.vocab_size,
             eos_id=self.task.tok.EOS, num_layers=model_cfg.num_layers, moe_layers=tuple(self.moe_layers),
             num_experts=model_cfg.num_experts, top_k=model_cfg.moe_router_topk,
-            record_routing=replay_mode == "r3", out_dir=cfg.run.out_dir))
+            record_routing=replay_mode == "r3", out_dir=cfg.run.run_dir))
         self.batcher = MicroBatcher(
             g, sp=cfg.parallel.sp, longest=self.task.max_prompt_tokens + self.task.max_new_tokens,
             micro_batch_size=algo.micro_batch_size, eos_id=self.task.tok.EOS,
@@ -227,18 +229,30 @@ class Trainer:
         return evaluate(self, step)
 
     def save_hf(self, step: int) -> str:
-        """Write the policy as a Hugging Face checkpoint to <out_dir>/hf/step_<step> (collective)."""
-        return self.policy.write_hf(os.path.join(self.cfg.run.out_dir, "hf", f"step_{step:07d}"))
+        """Write the policy as a Hugging Face checkpoint to <run_dir>/hf/step_<step> (collective)."""
+        return self.policy.write_hf(os.path.join(self.cfg.run.run_dir, "hf", f"step_{step:07d}"))
+
+    def say(self, message: str) -> None:
+        """A line for the user, once (from the logging rank), on stderr beside the console metrics."""
+        if self.is_log_rank:
+            print(message, file=sys.stderr, flush=True)
 
     def resume(self) -> int:
-        """Restore the newest intact checkpoint under run.out_dir (or warm-start a fresh run); the first step
-        to run. Checks first that the out-dir is writable and has room for a checkpoint, before any model work."""
-        check_writable(self.cfg.run.out_dir, self.checkpoint_bytes_estimate())
+        """The first step to run: after the newest intact checkpoint in the run's directory (run.run_dir), or 0
+        after the warm start of a fresh run; run.steps or more when the run is already complete. First, before
+        any model work: the directory must be writable with room for a checkpoint, and the config must match
+        the one this run directory was started with (else ConfigMismatchError names the differing flags)."""
+        run = self.cfg.run
+        check_writable(run.run_dir, self.checkpoint_bytes_estimate())  # creates the directory, or says why not
+        check_run_config(run.run_dir, self.cfg, rank=self.rank, log=self.say)
         resumed = load_latest_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, rank=self.rank,
                                          world_size=self.world_size)
         if resumed is not None:
             self.engine.load_state(resumed["extra"]["engine"], self.policy)
-            return resumed["step"] + 1
+            start = resumed["step"] + 1
+            self.say(f"already complete ({start} steps): {run.run_dir}" if start >= run.steps
+                     else f"resumed from step {start} (of {run.steps}; steps 0-{start - 1} done): {run.run_dir}")
+            return start
         if self.cfg.run.sft_steps:
             sft_warm_start(self)
         self.engine.sync_weights(self.policy, 0)
@@ -254,7 +268,7 @@ class Trainer:
 
     @property
     def ckpt_dir(self) -> str:
-        return os.path.join(self.cfg.run.out_dir, "checkpoints")
+        return os.path.join(self.cfg.run.run_dir, "checkpoints")
 
     def run(self, start: int | None = None) -> list[dict[str, float]]:
         start = self.resume() if start is None else start
@@ -270,7 +284,8 @@ class Trainer:
             if self.log_fn is not None and self.is_log_rank:
                 self.log_fn(step, values)
             every = self.cfg.run.checkpoint_every
-            if every and (step + 1) % every == 0:
+            # also after the last step, so a finished run restarts as "already complete", not from scratch
+            if every and ((step + 1) % every == 0 or step + 1 == self.cfg.run.steps):
                 save_checkpoint(self.ckpt_dir, step, model=self.model, optimizer=self.optimizer,
                                 extra={"engine": self.engine.state()}, rank=self.rank, world_size=self.world_size,
                                 keep=self.cfg.run.keep_checkpoints)

@@ -1,0 +1,155 @@
+"""Run identity: a run's directory belongs to one configuration.
+
+`<out_dir>/<run_name>/config.json` records the config at the first start. A later start with the same
+out-dir and name resumes that run only when its config matches the record, up to the fields in `MAY_DIFFER`
+(how long, how often to log / checkpoint / export, timeouts: a restart may change them without making it
+another experiment). Otherwise it is refused with the differing flags, so two experiments never share
+checkpoints or metrics by accident; `--allow-config-change` resumes anyway and records the new config.
+
+The history helpers read the run's JSONL, so the end-of-run summary covers every step of the run, not
+only the steps of the process that resumed it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+__all__ = ["CONFIG_FILE", "MAY_DIFFER", "ConfigMismatchError", "config_record", "config_differences",
+           "check_run_config", "read_history", "reward_summary"]
+
+CONFIG_FILE = "config.json"
+
+# Dotted paths (fnmatch patterns) that a resumed run may change: they decide how long it runs, how it logs,
+# checkpoints and exports, where the server is and how long to wait for it; not what is trained.
+MAY_DIFFER = (
+    "run.steps", "run.out_dir", "run.run_name", "run.allow_config_change", "run.checkpoint_every",
+    "run.keep_checkpoints", "run.console", "run.wandb", "run.threads",
+    "eval.every", "hf.save_every", "hf.save_final", "hf.save_dtype",
+    "rollout.sglang.url", "rollout.sglang.*timeout*", "rollout.sglang.*retries*", "rollout.sglang.*backoff*",
+    "rollout.sglang.*wait*", "rollout.sglang.max_concurrency", "rollout.sglang.weight_sync.master_address",
+    "rollout.sglang.weight_sync.master_port", "rollout.sglang.weight_sync.*timeout*",
+    "task.reward.workers", "task.reward.*timeout*",
+)
+
+
+class ConfigMismatchError(ValueError):
+    """The run directory was started with another config; `differences` are (path, recorded, now)."""
+
+    def __init__(self, run_dir: str, differences: list[tuple[str, object, object]], flags: Mapping[str, str]):
+        self.run_dir, self.differences = run_dir, differences
+        lines = [f"  {flags.get(path, path)}: this run was {_show(old)}, now {_show(new)}"
+                 for path, old, new in differences]
+        super().__init__(
+            f"run directory {run_dir!r} holds a run started with another config ({os.path.join(run_dir, CONFIG_FILE)}):\n"
+            + "\n".join(lines)
+            + "\nGive this experiment its own --run-name (or --out-dir), or pass --allow-config-change to resume "
+              "that run with the new config.")
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)
+
+
+def config_record(cfg) -> dict:
+    """The config as JSON-able data (a torch dtype and other objects as their str), as written to config.json."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def _flatten(tree, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        path = prefix + key
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_differences(recorded: Mapping, current: Mapping, flags: Mapping[str, str] | None = None) -> list[tuple]:
+    """(path, recorded, current) for every leaf that differs, outside `MAY_DIFFER`. Fields with a flag come
+    first; a field only one side has (another loss's typed config, a field added since) or one without a flag
+    (derived from another, like the model seed) is listed only when nothing with a flag differs, so the message
+    names what the user changed."""
+    old, new, flags = _flatten(dict(recorded)), _flatten(dict(current)), flags or {}
+    diffs = []
+    for path in sorted(old.keys() | new.keys()):
+        if any(fnmatch.fnmatchcase(path, p) for p in MAY_DIFFER):
+            continue
+        a, b = old.get(path, _ABSENT), new.get(path, _ABSENT)
+        if a != b:
+            diffs.append((path, a, b))
+    primary = [d for d in diffs if d[0] in flags and d[1] is not _ABSENT and d[2] is not _ABSENT]
+    return primary or diffs
+
+
+def check_run_config(run_dir: str, cfg, *, rank: int = 0, flags: Mapping[str, str] | None = None,
+                     log=None) -> None:
+    """At start: record cfg in <run_dir>/config.json when there is none, else compare with the record and
+    raise ConfigMismatchError naming the differences (unless cfg.run.allow_config_change: then the new config
+    replaces the record, the old one kept as config.previous.json). Every rank reads; rank 0 writes, atomically,
+    so a rank reading meanwhile sees the old file or the new one, both this config. `flags` maps dotted paths to
+    command-line flags for the message (default: vespo-train's); `log(message)` reports a change."""
+    path = Path(run_dir) / CONFIG_FILE
+    current = config_record(cfg)
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read the run's recorded config ({e}); move it away to start over") from e
+        if flags is None:
+            from .cli import make_cli  # the flag names, only when there is something to report
+
+            flags = {p: leaf.flag for p, leaf in make_cli().leaves.items()}
+        diffs = config_differences(recorded, current, flags)
+        if not diffs:
+            return
+        if not cfg.run.allow_config_change:
+            raise ConfigMismatchError(run_dir, diffs, flags)
+        if log is not None:
+            log(f"--allow-config-change: resuming {run_dir!r} with a changed config ("
+                + ", ".join(flags.get(p, p) for p, _, _ in diffs) + "); the old one is kept as config.previous.json")
+        if rank == 0:
+            os.replace(path, path.with_name("config.previous.json"))
+    if rank == 0:
+        tmp = path.with_name(f".{CONFIG_FILE}.tmp")
+        tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def read_history(jsonl: str | os.PathLike, steps: int | None = None) -> list[dict]:
+    """The run's records by step (the last record of a step wins; partial lines skipped), steps < `steps`."""
+    by_step = {}
+    path = Path(jsonl)
+    if not path.is_file():
+        return []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if steps is None or step < steps:
+            by_step[step] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def reward_summary(history: list[Mapping]) -> str | None:
+    """'reward: mean of the first k steps a -> last k steps b' over the whole run (k = a third, at most 10), or
+    None with fewer than 2 steps of rewards."""
+    rewards = [h["reward_mean"] for h in history
+               if isinstance(h.get("reward_mean"), int | float) and math.isfinite(h["reward_mean"])]
+    k = max(1, min(10, len(rewards) // 3))
+    if len(rewards) < 2 * k:
+        return None
+    return (f"reward: mean of the first {k} steps {sum(rewards[:k]) / k:.3f} -> last {k} steps "
+            f"{sum(rewards[-k:]) / k:.3f} ({len(rewards)} steps)")
