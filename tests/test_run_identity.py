@@ -84,10 +84,10 @@ def test_fresh_start_moves_old_metrics_aside_never_truncates(tmp_path, capsys):
 
 def test_history_and_summary_cover_the_whole_run(tmp_path):
     path = tmp_path / "r.jsonl"
-    lines = [{"step": s, "reward_mean": 0.1 * s} for s in range(6)] + [{"step": 5, "reward_mean": 0.9}]
+    lines = [{"step": s, "reward/mean": 0.1 * s} for s in range(6)] + [{"step": 5, "reward/mean": 0.9}]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 6, "rew')
     hist = rd.read_history(path, steps=6)
-    assert [h["step"] for h in hist] == list(range(6)) and hist[-1]["reward_mean"] == 0.9
+    assert [h["step"] for h in hist] == list(range(6)) and hist[-1]["reward/mean"] == 0.9
     assert rd.reward_summary(hist) == "reward: mean of the first 2 steps 0.050 -> last 2 steps 0.650 (6 steps)"
     assert rd.reward_summary(hist[:1]) is None
 

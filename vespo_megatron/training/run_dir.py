@@ -146,8 +146,8 @@ def read_history(jsonl: str | os.PathLike, steps: int | None = None) -> list[dic
 def reward_summary(history: list[Mapping]) -> str | None:
     """'reward: mean of the first k steps a -> last k steps b' over the whole run (k = a third, at most 10), or
     None with fewer than 2 steps of rewards."""
-    rewards = [h["reward_mean"] for h in history
-               if isinstance(h.get("reward_mean"), int | float) and math.isfinite(h["reward_mean"])]
+    rewards = [h["reward/mean"] for h in history
+               if isinstance(h.get("reward/mean"), int | float) and math.isfinite(h["reward/mean"])]
     k = max(1, min(10, len(rewards) // 3))
     if len(rewards) < 2 * k:
         return None
