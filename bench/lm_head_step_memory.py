@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = not args.cpu_smoke
 
-    from vespo_megatron.megatron.testing import run_rl_layout
+    from vespo_megatron.testing.layouts import run_rl_layout
 
     from vespo_megatron.losses import RolloutCorrectionConfig, make_loss_config
     from vespo_megatron.megatron.model import TinyMoEConfig

@@ -66,7 +66,7 @@ def _old_logprobs(layout, model_cfg, mbs):
 
 
 def _run(rank, world_size):
-    from vespo_megatron.megatron.testing import random_rl_micro_batches, run_rl_layout
+    from vespo_megatron.testing.layouts import random_rl_micro_batches, run_rl_layout
 
     from vespo_megatron.megatron.parallel_setup import ParallelConfig
 
