@@ -45,7 +45,7 @@ _WEIGHT = re.compile(r"^weight\d*$")
 def fp8_fake_quant(x: torch.Tensor, mode: str) -> torch.Tensor:
     """x -> dequant(quant_e4m3(x / scale)) * scale, scale = amax / 448 per tensor or per row (last dim).
     Returns x's dtype and shape; all-zero rows stay zero."""
-    if mode == "off":
+    if mode == "off" or x.numel() == 0:  # an expert that got no tokens
         return x
     if mode not in FP8_MODES:
         raise ValueError(f"fp8: expected one of {FP8_MODES}, got {mode!r}")
