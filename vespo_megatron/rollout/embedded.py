@@ -250,6 +250,7 @@ class EmbeddedEngine:
                 self.model.train()
         version = self.weight_version
         rows, lengths, out_lp, n_new = rows.cpu(), lengths.cpu(), out_lp.cpu(), n_new.cpu()
+        routes = routes.cpu() if record else None
         out = []
         for b, r in enumerate(requests):
             P, n = len(r.prompt_ids), int(n_new[b])
@@ -275,9 +276,10 @@ class EmbeddedEngine:
         if p_min < 1:
             raise ValueError("GenerationRequest.prompt_ids: expected at least one token, got an empty prompt")
         S = p_max + N  # every position a row can fill
-        rows = torch.zeros(B, round_up(S, max(self._pad_multiple, 1)), dtype=torch.long, device=device)
+        rows = torch.zeros(B, round_up(S, max(self._pad_multiple, 1)), dtype=torch.long)
         for b, r in enumerate(requests):
-            rows[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids, device=device)
+            rows[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        rows = rows.to(device)  # one copy, not one per row
         stops = [(self.eos_id, *r.stop_token_ids) for r in requests]
         width = max(len(x) for x in stops)
         stop = torch.tensor([x + (x[0],) * (width - len(x)) for x in stops], device=device)  # [B, width]
@@ -344,7 +346,7 @@ class EmbeddedEngine:
     def _routing_record(self, req: GenerationRequest, routes: torch.Tensor, b: int, length: int) -> RoutingRecord:
         """Row b's routing of every token but the last (which no forward processed): [n, L_moe, K]."""
         n = length - 1
-        ids = routes[:, :n, b].permute(1, 0, 2).cpu()
+        ids = routes[:, :n, b].permute(1, 0, 2)
         return RoutingRecord(
             sample_id=req.sample_id, expert_ids=ids.numpy().astype(compact_dtype(self.num_experts)),
             num_prompt_tokens=len(req.prompt_ids), num_output_tokens=length - len(req.prompt_ids),
