@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,8 @@ from .kv_cache import inverse_cdf_sample, kv_cache_unsupported_reason, sequence_
 from .mismatch import FP8_MODES, engine_mismatch
 
 __all__ = ["EmbeddedEngineConfig", "EmbeddedEngine"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +110,9 @@ class EmbeddedEngine:
         layout_reason = kv_cache_unsupported_reason(tp=groups.tp_size, cp=groups.cp_size, ep=groups.ep_size, etp=etp)
         # Why this engine recomputes the prefix (None: it uses the KV cache).
         self.recompute_reason = "kv_cache=False" if not cfg.kv_cache else layout_reason
+        if cfg.kv_cache and layout_reason is not None:
+            logger.warning("embedded engine: no KV cache for this layout (%s); recomputing the prefix every "
+                           "token", layout_reason)
 
     @property
     def uses_kv_cache(self) -> bool:
