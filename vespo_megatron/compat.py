@@ -30,6 +30,16 @@ from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction  # noqa: E402
+from megatron.core.utils import unwrap_model  # noqa: E402
+
+
+def static_inference_context(max_batch_size: int, max_sequence_length: int):
+    """megatron's static-batching KV-cache context (`Attention` allocates [S, B, groups, hn] per layer on the
+    first forward that carries it). Same constructor in 0.16 and 0.19 (0.19 builds an `InferenceConfig`
+    inside; both materialise only the last position's logits)."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    return StaticInferenceContext(max_batch_size, max_sequence_length)
 
 
 def transformer_engine_available() -> bool:
@@ -50,5 +60,7 @@ __all__ = [
     "RouterReplayAction",
     "check_mcore_version",
     "get_forward_backward_func",
+    "static_inference_context",
+    "unwrap_model",
     "transformer_engine_available",
 ]

@@ -9,6 +9,9 @@ Masking is always causal, by *global* token index:
   - sbhd (padded batch) without CP: key j is visible to query i iff j <= i (and the optional megatron
     `attention_mask` [b, 1, sq, sk], True = masked, does not mask it);
   - sbhd with CP: K/V are all-gathered over the CP group; local tokens carry their zigzag global positions;
+  - sbhd with a KV cache (megatron's static inference context: `Attention` hands over the cached keys, so
+    sk > sq): the queries are the *last* sq positions of the sk keys (causal offset sk - sq): query i sees
+    key j iff j <= i + sk - sq. Prefill (sq == sk) is plain causal; a one-token decode step sees every key;
   - THD (packed, `packed_seq_params.qkv_format == 'thd'`): block-diagonal causal: same sequence (taken from
     `cu_seqlens_q_padded`, or `cu_seqlens_q`) and key index <= query index; with CP each sequence is zigzag
     split (vespo_megatron.parallel.cp_split) and K/V are all-gathered.
@@ -17,7 +20,7 @@ GQA and softmax scale follow megatron: K/V heads repeat-interleaved to the query
 1/sqrt(head_dim) unless `softmax_scale` is given. Softmax in fp32.
 
 Shape legend:
-    sq, sk  local query / key length (padded layout);  t  local packed tokens
+    sq, sk  local query / key length (padded layout; sk > sq with a KV cache);  t  local packed tokens
     b  batch;  np  local query heads;  ng  local K/V groups;  hn  head dim;  cp  context-parallel size
 """
 
@@ -140,6 +143,15 @@ class ReferenceAttention(MegatronModule):
                     f"got {query.size(0)}"
                 )
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+        elif key.size(0) != query.size(0):
+            # KV cache: sk cached + new keys, sq new queries at the end of the sequence
+            if cp_size > 1 or key.size(0) < query.size(0):
+                raise ValueError(
+                    f"key length: expected sk >= sq and cp == 1 for cached keys, got sk={key.size(0)}, "
+                    f"sq={query.size(0)}, cp={cp_size}"
+                )
+            sq, sk = query.size(0), key.size(0)
+            q_index = torch.arange(sk - sq, sk)
         else:
             seq_global = query.size(0) * cp_size
             q_index = zigzag_indices(seq_global, cp_size, cp_rank) if cp_size > 1 else torch.arange(seq_global)
@@ -152,6 +164,8 @@ class ReferenceAttention(MegatronModule):
                 k_index = torch.cat([thd_zigzag_indices(cu, cp_size, r) for r in range(cp_size)])
             else:
                 k_index = torch.cat([zigzag_indices(seq_global, cp_size, r) for r in range(cp_size)])
+        elif not thd and key.size(0) != query.size(0):
+            k_index = torch.arange(key.size(0))
         else:
             k_index = q_index
         q_index, k_index = q_index.to(query.device), k_index.to(query.device)

@@ -3,27 +3,50 @@
 Used by default (no server). Each data-parallel rank generates for its own requests; every rank of one
 model-parallel group (TP / CP / EP / PP) calls `generate` with the same requests and the same `seed`, runs
 the model forward through megatron's schedule (forward only, pipeline p2p included) and gets the same
-tokens. Decoding recomputes the whole prefix every token (no KV cache): fine for short toy answers, not a
-production server (that is SGLang's job).
+tokens.
+
+Decoding (`kv_cache=True`, the default): KV-cached and batched. All of a rank's requests decode together
+through megatron-core's static inference context (see `kv_cache` for the layouts it covers): one prefill over
+the shortest prompt, then one position per step for every row (rows still inside their prompt feed their
+prompt token); each row stops at its EOS / stop token / max_new_tokens and the loop ends when all have.
+Layouts the cache cannot serve (CP) and `kv_cache=False` use the recompute path: the whole prefix is
+recomputed for every position (the reference the cache is tested against). Both paths run the same loop and
+sampler: row b's k-th new token is the inverse-CDF draw of a uniform u[b, k] pre-drawn from `seed`, so equal
+probabilities give equal tokens whatever the batching.
 
 A real train/inference mismatch can be switched on: `precision="bf16"` runs the engine's forward under bf16
-autocast while the trainer stays in fp32. `lag` > 0 samples with the weights of `lag` syncs ago (fully
-asynchronous training, emulated deterministically): every generation carries the weight version that made it.
+autocast while the trainer stays in fp32; `fp8` fake-quantises the attention and expert GEMMs (e4m3, per
+tensor or per row) and `router_noise` perturbs the router logits (`rollout.mismatch`), only inside the
+engine's forward. `lag` > 0 samples with the weights of `lag` syncs ago (fully asynchronous training,
+emulated deterministically): every generation carries the weight version that made it.
 
-Shape legend: [B] requests, [B, S] padded token rows (right padding), [B, V] last-position logits.
+R3: with `record_routing`, the routing recorded is the one each token got when the engine processed it: on
+the cached path the prefill's routing for the prompt's first positions and each decode step's routing for its
+position (prefill and decode can route differently: a real source of mismatch); on the recompute path one
+more recorded forward over the final sequences (causal: each token's routing is what it got when processed).
+
+Shape legend: [B] requests, [B, S] token rows (right padding), [B, V] logits of one position, [B, N] per new
+token (N = max new tokens), [L, S, B, K] recorded top-k experts per MoE layer and position.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from vespo_megatron.base.validation import check_choice, check_int
-from vespo_megatron.compat import RouterReplay, RouterReplayAction, get_forward_backward_func
+from vespo_megatron.base.validation import ConfigError, check_choice, check_float, check_int
+from vespo_megatron.compat import (
+    RouterReplay,
+    RouterReplayAction,
+    get_forward_backward_func,
+    static_inference_context,
+    unwrap_model,
+)
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
 from vespo_megatron.parallel.cp_split import round_up, zigzag_indices
 from vespo_megatron.parallel.sequence import comm_device
@@ -31,21 +54,36 @@ from vespo_megatron.routing import RoutingRecord
 from vespo_megatron.routing.record import compact_dtype
 
 from .engine import Generation, GenerationRequest, PolicyWeights, SampleError
+from .kv_cache import inverse_cdf_sample, kv_cache_unsupported_reason, sequence_parallel_off
+from .mismatch import FP8_MODES, engine_mismatch
 
 __all__ = ["EmbeddedEngineConfig", "EmbeddedEngine"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
 class EmbeddedEngineConfig:
     """precision: fp32 | bf16 (the engine's forward under bf16 autocast while the trainer stays in fp32: a
-    real train/inference mismatch). lag: sample with the weights of `lag` syncs ago (asynchronous RL)."""
+    real train/inference mismatch). lag: sample with the weights of `lag` syncs ago (asynchronous RL).
+    kv_cache: KV-cached batched decoding (False: recompute the prefix every token; layouts the cache cannot
+    serve fall back to it). fp8: off | per_tensor | per_row: fake-quantise the attention and expert GEMMs
+    (weights and inputs) to e4m3 in the engine only. router_noise: std of Gaussian noise added to the router
+    logits in the engine only (0: off)."""
 
     precision: str = "fp32"
     lag: int = 0
+    kv_cache: bool = True
+    fp8: str = "off"
+    router_noise: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("EmbeddedEngineConfig", "precision", self.precision, ("fp32", "bf16"))
         check_int("EmbeddedEngineConfig", "lag", self.lag, low=0, high=64)
+        if not isinstance(self.kv_cache, bool):
+            raise ConfigError("EmbeddedEngineConfig", "kv_cache", "a bool", self.kv_cache)
+        check_choice("EmbeddedEngineConfig", "fp8", self.fp8, FP8_MODES)
+        check_float("EmbeddedEngineConfig", "router_noise", self.router_noise, nonnegative=True)
 
 
 class EmbeddedEngine:
@@ -68,6 +106,17 @@ class EmbeddedEngine:
         self._version = 0
         self._snapshots: collections.deque = collections.deque(maxlen=cfg.lag + 1)
         self._pad_multiple = 2 * groups.cp_size * groups.tp_size if groups.cp_size > 1 else groups.tp_size
+        etp = groups.expt_tp.size() if getattr(groups, "expt_tp", None) is not None else 1
+        layout_reason = kv_cache_unsupported_reason(tp=groups.tp_size, cp=groups.cp_size, ep=groups.ep_size, etp=etp)
+        # Why this engine recomputes the prefix (None: it uses the KV cache).
+        self.recompute_reason = "kv_cache=False" if not cfg.kv_cache else layout_reason
+        if cfg.kv_cache and layout_reason is not None:
+            logger.warning("embedded engine: no KV cache for this layout (%s); recomputing the prefix every "
+                           "token", layout_reason)
+
+    @property
+    def uses_kv_cache(self) -> bool:
+        return self.recompute_reason is None
 
     # ------------------------------------------------------------------ weights
 
@@ -105,26 +154,25 @@ class EmbeddedEngine:
         finally:
             self.model.load_state_dict(current, strict=False)
 
-    # ------------------------------------------------------------------ decoding
+    # ------------------------------------------------------------------ forward
 
-    @torch.no_grad()
-    def _last_logits(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
-        """[B, V] fp32 logits at each row's last real position (None off the last pipeline stage)."""
-        g = self.groups
-        B, S = rows.shape
-        device = next(self.model.parameters()).device
-        index = zigzag_indices(S, g.cp_size, g.cp_rank) if g.cp_size > 1 else torch.arange(S)
-        tokens = rows.index_select(1, index).to(device)
-        positions = index.expand(B, -1).clone().to(device)
-        index, lengths = index.to(device), lengths.to(device)
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _run_forward(self, tokens: torch.Tensor, positions: torch.Tensor, context=None) -> torch.Tensor | None:
+        """One forward through megatron's schedule (pipeline p2p included). Returns this rank's logits
+        [B, s, V/tp] on the last pipeline stage (with a KV context: [B, 1, V], gathered), else None."""
+        B, s = tokens.shape
         captured = {}
+        # megatron's inference postprocess asserts the logits are gathered over TP (full vocabulary)
+        extra = {} if context is None else {"inference_context": context, "runtime_gather_output": True}
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             autocast = (torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16)
                         if self.cfg.precision == "bf16" else contextlib.nullcontext())
             with autocast:
-                out = model(input_ids=batch, position_ids=positions, attention_mask=None)
+                out = model(input_ids=batch, position_ids=positions, attention_mask=None, **extra)
 
             def capture(output):
                 captured["logits"] = output.float()
@@ -135,20 +183,37 @@ class EmbeddedEngine:
         with cpu_device_context():
             get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=iter([tokens]), model=[self.model],
-                num_microbatches=1, seq_length=S, micro_batch_size=B, forward_only=True,
+                num_microbatches=1, seq_length=s, micro_batch_size=B, forward_only=True,
             )
-        if not g.is_last_stage:
-            return None
-        local = captured["logits"]  # [B, S/cp, V/tp]
-        where = (index[None, :] == (lengths - 1)[:, None])  # [B, S/cp]: this rank holds row b's last position
-        last = (local * where[..., None]).sum(1)  # [B, V/tp]
-        if g.cp_size > 1:
-            dist.all_reduce(last, group=g.cp)
+        return captured["logits"] if self.groups.is_last_stage else None
+
+    def _gather_vocab(self, local: torch.Tensor) -> torch.Tensor:
+        """[B, V/tp] -> [B, V] (TP all-gather), cut to the real vocabulary."""
+        g = self.groups
         if g.tp_size > 1:
-            shards = [torch.empty_like(last) for _ in range(g.tp_size)]
-            dist.all_gather(shards, last.contiguous(), group=g.tp)
-            last = torch.cat(shards, dim=-1)
-        return last[:, : self.vocab_size].cpu()
+            shards = [torch.empty_like(local) for _ in range(g.tp_size)]
+            dist.all_gather(shards, local.contiguous(), group=g.tp)
+            local = torch.cat(shards, dim=-1)
+        return local[:, : self.vocab_size]
+
+    @torch.no_grad()
+    def _recompute_logits(self, rows: torch.Tensor, last: int) -> torch.Tensor | None:
+        """[B, V] fp32 logits at position `last` of every row, from a forward over rows[:, :last+1] (padded to
+        the layout's multiple; CP zigzag split). None off the last pipeline stage."""
+        g = self.groups
+        B = rows.size(0)
+        S = round_up(last + 1, max(self._pad_multiple, 1))
+        index = zigzag_indices(S, g.cp_size, g.cp_rank) if g.cp_size > 1 else torch.arange(S)
+        index = index.to(rows.device)
+        tokens = rows[:, :S].index_select(1, index)
+        local = self._run_forward(tokens, index.expand(B, -1).clone())
+        if local is None:
+            return None
+        where = index == last  # [S/cp]: whether this rank holds position `last`
+        out = local[:, where].sum(1) if bool(where.any()) else local[:, 0] * 0.0  # [B, V/tp]
+        if g.cp_size > 1:
+            dist.all_reduce(out, group=g.cp)
+        return self._gather_vocab(out)
 
     def _broadcast_from_last_stage(self, x: torch.Tensor) -> torch.Tensor:
         g = self.groups
@@ -156,8 +221,10 @@ class EmbeddedEngine:
             src = dist.get_global_rank(g.pp, g.pp_size - 1)
             buf = x.to(comm_device(g.pp))
             dist.broadcast(buf, src=src, group=g.pp)
-            x = buf.cpu()
+            x = buf.to(x.device)
         return x
+
+    # ------------------------------------------------------------------ generation
 
     def generate(self, requests: list[GenerationRequest], *, seed: int = 0) -> list[Generation | SampleError]:
         if not requests:
@@ -166,76 +233,128 @@ class EmbeddedEngine:
         if len(temps) != 1:
             raise ValueError(f"GenerationRequest.temperature: the embedded engine samples one temperature per call, got {sorted(temps)}")
         temperature = temps.pop()
-        gen = torch.Generator().manual_seed(seed)
-        B = len(requests)
-        max_new = max(r.max_new_tokens for r in requests)
-        prompt_len = torch.tensor([len(r.prompt_ids) for r in requests])
-        S = round_up(int(prompt_len.max()) + max_new, max(self._pad_multiple, 1))
-        rows = torch.zeros(B, S, dtype=torch.long)
-        for b, r in enumerate(requests):
-            rows[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        lengths = prompt_len.clone()
-        done = torch.zeros(B, dtype=torch.bool)
-        out_ids = [[] for _ in range(B)]
-        out_lp = [[] for _ in range(B)]
         record = self.record_routing and any(r.return_routing for r in requests)
-        with self._engine_weights():
+        unwrapped = unwrap_model(self.model)
+        with self._engine_weights(), engine_mismatch(self.model, fp8=self.cfg.fp8,
+                                                     router_noise=self.cfg.router_noise, seed=seed):
             self.model.eval()
             try:
-                for _ in range(max_new):
-                    logits = self._last_logits(rows, lengths)
-                    step = torch.zeros(B, 2, dtype=torch.float64)  # (token, logprob)
-                    if logits is not None:
-                        logp = torch.log_softmax(logits / temperature, dim=-1)
-                        tok = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-                        step[:, 0] = tok.double()
-                        step[:, 1] = logp.gather(1, tok[:, None]).squeeze(1).double()
-                    else:
-                        torch.rand(B, generator=gen)  # keep generators in step across stages
-                    step = self._broadcast_from_last_stage(step)
-                    for b in range(B):
-                        if done[b]:
-                            continue
-                        t = int(step[b, 0])
-                        out_ids[b].append(t)
-                        out_lp[b].append(float(step[b, 1]))
-                        rows[b, lengths[b]] = t
-                        lengths[b] += 1
-                        if t == self.eos_id or t in requests[b].stop_token_ids or len(out_ids[b]) >= requests[b].max_new_tokens:
-                            done[b] = True
-                    if bool(done.all()):
-                        break
-                routing = self._recorded_routing(requests, rows, lengths, S) if record else [None] * B
+                if record:
+                    RouterReplay.clear_global_indices()
+                    RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+                if self.uses_kv_cache:
+                    with sequence_parallel_off(self.model, unwrapped.config):
+                        rows, lengths, out_lp, n_new, routes = self._decode(requests, seed, temperature, True, record)
+                else:
+                    rows, lengths, out_lp, n_new, routes = self._decode(requests, seed, temperature, False, record)
+                    if record:
+                        routes = self._recompute_routing(rows, lengths)
             finally:
                 if record:
                     RouterReplay.set_global_router_replay_action(None)
                     RouterReplay.clear_global_indices()
                 self.model.train()
         version = self.weight_version
-        return [
-            Generation(sample_id=r.sample_id, prompt_ids=tuple(r.prompt_ids), output_ids=tuple(out_ids[b]),
-                       output_logprobs=tuple(out_lp[b]), weight_version=version,
-                       finish_reason="stop" if out_ids[b] and out_ids[b][-1] == self.eos_id else "length",
-                       routing=routing[b])
-            for b, r in enumerate(requests)
-        ]
-
-    def _recorded_routing(self, requests, rows, lengths, S) -> list[RoutingRecord | None]:
-        """Routing of every token but the last, from one more recorded forward over the final sequences
-        (causal: the same routing each token got when it was first processed)."""
-        RouterReplay.clear_global_indices()
-        RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
-        self._last_logits(rows, lengths.clamp(min=1))
-        recorded = [r.cpu() for r in RouterReplay.get_recorded_data()]  # per MoE layer [B*S, K], s-major
-        B = rows.size(0)
-        per_layer = [r.reshape(S, B, -1).transpose(0, 1) for r in recorded]  # [B, S, K] each
+        rows, lengths, out_lp, n_new = rows.cpu(), lengths.cpu(), out_lp.cpu(), n_new.cpu()
+        routes = routes.cpu() if record else None
         out = []
-        for b, req in enumerate(requests):
-            n = int(lengths[b]) - 1
-            ids = torch.stack([layer[b, :n] for layer in per_layer], dim=1)  # [n, L_moe, K]
-            out.append(RoutingRecord(
-                sample_id=req.sample_id, expert_ids=ids.numpy().astype(compact_dtype(self.num_experts)),
-                num_prompt_tokens=len(req.prompt_ids), num_output_tokens=int(lengths[b]) - len(req.prompt_ids),
-                moe_layers=self.moe_layers, num_experts=self.num_experts,
+        for b, r in enumerate(requests):
+            P, n = len(r.prompt_ids), int(n_new[b])
+            ids = tuple(rows[b, P : P + n].tolist())
+            out.append(Generation(
+                sample_id=r.sample_id, prompt_ids=tuple(r.prompt_ids), output_ids=ids,
+                output_logprobs=tuple(out_lp[b, :n].tolist()), weight_version=version,
+                finish_reason="stop" if ids and ids[-1] == self.eos_id else "length",
+                routing=self._routing_record(r, routes, b, int(lengths[b])) if record else None,
             ))
         return out
+
+    @torch.no_grad()
+    def _decode(self, requests, seed: int, temperature: float, cached: bool, record: bool):
+        """The decode loop shared by both paths. Returns rows [B, S], lengths [B], log-probs [B, N], new-token
+        counts [B] and (cached + record) the recorded routing [L, S, B, K] (else None)."""
+        device = self._device()
+        B = len(requests)
+        N = max(r.max_new_tokens for r in requests)
+        prompt_len = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+        max_new = torch.tensor([r.max_new_tokens for r in requests], device=device)
+        p_min, p_max = int(prompt_len.min()), int(prompt_len.max())
+        if p_min < 1:
+            raise ValueError("GenerationRequest.prompt_ids: expected at least one token, got an empty prompt")
+        S = p_max + N  # every position a row can fill
+        rows = torch.zeros(B, round_up(S, max(self._pad_multiple, 1)), dtype=torch.long)
+        for b, r in enumerate(requests):
+            rows[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        rows = rows.to(device)  # one copy, not one per row
+        stops = [(self.eos_id, *r.stop_token_ids) for r in requests]
+        width = max(len(x) for x in stops)
+        stop = torch.tensor([x + (x[0],) * (width - len(x)) for x in stops], device=device)  # [B, width]
+        u = torch.rand(B, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+        out_lp = torch.zeros(B, N, dtype=torch.float64, device=device)
+        n_new = torch.zeros(B, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        arange = torch.arange(B, device=device)
+        routes = None
+        context = static_inference_context(B, S) if cached else None
+
+        def logits_at(pos: int) -> torch.Tensor | None:
+            """[B, V] logits predicting position `pos` of every row (runs the forward for it)."""
+            nonlocal routes
+            if not cached:
+                return self._recompute_logits(rows, pos - 1)
+            start = 0 if context.sequence_len_offset == 0 else pos - 1
+            positions = torch.arange(start, pos, device=device).expand(B, -1)
+            local = self._run_forward(rows[:, start:pos], positions, context)
+            context.increment_sequence_len_offset(pos - start)
+            context.enable_decode_mode()
+            if record:
+                step = torch.stack([r.to(device) for r in RouterReplay.get_recorded_data()])  # [L, s*B, K], s-major
+                if routes is None:
+                    routes = torch.zeros(step.size(0), S, B, step.size(-1), dtype=step.dtype, device=device)
+                routes[:, start:pos] = step.reshape(step.size(0), pos - start, B, -1)
+            return None if local is None else local[:, -1, : self.vocab_size]
+
+        pos = p_min
+        while True:
+            logits = logits_at(pos)
+            step = torch.zeros(B, 2, dtype=torch.float64, device=device)  # (token, log-prob)
+            if logits is not None:
+                logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+                tok = inverse_cdf_sample(logp, u[arange, n_new.clamp(max=N - 1)])
+                step[:, 0] = tok.double()
+                step[:, 1] = logp.gather(1, tok[:, None]).squeeze(1).double()
+            step = self._broadcast_from_last_stage(step)
+            tok = step[:, 0].long()
+            sampling = ~done & (pos >= prompt_len)  # rows whose position `pos` is a new token
+            rows[:, pos] = torch.where(sampling, tok, rows[:, pos])  # rows inside their prompt keep it
+            slot = n_new.clamp(max=N - 1)
+            out_lp[arange, slot] = torch.where(sampling, step[:, 1], out_lp[arange, slot])
+            n_new += sampling.long()
+            hit = (tok[:, None] == stop).any(dim=1)
+            done |= sampling & (hit | (n_new >= max_new))
+            if bool(done.all()):
+                break
+            pos += 1
+        lengths = prompt_len + n_new
+        return rows, lengths, out_lp, n_new, routes
+
+    def _recompute_routing(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Recompute path: routing of every position from one more recorded forward over the final
+        sequences (causal: the routing each token got when it was processed). [L, S, B, K]."""
+        RouterReplay.clear_global_indices()
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+        S = round_up(int(lengths.max()), max(self._pad_multiple, 1))
+        B = rows.size(0)
+        self._run_forward(rows[:, :S], torch.arange(S, device=rows.device).expand(B, -1).clone())
+        step = torch.stack([r.to(rows.device) for r in RouterReplay.get_recorded_data()])  # [L, S*B, K]
+        return step.reshape(step.size(0), S, B, -1)
+
+    def _routing_record(self, req: GenerationRequest, routes: torch.Tensor, b: int, length: int) -> RoutingRecord:
+        """Row b's routing of every token but the last (which no forward processed): [n, L_moe, K]."""
+        n = length - 1
+        ids = routes[:, :n, b].permute(1, 0, 2)
+        return RoutingRecord(
+            sample_id=req.sample_id, expert_ids=ids.numpy().astype(compact_dtype(self.num_experts)),
+            num_prompt_tokens=len(req.prompt_ids), num_output_tokens=length - len(req.prompt_ids),
+            moe_layers=self.moe_layers, num_experts=self.num_experts,
+        )
