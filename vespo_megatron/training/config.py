@@ -220,7 +220,8 @@ class TrainerConfig:
             raise ValueError("AlgorithmConfig.routing_replay: 'r2' records the trainer's routing in the old-log-prob "
                              f"pass; expected RolloutConfig.old_logprobs='recompute', got {r.old_logprobs!r}")
         if r.engine == "sglang" and r.embedded != EmbeddedEngineConfig():
-            raise ValueError("RolloutConfig.embedded: embedded-engine settings (lag, precision); with engine='sglang' "
+            raise ValueError("RolloutConfig.embedded: embedded-engine settings (lag, precision, KV cache, mismatch knob); "
+                             "with engine='sglang' "
                              f"the server decides them, got {r.embedded}")
         if a.routing_replay == "r3" and r.engine == "embedded" and p.tp * p.cp * p.pp != 1:
             raise ValueError("AlgorithmConfig.routing_replay: 'r3' with the embedded engine records routing where "
