@@ -41,13 +41,12 @@ def main() -> None:
     args = ap.parse_args()
     cuda = not args.cpu_smoke
 
-    from vespo_megatron.testing.layouts import run_rl_layout
-
     from vespo_megatron.losses import RolloutCorrectionConfig, make_loss_config
     from vespo_megatron.megatron.model import TinyMoEConfig
     from vespo_megatron.megatron.parallel_setup import ParallelConfig
     from vespo_megatron.megatron.rl_batch import RLSample
     from vespo_megatron.megatron.step import RLStepConfig
+    from vespo_megatron.testing.layouts import run_rl_layout
 
     dist.init_process_group("nccl" if cuda else "gloo")
     vocab, length = 151936, args.prompt + args.response

@@ -66,9 +66,8 @@ def _old_logprobs(layout, model_cfg, mbs):
 
 
 def _run(rank, world_size):
-    from vespo_megatron.testing.layouts import random_rl_micro_batches, run_rl_layout
-
     from vespo_megatron.megatron.parallel_setup import ParallelConfig
+    from vespo_megatron.testing.layouts import random_rl_micro_batches, run_rl_layout
 
     cfg = _model_cfg()
     mbs = random_rl_micro_batches(cfg.vocab_size, num_micro=2, per_micro=2, max_prompt=5, max_response=9)
