@@ -7,6 +7,8 @@
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpuwhl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# the package from the source tree: its patches/ is installed as vespo_megatron.patches (pyproject package-dir)
+[ -e vespo_megatron/patches ] || ln -s ../patches vespo_megatron/patches
 mkdir -p "$OUT/engine" "$OUT/knob" "$OUT/mem"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout 240 python3 bench/engine_bench.py --size testbed --out "$OUT/engine" 2>&1 | grep -v Warning | tail -25
