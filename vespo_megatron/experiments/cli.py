@@ -129,6 +129,8 @@ def parse_args(argv):
     p.add_argument("--extras", nargs="*", default=None, help="async, mismatch")
     p.add_argument("--async-lag", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--prompts-per-step", type=int, default=None,
+                   help="prompts per rollout batch (testbed: 64; 32 if the budget demands it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (0: torch default)")
     p.add_argument("--init-checkpoint", default=None, metavar="DIR",
                    help="start every run from this HF checkpoint (an SFT base), no SFT warm start")
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     fields = dict(PRESETS[args.preset]) if args.preset else {}
-    for key in ("name", "losses", "staleness", "seeds", "extras", "async_lag", "steps", "threads", "init_checkpoint"):
+    for key in ("name", "losses", "staleness", "seeds", "extras", "async_lag", "steps", "threads", "init_checkpoint",
+                "prompts_per_step"):
         value = getattr(args, key)
         if value is not None:
             fields[key] = tuple(value) if isinstance(value, list) else value
