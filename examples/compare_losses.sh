@@ -1,13 +1,35 @@
 #!/usr/bin/env bash
-# The comparison of the product card, on one seed, with a real train/inference mismatch (the embedded
-# engine samples in bf16, the trainer computes in fp32): VESPO alone, GRPO + truncated IS, GRPO + routing
-# replay (R3: the engine's routing replayed in the trainer), VESPO + R3. Then one plot per metric.
+# The comparison of the product card.
+#
+# Default (CPU, the toy task, one seed, a few minutes): a real train/inference mismatch (the embedded engine
+# samples in bf16, the trainer computes in fp32): VESPO alone, GRPO + truncated IS, GRPO + routing replay (R3:
+# the engine's routing replayed in the trainer), VESPO + R3. Then one plot per metric.
 # Each run has its own directory $OUT/<run>/ (checkpoints, <run>.jsonl); a run re-started with the same
 # flags resumes (or says it is complete), one started with other flags under the same name is refused.
 #   bash examples/compare_losses.sh [extra flags for every run, e.g. --steps 30]
+#
+# --preset gpu (one GPU, the issue-17 testbed; docs/testbed.md): the SFT base (cached in $OUT/sft; <= 5 min on
+# an H200), then the `headline` sweep preset, all 8 runs at once: vespo, grpo+tis, gspo, sapo at N = 1 and 16,
+# 100 steps of 64 x 8 rollouts on scratchpad addition. Table and figures in $OUT/results. Run it again after an
+# interruption: finished runs are skipped, the others resume from their checkpoints.
+#   bash examples/compare_losses.sh --preset gpu [sweep flags, e.g. --only 'n16-*']
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
+
+if [[ "${1:-}" == "--preset" ]]; then
+  if [[ "${2:-}" != "gpu" ]]; then
+    echo "error: --preset: expected gpu, got '${2:-}'" >&2
+    exit 2
+  fi
+  shift 2
+  OUT=${OUT:-runs/compare_gpu}
+  "$PYTHON" examples/testbed_sft.py --out-dir "$OUT/sft"
+  "$PYTHON" examples/sweep.py --preset headline --init-checkpoint "$OUT/sft/hf" --runs-dir "$OUT/runs" \
+    --results-dir "$OUT/results" --jobs "${JOBS:-8}" "$@"
+  exit 0
+fi
+
 OUT=${OUT:-runs/compare}
 COMMON=(--rollout-precision bf16 --seed 0 --out-dir "$OUT" --no-console "$@")
 "$PYTHON" examples/toy_rl.py "${COMMON[@]}" --run-name vespo --loss vespo

@@ -7,12 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from vespo_megatron.experiments import cli as sweep_cli
 from vespo_megatron.experiments.sweep import (
+    TABLE_COLUMNS,
     CollapseRule,
+    SpikeRule,
     SweepConfig,
     expand,
     judge,
     markdown_table,
+    mean_ci95,
+    ordered,
     run_status,
     run_sweep,
     summarize,
@@ -134,8 +139,84 @@ def test_summarize_table_and_plots(tmp_path):
     assert by[("n1", "vespo", 0)].final_reward == pytest.approx(0.3 + 0.02 * 8.5)
     table = markdown_table(summaries)
     assert "| n8 | gspo | 2 | 10/10 | 0.000 ± 0.000 |" in table
-    assert "| async_lag4 | vespo | 2 | 5/10 |" in table and "1/1" not in table.split("async_lag4")[1].split("|")[10]
+    collapsed_col = 1 + TABLE_COLUMNS.index("collapsed")
+    async_row = next(line for line in table.splitlines() if line.startswith("| async_lag4 | vespo |"))
+    assert "| async_lag4 | vespo | 2 | 5/10 |" in table and async_row.split("|")[collapsed_col].strip() == "0/1"
     written = write_report(cfg, tmp_path, tmp_path / "out", command="python examples/sweep.py --name t")
     names = {p.name for p in written}
     assert {"table.md", "summary.json", "staleness.png", "async.png"} <= names
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_testbed_preset_runs_and_priority_order():
+    cfg = SweepConfig(**sweep_cli.PRESETS["testbed"])
+    runs = ordered(expand(cfg), cfg.priority)
+    assert len(runs) == 7 * 4 * 3 + 2 * 2 * 3 + 3 * 2 * 3 == 114
+    names = [r.name for r in runs]
+    first = [f"n{n}-{loss}-s{seed}" for seed in (0, 1, 2) for n in (1, 16, 64)
+             for loss in ("vespo", "grpo_tis", "gspo", "sapo")]
+    assert names[:36] == first
+    assert all(n.startswith("mismatch-") for n in names[36:54])
+    assert all(n.startswith("async_lag") for n in names[54:66])
+    assert {r.setting for r in runs[54:66]} == {"async_lag4_engine", "async_lag8_engine"}
+    assert sorted(names[66:]) == sorted(set(r.name for r in expand(cfg)) - set(names[:66]))  # the rest, once
+    assert {r.label for r in runs[36:54]} == {"vespo", "vespo+r3", "grpo+tis", "grpo+tis+r3", "vespo+fold",
+                                             "vespo+fold+r3"}
+    for r in runs:
+        assert r.steps >= 100 and _flag(r, "--hf-checkpoint") == sweep_cli.TESTBED_CHECKPOINT
+        assert _flag(r, "--sft-steps") == "0" and _flag(r, "--base") == "testbed"
+        assert int(_flag(r, "--prompts-per-step")) * int(_flag(r, "--group-size")) == 512
+        n, mbs = int(_flag(r, "--staleness")), int(_flag(r, "--micro-batch-size"))
+        assert (512 // n) % mbs == 0
+    mism = next(r for r in runs if r.label == "grpo+tis+r3")
+    flags = " ".join(mism.flags)
+    assert " ".join(sweep_cli.MISMATCH_FLAGS) in flags and "--routing-replay r3" in flags
+    assert all(_flag(r, "--old-logprobs") == "engine" for r in runs if r.setting.startswith("async"))
+    assert {r.label for r in runs if r.setting.startswith("async")} == {"vespo", "grpo+tis"}
+
+
+def test_lr_sweep_preset_and_only_orders(capsys):
+    runs = expand(SweepConfig(**sweep_cli.PRESETS["lr_sweep"]))
+    assert [(r.setting, _flag(r, "--lr"), _flag(r, "--loss"), _flag(r, "--staleness")) for r in runs[::2]] == [
+        ("n1_lr1e-06", "1e-06", "grpo", "1"), ("n1_lr3e-06", "3e-06", "grpo", "1"),
+        ("n1_lr1e-05", "1e-05", "grpo", "1")]
+    with pytest.raises(ValueError, match="SweepConfig.base_flags"):
+        SweepConfig(name="t", lrs=(1e-6,), base_flags=("--lr", "1e-3"))
+    assert sweep_cli.main(["--preset", "testbed", "--dry-run", "--only", "n16-*-s2", "mismatch-vespo-s0"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    got = [line.split("--run-name ")[1] for line in lines]
+    assert got[-1] == "mismatch-vespo-s0" and len(got) == 8
+    assert got[:7] == [f"n16-{loss}-s2" for loss in ("vespo", "grpo_tis", "gspo", "sapo", "vespo_sqrt",
+                                                    "vespo_lin", "grpo")]  # the globs' order, then expand's
+
+def test_mean_ci95_against_t_table():
+    mean, half = mean_ci95([0.2, 0.3, 0.4])
+    assert mean == pytest.approx(0.3) and half == pytest.approx(4.303 * 0.1 / 3**0.5)
+    assert mean_ci95([0.5, math.nan])[0] == 0.5 and math.isnan(mean_ci95([0.5])[1])
+    big = [float(i % 2) for i in range(100)]
+    assert mean_ci95(big)[1] == pytest.approx(1.96 * 0.5025 / 10, rel=1e-3)
+
+
+def test_spikes_and_eval_pass_at_1_in_summary(tmp_path):
+    cfg = SweepConfig(name="t", losses=("vespo",), staleness=(1,), seeds=(0, 1, 2), steps=20)
+    evals = {0: [0.2, 0.35, 0.3], 1: [0.25, 0.3, 0.4], 2: [0.2, 0.2, 0.2]}
+    for r in expand(cfg):
+        records = _records([0.3] * 20)
+        for i, v in enumerate(evals[r.seed]):
+            records[5 * i + 4]["eval/pass@1"] = v  # evaluations at steps 4, 9, 14
+        if r.seed == 1:
+            records[12]["grad_norm_mean"] = 8.0  # 8x the median 1.0: a spike
+            records[15]["grad_norm_mean"] = 4.0  # 4x: below the factor 5
+        _write(r.jsonl(tmp_path), records)
+    by = {s.seed: s for s in summarize(cfg, tmp_path)}
+    assert [by[i].final_eval for i in range(3)] == [0.3, 0.4, 0.2]
+    assert [by[i].best_eval for i in range(3)] == [0.35, 0.4, 0.2]
+    assert [by[i].grad_spikes for i in range(3)] == [0, 1, 0]
+    assert SpikeRule(factor=3.0).count([1.0] * 10 + [4.0, 1.0]) == 1
+    assert SpikeRule().count([1.0, 100.0]) == 0  # too little history to judge
+    row = next(line for line in markdown_table(list(by.values())).splitlines() if line.startswith("| n1 |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    col = dict(zip(TABLE_COLUMNS, cells, strict=True))
+    m, h = mean_ci95([0.3, 0.4, 0.2])
+    assert col["final eval pass@1"] == f"{m:.3f} ± {h:.3f}" and col["grad spikes"] == "1"
+    assert col["best eval pass@1"].startswith(f"{(0.35 + 0.4 + 0.2) / 3:.3f} ± ")

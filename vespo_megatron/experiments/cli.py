@@ -22,6 +22,13 @@ Their reports (docs/results/gpu, docs/results/gpu_easy) from the runs brought ba
         --results-dir docs/results/gpu
     .venv/bin/python examples/sweep.py --preset gpu_easy --seeds 0 --staleness 1 16 64 --report-only \\
         --runs-dir runs/sweeps/gpu_easy --results-dir docs/results/gpu_easy
+The issue-17 testbed (scratchpad addition with 30-300 token answers, a 4-layer 8-expert MoE from an SFT base,
+64 x 8 rollouts, Adam at the lr picked by `lr_sweep`, 100 steps, 3 seeds; docs/testbed.md):
+    python examples/testbed_sft.py                               # the SFT base, cached in runs/testbed/sft/hf
+    .venv/bin/python examples/sweep.py --preset lr_sweep --jobs 6           # GRPO at N = 1, lr 1e-6 / 3e-6 / 1e-5
+    .venv/bin/python examples/sweep.py --preset testbed --jobs 8            # 114 runs, in TESTBED_PRIORITY order
+    .venv/bin/python examples/sweep.py --preset testbed --only 'n16-*' 'n1-*' --jobs 8   # a slice, in this order
+    .venv/bin/python examples/sweep.py --preset cpu_smoke --runs-dir /tmp/smoke      # CI: 2 runs of 2 steps
 Own sizes (anything after `--` goes to every training run, e.g. model size):
     .venv/bin/python examples/sweep.py --name mine --losses vespo grpo --staleness 1 4 --seeds 0 1 --steps 30 \\
         --extras async -- --hidden-size 128
@@ -36,7 +43,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from vespo_megatron.experiments.sweep import SweepConfig, expand, run_sweep, write_report
+from vespo_megatron.experiments.sweep import SweepConfig, expand, ordered, run_sweep, write_report
+from vespo_megatron.experiments.testbed import TINY_MODEL_FLAGS
 
 # What the two GPU presets share: 7 losses x N in {1, 4, 16, 64} x 2 seeds, async and mismatch, 30 steps.
 _GPU_SWEEP = dict(losses=("vespo", "grpo", "gspo", "sapo", "grpo+tis", "vespo_sqrt", "vespo_lin"),
@@ -44,6 +52,29 @@ _GPU_SWEEP = dict(losses=("vespo", "grpo", "gspo", "sapo", "grpo+tis", "vespo_sq
                   async_old_logprobs=("recompute", "engine"), mismatch_fold=True, steps=30, checkpoint_every=10,
                   threads=1)
 _GPU_MODEL = ("--hidden-size", "128", "--num-layers", "4", "--num-experts", "8", "--moe-ffn-hidden-size", "64")
+
+# ---- the issue-17 testbed ----------------------------------------------------------------------------------
+# The SFT base every testbed run starts from (examples/testbed_sft.py writes it; relative to the repository root).
+TESTBED_CHECKPOINT = "runs/testbed/sft/hf"
+# The engine flags of the injected train/inference mismatch (issue 17 part 2: bf16 engine, fp8 quantise-
+# dequantise of the GEMMs with per-row scales, router-logit noise). One place, so the lead can rename them.
+MISMATCH_FLAGS = ("--rollout-precision", "bf16", "--rollout-fp8", "per_row", "--rollout-router-noise", "0.0")
+TESTBED_LOSSES = ("vespo", "grpo+tis", "gspo", "sapo", "vespo_sqrt", "vespo_lin", "grpo")
+TESTBED_SEEDS = (0, 1, 2)
+
+
+def _name(label: str) -> str:
+    return label.replace("+", "_")
+
+
+# The order runs start in (issue 17 part 7): vespo, grpo+tis, gspo, sapo at N = 1, 16, 64 (seed by seed, so a
+# budget cut leaves whole seeds); then the mismatch rows; then async; then everything else (unmatched: last).
+TESTBED_PRIORITY = (*(f"n{n}-{_name(loss)}-s{seed}" for seed in TESTBED_SEEDS for n in (1, 16, 64)
+                      for loss in ("vespo", "grpo+tis", "gspo", "sapo")),
+                    "mismatch-*", "async_*")
+
+_TESTBED = dict(prompts_per_step=64, group_size=8, max_micro_batch_size=32, steps=100, checkpoint_every=10,
+                threads=1, init_checkpoint=TESTBED_CHECKPOINT, base_flags=("--base", "testbed"))
 
 PRESETS = {
     # 20 runs of 30 steps (~55 s each on one shared core): five losses at N = 1 and 16, two async pairs (mu
@@ -62,6 +93,29 @@ PRESETS = {
     # check), with 100 it was 0.418 / 0.312.
     "gpu_easy": dict(name="gpu_easy", **_GPU_SWEEP, base_flags=(*_GPU_MODEL, "--max-operand", "20", "--ops", "+",
                                                                 "--sft-steps", "100", "--sft-micro-batch-size", "32")),
+    # Issue 17: 7 losses x N in {1, 4, 16, 64} x 3 seeds (84), async lag 4 and 8 with mu from the engine for
+    # vespo and grpo+tis (12), the injected mismatch for vespo / grpo+tis / vespo+fold without and with R3 (18):
+    # 114 runs of 100 steps, 64 prompts x 8 samples, from the SFT base; they start in TESTBED_PRIORITY order.
+    "testbed": dict(name="testbed", **_TESTBED, losses=TESTBED_LOSSES, staleness=(1, 4, 16, 64),
+                    seeds=TESTBED_SEEDS, extras=("async", "mismatch"), async_lags=(4, 8),
+                    async_losses=("vespo", "grpo+tis"), async_old_logprobs=("engine",), async_staleness=1,
+                    mismatch_fold=True, mismatch_staleness=1, mismatch_flags=MISMATCH_FLAGS,
+                    priority=TESTBED_PRIORITY),
+    # The testbed's lr, picked once: GRPO at N = 1 over 1e-6, 3e-6, 1e-5, 2 seeds (6 runs). Rule (docs/testbed.md):
+    # the lr with the highest mean final eval pass@1 among those with no collapsed seed; it becomes
+    # training/cli.py's TESTBED_LR for every loss.
+    "lr_sweep": dict(name="lr_sweep", **_TESTBED, losses=("grpo",), staleness=(1,), seeds=(0, 1),
+                     lrs=(1e-6, 3e-6, 1e-5)),
+    # `examples/compare_losses.sh --preset gpu`: the headline on one GPU, all runs at once (8 runs, 1 seed):
+    # vespo, grpo+tis, gspo, sapo at N = 1 and 16 on the testbed.
+    "headline": dict(name="headline", **_TESTBED, losses=("vespo", "grpo+tis", "gspo", "sapo"), staleness=(1, 16),
+                     seeds=(0,)),
+    # CI: the testbed's path end to end at toy size (2 runs x 2 steps, eval every step, a tiny model from
+    # scratch; `--init-checkpoint DIR` starts them from a tiny SFT base instead).
+    "cpu_smoke": dict(name="cpu_smoke", losses=("vespo", "grpo+tis"), staleness=(1,), seeds=(0,), steps=2,
+                      prompts_per_step=4, group_size=2, max_micro_batch_size=8, checkpoint_every=1, threads=1,
+                      base_flags=("--base", "testbed", *TINY_MODEL_FLAGS, "--levels", "3", "--eval-count", "4",
+                                  "--eval-k", "2", "--eval-every", "1")),
 }
 
 
@@ -75,12 +129,17 @@ def parse_args(argv):
     p.add_argument("--extras", nargs="*", default=None, help="async, mismatch")
     p.add_argument("--async-lag", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--prompts-per-step", type=int, default=None,
+                   help="prompts per rollout batch (testbed: 64; 32 if the budget demands it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (0: torch default)")
+    p.add_argument("--init-checkpoint", default=None, metavar="DIR",
+                   help="start every run from this HF checkpoint (an SFT base), no SFT warm start")
     p.add_argument("--runs-dir", default=None, help="default runs/sweeps/<name>")
     p.add_argument("--results-dir", default=None, help="default docs/results/<name>")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one GPU holds many toy runs)")
     p.add_argument("--only", nargs="+", default=None, metavar="GLOB",
-                   help="run only the runs whose name matches one of these globs (e.g. 'n64-*' '*-s0')")
+                   help="run only the runs whose name matches one of these globs (e.g. 'n64-*' '*-s0'), "
+                        "started in the order of the globs")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, start nothing")
     p.add_argument("--report-only", action="store_true", help="write table and plots from the existing runs")
     p.add_argument("base_flags", nargs="*", help="after --: flags for every training run")
@@ -91,7 +150,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     fields = dict(PRESETS[args.preset]) if args.preset else {}
-    for key in ("name", "losses", "staleness", "seeds", "extras", "async_lag", "steps", "threads"):
+    for key in ("name", "losses", "staleness", "seeds", "extras", "async_lag", "steps", "threads", "init_checkpoint",
+                "prompts_per_step"):
         value = getattr(args, key)
         if value is not None:
             fields[key] = tuple(value) if isinstance(value, list) else value
@@ -109,13 +169,16 @@ def main(argv=None) -> int:
         return 2
     runs_dir = Path(args.runs_dir or Path("runs") / "sweeps" / cfg.name)
     results_dir = Path(args.results_dir or Path("docs") / "results" / cfg.name)
+    if args.only:  # the given globs decide the order too
+        cfg = dataclasses.replace(cfg, priority=tuple(args.only))
+    only = None if not args.only else (lambda run: any(fnmatch.fnmatchcase(run.name, g) for g in args.only))
     if args.dry_run:
         print(dataclasses.asdict(cfg))
-        for run in expand(cfg):
-            print(shlex.join(run.command(runs_dir)))
+        for run in ordered(expand(cfg), cfg.priority):
+            if only is None or only(run):
+                print(shlex.join(run.command(runs_dir)))
         return 0
     if not args.report_only:
-        only = None if not args.only else (lambda run: any(fnmatch.fnmatch(run.name, g) for g in args.only))
         outcome = run_sweep(cfg, runs_dir, jobs=args.jobs, only=only)
         failed = {k: v for k, v in outcome.items() if v.startswith("failed")}
         if failed:

@@ -18,6 +18,7 @@ A run with fewer logged steps than asked is reported as partial and is not judge
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -33,7 +34,8 @@ from pathlib import Path
 from vespo_megatron.base.validation import ConfigError
 from vespo_megatron.metrics.plot import DEFAULT_PANELS, read_jsonl
 
-__all__ = ["SweepConfig", "Run", "RunSummary", "CollapseRule", "expand", "run_status", "run_sweep",
+__all__ = ["SweepConfig", "Run", "RunSummary", "CollapseRule", "SpikeRule", "expand", "ordered", "run_status",
+           "run_sweep",
            "summarize", "markdown_table", "plot_settings", "write_report"]
 
 LOSSES = ("vespo", "vespo_sqrt", "vespo_lin", "grpo", "gspo", "sapo", "reinforce", "grpo+tis")
@@ -57,7 +59,10 @@ class SweepConfig:
     N = 1; engine: mu is the lagged engine's log-probs);
     "mismatch": a bf16 rollout engine against the fp32 trainer, for vespo and grpo + TIS, routing replay off
     and r3 (at N = `mismatch_staleness`); with `mismatch_fold` also vespo with the engine ratio folded into
-    log W (`--rollout-correction fold`), off and r3.
+    log W (`--rollout-correction fold`), off and r3; `mismatch_flags` are the engine flags that make the mismatch.
+    `async_lags`: several lags; `lrs`: an lr axis (the lr sweep); `priority`: the order runs start in (name
+    globs, first match wins, unmatched runs last, `expand` order within a glob); `init_checkpoint`: an SFT base
+    (`--hf-checkpoint DIR --sft-steps 0` on every run).
     Rollouts per step (`prompts_per_step * group_size`) stay fixed across N; the micro-batch is the largest
     divisor of the mini-batch not above `max_micro_batch_size`."""
 
@@ -72,6 +77,11 @@ class SweepConfig:
     async_old_logprobs: tuple[str, ...] = ("recompute",)
     mismatch_fold: bool = False
     mismatch_staleness: int = 1
+    mismatch_flags: tuple[str, ...] = ("--rollout-precision", "bf16")
+    async_lags: tuple[int, ...] = ()  # several lags (settings async_lag<k>); empty: (async_lag,)
+    lrs: tuple[float, ...] = ()  # an lr axis for the staleness rows (settings n<N>_lr<lr>); empty: no --lr
+    priority: tuple[str, ...] = ()  # run-name globs: runs start in this order (see `ordered`)
+    init_checkpoint: str | None = None  # every run starts from this HF checkpoint (--hf-checkpoint, no SFT)
     steps: int = 20
     prompts_per_step: int = 32
     group_size: int = 8
@@ -105,6 +115,18 @@ class SweepConfig:
                 and len(set(self.async_old_logprobs)) == len(self.async_old_logprobs)):
             raise ConfigError("SweepConfig", "async_old_logprobs", "a non-empty tuple from ('recompute', 'engine')",
                        self.async_old_logprobs)
+        for fname, kind in (("mismatch_flags", str), ("priority", str)):
+            values = getattr(self, fname)
+            if not (isinstance(values, tuple) and all(isinstance(v, kind) for v in values)):
+                raise ConfigError("SweepConfig", fname, "a tuple of str", values)
+        if not (isinstance(self.async_lags, tuple) and all(isinstance(v, int) and v >= 1 for v in self.async_lags)
+                and len(set(self.async_lags)) == len(self.async_lags)):
+            raise ConfigError("SweepConfig", "async_lags", "a tuple of distinct ints >= 1", self.async_lags)
+        if not (isinstance(self.lrs, tuple) and all(isinstance(v, float) and 0 < v < 1 for v in self.lrs)
+                and len(set(self.lrs)) == len(self.lrs)):
+            raise ConfigError("SweepConfig", "lrs", "a tuple of distinct floats in (0, 1)", self.lrs)
+        if self.init_checkpoint is not None and not (isinstance(self.init_checkpoint, str) and self.init_checkpoint):
+            raise ConfigError("SweepConfig", "init_checkpoint", "None or a directory", self.init_checkpoint)
         if not isinstance(self.mismatch_fold, bool):
             raise ConfigError("SweepConfig", "mismatch_fold", "a bool", self.mismatch_fold)
         if "async" in self.extras and not self.async_losses:
@@ -120,9 +142,12 @@ class SweepConfig:
             self.micro_batch_size(n, field_name="staleness")
         if not (isinstance(self.base_flags, tuple) and all(isinstance(f, str) for f in self.base_flags)):
             raise ConfigError("SweepConfig", "base_flags", "a tuple of str", self.base_flags)
-        owned = [f for f in self.base_flags if f.split("=")[0] in _OWNED_FLAGS]
+        owned_flags = (*_OWNED_FLAGS, *(("--lr",) if self.lrs else ()),
+                       *(("--hf-checkpoint", "--sft-steps") if self.init_checkpoint else ()))
+        owned = [f for f in self.base_flags if f.split("=")[0] in owned_flags]
         if owned:
-            raise ConfigError("SweepConfig", "base_flags", f"no flag the sweep sets itself ({', '.join(_OWNED_FLAGS)})", owned)
+            raise ConfigError("SweepConfig", "base_flags", f"no flag the sweep sets itself ({', '.join(owned_flags)})",
+                              owned)
 
     @property
     def samples_per_step(self) -> int:
@@ -165,6 +190,8 @@ def _run(cfg: SweepConfig, setting: str, label: str, seed: int, n: int, flags: S
               "--steps", str(cfg.steps), "--prompts-per-step", str(cfg.prompts_per_step),
               "--group-size", str(cfg.group_size), "--checkpoint-every", str(cfg.checkpoint_every),
               "--threads", str(cfg.threads), "--no-console"]
+    if cfg.init_checkpoint:
+        common += ["--hf-checkpoint", cfg.init_checkpoint, "--sft-steps", "0"]
     return Run(name, setting, label, seed, cfg.steps, (*flags, *common, *cfg.base_flags))
 
 
@@ -172,17 +199,21 @@ def expand(cfg: SweepConfig) -> list[Run]:
     """The runs of a sweep in a fixed order (staleness by N, then async, then mismatch); names are unique."""
     runs = []
     for n in cfg.staleness:
-        for loss in cfg.losses:
-            for seed in cfg.seeds:
-                runs.append(_run(cfg, f"n{n}", loss, seed, n, list(_LOSS_FLAGS.get(loss, ("--loss", loss)))))
-    if "async" in cfg.extras:
-        for old in cfg.async_old_logprobs:
-            setting = f"async_lag{cfg.async_lag}" + ("" if old == "recompute" else f"_{old}")
-            for loss in cfg.async_losses:
+        for lr in cfg.lrs or (None,):
+            setting, lr_flags = (f"n{n}", []) if lr is None else (f"n{n}_lr{lr:g}", ["--lr", repr(lr)])
+            for loss in cfg.losses:
                 for seed in cfg.seeds:
-                    runs.append(_run(cfg, setting, loss, seed, cfg.async_staleness,
-                                     [*_LOSS_FLAGS.get(loss, ("--loss", loss)), "--async-lag", str(cfg.async_lag),
-                                      "--old-logprobs", old]))
+                    runs.append(_run(cfg, setting, loss, seed, n,
+                                     [*_LOSS_FLAGS.get(loss, ("--loss", loss)), *lr_flags]))
+    if "async" in cfg.extras:
+        for lag in cfg.async_lags or (cfg.async_lag,):
+            for old in cfg.async_old_logprobs:
+                setting = f"async_lag{lag}" + ("" if old == "recompute" else f"_{old}")
+                for loss in cfg.async_losses:
+                    for seed in cfg.seeds:
+                        runs.append(_run(cfg, setting, loss, seed, cfg.async_staleness,
+                                         [*_LOSS_FLAGS.get(loss, ("--loss", loss)), "--async-lag", str(lag),
+                                          "--old-logprobs", old]))
     if "mismatch" in cfg.extras:
         variants = (("vespo", ["--loss", "vespo"]),
                     ("grpo+tis", ["--loss", "grpo", "--rollout-correction", "tis"]))
@@ -193,10 +224,18 @@ def expand(cfg: SweepConfig) -> list[Run]:
                 for seed in cfg.seeds:
                     runs.append(_run(cfg, "mismatch", label + ("" if replay == "off" else "+r3"), seed,
                                      cfg.mismatch_staleness,
-                                     [*flags, "--rollout-precision", "bf16", "--routing-replay", replay]))
+                                     [*flags, *cfg.mismatch_flags, "--routing-replay", replay]))
     names = [r.name for r in runs]
     assert len(set(names)) == len(names), names
     return runs
+
+
+def ordered(runs: Sequence[Run], globs: Sequence[str]) -> list[Run]:
+    """`runs` by the first glob their name matches (fnmatch), unmatched ones last; stable within a glob."""
+    def rank(run: Run) -> int:
+        return next((i for i, g in enumerate(globs) if fnmatch.fnmatchcase(run.name, g)), len(globs))
+
+    return sorted(runs, key=rank)
 
 
 def run_status(run: Run, runs_dir: str | os.PathLike) -> str:
@@ -220,11 +259,11 @@ def run_sweep(cfg: SweepConfig, runs_dir: str | os.PathLike, *,
     """Run every unfinished run (`jobs` at a time); returns name -> "skipped" | "ok" | "failed (rc N)".
     A partial run is started again with the same command: the trainer resumes from its checkpoint.
     `only(run)` selects a subset (a GPU lease runs a slice of the sweep). `runner(cmd, log_path) ->
-    returncode` is the process launcher (tests pass a fake)."""
+    returncode` is the process launcher (tests pass a fake). Runs start in `cfg.priority` order."""
     if not (isinstance(jobs, int) and jobs >= 1):
         raise ValueError(f"jobs: expected an int >= 1, got {jobs!r}")
     outcome = {}
-    runs = [r for r in expand(cfg) if only is None or only(r)]
+    runs = [r for r in ordered(expand(cfg), cfg.priority) if only is None or only(r)]
     todo = []
     for i, run in enumerate(runs):
         status = run_status(run, runs_dir)
@@ -267,6 +306,24 @@ class CollapseRule:
 
 
 @dataclass(frozen=True)
+class SpikeRule:
+    """A grad-norm spike: a step whose grad norm is > `factor` x the median of the previous `window` steps'
+    (counted from the step with at least `min_history` previous ones)."""
+
+    factor: float = 5.0
+    window: int = 20
+    min_history: int = 5
+
+    def count(self, norms: Sequence[float]) -> int:
+        spikes = 0
+        for i in range(self.min_history, len(norms)):
+            history = [v for v in norms[max(0, i - self.window):i] if math.isfinite(v)]
+            if len(history) >= self.min_history and norms[i] > self.factor * statistics.median(history):
+                spikes += 1
+        return spikes
+
+
+@dataclass(frozen=True)
 class RunSummary:
     name: str
     setting: str
@@ -279,6 +336,9 @@ class RunSummary:
     final: dict[str, float] = field(default_factory=dict)  # other metrics, mean over the last W steps
     collapsed: bool = False
     reason: str = ""  # why collapsed, or "partial" / "missing"
+    final_eval: float = math.nan  # held-out pass@1 at the last evaluation (nan: none logged)
+    best_eval: float = math.nan  # the best evaluation's pass@1
+    grad_spikes: int = 0  # steps flagged by SpikeRule
 
 
 def _value(record: dict, candidates: Sequence[str]) -> float | None:
@@ -322,7 +382,11 @@ def judge(records: list[dict], rule: CollapseRule = CollapseRule(), *, steps: in
     return False, ""
 
 
-def summarize(cfg: SweepConfig, runs_dir: str | os.PathLike, rule: CollapseRule = CollapseRule()) -> list[RunSummary]:
+EVAL_KEY = "eval/pass@1"
+
+
+def summarize(cfg: SweepConfig, runs_dir: str | os.PathLike, rule: CollapseRule = CollapseRule(),
+              spikes: SpikeRule = SpikeRule()) -> list[RunSummary]:
     """One summary per run of the sweep, in `expand` order."""
     out = []
     for run in expand(cfg):
@@ -344,45 +408,77 @@ def summarize(cfg: SweepConfig, runs_dir: str | os.PathLike, rule: CollapseRule 
                 reason = "partial"
         else:
             collapsed, reason = judge(records, rule, steps=run.steps)
+        evals = [v for v in (_value(r, (EVAL_KEY,)) for r in records) if v is not None]
+        norms = [v for v in (_value(r, _PANELS["grad_norm"]) for r in records) if v is not None]
         out.append(RunSummary(run.name, run.setting, run.label, run.seed, done, run.steps,
-                              _mean(rewards[-w:]), best, final, collapsed, reason))
+                              _mean(rewards[-w:]), best, final, collapsed, reason,
+                              final_eval=evals[-1] if evals else math.nan,
+                              best_eval=max(evals) if evals else math.nan, grad_spikes=spikes.count(norms)))
     return out
 
 
-def _fmt(values: Sequence[float], digits: int = 3) -> str:
+# Student t quantiles t_{0.975, df} for df = 1..30 (larger df: the normal's 1.96).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of the 95 % t confidence interval of the mean) over seeds; one value: (v, nan)."""
     values = [v for v in values if math.isfinite(v)]
     if not values:
-        return "-"
+        return math.nan, math.nan
     if len(values) == 1:
-        return f"{values[0]:.{digits}g}" if abs(values[0]) < 1e-2 else f"{values[0]:.{digits}f}"
-    mean, sd = statistics.fmean(values), statistics.stdev(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+        return values[0], math.nan
+    n = len(values)
+    t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(n)
+
+
+def _fmt(values: Sequence[float], digits: int = 3) -> str:
+    """mean ± 95 % CI half-width over seeds (one seed: the value)."""
+    mean, half = mean_ci95(values)
+    if not math.isfinite(mean):
+        return "-"
+    if not math.isfinite(half):
+        return f"{mean:.{digits}g}" if abs(mean) < 1e-2 else f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+TABLE_COLUMNS = ("setting", "loss", "seeds", "steps", "final reward", "best reward", "final eval pass@1",
+                 "best eval pass@1", "length", "KL k3", "grad norm", "grad spikes", "entropy", "collapsed", "notes")
 
 
 def markdown_table(summaries: Sequence[RunSummary]) -> str:
-    """One row per (setting, label): final reward and the other final-window metrics as mean ± sd over seeds,
-    collapsed seeds / seeds, and the reasons."""
+    """One row per (setting, label): held-out pass@1 (last and best evaluation), final / best reward and the
+    other final-window metrics as mean ± 95 % CI over seeds, grad-norm spikes (total over seeds), collapsed
+    seeds / judged seeds, and the reasons."""
     groups: dict[tuple[str, str], list[RunSummary]] = {}
     for s in summaries:
         groups.setdefault((s.setting, s.label), []).append(s)
-    lines = ["| setting | loss | seeds | steps | final reward | best reward | length | KL k3 | grad norm | entropy "
-             "| collapsed | notes |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    header = TABLE_COLUMNS
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for (setting, label), group in groups.items():
         done = [s for s in group if s.reason not in ("partial", "missing")]
         steps = f"{min(s.steps_done for s in group)}/{group[0].steps}"
         notes = "; ".join(sorted({f"s{s.seed}: {s.reason}" for s in group if s.reason}))
         lines.append("| " + " | ".join([
             setting, label, str(len(group)), steps, _fmt([s.final_reward for s in group]),
-            _fmt([s.best_reward for s in group]), _fmt([s.final["response_length"] for s in group], 2),
+            _fmt([s.best_reward for s in group]), _fmt([s.final_eval for s in group]),
+            _fmt([s.best_eval for s in group]), _fmt([s.final["response_length"] for s in group], 2),
             _fmt([s.final["kl"] for s in group]), _fmt([s.final["grad_norm"] for s in group]),
-            _fmt([s.final["entropy"] for s in group]),
+            str(sum(s.grad_spikes for s in group)), _fmt([s.final["entropy"] for s in group]),
             f"{sum(s.collapsed for s in done)}/{len(done)}" if done else "-", notes or ""]) + " |")
     return "\n".join(lines) + "\n"
 
 
-_PLOT_ROWS = (("reward", "reward"), ("response_length", "response length"), ("kl", "KL k3 (train vs rollout)"),
-              ("grad_norm", "grad norm"), ("entropy", "entropy"))
+_PLOT_ROWS = (("reward", "reward"), ("eval", "eval pass@1"), ("response_length", "response length"),
+              ("kl", "KL k3 (train vs rollout)"), ("grad_norm", "grad norm"), ("entropy", "entropy"))
+_PANELS["eval"] = (EVAL_KEY,)
+
+
+def _is_staleness(setting: str) -> bool:
+    return setting[:1] == "n" and setting[1:2].isdigit()
 
 
 def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
@@ -395,14 +491,14 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
     import matplotlib.pyplot as plt
 
     runs = expand(cfg)
-    figures = {"staleness": [f"n{n}" for n in cfg.staleness]}
-    for setting in dict.fromkeys(r.setting for r in runs if not r.setting.startswith("n")):
+    figures = {"staleness": [s for s in dict.fromkeys(r.setting for r in runs) if _is_staleness(s)]}
+    for setting in dict.fromkeys(r.setting for r in runs if not _is_staleness(r.setting)):
         figures.setdefault(setting.split("_")[0], []).append(setting)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fig_name, settings in figures.items():
-        fig, axes = plt.subplots(len(_PLOT_ROWS), len(settings), figsize=(3.6 * len(settings) + 1.2, 11),
+        fig, axes = plt.subplots(len(_PLOT_ROWS), len(settings), figsize=(3.6 * len(settings) + 1.2, 13),
                                  squeeze=False, sharex=True)
         for col, setting in enumerate(settings):
             by_label: dict[str, list[list[dict]]] = {}
@@ -429,7 +525,7 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
                     ax.set_yscale("log")
                 ax.grid(True, alpha=0.3)
                 if row == 0:
-                    ax.set_title(setting.replace("n", "N = ", 1) if setting.startswith("n") else setting)
+                    ax.set_title(setting.replace("n", "N = ", 1) if _is_staleness(setting) else setting)
                 if col == 0:
                     ax.set_ylabel(title)
                 if row == len(_PLOT_ROWS) - 1:
@@ -449,17 +545,21 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
 
 
 def write_report(cfg: SweepConfig, runs_dir: str | os.PathLike, results_dir: str | os.PathLike, *,
-                 command: str, rule: CollapseRule = CollapseRule(), plots: bool = True) -> list[Path]:
+                 command: str, rule: CollapseRule = CollapseRule(), spikes: SpikeRule = SpikeRule(),
+                 plots: bool = True) -> list[Path]:
     """Write `<results_dir>/table.md` (with the command and the collapse rule), `summary.json` and the plots."""
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = summarize(cfg, runs_dir, rule)
+    summaries = summarize(cfg, runs_dir, rule, spikes)
     w = rule.window_for(cfg.steps)
     text = (f"# Sweep `{cfg.name}`\n\nCommand (from the repository root):\n\n```bash\n{command}\n```\n\n"
             f"Final = mean over the last {w} steps; best = best {w}-step window. Collapsed: non-finite loss / "
             f"grad norm / reward, or final < {1 - rule.drop_frac:.0%} of best with a drop >= {rule.min_drop}, or "
             f"mean length >= {rule.length_frac:.0%} of the longest response with final reward < "
-            f"{rule.length_reward} (docs/results/README.md). Values: mean ± sd over seeds (one seed: the value).\n\n"
+            f"{rule.length_reward} (docs/results/README.md). Eval pass@1: held-out, at the last evaluation (final) "
+            f"and the best one. Grad spikes: steps with grad norm > {spikes.factor:g}x the median of the previous "
+            f"{spikes.window}, summed over seeds. Values: mean ± 95 % CI half-width over seeds (Student t; one "
+            "seed: the value).\n\n"
             + markdown_table(summaries))
     table = out / "table.md"
     table.write_text(text, encoding="utf-8")

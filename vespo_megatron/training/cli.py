@@ -4,7 +4,9 @@ The default run is `toy_config()` (a tiny Qwen3-MoE-shaped model on the arithmet
 default is that config's value (`--help` shows it). Flags are the field names (`--lr`, `--hidden-size`,
 `--staleness`), except where `FLAGS` names one (a name used twice in the tree, or a historical flag).
 `--loss NAME` selects the loss's typed config (its fields become flags such as `--c-pos`, `--eps-high`,
-`--rollout-correction`); `--task math` (implied by `--prompt-data`) selects the dataset task.
+`--rollout-correction`); `--task math` (implied by `--prompt-data`) selects the dataset task, `--task
+reasoning` the scratchpad-addition task. `--base testbed` starts from `testbed_config()` instead (the
+issue-17 testbed: the reasoning task, a 4-layer 8-expert model, 64 x 8 rollouts, lr in the LLM range).
 
     vespo-train --loss grpo --rollout-correction tis          # = python -m vespo_megatron.training.cli
     torchrun --nproc-per-node 2 -m vespo_megatron.training.cli --ep 2
@@ -26,10 +28,11 @@ from vespo_megatron.losses import resolve_policy_loss
 from vespo_megatron.megatron.model import TinyMoEConfig
 from vespo_megatron.models import PRESETS, preset_config
 
-from .config import TrainerConfig
+from .config import AlgorithmConfig, EvalConfig, RolloutConfig, RunConfig, TrainerConfig
+from .reasoning_task import ReasoningTask, ReasoningTaskConfig, ScratchpadTokenizer
 from .toy_task import ArithmeticTaskConfig, CharTokenizer
 
-__all__ = ["toy_config", "make_cli", "config_from_argv", "main"]
+__all__ = ["toy_config", "testbed_config", "BASES", "make_cli", "config_from_argv", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -85,7 +88,8 @@ HELPS = {
     "hf.load": "start from this HF checkpoint dir; the model flags come from its config.json "
                "(model flags given explicitly must match it)",
     "task.data.path": "a JSONL or Parquet file of prompts with reference answers (selects --task math)",
-    "--task": "arithmetic (the toy task) or math (a prompt dataset; implied by --prompt-data)",
+    "--task": "arithmetic (the toy task), reasoning (scratchpad addition, 30-300 token answers) or math (a "
+              "prompt dataset; implied by --prompt-data)",
 }
 
 
@@ -95,10 +99,38 @@ def toy_config() -> TrainerConfig:
                          task=ArithmeticTaskConfig(max_operand=9))
 
 
+# The testbed's RL learning rate: picked once by the `lr_sweep` preset (GRPO at N = 1, vespo_megatron/
+# experiments/cli.py) and then the same for every loss. 3e-6 is the middle of that sweep's grid until its result
+# is recorded in docs/testbed.md.
+TESTBED_LR = 3e-6
+
+
+def testbed_config() -> TrainerConfig:
+    """The issue-17 testbed: scratchpad addition (answers of 30-300 tokens), a 4-layer MoE of hidden 256 with
+    8 experts top-2, 64 prompts x 8 samples per rollout batch, Adam at TESTBED_LR with grad clip 1.0, 100 steps,
+    held-out pass@1 every 10 steps. RL starts from the SFT base of examples/testbed_sft.py (`--hf-checkpoint
+    <its out dir>/hf --sft-steps 0`), so sft_steps is 0 here; sft_lr is that script's."""
+    task = ReasoningTaskConfig()
+    longest = ReasoningTask(task).max_prompt_tokens + ReasoningTask(task).max_new_tokens
+    return TrainerConfig(
+        model=TinyMoEConfig(vocab_size=ScratchpadTokenizer().vocab_size, hidden_size=256, num_layers=4,
+                            num_attention_heads=4, num_query_groups=2, ffn_hidden_size=1024, num_experts=8,
+                            moe_router_topk=2, moe_ffn_hidden_size=512, seq_length=-(-longest // 64) * 64),
+        task=task,
+        rollout=RolloutConfig(prompts_per_step=64, group_size=8),
+        algorithm=AlgorithmConfig(lr=TESTBED_LR, clip_grad=1.0, staleness=1, micro_batch_size=32),
+        run=RunConfig(steps=100, sft_steps=0, sft_lr=1e-3, out_dir="runs/testbed", run_name="testbed",
+                      checkpoint_every=10),
+        eval=EvalConfig(every=10, k=4, temperature=1.0))
+
+
+BASES = {"toy": toy_config, "testbed": testbed_config}
+
+
 def _choose_task(name: str):
     from vespo_megatron.data.math_task import MathTaskConfig
 
-    choices = {"arithmetic": ArithmeticTaskConfig, "math": MathTaskConfig}
+    choices = {"arithmetic": ArithmeticTaskConfig, "reasoning": ReasoningTaskConfig, "math": MathTaskConfig}
     if name not in choices:
         raise CLIError(f"--task: expected one of {sorted(choices)}, got {name!r}")
     return choices[name]
@@ -128,6 +160,9 @@ def _dtype(text: str) -> torch.dtype:
 
 def _extra_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("launch")
+    g.add_argument("--base", choices=sorted(BASES), default="toy",
+                   help="the run every default comes from: toy (the arithmetic toy run) or testbed (issue 17: "
+                        "the reasoning task, a larger MoE, LLM-like optimisation); other flags override it")
     g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
                    help="the model shape of a published config (vespo_megatron.models; explicit flags still win)")
     g.add_argument("--dry-run", action="store_true", default=False,
@@ -135,8 +170,17 @@ def _extra_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--world-size", type=int, default=None, help="with --dry-run: the number of ranks to plan for")
 
 
+def base_from_argv(argv=None) -> TrainerConfig:
+    """The base config named by `--base` in argv (the toy run without it); read before the parser is built,
+    since every flag's default comes from the base."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--base", choices=sorted(BASES), default="toy")
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return BASES[known.base]()
+
+
 def parse_args(argv=None, *, cli: ConfigCLI | None = None) -> argparse.Namespace:
-    cli = cli or make_cli()
+    cli = cli or make_cli(base_from_argv(argv))
     return cli.build_parser(__doc__, extra=_extra_flags).parse_args(argv)
 
 
@@ -159,13 +203,13 @@ def config_from_args(ns: argparse.Namespace, *, cli: ConfigCLI | None = None) ->
         base = dataclasses.replace(base, model=model)
     cfg = cli.config_from(ns, base=base)
     task = cfg.task
-    task = (dataclasses.replace(task, seed=seed) if isinstance(task, ArithmeticTaskConfig)
+    task = (dataclasses.replace(task, seed=seed) if isinstance(task, ArithmeticTaskConfig | ReasoningTaskConfig)
             else dataclasses.replace(task, data=dataclasses.replace(task.data, seed=seed)))
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seed=seed + 1234), task=task)
 
 
 def config_from_argv(argv=None) -> TrainerConfig:
-    cli = make_cli()
+    cli = make_cli(base_from_argv(argv))
     return config_from_args(parse_args(argv, cli=cli), cli=cli)
 
 
@@ -191,7 +235,7 @@ def dry_run(cfg: TrainerConfig, world_size: int) -> None:
 
 
 def main(argv=None) -> int:
-    cli = make_cli()
+    cli = make_cli(base_from_argv(argv))
     args = parse_args(argv, cli=cli)
     try:
         cfg = config_from_args(args, cli=cli)  # bad flags fail here, before any process group or model exists

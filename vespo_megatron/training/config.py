@@ -18,6 +18,7 @@ from vespo_megatron.rollout.embedded import EmbeddedEngineConfig
 from vespo_megatron.rollout.factory import ENGINES
 from vespo_megatron.rollout.sglang.engine import SGLangEngineConfig
 from vespo_megatron.training.advantages import resolve_advantage
+from vespo_megatron.training.reasoning_task import ReasoningTaskConfig
 from vespo_megatron.training.toy_task import ArithmeticTaskConfig
 
 __all__ = ["RolloutConfig", "AlgorithmConfig", "RunConfig", "HFCheckpointConfig", "EvalConfig", "TrainerConfig"]
@@ -192,7 +193,7 @@ class EvalConfig:
 class TrainerConfig:
     model: TinyMoEConfig = field(default_factory=TinyMoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    task: ArithmeticTaskConfig | MathTaskConfig = field(default_factory=ArithmeticTaskConfig)
+    task: ArithmeticTaskConfig | ReasoningTaskConfig | MathTaskConfig = field(default_factory=ArithmeticTaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -227,8 +228,9 @@ class TrainerConfig:
             raise ValueError("AlgorithmConfig.routing_replay: 'r3' with the embedded engine records routing where "
                              f"one rank sees every token and layer (tp = cp = pp = 1), got tp={p.tp}, cp={p.cp}, "
                              f"pp={p.pp}; use 'r2' or the SGLang engine")
-        if not isinstance(self.task, ArithmeticTaskConfig | MathTaskConfig):
-            raise ConfigError("TrainerConfig", "task", "an ArithmeticTaskConfig or a MathTaskConfig", self.task)
+        if not isinstance(self.task, ArithmeticTaskConfig | ReasoningTaskConfig | MathTaskConfig):
+            raise ConfigError("TrainerConfig", "task", "an ArithmeticTaskConfig, a ReasoningTaskConfig or a "
+                              "MathTaskConfig", self.task)
         if isinstance(self.task, MathTaskConfig) and not (self.hf.tokenizer or self.hf.load):
             raise ValueError("HFCheckpointConfig.tokenizer: a dataset task needs a Hugging Face tokenizer directory "
                              "(tokenizer, or load to use the checkpoint's), got None")

@@ -17,17 +17,21 @@ from vespo_megatron.data.math_task import MathTask, MathTaskConfig
 from vespo_megatron.metrics.mismatch import response_stats, staleness_histogram
 from vespo_megatron.rollout.replica import Replica
 
+from .reasoning_task import ReasoningTask, ReasoningTaskConfig
 from .toy_task import ArithmeticTask
 
 __all__ = ["make_task", "RewardScorer", "rollout_metrics", "task_counters"]
 
 
 def make_task(cfg):
-    """The toy arithmetic task, or a prompt dataset scored by the math checker (HF tokenizer from a local dir)."""
+    """The toy arithmetic task, the scratchpad-addition task (the testbed's), or a prompt dataset scored by the
+    math checker (HF tokenizer from a local dir)."""
     if isinstance(cfg.task, MathTaskConfig):
         from transformers import AutoTokenizer
 
         return MathTask(cfg.task, AutoTokenizer.from_pretrained(cfg.hf.tokenizer or cfg.hf.load))
+    if isinstance(cfg.task, ReasoningTaskConfig):
+        return ReasoningTask(cfg.task)
     return ArithmeticTask(cfg.task)
 
 

@@ -1,0 +1,141 @@
+"""The testbed's base model (issue 17 part 4): supervised training on the reasoning task's traces until the
+held-out pass@1 reaches a target, cached as a Hugging Face checkpoint that every RL run starts from.
+
+    python examples/testbed_sft.py                                  # -> runs/testbed/sft/hf (+ sft.json)
+    vespo-train --base testbed --hf-checkpoint runs/testbed/sft/hf  # an RL run from it (the sweep presets' way)
+    python examples/testbed_sft.py --tiny --out-dir /tmp/sft        # CPU smoke: a tiny model, seconds
+
+Loop: SFT steps at `run.sft_lr` (the trainer's own pieces: REINFORCE with A = 1 on gold traces, megatron's
+schedule, grad clip) in chunks of `--eval-every`; after each chunk pass@1 on the eval split (the trainer's
+`evaluate`: `eval.k` samples per problem at `eval.temperature`). It stops at the first evaluation with
+pass@1 >= `--target` (a base with room to improve: 20-40 %), after `--max-steps`, or when `--time-limit-s`
+is spent, then writes `<out>/hf` (float32 by default, so RL starts from the exact weights) and
+`<out>/sft.json` (steps, pass@1 per evaluation, seconds, flags). A finished base is not trained again: the
+same command prints the cached result (`--force` retrains).
+
+Why its own loop and not `run.sft_steps`: `training/sft.py` runs a fixed number of steps from problem 0 and
+resets Adam at the end; stopping at a pass rate needs evaluations in between with one optimizer state. The
+hook that would let this call the trainer's instead: `sft_warm_start(trainer, start=k, steps=n,
+reset_optimizer=False)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["TINY_MODEL_FLAGS", "TINY_RUN_FLAGS", "sft_steps", "train_base", "main"]
+
+# A CPU-sized testbed (tests, CI smoke): one-digit-wide problems, a 2-layer 4-expert model of hidden 32.
+TINY_MODEL_FLAGS = ("--hidden-size", "32", "--num-layers", "2", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+                    "--ffn-hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2")
+TINY_RUN_FLAGS = ("--levels", "3", "--eval-count", "4", "--eval-k", "2", "--prompts-per-step", "4",
+                  "--group-size", "2", "--micro-batch-size", "8", "--threads", "1")
+
+
+def sft_steps(trainer, start: int, count: int) -> None:
+    """SFT steps start .. start + count - 1 (problems of split "sft" at each step index) at `run.sft_lr`; the
+    optimizer state carries over between calls. Mirrors `training/sft.py` (see the module docstring)."""
+    from vespo_megatron.megatron.rl_batch import RLSample
+    from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
+    from vespo_megatron.training.optim import clip_and_step
+
+    cfg, g = trainer.cfg, trainer.groups
+    step_fn = RLStep(RLStepConfig(loss_name="reinforce", compute_entropy=False), StepGroups(tp=g.tp, cp=g.cp))
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = cfg.run.sft_lr
+    n = cfg.rollout.samples_per_step // g.dp_size  # samples per DP rank and SFT step
+    mb = cfg.run.sft_micro_batch_size or cfg.algorithm.micro_batch_size
+    if n % mb:
+        raise ValueError(f"RunConfig.sft_micro_batch_size: expected a divisor of the {n} samples per DP rank "
+                         f"and step, got {mb}")
+    for k in range(start, start + count):
+        problems = trainer.task.problems(k, cfg.rollout.samples_per_step, split="sft")[g.dp_rank * n:(g.dp_rank + 1) * n]
+        answers = [torch.tensor(trainer.task.answer_ids(p)) for p in problems]
+        samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=a, old_logp=torch.zeros(len(a)), advantage=1.0)
+                   for p, a in zip(problems, answers, strict=True)]
+        micro = trainer.batcher.split(samples, n // mb, samples[0], seq_len=mb * trainer.batcher.longest)
+        trainer.model.zero_grad_buffer()
+        trainer.optimizer.zero_grad()
+        normalizer = step_fn.normalizer(micro, dp_group=g.dp)
+        trainer.schedule(step_fn.forward_step(normalizer), micro, forward_only=False)
+        clip_and_step(trainer.optimizer, cfg.algorithm.clip_grad)
+
+
+def train_base(trainer, *, target: float, max_steps: int, eval_every: int, time_limit_s: float,
+               log=print) -> dict:
+    """SFT until pass@1 >= target (or max_steps / the time limit); returns the record written to sft.json."""
+    t0, done, history = time.time(), 0, []
+    while True:
+        chunk = min(eval_every, max_steps - done)
+        if chunk > 0:
+            sft_steps(trainer, done, chunk)
+            done += chunk
+        trainer.engine.sync_weights(trainer.policy, 0)
+        ev = trainer.evaluate(done)
+        history.append({"sft_step": done, "seconds": round(time.time() - t0, 1),
+                        **{k: v for k, v in ev.items() if k.startswith("eval/")}})
+        log(json.dumps(history[-1]))
+        stop = ("target" if ev["eval/pass@1"] >= target else "max_steps" if done >= max_steps
+                else "time_limit" if time.time() - t0 >= time_limit_s else None)
+        if stop:
+            return {"stopped": stop, "sft_steps": done, "eval/pass@1": ev["eval/pass@1"], "target": target,
+                    "seconds": round(time.time() - t0, 1), "history": history}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", default="runs/testbed/sft", help="the base is cached here: <out-dir>/hf, sft.json")
+    p.add_argument("--target", type=float, default=0.25, help="stop at the first evaluation with pass@1 >= this")
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--eval-every", type=int, default=100, help="SFT steps between evaluations")
+    p.add_argument("--time-limit-s", type=float, default=270.0, help="stop after the evaluation past this")
+    p.add_argument("--tiny", action="store_true", help="a CPU-sized model and task (tests, CI)")
+    p.add_argument("--force", action="store_true", help="train again even if <out-dir>/sft.json exists")
+    p.add_argument("trainer_flags", nargs="*", help="after --: vespo-train flags (on top of --base testbed)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out_dir)
+    record_path, hf_dir = out / "sft.json", out / "hf"
+    if record_path.is_file() and (hf_dir / "config.json").is_file() and not args.force:
+        record = json.loads(record_path.read_text())
+        print(f"cached: {hf_dir} (pass@1 {record['eval/pass@1']:.3f} after {record['sft_steps']} SFT steps); "
+              "--force trains again", file=sys.stderr)
+        return 0
+    from vespo_megatron.training import cli as train_cli
+    from vespo_megatron.training.launch import init_distributed
+    from vespo_megatron.training.trainer import Trainer
+
+    flags = ["--base", "testbed", "--save-hf-dtype", "float32", *(TINY_MODEL_FLAGS + TINY_RUN_FLAGS if args.tiny
+                                                                   else ()),
+             *args.trainer_flags, "--sft-steps", "0", "--out-dir", str(out), "--run-name", "sft", "--no-console"]
+    cfg = train_cli.config_from_argv(flags)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    init_distributed()
+    trainer = Trainer(cfg)
+    record = train_base(trainer, target=args.target, max_steps=args.max_steps, eval_every=args.eval_every,
+                        time_limit_s=args.time_limit_s,
+                        log=(lambda s: print(s, file=sys.stderr)) if trainer.is_log_rank else (lambda s: None))
+    trainer.policy.write_hf(str(hf_dir))
+    if trainer.rank == 0:
+        record["flags"] = flags
+        record["rl_flags"] = ["--base", "testbed", "--hf-checkpoint", str(hf_dir)]
+        os.makedirs(out, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"base: {hf_dir}; pass@1 {record['eval/pass@1']:.3f} after {record['sft_steps']} SFT steps "
+              f"({record['stopped']}, {record['seconds']} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
