@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .math_reward import MathRewardChecker, MathRewardConfig, RewardResult, RewardStats
+from .math_reward import MathRewardChecker, MathRewardConfig, RewardResult, RewardStats, gold_problem
 from .prompts import PromptDataConfig, PromptDataset
 
 __all__ = ["MathTaskConfig", "MathTask", "MathProblem", "HFTokenizerAdapter"]
@@ -93,7 +93,8 @@ class MathTask:
     def __init__(self, cfg: MathTaskConfig, tokenizer, *, checker: MathRewardChecker | None = None):
         self.cfg = cfg
         self.tok = HFTokenizerAdapter(tokenizer, vocab_multiple=cfg.vocab_multiple, eos_token=cfg.eos_token)
-        self.dataset = PromptDataset(cfg.data, tokenizer)
+        # Gold answers the checker could never match are bad data, skipped and counted when the file loads.
+        self.dataset = PromptDataset(cfg.data, tokenizer, answer_check=gold_problem)
         self._own_checker = checker is None
         self._checker = checker  # our own pool starts on first use: ranks that never score start none
 
