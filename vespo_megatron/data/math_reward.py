@@ -26,6 +26,7 @@ import math
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -192,6 +193,9 @@ def _worker_main() -> None:
     so that prints in checkers cannot corrupt the protocol)."""
     import logging
 
+    # Ctrl-C reaches the whole process group: the trainer handles it and stops us (kill, or the orphan watch);
+    # a worker's own KeyboardInterrupt would only add tracebacks to the one-line message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
