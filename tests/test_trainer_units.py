@@ -93,7 +93,8 @@ def test_bad_generations_are_rejected_and_counted():
     (dict(algorithm=AlgorithmConfig(routing_replay="r2"), model=TinyMoEConfig(moe_layer_freq=(0, 0))),
      r"AlgorithmConfig.routing_replay: expected 'off' for a model without MoE layers .*, got 'r2'"),
     # found at start now, not after the model is built (warm start) or inside megatron's config
-    (dict(run=RunConfig(sft_micro_batch_size=5), rollout=RolloutConfig(prompts_per_step=16, group_size=4)),
+    (dict(run=RunConfig(sft_micro_batch_size=5), rollout=RolloutConfig(prompts_per_step=16, group_size=4),
+          algorithm=AlgorithmConfig(micro_batch_size=4)),
      r"RunConfig.sft_micro_batch_size: expected a divisor of the 32 samples per DP rank and warm-start step, got 5"),
     (dict(parallel=ParallelConfig(pp=2), model=TinyMoEConfig(num_layers=3)),
      r"TinyMoEConfig.num_layers: expected a multiple of pp x vpp = 2 \(even pipeline stages\), got 3"),
