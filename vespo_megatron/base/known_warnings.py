@@ -2,7 +2,7 @@
 
 megatron-core warns at import time (per rank) that Transformer Engine / Apex are not installed and that it
 falls back to its local or torch implementations, which is the intended set-up on CPU and without Apex,
-and about its own deprecated import paths. Each filter below matches one exact known message, from
+about its own deprecated import paths, and, when the model is built, about its own default cuda-graph scope. Each filter below matches one exact known message, from
 megatron-core only, so any other warning (ours, torch's, a new megatron one) still shows.
 """
 
@@ -19,6 +19,8 @@ KNOWN_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     # "Transformer Engine and Apex are not installed. Falling back to Torch optimizers." / "... to local
     # implementations of multi_tensor_applier ..." (optimizer, clip_grads, megatron_fsdp)
     (UserWarning, r"Transformer Engine and Apex are not installed\. Falling back to "),
+    # TransformerConfig's own default cuda_graph_scope="full" warns about itself on every model build
+    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope to capture the whole layer"),
     # megatron-core's own deprecated module paths, imported by megatron-core itself
     (DeprecationWarning, r"The 'megatron\.core\.transformer\.custom_layers\.transformer_engine'\s+module is deprecated"),
     (DeprecationWarning, r"The following imports from `dynamic_context\.py` will be removed"),
