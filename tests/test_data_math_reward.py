@@ -2,6 +2,7 @@
 and replaced), and every failure counted by reason instead of raised."""
 
 import os
+import signal
 import threading
 import time
 
@@ -189,3 +190,13 @@ def test_stats_are_thread_safe():
     for t in threads:
         t.join()
     assert stats.counts() == {"wrong": 4000}
+
+
+def test_workers_ignore_ctrl_c_the_trainer_handles_it(fake):
+    """Ctrl-C reaches the whole process group; a worker's own KeyboardInterrupt would print a traceback next
+    to the trainer's one-line message (issue 13) and lose the check in flight."""
+    proc = fake._workers[0].proc
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert proc.poll() is None
+    assert [r.reason for r in fake.score_many([("a", "a"), ("b", "c")])] == ["correct", "wrong"]

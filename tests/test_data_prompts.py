@@ -221,3 +221,18 @@ def test_answer_check_rejections_are_counted_as_gold_unparsable(tmp_path, tok):
     with pytest.raises(ValueError, match=r"d\.jsonl:2 \(row 1\): field 'answer': expected a gold answer the "
                                          r"reward can parse, got 'bad' \(injected\)"):
         PromptDataset(PromptDataConfig(path=path, missing_answer="error"), tok, answer_check=check)
+
+
+def test_a_tokenizer_failure_names_the_row(tmp_path, tok):
+    class Failing:
+        chat_template = None
+
+        def encode(self, text):
+            if "boom" in text:
+                raise RuntimeError("cannot encode")
+            return tok.encode(text)
+
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"prompt": "boom", "answer": "1"}])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2 \(row 1\): field 'prompt': the tokenizer could not render "
+                                         r"this prompt \(RuntimeError: cannot encode\)"):
+        PromptDataset(PromptDataConfig(path=path), Failing())

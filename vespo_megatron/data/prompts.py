@@ -241,7 +241,11 @@ class PromptDataset:
             self._skip_or_raise(cfg.empty_prompt, "empty_prompt", f"{where}: field {cfg.prompt_key!r}: "
                                 f"expected a non-empty prompt, got {prompt!r:.200}")
             return None
-        text, ids = self._render(messages)
+        try:
+            text, ids = self._render(messages)
+        except Exception as e:  # a template or tokenizer failure on one row's content: name the row
+            raise ValueError(f"{where}: field {cfg.prompt_key!r}: the tokenizer could not render this prompt "
+                             f"({type(e).__name__}: {e})") from e
         if len(ids) > cfg.max_prompt_tokens:
             self._skip_or_raise(cfg.too_long, "prompt_too_long", f"{where}: field {cfg.prompt_key!r}: "
                                 f"expected at most max_prompt_tokens={cfg.max_prompt_tokens} tokens, "
