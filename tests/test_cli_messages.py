@@ -4,6 +4,7 @@ is one line and exit code 130."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from vespo_megatron.base.known_warnings import filter_known_warnings
+from vespo_megatron.cli import CLIError, ConfigCLI
 from vespo_megatron.training.sft import progress_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,3 +148,30 @@ def test_warm_start_progress_and_a_one_line_message_on_sigint(tmp_path):
     # the checkpoint of the step before (or, had the signal landed between its log line and its save, the one
     # before that)
     assert int(m.group(1)) - int(m.group(3)) in (1, 2) and os.path.isdir(m.group(2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    max_width: int = 1
+
+    def __post_init__(self):
+        if self.max_width < 1:
+            raise ValueError(f"Inner.max_width: expected an int >= 1, got {self.max_width}")
+        if self.max_width == 7:
+            raise ValueError("seven is unlucky")  # not of the form: unchanged
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+
+def test_plain_value_errors_of_the_owner_field_form_name_the_flag_too():
+    """Configs that raise `ValueError("Owner.field: ...")` instead of ConfigError still read as flags."""
+    cli = ConfigCLI(Outer(), flags={"inner.max_width": "--width"})
+    parser = cli.build_parser()
+    with pytest.raises(CLIError, match=r"^--width: expected an int >= 1, got 0$"):
+        cli.config_from(parser.parse_args(["--width", "0"]))
+    with pytest.raises(ValueError, match="^seven is unlucky$") as caught:
+        cli.config_from(parser.parse_args(["--width", "7"]))
+    assert not isinstance(caught.value, CLIError)

@@ -198,11 +198,14 @@ def validate_for_launch(cfg: TrainerConfig, world_size: int, cli: ConfigCLI) -> 
     its flag (CLIError)."""
     try:
         cfg.validate(world_size)
-    except ConfigError as e:
-        raise cli.named(e) from None
-    except ValueError as e:  # the layout against the world size: no single field is at fault
-        raise CLIError(f"{e} (world size {world_size}: --world-size with --dry-run, else WORLD_SIZE or "
-                       "torchrun's ranks)") from None
+    except ValueError as e:
+        named = cli.restate(e)
+        if isinstance(named, CLIError):
+            raise named from None
+        if str(e).startswith("world_size:"):  # the layout against the world size: no single field is at fault
+            raise CLIError(f"{e} (world size {world_size}: --world-size with --dry-run, else WORLD_SIZE or "
+                           "torchrun's ranks)") from None
+        raise
 
 
 class _Progress:
