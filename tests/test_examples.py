@@ -16,7 +16,8 @@ SCRIPTS = sorted((ROOT / "examples").glob("*.sh"))
 
 
 def _env(**extra):
-    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
+    # PYTHONPATH: the checkout under test is the one the scripts import (a worktree's, not the installed one)
+    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **{"PYTHONPATH": str(ROOT), **extra})
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
@@ -54,7 +55,7 @@ def test_qwen3_launch_script_dry_run():
 def test_dry_run_rejects_bad_layouts(flags, message):
     """Issue 13: these were tracebacks naming dataclass fields (`AlgorithmConfig.staleness`)."""
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "toy_rl.py"), *flags, "--dry-run", "--world-size", "8"],
-                         env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+                         env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert out.stderr.startswith(message) and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
 
