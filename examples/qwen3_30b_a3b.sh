@@ -22,7 +22,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 NNODES=${NNODES:-16}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-PYTHON=${PYTHON:-python3}
+# The checkout's .venv (bash ci/setup.sh) when there is one, as the README's commands assume; else python3.
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 
 HF_CKPT=${HF_CKPT:-}
 PROMPT_DATA=${PROMPT_DATA:-}
@@ -101,6 +104,6 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   exec "$PYTHON" examples/toy_rl.py "${ARGS[@]}" --dry-run --world-size $((NNODES * GPUS_PER_NODE))
 fi
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-exec torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "${NODE_RANK:-0}" \
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "${NODE_RANK:-0}" \
   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
   examples/toy_rl.py "${ARGS[@]}"

@@ -2,6 +2,7 @@
 and replaced), and every failure counted by reason instead of raised."""
 
 import os
+import signal
 import threading
 import time
 
@@ -13,6 +14,7 @@ from vespo_megatron.data.math_reward import (
     MathRewardConfig,
     RewardResult,
     RewardStats,
+    gold_problem,
     last_boxed,
 )
 
@@ -63,10 +65,24 @@ def test_last_boxed():
     ("I am not sure.", "3", "no_answer"),
     ("\\boxed{}", "3", "no_answer"),
     ("\\boxed{1}", "}{", "gold_unparsable"),
+    # issue 13: these were scored "wrong" (a bare string; the product of the letters h*e*l*l*o*...)
+    ("\\boxed{1}", "\\frac{{{", "gold_unparsable"),
+    ("\\boxed{hello world}", "hello world", "gold_unparsable"),
+    ("\\boxed{\\text{Monday}}", "\\text{Monday}", "correct"),  # text in \text{} is still an answer
 ])
 def test_math_verify_verdicts(checker, response, gold, reason):
     result = checker.score(response, gold)
     assert result == RewardResult(1.0 if reason == "correct" else 0.0, reason)
+
+
+@pytest.mark.parametrize("gold, problem", [
+    ("\\frac{{{", "unbalanced braces"), ("}{", "unbalanced braces"), ("hello world", "prose"),
+    ("x in terms of y", "prose"), ("1", None), ("\\frac{1}{2}", None), ("Monday", None), ("5 cm", None),
+    ("\\text{hello world}", None), ("\\sqrt{2}\\pi", None), ("\\{1,2\\}", None),
+])
+def test_gold_problem_is_a_cheap_load_time_check(gold, problem):
+    got = gold_problem(gold)
+    assert got is None if problem is None else problem in got
 
 
 def test_require_boxed_ignores_unboxed_answers():
@@ -174,3 +190,13 @@ def test_stats_are_thread_safe():
     for t in threads:
         t.join()
     assert stats.counts() == {"wrong": 4000}
+
+
+def test_workers_ignore_ctrl_c_the_trainer_handles_it(fake):
+    """Ctrl-C reaches the whole process group; a worker's own KeyboardInterrupt would print a traceback next
+    to the trainer's one-line message (issue 13) and lose the check in flight."""
+    proc = fake._workers[0].proc
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert proc.poll() is None
+    assert [r.reason for r in fake.score_many([("a", "a"), ("b", "c")])] == ["correct", "wrong"]

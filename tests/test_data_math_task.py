@@ -124,3 +124,15 @@ def test_task_owns_its_checker_and_validates_config(tmp_path, tok):
         MathTaskConfig(data=PromptDataConfig(path=path), sft_answer_template="\\boxed{}")
     with pytest.raises(ValueError, match=r"MathTaskConfig\.eos_token: expected a token of the tokenizer"):
         MathTask(MathTaskConfig(data=PromptDataConfig(path=path), eos_token="<nope>"), tok)
+
+
+def test_unparsable_gold_answers_are_counted_at_load_not_scored_wrong(tmp_path, tok):
+    """Issue 13: `\\frac{{{` and `hello world` were scored "wrong"; now they are bad data, counted by reason."""
+    path = tmp_path / "math.jsonl"
+    data = [{"prompt": "p0", "answer": "1"}, {"prompt": "p1", "answer": "\\frac{{{"},
+            {"prompt": "p2", "answer": "hello world"}, {"prompt": "", "answer": "2"}, {"prompt": "p4", "answer": "3"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
+    task = MathTask(MathTaskConfig(data=PromptDataConfig(path=path)), tok)
+    assert task.skipped == {"gold_unparsable": 2, "empty_prompt": 1}
+    assert [p.row for p in task.problems(0, 2)] in ([0, 4], [4, 0])
+    task.close()

@@ -178,3 +178,61 @@ def test_batches_are_a_pure_function_of_seed_split_and_step(tmp_path, tok):
         PromptDataset(PromptDataConfig(path=path, eval_count=20), tok)
     with pytest.raises(ValueError, match="no eval rows"):
         PromptDataset(PromptDataConfig(path=path), tok).batch(0, 1, "eval")
+
+
+def test_undecodable_bytes_and_non_parquet_files_name_the_file_and_line(tmp_path, tok):
+    """Issue 13: a bad byte gave a bare UnicodeDecodeError at a buffer offset; a non-Parquet .parquet an
+    ArrowInvalid without the path."""
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(ValueError, match=r"latin\.jsonl:2: expected UTF-8 text, got byte 0xe9 at column 16"):
+        PromptDataset(PromptDataConfig(path=latin), tok)
+    bom = tmp_path / "bom.jsonl"  # a leading byte-order mark is an encoding detail, not data
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": "1"}\n')
+    assert [r.answer for r in PromptDataset(PromptDataConfig(path=bom), tok).train] == ["1"]
+    fake = tmp_path / "fake.parquet"
+    fake.write_text('{"prompt": "a", "answer": "1"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"fake\.parquet: expected a readable Parquet file, got ArrowInvalid"):
+        PromptDataset(PromptDataConfig(path=fake), tok)
+
+
+def test_empty_prompts_are_skipped_and_counted_like_missing_answers(tmp_path, tok):
+    """Issue 13: one empty prompt aborted the run while a missing answer was skipped and counted."""
+    rows = [ROWS[0], {"prompt": "", "answer": "1"}, {"prompt": "   ", "answer": "2"}, {"prompt": None, "answer": "3"},
+            {"prompt": [{"role": "user", "content": " "}], "answer": "4"}, {"prompt": [], "answer": "5"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    ds = PromptDataset(PromptDataConfig(path=path), tok)
+    assert dict(ds.skipped) == {"empty_prompt": 5}
+    assert [r.row for r in ds.train] == [0]
+    with pytest.raises(ValueError, match=r"d\.jsonl:2 \(row 1\): field 'prompt': expected a non-empty prompt, "
+                                         r"got ''"):
+        PromptDataset(PromptDataConfig(path=path, empty_prompt="error"), tok)
+    with pytest.raises(ValueError, match=r"PromptDataConfig\.empty_prompt: expected 'skip' or 'error'"):
+        PromptDataConfig(path=path, empty_prompt="drop")
+
+
+def test_answer_check_rejections_are_counted_as_gold_unparsable(tmp_path, tok):
+    rows = [ROWS[0], {"prompt": "b", "answer": "bad"}, {"prompt": "c", "answer": "2"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    check = lambda a: "injected" if a == "bad" else None  # noqa: E731
+    ds = PromptDataset(PromptDataConfig(path=path), tok, answer_check=check)
+    assert dict(ds.skipped) == {"gold_unparsable": 1}
+    assert [r.row for r in ds.train] == [0, 2]
+    with pytest.raises(ValueError, match=r"d\.jsonl:2 \(row 1\): field 'answer': expected a gold answer the "
+                                         r"reward can parse, got 'bad' \(injected\)"):
+        PromptDataset(PromptDataConfig(path=path, missing_answer="error"), tok, answer_check=check)
+
+
+def test_a_tokenizer_failure_names_the_row(tmp_path, tok):
+    class Failing:
+        chat_template = None
+
+        def encode(self, text):
+            if "boom" in text:
+                raise RuntimeError("cannot encode")
+            return tok.encode(text)
+
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"prompt": "boom", "answer": "1"}])
+    with pytest.raises(ValueError, match=r"d\.jsonl:2 \(row 1\): field 'prompt': the tokenizer could not render "
+                                         r"this prompt \(RuntimeError: cannot encode\)"):
+        PromptDataset(PromptDataConfig(path=path), Failing())

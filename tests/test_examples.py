@@ -16,7 +16,8 @@ SCRIPTS = sorted((ROOT / "examples").glob("*.sh"))
 
 
 def _env(**extra):
-    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **extra)
+    # PYTHONPATH: the checkout under test is the one the scripts import (a worktree's, not the installed one)
+    return dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", **{"PYTHONPATH": str(ROOT), **extra})
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=[s.name for s in SCRIPTS])
@@ -24,9 +25,20 @@ def test_shell_syntax(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
+def _as_printed_env(**extra):
+    """A user's shell: no PYTHON (issue 13: the README's command failed without it, and CI always set it).
+    PYTHONPATH only makes the checkout under test the one imported (in a plain checkout it is anyway)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    return dict(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+
+
 def test_qwen3_launch_script_dry_run():
-    out = subprocess.run(["bash", str(ROOT / "examples" / "qwen3_30b_a3b.sh")], env=_env(DRY_RUN="1"),
-                         check=True, capture_output=True, text=True, timeout=300)
+    """`DRY_RUN=1 bash examples/qwen3_30b_a3b.sh` exactly as the README prints it, from the repository root."""
+    readme = (ROOT / "README.md").read_text()
+    assert "DRY_RUN=1 bash examples/qwen3_30b_a3b.sh" in readme
+    out = subprocess.run(["bash", "examples/qwen3_30b_a3b.sh"], cwd=ROOT, env=_as_printed_env(DRY_RUN="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
     plan = json.loads(out.stdout)
     assert plan["world_size"] == 128 and plan["data_parallel"] == 32
     assert plan["layout"]["ep"] == 8 and plan["layout"]["tp"] == 4 and plan["layout"]["sp"] is True
@@ -35,15 +47,17 @@ def test_qwen3_launch_script_dry_run():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tp", "3", "--sp"], "tp"),
-    (["--staleness", "3"], "AlgorithmConfig.staleness"),
-    (["--ep", "3"], "ep"),
+    (["--tp", "3", "--sp"], "error: world_size: expected a multiple of tp*cp*pp=3, got 8"),
+    (["--staleness", "3"], "error: --staleness: expected a divisor of the 32 samples per DP rank"),
+    (["--ep", "3"], "error: world_size: expected a multiple of etp*ep*pp=3, got 8"),
+    (["--ep", "8", "--num-experts", "4"], "error: --ep: expected a divisor of num_experts=4, got 8"),
 ])
 def test_dry_run_rejects_bad_layouts(flags, message):
+    """Issue 13: these were tracebacks naming dataclass fields (`AlgorithmConfig.staleness`)."""
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "toy_rl.py"), *flags, "--dry-run", "--world-size", "8"],
                          env=_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
-    assert "ValueError" in out.stderr and message in out.stderr
+    assert out.returncode == 2
+    assert out.stderr.startswith(message) and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
 
 
 @pytest.mark.megatron

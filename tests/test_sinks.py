@@ -60,6 +60,17 @@ def test_console_shows_a_label_once_when_aliases_are_present():
     assert sink.format_line(2, {"reward_mean": 0.25}).endswith("| reward 0.25")
 
 
+def test_console_shows_eval_metrics_and_a_dash_for_no_data():
+    """Issue 13: eval results never reached the console, and phi- printed `nan` when no advantage was negative."""
+    sink = ConsoleSink(10, stream=io.StringIO(), clock=FakeClock())  # the default keys
+    line = sink.format_line(1, {"reward/mean": 0.5, "vespo/phi_pos_mean": 0.75, "vespo/phi_neg_mean": float("nan"),
+                                "eval/pass@1": 0.25, "eval/mean@4": 0.3, "eval/pass@4": 0.5, "eval/errors": 0.0})
+    assert line.endswith("| reward 0.5 | phi+ 0.75 | phi- \u2013 | eval pass@1 0.25 | eval pass@4 0.5 | "
+                         "eval mean@4 0.3")
+    assert "nan" not in line
+    assert "eval" not in sink.format_line(2, {"reward/mean": 0.5})  # steps without eval show none
+
+
 def test_console_tty_redraws_one_line():
     clock, out = FakeClock(), io.StringIO()
     sink = ConsoleSink(4, ["loss"], stream=out, is_tty=True, bar_width=8, clock=clock)

@@ -7,12 +7,13 @@ import math
 
 import pytest
 
+from vespo_megatron.base.validation import ConfigError
 from vespo_megatron.losses import VespoConfig
 from vespo_megatron.megatron.model import TinyMoEConfig
 from vespo_megatron.megatron.parallel_setup import ParallelConfig
 from vespo_megatron.rollout.engine import Generation
 from vespo_megatron.training.advantages import ADVANTAGE_ESTIMATORS, grpo_advantages, resolve_advantage
-from vespo_megatron.training.config import AlgorithmConfig, RolloutConfig, TrainerConfig
+from vespo_megatron.training.config import AlgorithmConfig, RolloutConfig, RunConfig, TrainerConfig
 from vespo_megatron.training.samples import Rejections, build_samples
 from vespo_megatron.training.toy_task import ArithmeticTask, ArithmeticTaskConfig, CharTokenizer
 
@@ -86,15 +87,23 @@ def test_bad_generations_are_rejected_and_counted():
     (dict(parallel=ParallelConfig(tp=3, sp=True)), r"world size|tp"),
     (dict(rollout=RolloutConfig(prompts_per_step=3, group_size=4)), r"prompts_per_step: expected a multiple of the data-parallel size 2"),
     (dict(algorithm=AlgorithmConfig(staleness=3), rollout=RolloutConfig(prompts_per_step=16, group_size=4)),
-     r"staleness: the 32 samples per DP rank"),
+     r"AlgorithmConfig.staleness: expected a divisor of the 32 samples per DP rank .*, got 3"),
     (dict(algorithm=AlgorithmConfig(micro_batch_size=5, staleness=1), rollout=RolloutConfig(prompts_per_step=16, group_size=4)),
-     r"micro_batch_size: a mini-batch has 32 samples"),
+     r"AlgorithmConfig.micro_batch_size: expected a divisor of the 32 samples per DP rank of a mini-batch, got 5"),
     (dict(algorithm=AlgorithmConfig(routing_replay="r2"), model=TinyMoEConfig(moe_layer_freq=(0, 0))),
-     r"routing_replay: 'r2' needs MoE layers"),
+     r"AlgorithmConfig.routing_replay: expected 'off' for a model without MoE layers .*, got 'r2'"),
+    # found at start now, not after the model is built (warm start) or inside megatron's config
+    (dict(run=RunConfig(sft_micro_batch_size=5), rollout=RolloutConfig(prompts_per_step=16, group_size=4),
+          algorithm=AlgorithmConfig(micro_batch_size=4)),
+     r"RunConfig.sft_micro_batch_size: expected a divisor of the 32 samples per DP rank and warm-start step, got 5"),
+    (dict(parallel=ParallelConfig(pp=2), model=TinyMoEConfig(num_layers=3)),
+     r"TinyMoEConfig.num_layers: expected a multiple of pp x vpp = 2 \(even pipeline stages\), got 3"),
 ])
 def test_bad_config_fails_at_start(change, match):
     cfg = TrainerConfig(**change)
-    with pytest.raises(ValueError, match=match):
+    # a field's cross-check is a ConfigError (the command line names its flag); the world size is no field
+    kind = ValueError if "world size" in match else ConfigError
+    with pytest.raises(kind, match=match):
         cfg.validate(world_size=2)
 
 

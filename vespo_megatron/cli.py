@@ -11,13 +11,15 @@ maps the field's path to (flag, choose), where `choose(value)` returns the membe
 instance) for the flag's value; without the flag, the member whose flags were given is taken (the base's
 member when none were). Flags of a member that is not chosen are refused, naming the member.
 
-A `ConfigError` raised while building names the command-line flag of the field, not the dataclass field.
+A `ConfigError` raised while building names the command-line flag of the field, not the dataclass field; so
+does a plain `ValueError` whose message starts `Owner.field: ` (the convention older configs follow).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -29,6 +31,7 @@ from vespo_megatron.base.validation import ConfigError
 __all__ = ["Leaf", "ConfigCLI", "CLIError"]
 
 _MISSING = object()
+_OWNER_FIELD = re.compile(r"^([A-Z]\w*)\.(\w+): ")  # "Owner.field: expected ..., got ..."
 
 
 class CLIError(ValueError):
@@ -195,8 +198,19 @@ class ConfigCLI:
         try:
             base = self.base if base is None else base
             return self._rebuild(base, type(base), "", given, chosen)
-        except ConfigError as e:
-            raise self.named(e) from None
+        except ValueError as e:  # ConfigError, or a config's own "Owner.field: ..." ValueError
+            raise self.restate(e) from None
+
+    def restate(self, e: ValueError) -> ValueError:
+        """A config's error in the command line's terms: a `ConfigError`, or a ValueError whose message starts
+        with `Owner.field: `, names the flag (CLIError); any other ValueError comes back unchanged."""
+        if isinstance(e, CLIError):
+            return e
+        if isinstance(e, ConfigError):
+            return self.named(e)
+        m = _OWNER_FIELD.match(str(e))
+        leaf = self._by_owner.get((m.group(1), m.group(2))) if m else None
+        return CLIError(f"{leaf.flag}: {str(e)[m.end():]}") if leaf is not None else e
 
     def named(self, e: ConfigError) -> CLIError:
         """`e` restated with the flag of its field (when the field has one)."""

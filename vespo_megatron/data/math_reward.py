@@ -24,7 +24,9 @@ import importlib
 import json
 import math
 import os
+import re
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from vespo_megatron.base.validation import ConfigError
 
 __all__ = ["REASONS", "FAILURE_REASONS", "MathRewardConfig", "RewardResult", "RewardStats",
-           "MathRewardChecker", "last_boxed", "math_verify_check"]
+           "MathRewardChecker", "last_boxed", "gold_problem", "math_verify_check"]
 
 REASONS = ("correct", "wrong", "no_answer", "gold_unparsable", "timeout", "checker_error", "worker_crash")
 # Reasons a checker may return; the others are assigned by the pool.
@@ -128,6 +130,31 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+# LaTeX that holds text rather than math, and command names: neither is a prose word.
+_TEXT_GROUPS = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{[^{}]*\}")
+_COMMANDS = re.compile(r"\\[A-Za-z]+")
+_WORDS = re.compile(r"(?<![A-Za-z])[A-Za-z]{2,}(?![A-Za-z])")
+
+
+def gold_problem(gold: str) -> str | None:
+    """Why a gold answer cannot be scored, found without SymPy (cheap enough for every row at load time), or
+    None. Two cases math-verify does not refuse by itself: unbalanced braces (`\\frac{{{` parses to a bare
+    string) and prose (`hello world` parses to the product of its letters, so any answer is "wrong"). Prose
+    is two or more words of 2+ letters outside `\\text{...}` and LaTeX commands; a single word ("Monday",
+    "cm") stays an answer."""
+    depth = 0
+    for ch in gold:
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth < 0:
+            break
+    if depth != 0:
+        return "unbalanced braces"
+    words = _WORDS.findall(_COMMANDS.sub(" ", _TEXT_GROUPS.sub(" ", gold)))
+    if len(words) >= 2:
+        return f"prose, not math: words {words[:4]}"
+    return None
+
+
 def math_verify_check(response: str, gold: str, *, require_boxed: bool = False) -> str:
     # math-verify's signal-based timeouts are off (None): the parent's deadline and SIGKILL bound the time.
     from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
@@ -136,9 +163,13 @@ def math_verify_check(response: str, gold: str, *, require_boxed: bool = False) 
     latex = LatexExtractionConfig(boxed_match_priority=0, normalization_config=NormalizationConfig(
         basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="last", equations=False))
     configs = [latex, ExprExtractionConfig()]
+    if gold_problem(gold) is not None:
+        return "gold_unparsable"
     gold_parsed = parse(f"\\boxed{{{gold}}}", configs, parsing_timeout=None) or parse(gold, configs,
                                                                                        parsing_timeout=None)
-    if not gold_parsed:
+    # parse() returns [expression, matched string], or only the string when nothing converted to SymPy:
+    # a gold answer without an expression cannot be compared, so it is bad data, not a "wrong" response.
+    if not any(not isinstance(g, str) for g in gold_parsed):
         return "gold_unparsable"
     boxed = last_boxed(response)
     if boxed is not None:
@@ -162,6 +193,9 @@ def _worker_main() -> None:
     so that prints in checkers cannot corrupt the protocol)."""
     import logging
 
+    # Ctrl-C reaches the whole process group: the trainer handles it and stops us (kill, or the orphan watch);
+    # a worker's own KeyboardInterrupt would only add tracebacks to the one-line message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr

@@ -14,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .math_reward import MathRewardChecker, MathRewardConfig, RewardResult, RewardStats
+from vespo_megatron.base.validation import ConfigError, check_int
+
+from .math_reward import MathRewardChecker, MathRewardConfig, RewardResult, RewardStats, gold_problem
 from .prompts import PromptDataConfig, PromptDataset
 
 __all__ = ["MathTaskConfig", "MathTask", "MathProblem", "HFTokenizerAdapter"]
@@ -36,18 +38,15 @@ class MathTaskConfig:
     def __post_init__(self) -> None:
         c = "MathTaskConfig"
         if not isinstance(self.data, PromptDataConfig):
-            raise ValueError(f"{c}.data: expected a PromptDataConfig, got {type(self.data).__name__}")
+            raise ConfigError(c, "data", "a PromptDataConfig", type(self.data).__name__)
         if not isinstance(self.reward, MathRewardConfig):
-            raise ValueError(f"{c}.reward: expected a MathRewardConfig, got {type(self.reward).__name__}")
+            raise ConfigError(c, "reward", "a MathRewardConfig", type(self.reward).__name__)
         for name in ("max_new_tokens", "vocab_multiple"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-                raise ValueError(f"{c}.{name}: expected an int >= 1, got {v!r}")
+            check_int(c, name, getattr(self, name), low=1)
         if self.eos_token is not None and not (isinstance(self.eos_token, str) and self.eos_token):
-            raise ValueError(f"{c}.eos_token: expected None or a token string, got {self.eos_token!r}")
+            raise ConfigError(c, "eos_token", "None or a token string", self.eos_token)
         if not (isinstance(self.sft_answer_template, str) and "{answer}" in self.sft_answer_template):
-            raise ValueError(f"{c}.sft_answer_template: expected a str containing '{{answer}}', "
-                             f"got {self.sft_answer_template!r}")
+            raise ConfigError(c, "sft_answer_template", "a str containing '{answer}'", self.sft_answer_template)
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,8 @@ class MathTask:
     def __init__(self, cfg: MathTaskConfig, tokenizer, *, checker: MathRewardChecker | None = None):
         self.cfg = cfg
         self.tok = HFTokenizerAdapter(tokenizer, vocab_multiple=cfg.vocab_multiple, eos_token=cfg.eos_token)
-        self.dataset = PromptDataset(cfg.data, tokenizer)
+        # Gold answers the checker could never match are bad data, skipped and counted when the file loads.
+        self.dataset = PromptDataset(cfg.data, tokenizer, answer_check=gold_problem)
         self._own_checker = checker is None
         self._checker = checker  # our own pool starts on first use: ranks that never score start none
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,8 @@ class PromptDataConfig:
     apply_chat_template: bool = True
     max_prompt_tokens: int = 1024
     too_long: str = "skip"
-    missing_answer: str = "skip"
+    missing_answer: str = "skip"  # also the policy for a gold answer the task's check rejects (unparsable)
+    empty_prompt: str = "skip"
     eval_count: int = 0
     seed: int = 0
 
@@ -66,7 +67,7 @@ class PromptDataConfig:
         if not (isinstance(self.max_prompt_tokens, int) and not isinstance(self.max_prompt_tokens, bool)
                 and self.max_prompt_tokens >= 1):
             raise ConfigError("PromptDataConfig", "max_prompt_tokens", "an int >= 1", self.max_prompt_tokens)
-        for name in ("too_long", "missing_answer"):
+        for name in ("too_long", "missing_answer", "empty_prompt"):
             if getattr(self, name) not in ("skip", "error"):
                 raise ConfigError("PromptDataConfig", name, "'skip' or 'error'", getattr(self, name))
         if not (isinstance(self.eval_count, int) and not isinstance(self.eval_count, bool)
@@ -92,8 +93,14 @@ def iter_rows(path: str | Path, columns: list[str] | None = None) -> Iterator[tu
         raise FileNotFoundError(f"PromptDataConfig.path: no such file {str(path)!r}")
     if path.suffix == ".jsonl":
         row = 0
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        # Read bytes and decode line by line: a bad byte then names its line, not a buffer offset.
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is not data
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: expected UTF-8 text, got byte 0x{raw[e.start]:02x} at "
+                                     f"column {e.start + 1}") from None
                 if not line.strip():
                     continue
                 try:
@@ -106,15 +113,20 @@ def iter_rows(path: str | Path, columns: list[str] | None = None) -> Iterator[tu
                 yield row, obj, f"{path}:{lineno} (row {row})"
                 row += 1
     else:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        available = pq.read_schema(path).names
-        if columns is not None:
-            absent = [c for c in columns if c not in available]
-            if absent:
-                raise ValueError(f"{path}: no column(s) {absent}; the file has {available}")
-        table = pq.read_table(path, columns=columns)
-        for row, obj in enumerate(table.to_pylist()):
+        try:
+            available = pq.read_schema(path).names
+            if columns is not None:
+                absent = [c for c in columns if c not in available]
+                if absent:
+                    raise ValueError(f"{path}: no column(s) {absent}; the file has {available}")
+            table = pq.read_table(path, columns=columns)
+            rows = table.to_pylist()
+        except (pa.ArrowException, OSError) as e:  # not Parquet, truncated, unreadable: name the file
+            raise ValueError(f"{path}: expected a readable Parquet file, got {type(e).__name__}: {e}") from None
+        for row, obj in enumerate(rows):
             yield row, obj, f"{path} (row {row})"
 
 
@@ -133,12 +145,15 @@ def _lookup(row: dict, key: str) -> Any:
 class PromptDataset:
     """Loads, renders, tokenizes and filters all rows up front (17k rows take seconds), then serves batches.
 
-    `skipped` counts rows dropped per reason ("missing_answer", "prompt_too_long"); `train` and `eval` are
-    the kept records, `eval` holding `cfg.eval_count` of them chosen by a draw seeded with `cfg.seed`."""
+    `skipped` counts rows dropped per reason ("missing_answer", "gold_unparsable", "empty_prompt",
+    "prompt_too_long"); `train` and `eval` are the kept records, `eval` holding `cfg.eval_count` of them chosen
+    by a draw seeded with `cfg.seed`. `answer_check(answer)` (optional, e.g. the math task's cheap gold-answer
+    check) returns None for a usable answer, else why not; such rows count as "gold_unparsable"."""
 
-    def __init__(self, cfg: PromptDataConfig, tokenizer):
+    def __init__(self, cfg: PromptDataConfig, tokenizer, *, answer_check: Callable[[str], str | None] | None = None):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.answer_check = answer_check
         self.use_chat_template = cfg.apply_chat_template and bool(getattr(tokenizer, "chat_template", None))
         self.skipped: Counter[str] = Counter()
         top = sorted({cfg.prompt_key.split(".")[0], cfg.answer_key.split(".")[0]})
@@ -160,8 +175,11 @@ class PromptDataset:
 
     # --- loading -------------------------------------------------------------------------------------------
 
-    def _messages(self, prompt: Any, where: str) -> list[dict[str, str]]:
+    def _messages(self, prompt: Any, where: str) -> list[dict[str, str]] | None:
+        """The chat messages of a row's prompt; None for an empty prompt (no text in any message)."""
         key = self.cfg.prompt_key
+        if prompt is None or prompt == []:
+            return None
         if isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}]
         elif isinstance(prompt, list) and prompt and all(
@@ -172,7 +190,7 @@ class PromptDataset:
             raise ValueError(f"{where}: field {key!r}: expected a non-empty string or a list of "
                              f"{{'role': str, 'content': str}} messages, got {prompt!r:.200}")
         if not any(m["content"].strip() for m in messages):
-            raise ValueError(f"{where}: field {key!r}: expected a non-empty prompt, got {prompt!r:.200}")
+            return None
         if self.cfg.prompt_template is not None:
             users = [i for i, m in enumerate(messages) if m["role"] == "user"]
             if not users:
@@ -213,7 +231,21 @@ class PromptDataset:
             self._skip_or_raise(cfg.missing_answer, "missing_answer", f"{where}: field {cfg.answer_key!r}: "
                                 f"expected a non-empty answer (str or number), got {got:.200}")
             return None
-        text, ids = self._render(self._messages(prompt, where))
+        problem = self.answer_check(answer.strip()) if self.answer_check is not None else None
+        if problem is not None:
+            self._skip_or_raise(cfg.missing_answer, "gold_unparsable", f"{where}: field {cfg.answer_key!r}: "
+                                f"expected a gold answer the reward can parse, got {answer!r:.200} ({problem})")
+            return None
+        messages = self._messages(prompt, where)
+        if messages is None:
+            self._skip_or_raise(cfg.empty_prompt, "empty_prompt", f"{where}: field {cfg.prompt_key!r}: "
+                                f"expected a non-empty prompt, got {prompt!r:.200}")
+            return None
+        try:
+            text, ids = self._render(messages)
+        except Exception as e:  # a template or tokenizer failure on one row's content: name the row
+            raise ValueError(f"{where}: field {cfg.prompt_key!r}: the tokenizer could not render this prompt "
+                             f"({type(e).__name__}: {e})") from e
         if len(ids) > cfg.max_prompt_tokens:
             self._skip_or_raise(cfg.too_long, "prompt_too_long", f"{where}: field {cfg.prompt_key!r}: "
                                 f"expected at most max_prompt_tokens={cfg.max_prompt_tokens} tokens, "

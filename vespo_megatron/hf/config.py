@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vespo_megatron.megatron.model import TinyMoEConfig
+from vespo_megatron.megatron.model_config import TinyMoEConfig
 from vespo_megatron.models import family_for_config, load_hf_config
 
 __all__ = ["check_matches_hf", "load_hf_config", "model_config_from_hf"]

@@ -43,7 +43,13 @@ DEFAULT_CONSOLE_KEYS: dict[str, str] = {
     "entropy_mean": "ent",
     "vespo/phi_pos_mean": "phi+",
     "vespo/phi_neg_mean": "phi-",
+    # held-out evaluation (on the steps that evaluate); a key ending in "*" matches every key with that
+    # prefix, labelled with the label plus the rest of the key: "eval pass@1", "eval pass@4", "eval mean@4"
+    "eval/pass@*": "eval pass@",
+    "eval/mean@*": "eval mean@",
 }
+
+NO_DATA = "\u2013"  # shown for a NaN: the metric had no data this step (e.g. phi- with no negative advantage)
 
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -132,9 +138,15 @@ class ConsoleSink:
         else:
             head = f"step {head}"
         shown: dict[str, str] = {}  # label -> text: the first present key of a label wins (aliases)
-        for key, label in self.keys.items():
-            if key in values and label not in shown:
-                shown[label] = f"{label} {format_value(values[key])}"
+        for pattern, base_label in self.keys.items():
+            if pattern.endswith("*"):
+                matches = [(k, base_label + k[len(pattern) - 1:]) for k in values if k.startswith(pattern[:-1])]
+            else:
+                matches = [(pattern, base_label)] if pattern in values else []
+            for key, label in matches:
+                if label not in shown:
+                    value = values[key]
+                    shown[label] = f"{label} {NO_DATA if math.isnan(value) else format_value(value)}"
         return " | ".join([head, *shown.values()])
 
     def log(self, step: int, values: Mapping[str, float]) -> None:

@@ -31,7 +31,7 @@ from vespo_megatron.models.shape import ModelShape
 if TYPE_CHECKING:
     import torch
 
-    from vespo_megatron.megatron.model import TinyMoEConfig
+    from vespo_megatron.megatron.model_config import TinyMoEConfig
 
 __all__ = ["ModelFamily", "hf_field", "rope_theta"]
 
@@ -114,7 +114,7 @@ class ModelFamily(ABC):
         (default: max_position_embeddings), `dtype` (default bf16) and `seed` are the caller's."""
         import torch
 
-        from vespo_megatron.megatron.model import TinyMoEConfig
+        from vespo_megatron.megatron.model_config import TinyMoEConfig
 
         self.check_supported(cfg)
         s = self.shape(cfg)

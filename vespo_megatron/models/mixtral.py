@@ -16,7 +16,7 @@ from vespo_megatron.models.shape import ModelShape
 if TYPE_CHECKING:
     import torch
 
-    from vespo_megatron.megatron.model import TinyMoEConfig
+    from vespo_megatron.megatron.model_config import TinyMoEConfig
 
 __all__ = ["Mixtral"]
 

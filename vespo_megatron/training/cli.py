@@ -20,19 +20,25 @@ import json
 import os
 import sys
 
-import torch
+from vespo_megatron.base.known_warnings import filter_known_warnings
 
-from vespo_megatron.base.validation import ConfigError
-from vespo_megatron.cli import CLIError, ConfigCLI
-from vespo_megatron.losses import resolve_policy_loss
-from vespo_megatron.megatron.model import TinyMoEConfig
-from vespo_megatron.models import PRESETS, preset_config
+# Before the imports below: whatever of them imports megatron-core would print its known warnings on every
+# start (and on --help) otherwise.
+filter_known_warnings()
 
-from .config import AlgorithmConfig, EvalConfig, RolloutConfig, RunConfig, TrainerConfig
-from .reasoning_task import ReasoningTask, ReasoningTaskConfig, ScratchpadTokenizer
-from .toy_task import ArithmeticTaskConfig, CharTokenizer
+import torch  # noqa: E402
 
-__all__ = ["toy_config", "testbed_config", "BASES", "make_cli", "config_from_argv", "main"]
+from vespo_megatron.base.validation import ConfigError  # noqa: E402
+from vespo_megatron.cli import CLIError, ConfigCLI  # noqa: E402
+from vespo_megatron.losses import resolve_policy_loss  # noqa: E402
+from vespo_megatron.megatron.model_config import TinyMoEConfig  # noqa: E402
+from vespo_megatron.models import PRESETS, preset_config  # noqa: E402
+
+from .config import AlgorithmConfig, EvalConfig, RolloutConfig, RunConfig, TrainerConfig  # noqa: E402
+from .reasoning_task import ReasoningTask, ReasoningTaskConfig, ScratchpadTokenizer  # noqa: E402
+from .toy_task import ArithmeticTaskConfig, CharTokenizer  # noqa: E402
+
+__all__ = ["toy_config", "testbed_config", "BASES", "make_cli", "config_from_argv", "validate_for_launch", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -234,30 +240,95 @@ def dry_run(cfg: TrainerConfig, world_size: int) -> None:
     }, indent=2))
 
 
+def validate_for_launch(cfg: TrainerConfig, world_size: int, cli: ConfigCLI) -> None:
+    """`cfg.validate(world_size)` before any process group or megatron-core import; a field's error names
+    its flag (CLIError)."""
+    try:
+        cfg.validate(world_size)
+    except ValueError as e:
+        named = cli.restate(e)
+        if isinstance(named, CLIError):
+            raise named from None
+        if str(e).startswith("world_size:"):  # the layout against the world size: no single field is at fault
+            raise CLIError(f"{e} (world size {world_size}: --world-size with --dry-run, else WORLD_SIZE or "
+                           "torchrun's ranks)") from None
+        raise
+
+
+class _Progress:
+    """Where a run is, for the message on Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.trainer = None
+        self.start: int | None = None  # the first RL step of this launch (None: still starting)
+        self.last_logged: int | None = None
+
+
+def _last_checkpoint(ckpt_dir: str) -> str | None:
+    """The directory `latest` points at, or None (read only: restoring is `Trainer.resume`'s business)."""
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    return os.path.join(ckpt_dir, name) if name else None
+
+
+def interrupted_message(progress: _Progress) -> str:
+    """One line: where the run stopped, the checkpoint a restart resumes from, and how to restart."""
+    trainer = progress.trainer
+    if progress.start is None:
+        where = "interrupted before the first RL step (while starting or in the warm start)"
+    else:
+        step = progress.start if progress.last_logged is None else progress.last_logged + 1
+        where = f"interrupted at step {step}"
+    if trainer is None:
+        return f"{where}; nothing was saved"
+    ckpt = _last_checkpoint(trainer.ckpt_dir)
+    saved = f"the last checkpoint is {ckpt}" if ckpt else f"no checkpoint yet under {trainer.ckpt_dir}"
+    return f"{where}; {saved}; resume with the same command"
+
+
 def main(argv=None) -> int:
     cli = make_cli(base_from_argv(argv))
     args = parse_args(argv, cli=cli)
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = config_from_args(args, cli=cli)  # bad flags fail here, before any process group or model exists
-    except CLIError as e:
+        # Bad flags fail here, before any process group, model or megatron-core import.
+        cfg = config_from_args(args, cli=cli)
+        validate_for_launch(cfg, world_size, cli)
+    except (CLIError, ValueError, OSError) as e:  # OSError: an --hf-checkpoint without a readable config.json
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        dry_run(cfg, world_size)
+        return 0
+    progress = _Progress()
+    try:
+        return _train(cfg, progress)
+    except KeyboardInterrupt:
+        # One line instead of the traceback of whatever collective the signal landed in; exit code 130 is
+        # the shell's for SIGINT. Every rank gets the signal; the logging rank speaks for the run.
+        trainer = progress.trainer
+        if (trainer.is_log_rank if trainer is not None else os.environ.get("RANK", "0") == "0"):
+            print(interrupted_message(progress), file=sys.stderr, flush=True)
+        return 130
+
+
+def _train(cfg: TrainerConfig, progress: _Progress) -> int:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    if args.dry_run:
-        dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
-        return 0
     from vespo_megatron.metrics.sinks import LoggingConfig, MetricsLogger
 
     from .launch import init_distributed
     from .trainer import Trainer  # imports megatron-core's schedules
 
     init_distributed()
-    trainer = Trainer(cfg)
+    trainer = progress.trainer = Trainer(cfg)
     from .run_dir import ConfigMismatchError, read_history, reward_summary
 
     try:
-        start = trainer.resume()  # says "resumed from step N" / "already complete (N steps)"
+        start = progress.start = trainer.resume()  # says "resumed from step N" / "already complete (N steps)"
     except ConfigMismatchError as e:  # another experiment's directory: a message naming the flags, no traceback
         if trainer.is_log_rank:
             print(f"error: {e}", file=sys.stderr)
@@ -268,7 +339,11 @@ def main(argv=None) -> int:
         run_config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
         with MetricsLogger.from_config(logging_cfg, run.steps, run_config, rank=0 if trainer.is_log_rank else 1,
                                        resume_from_step=start) as logger:
-            trainer.log_fn = logger.log
+            def log(step, values):
+                progress.last_logged = step
+                logger.log(step, values)
+
+            trainer.log_fn = log
             trainer.run(start)
     if trainer.is_log_rank:
         summary = reward_summary(read_history(logging_cfg.jsonl_path, run.steps))  # every step, resumed or not

@@ -4,6 +4,7 @@ checks everything that depends on several groups at start, before any model is b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -12,8 +13,8 @@ from vespo_megatron.base.imports import is_import_path
 from vespo_megatron.base.validation import ConfigError, check_choice, check_float, check_int
 from vespo_megatron.data.math_task import MathTaskConfig
 from vespo_megatron.losses import LossConfig, resolve_policy_loss
-from vespo_megatron.megatron.model import TinyMoEConfig
-from vespo_megatron.megatron.parallel_setup import ParallelConfig
+from vespo_megatron.megatron.model_config import TinyMoEConfig
+from vespo_megatron.megatron.parallel_config import ParallelConfig
 from vespo_megatron.rollout.embedded import EmbeddedEngineConfig
 from vespo_megatron.rollout.factory import ENGINES
 from vespo_megatron.rollout.sglang.engine import SGLangEngineConfig
@@ -201,47 +202,58 @@ class TrainerConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, world_size: int) -> None:
-        """Checks across groups; raises ValueError naming the fields and numbers involved."""
+        """Checks across groups; raises ConfigError naming the field (so the command line can name its flag)
+        and the numbers involved. It needs no process group: the command line runs it with the launch's
+        world size before importing megatron-core or starting anything."""
         p, r, a = self.parallel, self.rollout, self.algorithm
         p.validate_world_size(world_size)
         p.validate_for_moe(self.model.num_experts)
         dp = p.data_parallel_size(world_size)
         if r.prompts_per_step % dp != 0:
-            raise ValueError(f"RolloutConfig.prompts_per_step: expected a multiple of the data-parallel size "
-                             f"{dp} (whole groups per DP rank), got {r.prompts_per_step}")
+            raise ConfigError("RolloutConfig", "prompts_per_step",
+                              f"a multiple of the data-parallel size {dp} (whole groups per DP rank)", r.prompts_per_step)
         per_rank = r.samples_per_step // dp
         if per_rank % a.staleness != 0:
-            raise ValueError(f"AlgorithmConfig.staleness: the {per_rank} samples per DP rank and step "
-                             f"(prompts_per_step * group_size / dp) must split into {a.staleness} mini-batches")
+            raise ConfigError("AlgorithmConfig", "staleness", f"a divisor of the {per_rank} samples per DP rank and "
+                              "step (prompts_per_step * group_size / dp), split into one mini-batch per update", a.staleness)
         mini = per_rank // a.staleness
         if mini % a.micro_batch_size != 0:
-            raise ValueError(f"AlgorithmConfig.micro_batch_size: a mini-batch has {mini} samples per DP rank, "
-                             f"not a multiple of micro_batch_size={a.micro_batch_size}")
+            raise ConfigError("AlgorithmConfig", "micro_batch_size",
+                              f"a divisor of the {mini} samples per DP rank of a mini-batch", a.micro_batch_size)
+        sft_mb = self.run.sft_micro_batch_size or a.micro_batch_size
+        if self.run.sft_steps and per_rank % sft_mb != 0:
+            raise ConfigError("RunConfig", "sft_micro_batch_size",
+                              f"a divisor of the {per_rank} samples per DP rank and warm-start step", sft_mb)
+        stages = p.pp * (p.vpp or 1)
+        if self.model.num_layers % stages != 0:
+            raise ConfigError("TinyMoEConfig", "num_layers", f"a multiple of pp x vpp = {stages} (even pipeline "
+                              "stages)", self.model.num_layers)
         if a.routing_replay == "r2" and r.old_logprobs != "recompute":
-            raise ValueError("AlgorithmConfig.routing_replay: 'r2' records the trainer's routing in the old-log-prob "
-                             f"pass; expected RolloutConfig.old_logprobs='recompute', got {r.old_logprobs!r}")
+            raise ConfigError("RolloutConfig", "old_logprobs", "'recompute' with routing_replay='r2' (it records the "
+                              "trainer's routing in the old-log-prob pass)", r.old_logprobs)
         if r.engine == "sglang" and r.embedded != EmbeddedEngineConfig():
-            raise ValueError("RolloutConfig.embedded: embedded-engine settings (lag, precision, KV cache, mismatch knob); "
-                             "with engine='sglang' "
-                             f"the server decides them, got {r.embedded}")
+            changed = next(f.name for f in dataclasses.fields(EmbeddedEngineConfig)
+                           if getattr(r.embedded, f.name) != getattr(EmbeddedEngineConfig(), f.name))
+            raise ConfigError("EmbeddedEngineConfig", changed, "its default with engine='sglang' (the server decides "
+                              "it)", getattr(r.embedded, changed))
         if a.routing_replay == "r3" and r.engine == "embedded" and p.tp * p.cp * p.pp != 1:
-            raise ValueError("AlgorithmConfig.routing_replay: 'r3' with the embedded engine records routing where "
-                             f"one rank sees every token and layer (tp = cp = pp = 1), got tp={p.tp}, cp={p.cp}, "
-                             f"pp={p.pp}; use 'r2' or the SGLang engine")
+            raise ConfigError("AlgorithmConfig", "routing_replay", "'r2' or 'off' with the embedded engine unless "
+                              f"tp = cp = pp = 1 (r3 records routing where one rank sees every token and layer; here "
+                              f"tp={p.tp}, cp={p.cp}, pp={p.pp}), or the SGLang engine", a.routing_replay)
         if not isinstance(self.task, ArithmeticTaskConfig | ReasoningTaskConfig | MathTaskConfig):
             raise ConfigError("TrainerConfig", "task", "an ArithmeticTaskConfig, a ReasoningTaskConfig or a "
                               "MathTaskConfig", self.task)
         if isinstance(self.task, MathTaskConfig) and not (self.hf.tokenizer or self.hf.load):
-            raise ValueError("HFCheckpointConfig.tokenizer: a dataset task needs a Hugging Face tokenizer directory "
-                             "(tokenizer, or load to use the checkpoint's), got None")
+            raise ConfigError("HFCheckpointConfig", "tokenizer", "a Hugging Face tokenizer directory for a dataset "
+                              "task (or load, to use the checkpoint's)", None)
         if r.sglang.weight_sync.mode != "disk" and r.engine != "sglang":
-            raise ValueError(f"WeightSyncConfig.mode: {r.sglang.weight_sync.mode!r} streams weights to an SGLang server; "
-                             f"expected 'disk' with RolloutConfig.engine={r.engine!r}")
+            raise ConfigError("WeightSyncConfig", "mode", f"'disk' with engine={r.engine!r} (the others stream weights "
+                              "to an SGLang server)", r.sglang.weight_sync.mode)
         if self.hf.load is not None:
             from vespo_megatron.hf.config import check_matches_hf, load_hf_config
 
             check_matches_hf(self.model, load_hf_config(self.hf.load), source=f"hf checkpoint {self.hf.load!r}")
         moe = self.model.moe_layer_freq
         if a.routing_replay != "off" and not any(self.model.moe_pattern()):
-            raise ValueError(f"AlgorithmConfig.routing_replay: {a.routing_replay!r} needs MoE layers, and the "
-                             f"model has none (moe_layer_freq={moe!r})")
+            raise ConfigError("AlgorithmConfig", "routing_replay", f"'off' for a model without MoE layers "
+                              f"(moe_layer_freq={moe!r})", a.routing_replay)

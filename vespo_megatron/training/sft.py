@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 
 from vespo_megatron.megatron.rl_batch import RLSample
@@ -9,7 +12,24 @@ from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
 
 from .optim import clip_and_step
 
-__all__ = ["sft_warm_start"]
+__all__ = ["sft_warm_start", "progress_steps"]
+
+
+def progress_steps(total: int, parts: int = 10) -> set[int]:
+    """The 1-based steps after which the warm start reports: about every `parts`-th of the way, and the last."""
+    every = max(1, total // parts)
+    return {k for k in range(every, total + 1, every)} | {total}
+
+
+def _token_nll(micro, outs) -> float:
+    """Mean negative log-likelihood of the answer tokens this rank saw (its DP / CP share, not reduced: a
+    progress indicator that costs no collective)."""
+    num = den = 0.0
+    for mb, out in zip(micro, outs, strict=True):
+        mask = mb.loss_mask.reshape(-1).to(torch.float64)
+        num -= float((out["logp"].reshape(-1).to(torch.float64) * mask).sum())
+        den += float(mask.sum())
+    return num / den if den else float("nan")
 
 
 def sft_warm_start(trainer) -> None:
@@ -23,7 +43,13 @@ def sft_warm_start(trainer) -> None:
     if n % sft_mb:
         raise ValueError(f"RunConfig.sft_micro_batch_size: expected a divisor of the {n} samples per DP rank "
                          f"and step, got {sft_mb}")
-    for k in range(cfg.run.sft_steps):
+    # A warm start takes minutes on a real model: the logging rank says where it is (issue 13: it printed nothing).
+    report = trainer.is_log_rank
+    total, t0 = cfg.run.sft_steps, time.monotonic()
+    marks = progress_steps(total)
+    if report:
+        print(f"warm start: {total} supervised steps at lr {cfg.run.sft_lr:g} before RL", file=sys.stderr, flush=True)
+    for k in range(total):
         problems = trainer.task.problems(k, cfg.rollout.samples_per_step, split="sft")[g.dp_rank * n:(g.dp_rank + 1) * n]
         answers = [torch.tensor(trainer.task.answer_ids(p)) for p in problems]
         samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=a, old_logp=torch.zeros(len(a)), advantage=1.0)
@@ -32,8 +58,12 @@ def sft_warm_start(trainer) -> None:
         trainer.model.zero_grad_buffer()
         trainer.optimizer.zero_grad()
         normalizer = sft_step.normalizer(micro, dp_group=g.dp)
-        trainer.schedule(sft_step.forward_step(normalizer), micro, forward_only=False)  # routes live
+        outs, _ = trainer.schedule(sft_step.forward_step(normalizer), micro, forward_only=False)  # routes live
         clip_and_step(trainer.optimizer, cfg.algorithm.clip_grad)
+        if report and k + 1 in marks:
+            nll = f" | answer nll {_token_nll(micro, outs):.4g}" if outs else ""
+            print(f"warm start {k + 1:>{len(str(total))}}/{total} {time.monotonic() - t0:.0f}s{nll}",
+                  file=sys.stderr, flush=True)
     for group in trainer.optimizer.param_groups:
         group["lr"] = cfg.algorithm.lr
     for sub in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from vespo_megatron.base.validation import ConfigError
+
 __all__ = ["CharTokenizer", "ArithmeticTaskConfig", "ArithmeticTask", "Problem"]
 
 
@@ -45,11 +47,11 @@ class ArithmeticTaskConfig:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_operand, int) and 1 <= self.max_operand <= 10**6):
-            raise ValueError(f"ArithmeticTaskConfig.max_operand: expected an int in [1, 1e6], got {self.max_operand!r}")
+            raise ConfigError("ArithmeticTaskConfig", "max_operand", "an int in [1, 1e6]", self.max_operand)
         if not self.ops or any(op not in "+-*" for op in self.ops):
-            raise ValueError(f"ArithmeticTaskConfig.ops: expected a non-empty subset of '+-*', got {self.ops!r}")
+            raise ConfigError("ArithmeticTaskConfig", "ops", "a non-empty subset of '+-*'", self.ops)
         if not (isinstance(self.eval_count, int) and self.eval_count >= 1):
-            raise ValueError(f"ArithmeticTaskConfig.eval_count: expected an int >= 1, got {self.eval_count!r}")
+            raise ConfigError("ArithmeticTaskConfig", "eval_count", "an int >= 1", self.eval_count)
 
 
 @dataclass(frozen=True)
