@@ -34,12 +34,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from vespo_megatron.base.validation import ConfigError, check_choice, check_float, check_int
 from vespo_megatron.compat import (
     RouterReplay,
     RouterReplayAction,
@@ -53,37 +51,14 @@ from vespo_megatron.parallel.sequence import comm_device
 from vespo_megatron.routing import RoutingRecord
 from vespo_megatron.routing.record import compact_dtype
 
+from .embedded_config import EmbeddedEngineConfig
 from .engine import Generation, GenerationRequest, PolicyWeights, SampleError
 from .kv_cache import inverse_cdf_sample, kv_cache_unsupported_reason, sequence_parallel_off
-from .mismatch import FP8_MODES, engine_mismatch
+from .mismatch import engine_mismatch
 
 __all__ = ["EmbeddedEngineConfig", "EmbeddedEngine"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class EmbeddedEngineConfig:
-    """precision: fp32 | bf16 (the engine's forward under bf16 autocast while the trainer stays in fp32: a
-    real train/inference mismatch). lag: sample with the weights of `lag` syncs ago (asynchronous RL).
-    kv_cache: KV-cached batched decoding (False: recompute the prefix every token; layouts the cache cannot
-    serve fall back to it). fp8: off | per_tensor | per_row: fake-quantise the attention and expert GEMMs
-    (weights and inputs) to e4m3 in the engine only. router_noise: std of Gaussian noise added to the router
-    logits in the engine only (0: off)."""
-
-    precision: str = "fp32"
-    lag: int = 0
-    kv_cache: bool = True
-    fp8: str = "off"
-    router_noise: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_choice("EmbeddedEngineConfig", "precision", self.precision, ("fp32", "bf16"))
-        check_int("EmbeddedEngineConfig", "lag", self.lag, low=0, high=64)
-        if not isinstance(self.kv_cache, bool):
-            raise ConfigError("EmbeddedEngineConfig", "kv_cache", "a bool", self.kv_cache)
-        check_choice("EmbeddedEngineConfig", "fp8", self.fp8, FP8_MODES)
-        check_float("EmbeddedEngineConfig", "router_noise", self.router_noise, nonnegative=True)
 
 
 class EmbeddedEngine:

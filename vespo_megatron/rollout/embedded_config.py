@@ -1,0 +1,36 @@
+"""The embedded engine's settings, apart from the engine itself: the trainer's config (and so the command
+line) reads them without importing megatron-core, which the engine needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vespo_megatron.base.validation import ConfigError, check_choice, check_float, check_int
+
+from .mismatch import FP8_MODES
+
+__all__ = ["EmbeddedEngineConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddedEngineConfig:
+    """precision: fp32 | bf16 (the engine's forward under bf16 autocast while the trainer stays in fp32: a
+    real train/inference mismatch). lag: sample with the weights of `lag` syncs ago (asynchronous RL).
+    kv_cache: KV-cached batched decoding (False: recompute the prefix every token; layouts the cache cannot
+    serve fall back to it). fp8: off | per_tensor | per_row: fake-quantise the attention and expert GEMMs
+    (weights and inputs) to e4m3 in the engine only. router_noise: std of Gaussian noise added to the router
+    logits in the engine only (0: off)."""
+
+    precision: str = "fp32"
+    lag: int = 0
+    kv_cache: bool = True
+    fp8: str = "off"
+    router_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_choice("EmbeddedEngineConfig", "precision", self.precision, ("fp32", "bf16"))
+        check_int("EmbeddedEngineConfig", "lag", self.lag, low=0, high=64)
+        if not isinstance(self.kv_cache, bool):
+            raise ConfigError("EmbeddedEngineConfig", "kv_cache", "a bool", self.kv_cache)
+        check_choice("EmbeddedEngineConfig", "fp8", self.fp8, FP8_MODES)
+        check_float("EmbeddedEngineConfig", "router_noise", self.router_noise, nonnegative=True)
