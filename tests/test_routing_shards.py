@@ -304,3 +304,140 @@ def test_replica_scatters_each_rank_its_shard():
         routing = sum(g.routing.nbytes for g in res["got"] if getattr(g, "routing", None) is not None)
         assert routing * 4 <= sum(g.routing.nbytes for g in gens if getattr(g, "routing", None) is not None) + 4 * 64
         assert res["bytes"] < res["whole_bytes"]
+
+
+# ------------------------------------------------------------------------------ gloo: exact R3 replay
+
+REPLAY_LAYOUTS = ("cp2", "pp2", "tp2_sp")
+
+
+def _synthetic_records(samples, seed=5):
+    """{(m, j): whole record}: K distinct random experts per row and MoE layer (tiny model: layers 0, 2, 3)."""
+    from vespo_megatron.routing import RoutingRecord
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for m, mb in enumerate(samples):
+        for j, s in enumerate(mb):
+            n_prompt, n_out = s.prompt.numel(), s.response.numel()
+            ids = np.argsort(rng.random((n_prompt + n_out - 1, 3, 8)), axis=-1)[..., :2].astype(np.uint8)
+            out[(m, j)] = RoutingRecord(sample_id=f"{m}-{j}", expert_ids=ids, num_prompt_tokens=n_prompt,
+                                        num_output_tokens=n_out, moe_layers=(0, 2, 3), num_experts=8)
+    return out
+
+
+def _replay_worker(rank, world_size):
+    import test_routing_replay as trr
+
+    from vespo_megatron.rollout.engine import Generation
+    from vespo_megatron.rollout.replica import ReplicaEngine, replica_of
+    from vespo_megatron.routing.replay import RoutingReplay, RoutingReplayConfig
+    from vespo_megatron.routing.shards import rank_moe_layers
+    from vespo_megatron.training.batching import MicroBatcher
+
+    results = {}
+    for name in REPLAY_LAYOUTS:
+        layout = trr.LAYOUTS[name]
+        ctx = trr._Ctx(layout, "thd")
+        try:
+            g = ctx.groups
+            plain = trr._samples(ctx.cfg.vocab_size)
+            records = _synthetic_records(plain)
+            nested = trr._samples(ctx.cfg.vocab_size, routing=records)
+            flat = [s for mb in nested for s in mb]
+            longest = max(s.prompt.numel() + s.response.numel() for s in flat)
+            batcher = MicroBatcher(g, sp=layout.sp, longest=longest, micro_batch_size=2, eos_id=0,
+                                   routing=((0, 2, 3), 2, 8))
+            # Transport: the replica's first rank holds the whole generations; each rank receives its shard.
+            plan = RankPlan(moe_layers=rank_moe_layers(ctx.model), cp_size=g.cp_size, cp_rank=g.cp_rank,
+                            pad_multiple=batcher.pad_multiple)
+            gens = [Generation(str(s.routing.sample_id), tuple(s.prompt.tolist()), tuple(s.response.tolist()),
+                               tuple(s.old_logp.tolist()), 0, "stop", routing=s.routing) for s in flat]
+            replica = replica_of(g.dp_rank, g.dp_size)
+            got = ReplicaEngine(_FakeEngine(gens if replica.is_source else []), replica, plan=plan).generate([], seed=0)
+            shard_samples = [dataclasses.replace(s, routing=gen.routing) for s, gen in zip(flat, got, strict=True)]
+            filler = batcher.filler([1])
+            sharded = batcher.split(shard_samples, trr.NUM_MB, filler)
+            # The whole-record path on the same packs (with the same inert tail when the batcher added one).
+            whole = []
+            for mb, part in zip(sharded, (flat[:2], flat[2:]), strict=True):
+                tail = []
+                if mb.num_seqs > len(part):
+                    tail = [dataclasses.replace(filler, prompt=torch.tensor([0]), response=torch.tensor([0]), rollout_logp=None,
+                                                routing=RoutingRecord(sample_id="t", expert_ids=filler.routing.expert_ids[:1],
+                                                                      num_prompt_tokens=1, num_output_tokens=1,
+                                                                      moe_layers=(0, 2, 3), num_experts=8))]
+                w = build_rl_microbatch(part + tail, cp_size=g.cp_size, cp_rank=g.cp_rank,
+                                        pad_multiple=batcher.pad_multiple, seq_len=batcher.packed_len)
+                whole.append(dataclasses.replace(w, loss_mask=w.loss_mask & (w.token_seq < len(part))))
+            out = {"plan": plan, "shard_layers": [mb.routed_experts.shape[0] for mb in sharded],
+                   "bytes_shard": sum(x.routing.nbytes for x in got), "bytes_whole": sum(x.routing.nbytes for x in gens),
+                   "pad_multiple": batcher.pad_multiple, "num_seqs": [mb.num_seqs for mb in sharded]}
+            for variant, mbs in (("whole", whole), ("shard", sharded)):
+                ctx.mbs, ctx.mine, ctx.rows = mbs, list(range(len(mbs))), 1
+                ctx.seq = mbs[0].tokens.size(1) * g.cp_size
+                replay = RoutingReplay(RoutingReplayConfig(mode="r3"), [ctx.model], tp_size=g.tp_size,
+                                       tp_rank=g.tp_rank, spec=trr._spec())
+                probe = trr._Probe(replay)
+                logits, _, m_old = trr._pass(ctx, replay, "old_logp", forward_only=True)
+                dispatched_old = trr._gather_routing(ctx, probe.dispatched)
+                probe.reset()
+                upd_logits, loss, m_upd = trr._pass(ctx, replay, "update", forward_only=False)
+                losses = [None] * g.world_size
+                import torch.distributed as dist
+
+                dist.all_gather_object(losses, (loss, g.is_last_stage and g.tp_rank == 0))
+                out[variant] = {"dispatched_old": dispatched_old, "dispatched_upd": trr._gather_routing(ctx, probe.dispatched),
+                                "logits": trr._gather_logits(ctx, logits), "upd_logits": trr._gather_logits(ctx, upd_logits),
+                                "metrics_old": trr._reduce(m_old, ctx), "metrics_upd": trr._reduce(m_upd, ctx),
+                                "loss": sum(x for x, counted in losses if counted)}
+                probe.remove()
+                replay.close()
+            out["records"] = records
+            results[name] = out
+        finally:
+            ctx.close()
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.megatron
+def test_r3_replay_from_shards_is_exact():
+    """CP2, PP2, TP2+SP (2 gloo processes, tiny MoE model, THD): the shards the replica scatters give the same
+    dispatched ids, logits, loss and agreement metrics as whole records, bit for bit; the dispatched ids are
+    the records' ids on every real token."""
+    from dist_harness import run_distributed
+
+    runs = run_distributed(_replay_worker, 2)
+    for name in REPLAY_LAYOUTS:
+        per_rank = [r[name] for r in runs]
+        res = per_rank[0]
+        whole, shard = res["whole"], res["shard"]
+        for key in ("dispatched_old", "dispatched_upd"):
+            assert whole[key].keys() == shard[key].keys() and whole[key]
+            for k, ids in whole[key].items():
+                torch.testing.assert_close(shard[key][k], ids, rtol=0, atol=0, msg=(name, key, k))
+        for key in ("logits", "upd_logits"):
+            for i, x in whole[key].items():
+                torch.testing.assert_close(shard[key][i], x, rtol=0, atol=0, msg=(name, key, i))
+        assert shard["loss"] == whole["loss"] != 0.0, name
+        assert shard["metrics_old"] == whole["metrics_old"] and shard["metrics_upd"] == whole["metrics_upd"], name
+        assert 0.0 < whole["metrics_old"]["routing/agree_exact"] < 1.0  # random records: replay is not live routing
+        # Not two identical wrong answers: the dispatched ids are the records' ids on every real token.
+        pm, records = res["pad_multiple"], res["records"]
+        for (m, layer), ids in whole["dispatched_upd"].items():
+            start = 0
+            for j in range(2):
+                rec = records[(m, j)]
+                want = torch.from_numpy(rec.expert_ids[:, (0, 2, 3).index(layer)].astype(np.int64))
+                got = ids[start : start + rec.num_routed_rows].sort(dim=-1).values
+                torch.testing.assert_close(got, want.sort(dim=-1).values, rtol=0, atol=0, msg=(name, m, layer, j))
+                start += -(-(rec.num_prompt_tokens + rec.num_output_tokens) // pm) * pm
+        # What was exercised: layer shards under PP, token shards (and the tail) under CP.
+        plans = [r["plan"] for r in per_rank]
+        if name == "pp2":
+            assert [p.moe_layers for p in plans] == [(0,), (2, 3)] and [r["shard_layers"] for r in per_rank] == [[1, 1], [2, 2]]
+        if name == "cp2":
+            assert [p.cp_rank for p in plans] == [0, 1] and 3 in res["num_seqs"]  # a tail took the extra padding
+        if name != "tp2_sp":
+            assert all(r["bytes_shard"] < 0.8 * r["bytes_whole"] for r in per_rank), name  # routing ids received
