@@ -441,3 +441,67 @@ def test_r3_replay_from_shards_is_exact():
             assert [p.cp_rank for p in plans] == [0, 1] and 3 in res["num_seqs"]  # a tail took the extra padding
         if name != "tp2_sp":
             assert all(r["bytes_shard"] < 0.8 * r["bytes_whole"] for r in per_rank), name  # routing ids received
+
+
+# ------------------------------------------------------------------------------ gloo: the trainer end to end
+
+
+def _train_runs(rank, world_size, out_dir):
+    """The RL loop with the SGLang engine (local test server) and R3 on 2 ranks: PP2 with shards and with the
+    old whole broadcast (no tail there: the same packs, so the same numbers), then CP2 with shards."""
+    from vespo_megatron.megatron.parallel_setup import destroy_parallel
+    from vespo_megatron.rollout import replica as replica_mod
+    from vespo_megatron.testing import FakeSGLangServer, hash_policy
+    from vespo_megatron.training import cli as train_cli
+    from vespo_megatron.training.trainer import Trainer
+
+    def run(parallel, tag, whole=False):
+        init = replica_mod.ReplicaEngine.__init__
+        if whole:  # the path before shards: no plan, generations broadcast whole
+            replica_mod.ReplicaEngine.__init__ = lambda self, inner, replica, plan=None: init(self, inner, replica)
+        try:
+            with FakeSGLangServer(hash_policy(vocab_size=64), num_hidden_layers=2, top_k=2, num_experts=4) as server:
+                cfg = train_cli.config_from_argv([
+                    "--hidden-size", "32", "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4",
+                    "--staleness", "2", "--sft-steps", "0", "--steps", "2", "--rollout-engine", "sglang",
+                    "--sglang-url", server.url, "--routing-replay", "r3", "--rollout-correction", "tis",
+                    "--out-dir", f"{out_dir}/{tag}", "--threads", "1", *parallel])
+                trainer = Trainer(cfg)
+                history = trainer.run()
+                return history, trainer.engine.plans
+        finally:
+            replica_mod.ReplicaEngine.__init__ = init
+            destroy_parallel()
+
+    return {"pp2": run(["--pp", "2"], "pp2"), "pp2_whole": run(["--pp", "2"], "pp2_whole", whole=True),
+            "cp2": run(["--cp", "2"], "cp2")}
+
+
+def _same(x, y) -> bool:
+    return x == y or (x != x and y != y)  # NaN (e.g. a metric over no negative-advantage sample) equals NaN
+
+
+@pytest.mark.distributed
+@pytest.mark.megatron
+def test_trainer_with_sglang_r3_receives_shards(tmp_path):
+    import math
+
+    from dist_harness import run_distributed
+
+    runs = run_distributed(_train_runs, 2, str(tmp_path))
+    for rank_runs in runs:
+        (pp2, plans), (whole, no_plans), (cp2, cp_plans) = rank_runs["pp2"], rank_runs["pp2_whole"], rank_runs["cp2"]
+        assert no_plans is None
+        assert [p.moe_layers for p in plans] == [(0,), (1,)] and [p.cp_rank for p in cp_plans] == [0, 1]
+        # Layer shards change nothing but the bytes: the replayed routing (agreement) and the log-probs it gives
+        # (mismatch against the server's) are the same to the last bit; only wall times differ.
+        diff = {k: (a[k], b.get(k)) for a, b in zip(pp2, whole, strict=True) for k in a
+                if not _same(a[k], b.get(k)) and not k.startswith("time/")}
+        assert not diff, diff
+        assert pp2[0].get("mismatch/kl_k3", 1.0) > 0 and "routing/agree_exact/layer1" in pp2[0]
+        for history in (pp2, cp2):
+            assert len(history) == 2
+            for values in history:
+                assert math.isfinite(values.get("loss", 0.0)) and 0 <= values["routing/agree_exact"] <= 1
+    for run in ("pp2", "cp2"):  # the logging rank (last stage) has the loss and the log-prob metrics
+        assert any("loss" in r[run][0][0] and r[run][0][0]["mismatch/kl_k3"] > 0 for r in runs), run
