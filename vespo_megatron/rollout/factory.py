@@ -68,7 +68,18 @@ def _sglang(cfg, ctx: EngineContext) -> RolloutEngine:
             client.check_server()
     sync = make_weight_sync(sc.weight_sync, client if rank == 0 else None,
                             root=os.path.join(ctx.out_dir, "weights"))
-    return ReplicaEngine(SGLangEngine(client, sync, sender=rank == 0), ctx.replica)
+    plan = None
+    if ctx.record_routing:  # each rank receives only the routing it replays (routing.shards)
+        from vespo_megatron.routing.shards import RankPlan, pad_multiple_for, rank_moe_layers
+
+        g = ctx.groups
+        model = ctx.model[0] if isinstance(ctx.model, (list, tuple)) else ctx.model
+        while not hasattr(model, "decoder") and hasattr(model, "module"):  # DDP / Float16Module wrappers
+            model = model.module
+        sp = bool(model.config.sequence_parallel)  # the batcher's pad multiple: 2*cp, times tp with SP
+        plan = RankPlan(moe_layers=rank_moe_layers(ctx.model), cp_size=g.cp_size, cp_rank=g.cp_rank,
+                        pad_multiple=pad_multiple_for(g.cp_size, g.tp_size, sp))
+    return ReplicaEngine(SGLangEngine(client, sync, sender=rank == 0), ctx.replica, plan=plan)
 
 
 ENGINES: dict[str, Callable[..., RolloutEngine]] = {

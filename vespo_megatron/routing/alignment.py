@@ -29,6 +29,12 @@ build the tokens). The micro-batch keeps ``[L_moe, T_local, K]`` in the compact 
 <= 256 experts): ``T_local * L_moe * K`` bytes, e.g. 4096 local tokens x 48 layers x top-8 = 1.5 MiB for
 Qwen3-30B-A3B. Right before the forward each rank widens only its SP chunk and its stage's layers to int64:
 ``T_r * L_stage * K * 8`` bytes. Nothing broadcasts a batch's routing across ranks.
+
+Per-rank shards (`vespo_megatron.routing.shards`): a record may hold only one stage's MoE layers and one
+CP rank's token rows. :func:`sample_routing` then fills the positions it lacks (other CP ranks' tokens:
+never selected by this rank's ``token_index``) and :func:`global_routing_thd` checks that the pack splits
+the sample as the shard assumed (its own length padded to ``pad_multiple``); the micro-batch then holds
+``[L_stage, T_local, K]`` instead of ``[L_moe, T_local, K]``, identical on this rank's layers and tokens.
 """
 
 from __future__ import annotations
@@ -83,6 +89,13 @@ def sample_routing(record: RoutingRecord, seq_len: int, *, offset: int = 0) -> n
             f"tokens), got P={record.num_prompt_tokens} + O={record.num_output_tokens}"
         )
     num_layers, k, num_experts = len(record.moe_layers), record.top_k, record.num_experts
+    if record.cp_share is not None:
+        # A CP shard: every position strided-filled (the same ids, offset + t, as the whole-record path gives
+        # the positions without a row), then this shard's rows at their positions. Positions of other CP
+        # ranks keep fills; this rank's token_index never selects them (global_routing_thd checks the split).
+        out = strided_fill(seq_len, num_layers, k, num_experts, offset=offset).copy()
+        out[record.token_positions()] = record.expert_ids
+        return out
     out = np.empty((seq_len, num_layers, k), dtype=compact_dtype(num_experts))
     lo, hi = record.first_row, record.first_row + record.num_routed_rows
     out[lo:hi] = record.expert_ids[: record.num_routed_rows]
@@ -102,9 +115,18 @@ def global_routing_thd(records: Sequence[RoutingRecord], seq_lens: Sequence[int]
         raise ValueError(f"records, seq_lens, starts: expected equal lengths, got {len(records)}, "
                          f"{len(seq_lens)}, {len(starts)}")
     full = strided_fill(num_tokens, len(moe_layers), k, num_experts).copy()  # padding: offset = position
-    for rec, n, start in zip(records, seq_lens, starts, strict=True):
+    ends = [*starts[1:], num_tokens]
+    for rec, n, start, end in zip(records, seq_lens, starts, ends, strict=True):
         if start + n > num_tokens:
             raise ValueError(f"starts: sample {rec.sample_id!r} ends at {start + n} > num_tokens={num_tokens}")
+        if rec.cp_share is not None:
+            pad_multiple = rec.cp_share[2]
+            own = -(-n // pad_multiple) * pad_multiple
+            if end - start != own:
+                raise ValueError(
+                    f"routing shard of sample {rec.sample_id!r}: expected the pack to pad it to its own length "
+                    f"rounded up to pad_multiple={pad_multiple} ({own} tokens, the CP split the shard was cut "
+                    f"for), got {end - start} (the pack's tail padding must not extend a sharded sample)")
         full[start : start + n] = sample_routing(rec, n, offset=start)
     return torch.from_numpy(full)
 
@@ -113,6 +135,9 @@ def global_routing_padded(records: Sequence[RoutingRecord], seq_lens: Sequence[i
     """``[B, S, L_moe, K]`` compact routing of a padded micro-batch (row i = sample i; padding strided-filled
     with offset ``i * S + s``)."""
     moe_layers, k, num_experts = _check_records(records)
+    if any(r.cp_share is not None for r in records):
+        raise ValueError("records: expected whole-token records with the padded layout (its CP split follows the "
+                         "row length, not the sample's), got a CP shard")
     if len(records) != len(seq_lens):
         raise ValueError(f"records, seq_lens: expected equal lengths, got {len(records)}, {len(seq_lens)}")
     B = len(records)

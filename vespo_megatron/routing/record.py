@@ -3,6 +3,7 @@
 #   [L]      all decoder layers of the model (num_hidden_layers), dense ones included
 #   [L_moe]  the MoE layers only, in model order (RoutingSpec.moe_layers)
 #   [K]      top-k slots per token (num_experts_per_tok)
+#   [N_r]    a per-rank shard's token rows (RoutingRecord.cp_share): positions token_positions()
 """Compact per-sample MoE routing (the R3 routing-replay input) and the model facts needed to read it.
 
 :class:`RoutingSpec` says which of the model's layers are MoE and how many experts each token picks.
@@ -15,6 +16,11 @@ and megatron's ``RouterReplay`` gets int64 only at the moment it is handed the t
 Rows that no router produced (the last generated token, which SGLang never feeds through the model, and
 padding) are filled by :func:`strided_fill`: ids spread round-robin across the experts, so that a
 constant id does not send every such token to the same expert and hence the same EP rank.
+
+A record may be a per-rank *shard* (`vespo_megatron.routing.shards`): ``moe_layers`` then names only the
+layers one pipeline stage replays, and ``cp_share = (cp_size, cp_rank, pad_multiple)`` says that its rows
+are only the routed token positions that CP rank keeps of the sample padded to a multiple of
+``pad_multiple`` (:func:`cp_token_positions`), in increasing order.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 
 from vespo_megatron.models import family_for_config
 
-__all__ = ["MAX_EXPERTS", "RoutingRecord", "RoutingSpec", "compact_dtype", "strided_fill"]
+__all__ = ["MAX_EXPERTS", "RoutingRecord", "RoutingSpec", "compact_dtype", "cp_token_positions", "strided_fill"]
 
 # Expert ids must fit in int16 (the widest compact dtype): ids 0 .. 32767.
 MAX_EXPERTS = 1 << 15
@@ -47,7 +53,7 @@ def strided_fill(num_rows: int, num_layers: int, top_k: int, num_experts: int, o
     expert instead of N on one; the ``top_k`` ids of a row are distinct (``top_k <= E``), as a router's are.
     Pass ``offset`` = the row's position in the sequence to keep neighbouring fills from lining up.
     """
-    for name, value, low in (("num_rows", num_rows, 0), ("num_layers", num_layers, 1), ("top_k", top_k, 1),
+    for name, value, low in (("num_rows", num_rows, 0), ("num_layers", num_layers, 0), ("top_k", top_k, 1),
                              ("offset", offset, 0)):
         _check_int(name, value, low)
     dtype = compact_dtype(num_experts)
@@ -56,6 +62,29 @@ def strided_fill(num_rows: int, num_layers: int, top_k: int, num_experts: int, o
     rows = np.arange(offset, offset + num_rows, dtype=np.int64)[:, None] * top_k + np.arange(top_k)  # [N, K]
     ids = (rows % num_experts).astype(dtype)
     return np.ascontiguousarray(np.broadcast_to(ids[:, None, :], (num_rows, num_layers, top_k)))
+
+
+def cp_token_positions(seq_len: int, cp_size: int, cp_rank: int, pad_multiple: int) -> np.ndarray:
+    """Sorted int64 positions ``< seq_len`` that CP rank ``cp_rank`` keeps of one sequence of ``seq_len``
+    tokens padded to a multiple of ``pad_multiple`` (megatron's zigzag: chunks r and 2*cp-1-r of 2*cp).
+
+    Same split as `vespo_megatron.parallel.cp_split.zigzag_indices` on ``round_up(seq_len, pad_multiple)``
+    (written out here so that this module needs no torch code for it).
+    """
+    _check_int("seq_len", seq_len, 0)
+    _check_int("cp_size", cp_size, 1)
+    _check_int("pad_multiple", pad_multiple, 1)
+    if not isinstance(cp_rank, int) or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank: expected an int in [0, {cp_size}), got {cp_rank!r}")
+    if pad_multiple % (2 * cp_size) and cp_size > 1:
+        raise ValueError(f"pad_multiple: expected a multiple of 2*cp_size={2 * cp_size}, got {pad_multiple}")
+    if cp_size == 1:
+        return np.arange(seq_len, dtype=np.int64)
+    padded = -(-seq_len // pad_multiple) * pad_multiple
+    chunk = padded // (2 * cp_size)
+    second = (2 * cp_size - 1 - cp_rank) * chunk
+    first = np.arange(cp_rank * chunk, min((cp_rank + 1) * chunk, seq_len), dtype=np.int64)
+    return np.concatenate([first, np.arange(second, min(second + chunk, seq_len), dtype=np.int64)])
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -132,6 +161,7 @@ class RoutingRecord:
     num_experts: int
     first_row: int = 0
     has_last_row: bool = field(default=False)
+    cp_share: tuple[int, int, int] | None = None  # shard: (cp_size, cp_rank, pad_multiple), rows = token_positions()
 
     def __post_init__(self) -> None:
         _check_int("num_prompt_tokens", self.num_prompt_tokens, 1)
@@ -145,8 +175,20 @@ class RoutingRecord:
         if ids.shape[1] != len(self.moe_layers):
             raise ValueError(f"expert_ids: expected {len(self.moe_layers)} MoE layers (len(moe_layers)) on "
                              f"axis 1, got shape {ids.shape}")
-        want = self.num_routed_rows + (1 if self.has_last_row else 0)
-        if ids.shape[0] != want:
+        if self.cp_share is not None:
+            share = self.cp_share
+            if not isinstance(share, tuple) or len(share) != 3:
+                raise ValueError(f"cp_share: expected (cp_size, cp_rank, pad_multiple), got {share!r}")
+            if self.has_last_row:
+                raise ValueError("has_last_row: expected False on a CP shard (the last row is filled where used)")
+            want = len(self.token_positions())  # validates the share
+            if ids.shape[0] != want:
+                raise ValueError(f"expert_ids: expected {want} rows (routed positions of CP share "
+                                 f"cp_size, cp_rank, pad_multiple={share}), got {ids.shape[0]}")
+            want = None
+        else:
+            want = self.num_routed_rows + (1 if self.has_last_row else 0)
+        if want is not None and ids.shape[0] != want:
             raise ValueError(f"expert_ids: expected {want} rows (P={self.num_prompt_tokens} + "
                              f"O={self.num_output_tokens} - 1 - first_row={self.first_row}"
                              f"{' + 1 last row' if self.has_last_row else ''}), got {ids.shape[0]}")
@@ -159,6 +201,17 @@ class RoutingRecord:
     def num_routed_rows(self) -> int:
         """Rows SGLang routed: ``P + O - 1 - first_row`` (the last output token excluded)."""
         return self.num_prompt_tokens + self.num_output_tokens - 1 - self.first_row
+
+    def token_positions(self) -> np.ndarray:
+        """``[N]`` int64 sequence positions of the rows: ``first_row ..`` for a whole record, or the routed
+        positions of its CP share (``first_row <= t < first_row + num_routed_rows``) for a shard."""
+        lo = self.first_row
+        if self.cp_share is None:
+            return np.arange(lo, lo + self.expert_ids.shape[0], dtype=np.int64)
+        cp_size, cp_rank, pad_multiple = self.cp_share
+        seq_len = self.num_prompt_tokens + self.num_output_tokens
+        pos = cp_token_positions(seq_len, cp_size, cp_rank, pad_multiple)
+        return pos[(pos >= lo) & (pos < lo + self.num_routed_rows)]
 
     @property
     def num_rows(self) -> int:
@@ -176,6 +229,8 @@ class RoutingRecord:
         """A copy with a synthetic row for the last output token (strided ids, offset = its position)."""
         if self.has_last_row:
             return self
+        if self.cp_share is not None:
+            raise ValueError("with_last_row: expected a whole record, got a CP shard")
         n, num_layers, k = self.expert_ids.shape
         last = strided_fill(1, num_layers, k, self.num_experts, offset=self.first_row + n)
         return RoutingRecord(sample_id=self.sample_id, expert_ids=np.concatenate([self.expert_ids, last]),

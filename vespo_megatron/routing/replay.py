@@ -259,12 +259,19 @@ class RoutingReplay:
                 if routed is None:
                     raise ValueError("R3: expected RLMicroBatch.routed_experts (RLSample.routing on every sample), "
                                      "got None")
-                if routed.dim() != 3 or routed.shape[0] != len(self.model_moe_layers) or routed.shape[2] != self.top_k:
-                    raise ValueError(f"routed_experts: expected [L_moe={len(self.model_moe_layers)}, T_local, "
-                                     f"K={self.top_k}], got shape {tuple(routed.shape)}")
+                # Whole records give [L_moe, T_local, K]; per-rank shards (routing.shards) only this rank's
+                # MoE layers [L_stage, T_local, K], in model order.
+                full, mine = len(self.model_moe_layers), len(self.routers)
+                if routed.dim() != 3 or routed.shape[0] not in (full, mine) or routed.shape[2] != self.top_k:
+                    raise ValueError(f"routed_experts: expected [L_moe={full} (whole records) or L_stage={mine} "
+                                     f"(this rank's shard), T_local, K={self.top_k}], got shape {tuple(routed.shape)}")
+                if routed.shape[0] == full:
+                    indices = [r.record_index for r in routers]
+                else:
+                    stage = sorted(self.local_moe_layers)
+                    indices = [stage.index(r.layer_number) for r in routers]
                 device = routers[0].router.weight.device  # one host-to-device copy per layer, [T_r, K] int64
-                targets = replay_tensors(routed, [r.record_index for r in routers], self.tp_size, self.tp_rank,
-                                         device=device)
+                targets = replay_tensors(routed, indices, self.tp_size, self.tp_rank, device=device)
             else:
                 if any(k >= len(r.recorded) for r in routers):
                     raise ValueError(f"R2 update: micro-batch {k} has no recorded routing (the old-log-prob pass "

@@ -1,7 +1,7 @@
 """Generations -> RL samples: rewards, validation with counted rejection, advantages within each group.
 
 A bad generation (empty response, non-finite log-probs, token ids outside the vocabulary, wrong routing
-shape) is dropped with a reason; the rest of its group keeps going (advantages are normalised over the
+shape; a per-rank routing shard is checked against its own share) is dropped with a reason; the rest of its group keeps going (advantages are normalised over the
 samples that remain). Nothing is dropped silently: `Rejections` counts every reason.
 """
 
@@ -60,7 +60,16 @@ def validate_generation(gen: Generation | SampleError, *, vocab_size: int, num_m
         r = gen.routing
         if r is None:
             return "missing_routing"
-        expected = (len(gen.prompt_ids) + len(gen.output_ids) - 1, num_moe_layers, top_k)
+        seq_len = len(gen.prompt_ids) + len(gen.output_ids)
+        if r.cp_share is None:
+            # Whole tokens; all the model's MoE layers, or (a PP shard, routing.shards) a subset of them.
+            expected = (seq_len - 1, num_moe_layers if len(r.moe_layers) >= num_moe_layers else len(r.moe_layers),
+                        top_k)
+        else:
+            # A per-rank CP shard: the routed positions of its share, which follow from P + O and the share.
+            if r.num_prompt_tokens + r.num_output_tokens != seq_len or len(r.moe_layers) > num_moe_layers:
+                return "routing_shape"
+            expected = (len(r.token_positions()), len(r.moe_layers), top_k)
         if tuple(r.expert_ids.shape) != expected or r.first_row != 0:
             return "routing_shape"
     return None
