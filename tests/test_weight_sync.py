@@ -296,7 +296,7 @@ def test_dtype_name_is_what_sglang_resolves():
     (dict(bucket_timeout_s=float("nan")), "bucket_timeout_s"),
 ])
 def test_config_validation_names_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=rf"^{field}: expected .*, got "):
+    with pytest.raises(ValueError, match=rf"^WeightSyncConfig\.{field}: expected .*, got "):
         WeightSyncConfig(**kwargs)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-__all__ = ["ConfigError", "check_int", "check_float", "check_choice"]
+__all__ = ["ConfigError", "check_int", "check_float", "check_choice", "check_number"]
 
 
 class ConfigError(ValueError):
@@ -46,3 +46,14 @@ def check_choice(owner: str, field: str, value: object, choices: Iterable[str]) 
     choices = tuple(choices)
     if value not in choices:
         raise ConfigError(owner, field, " or ".join(repr(c) for c in choices), value)
+
+
+def check_number(owner: str, field: str, value: object, *, low: float, integer: bool,
+                 allow_equal: bool = True) -> None:
+    """An int (`integer`) or a finite real number, >= low (> low without `allow_equal`)."""
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if not ok_type or isinstance(value, bool) or (not integer and not math.isfinite(value)):
+        kind = "an int" if integer else "a finite number"
+        raise ConfigError(owner, field, f"{kind} {'>=' if allow_equal else '>'} {low}", value)
+    if value < low or (value == low and not allow_equal):
+        raise ConfigError(owner, field, f"{'>=' if allow_equal else '>'} {low}", value)

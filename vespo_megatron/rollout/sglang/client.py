@@ -71,6 +71,7 @@ from os import PathLike
 from types import MappingProxyType
 from typing import Any
 
+from vespo_megatron.base.validation import check_number
 from vespo_megatron.rollout.engine import EngineError, Generation, GenerationRequest, SampleError
 from vespo_megatron.routing import RoutingSpec
 
@@ -115,15 +116,6 @@ class _Retryable(Exception):
         self.timeout = timeout
 
 
-def _check_number(name: str, value, *, low: float, integer: bool, allow_equal: bool = True) -> None:
-    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if not ok_type or isinstance(value, bool) or (not integer and not math.isfinite(value)):
-        kind = "an int" if integer else "a finite number"
-        raise ValueError(f"{name}: expected {kind} {'>=' if allow_equal else '>'} {low}, got {value!r}")
-    if value < low or (value == low and not allow_equal):
-        raise ValueError(f"{name}: expected {'>=' if allow_equal else '>'} {low}, got {value!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class SGLangClientConfig:
     """Where the SGLang server is and how hard to try.
@@ -158,13 +150,13 @@ class SGLangClientConfig:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url.rstrip("/")) <= 8:
             raise ValueError(f"base_url: expected 'http://host:port' or 'https://...', got {url!r}")
         object.__setattr__(self, "base_url", url.rstrip("/"))
-        _check_number("timeout_s", self.timeout_s, low=0, integer=False, allow_equal=False)
-        _check_number("update_timeout_s", self.update_timeout_s, low=0, integer=False, allow_equal=False)
-        _check_number("max_retries", self.max_retries, low=0, integer=True)
-        _check_number("backoff_s", self.backoff_s, low=0, integer=False)
-        _check_number("max_backoff_s", self.max_backoff_s, low=self.backoff_s, integer=False)
-        _check_number("max_concurrency", self.max_concurrency, low=1, integer=True)
-        _check_number("initial_weight_version", self.initial_weight_version, low=0, integer=True)
+        check_number("SGLangClientConfig", "timeout_s", self.timeout_s, low=0, integer=False, allow_equal=False)
+        check_number("SGLangClientConfig", "update_timeout_s", self.update_timeout_s, low=0, integer=False, allow_equal=False)
+        check_number("SGLangClientConfig", "max_retries", self.max_retries, low=0, integer=True)
+        check_number("SGLangClientConfig", "backoff_s", self.backoff_s, low=0, integer=False)
+        check_number("SGLangClientConfig", "max_backoff_s", self.max_backoff_s, low=self.backoff_s, integer=False)
+        check_number("SGLangClientConfig", "max_concurrency", self.max_concurrency, low=1, integer=True)
+        check_number("SGLangClientConfig", "initial_weight_version", self.initial_weight_version, low=0, integer=True)
         if self.routing_spec is not None and not isinstance(self.routing_spec, RoutingSpec):
             raise ValueError(f"routing_spec: expected a RoutingSpec or None, got {type(self.routing_spec).__name__}")
         for name in ("api_key", "load_format"):
@@ -316,7 +308,7 @@ class SGLangClient:
         """
         if not isinstance(source, str | PathLike) or not str(source):
             raise ValueError(f"source: expected a checkpoint path (str or os.PathLike), got {source!r}")
-        _check_number("version", version, low=0, integer=True)
+        check_number("SGLangClient", "version", version, low=0, integer=True)
         body = {"model_path": str(source), "weight_version": str(version),
                 "flush_cache": self.config.flush_cache_after_update, "abort_all_requests": False}
         if self.config.load_format is not None:
@@ -449,9 +441,9 @@ class SGLangClient:
         """
         if not isinstance(master_address, str) or not master_address:
             raise ValueError(f"master_address: expected a non-empty str, got {master_address!r}")
-        _check_number("master_port", master_port, low=1, integer=True)
-        _check_number("rank_offset", rank_offset, low=1, integer=True)
-        _check_number("world_size", world_size, low=rank_offset + 1, integer=True)
+        check_number("init_weights_update_group", "master_port", master_port, low=1, integer=True)
+        check_number("init_weights_update_group", "rank_offset", rank_offset, low=1, integer=True)
+        check_number("init_weights_update_group", "world_size", world_size, low=rank_offset + 1, integer=True)
         body = {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
                 "world_size": world_size, "group_name": group_name, "backend": backend}
         return self._post_once("/init_weights_update_group", body,
@@ -480,7 +472,7 @@ class SGLangClient:
         if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for s in shapes for d in s):
             raise ValueError(f"shapes: expected lists of ints >= 0, got {shapes[:5]!r}...")
         if version is not None:
-            _check_number("version", version, low=0, integer=True)
+            check_number("SGLangClient", "version", version, low=0, integer=True)
         body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
                 "flush_cache": bool(flush_cache)}
         if version is not None:
@@ -527,8 +519,8 @@ class SGLangClient:
                                            for t in r.prompt_ids):
                 raise ValueError(f"requests[{i}].prompt_ids: expected a non-empty tuple of token ids >= 0, "
                                  f"got {r.prompt_ids!r}")
-            _check_number(f"requests[{i}].max_new_tokens", r.max_new_tokens, low=1, integer=True)
-            _check_number(f"requests[{i}].temperature", r.temperature, low=0, integer=False)
+            check_number("GenerationRequest", f"max_new_tokens (requests[{i}])", r.max_new_tokens, low=1, integer=True)
+            check_number("GenerationRequest", f"temperature (requests[{i}])", r.temperature, low=0, integer=False)
             if r.return_routing and self.config.routing_spec is None:
                 raise ValueError(f"requests[{i}].return_routing: routing asked for sample {r.sample_id!r} but "
                                  f"SGLangClientConfig.routing_spec is None")

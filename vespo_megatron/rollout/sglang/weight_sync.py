@@ -64,8 +64,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vespo_megatron.base.validation import ConfigError, check_choice, check_number
 from vespo_megatron.rollout.engine import EngineError, PolicyWeights
-from vespo_megatron.rollout.sglang.client import SGLangClient, _check_number
+from vespo_megatron.rollout.sglang.client import SGLangClient
 
 __all__ = [
     "DiskWeightSync",
@@ -110,23 +111,22 @@ class WeightSyncConfig:
     bucket_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise ValueError(f"mode: expected one of {_MODES}, got {self.mode!r}")
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"backend: expected one of {_BACKENDS}, got {self.backend!r}")
-        _check_number("bucket_bytes", self.bucket_bytes, low=1, integer=True)
-        _check_number("master_port", self.master_port, low=0, integer=True)
+        c = "WeightSyncConfig"
+        check_choice(c, "mode", self.mode, _MODES)
+        check_choice(c, "backend", self.backend, _BACKENDS)
+        check_number(c, "bucket_bytes", self.bucket_bytes, low=1, integer=True)
+        check_number(c, "master_port", self.master_port, low=0, integer=True)
         if self.master_port > 65535:
-            raise ValueError(f"master_port: expected 0..65535 (0: a free port), got {self.master_port!r}")
-        _check_number("rank_offset", self.rank_offset, low=1, integer=True)
+            raise ConfigError(c, "master_port", "0..65535 (0: a free port)", self.master_port)
+        check_number(c, "rank_offset", self.rank_offset, low=1, integer=True)
         if self.server_ranks is not None:
-            _check_number("server_ranks", self.server_ranks, low=1, integer=True)
+            check_number(c, "server_ranks", self.server_ranks, low=1, integer=True)
         for name in ("master_address", "group_name"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{name}: expected a non-empty str, got {value!r}")
-        _check_number("init_timeout_s", self.init_timeout_s, low=0, integer=False, allow_equal=False)
-        _check_number("bucket_timeout_s", self.bucket_timeout_s, low=0, integer=False, allow_equal=False)
+                raise ConfigError(c, name, "a non-empty str", value)
+        check_number(c, "init_timeout_s", self.init_timeout_s, low=0, integer=False, allow_equal=False)
+        check_number(c, "bucket_timeout_s", self.bucket_timeout_s, low=0, integer=False, allow_equal=False)
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":
@@ -157,7 +157,7 @@ def _buckets_with_last(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket
                        ) -> Iterator[tuple[list[tuple[str, torch.Tensor]], bool]]:
     """``(bucket, is_last)``: a bucket is closed by the first tensor that does not fit, so whether more
     follow is known without reading a whole bucket ahead."""
-    _check_number("bucket_bytes", bucket_bytes, low=1, integer=True)
+    check_number("bucketize", "bucket_bytes", bucket_bytes, low=1, integer=True)
     current: list[tuple[str, torch.Tensor]] = []
     size = 0
     for i, item in enumerate(named_tensors):
@@ -408,7 +408,7 @@ class DistributedWeightSender:
         :meth:`close` it and open a new one (with NCCL, a broadcast the server never joins can only end at
         the collective timeout).
         """
-        _check_number("version", version, low=0, integer=True)
+        check_number("DistributedWeightSender.send", "version", version, low=0, integer=True)
         if self._broken is not None:
             raise EngineError(f"weight-update group {self.config.group_name!r} is unusable ({self._broken}); "
                               f"close() the sender and open a new group")
