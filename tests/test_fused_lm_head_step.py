@@ -173,3 +173,27 @@ def test_lm_head_token_logprobs_tp2():
             want = ref_dx[:, rank * s // 2 : (rank + 1) * s // 2] if sp else ref_dx
             torch.testing.assert_close(dx.double(), want, **tol)  # summed over TP by megatron's mappings
             torch.testing.assert_close(dw.double(), ref_dw[rank * v // 2 : (rank + 1) * v // 2], **tol)
+
+
+def _toy_history(rank, world_size, out_dir, fused):
+    from vespo_megatron.training import cli as train_cli
+    from vespo_megatron.training.trainer import Trainer
+
+    flags = ["--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "8",
+             "--staleness", "2", "--sft-steps", "3", "--steps", "3", "--checkpoint-every", "0", "--threads", "1",
+             "--out-dir", out_dir, "--run-name", "fused" if fused else "logits",
+             "--fused-lm-head" if fused else "--no-fused-lm-head"]
+    trainer = Trainer(train_cli.config_from_argv(flags))
+    assert trainer.step_fn.cfg.fused_lm_head is fused  # the flag reaches the loss head
+    return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in trainer.run()]
+
+
+def test_toy_run_metrics_identical_with_fusion_on_and_off(tmp_path):
+    """The trainer with --fused-lm-head (warm start and RL steps) logs the same numbers as the logits path."""
+    off = run_distributed(_toy_history, 1, str(tmp_path), False)[0]
+    on = run_distributed(_toy_history, 1, str(tmp_path), True)[0]
+    assert len(off) == len(on) == 3
+    for a, b in zip(off, on, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9, nan_ok=True), key

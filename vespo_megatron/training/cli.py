@@ -83,7 +83,7 @@ FLAGS["rollout.sglang.weight_sync.bucket_bytes"] = "--weight-sync-bucket-mib"
 HIDDEN = ("model.seed", "model.moe_enable_routing_replay", "task.seed", "task.data.seed",
           "algorithm.loss_config.length_norm")
 
-GROUPS = {"model": "model", "parallel": "parallelism", "task": "task and data", "rollout": "rollout",
+GROUPS = {"perf": "performance", "model": "model", "parallel": "parallelism", "task": "task and data", "rollout": "rollout",
           "algorithm": "algorithm", "hf": "checkpoint (Hugging Face)", "eval": "evaluation",
           "run": "run, checkpoints and logging"}
 

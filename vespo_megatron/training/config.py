@@ -147,6 +147,24 @@ class RunConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PerformanceConfig:
+    """How the loss head runs; the numbers do not depend on it. fused_lm_head: stop the model at its final
+    hidden states and compute log-probs and entropy with the output layer fused in, a token chunk at a time,
+    so the [T, V/tp] logits and their gradient are never held (`parallel/fused_lm_head.py`; bench/README.md
+    has the memory and time on an H200). lm_head_chunk_elements: logits per tile of the fused head (None:
+    2**29, 1 GiB in bf16)."""
+
+    fused_lm_head: bool = False
+    lm_head_chunk_elements: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fused_lm_head, bool):
+            raise ConfigError("PerformanceConfig", "fused_lm_head", "a bool", self.fused_lm_head)
+        if self.lm_head_chunk_elements is not None:
+            check_int("PerformanceConfig", "lm_head_chunk_elements", self.lm_head_chunk_elements, low=1)
+
+
+@dataclass(frozen=True, kw_only=True)
 class HFCheckpointConfig:
     """Hugging Face checkpoints. load: a Qwen3-MoE checkpoint directory to start from (its config.json must
     match the model flags; a trainer checkpoint of the run, when present, still wins on restart).
@@ -198,6 +216,7 @@ class TrainerConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    perf: PerformanceConfig = field(default_factory=PerformanceConfig)
     hf: HFCheckpointConfig = field(default_factory=HFCheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

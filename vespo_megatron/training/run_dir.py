@@ -34,7 +34,7 @@ MAY_DIFFER = (
     "rollout.sglang.url", "rollout.sglang.*timeout*", "rollout.sglang.*retries*", "rollout.sglang.*backoff*",
     "rollout.sglang.*wait*", "rollout.sglang.max_concurrency", "rollout.sglang.weight_sync.master_address",
     "rollout.sglang.weight_sync.master_port", "rollout.sglang.weight_sync.*timeout*",
-    "task.reward.workers", "task.reward.*timeout*",
+    "task.reward.workers", "task.reward.*timeout*", "perf.*",
 )
 
 

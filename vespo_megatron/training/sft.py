@@ -35,7 +35,8 @@ def _token_nll(micro, outs) -> float:
 def sft_warm_start(trainer) -> None:
     """`run.sft_steps` steps at `run.sft_lr` on the task's SFT split; RL then starts with fresh Adam moments."""
     cfg, g = trainer.cfg, trainer.groups
-    sft_step = RLStep(RLStepConfig(loss_name="reinforce", compute_entropy=False), StepGroups(tp=g.tp, cp=g.cp))
+    sft_step = RLStep(RLStepConfig(loss_name="reinforce", compute_entropy=False, fused_lm_head=cfg.perf.fused_lm_head,
+                                   lm_head_chunk_elements=cfg.perf.lm_head_chunk_elements), StepGroups(tp=g.tp, cp=g.cp))
     for group in trainer.optimizer.param_groups:
         group["lr"] = cfg.run.sft_lr
     n = cfg.rollout.samples_per_step // g.dp_size

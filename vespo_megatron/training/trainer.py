@@ -82,7 +82,10 @@ class Trainer:
         self.policy = MegatronPolicyWeights(self.model, g, hf_config, source_dir=cfg.hf.load,
                                             save_dtype=getattr(torch, cfg.hf.save_dtype))
         self.step_fn = RLStep(RLStepConfig(loss_name=algo.loss, loss_config=algo.loss_config,
-                                           temperature=cfg.rollout.temperature), StepGroups(tp=g.tp, cp=g.cp))
+                                           temperature=cfg.rollout.temperature,
+                                           fused_lm_head=cfg.perf.fused_lm_head,
+                                           lm_head_chunk_elements=cfg.perf.lm_head_chunk_elements),
+                              StepGroups(tp=g.tp, cp=g.cp))
         # Routing replay (megatron's RouterReplay): R3 replays the engine's routing, R2 the trainer's own
         # routing recorded in the old-log-prob pass. "off" builds no controller.
         self.replay = None
