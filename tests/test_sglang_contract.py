@@ -218,7 +218,7 @@ def test_generate_bodies_validate(tmp_path):
         client._abort_quietly("some-rid")
         client.update_weights(tmp_path, version=1)
         seen = validate_all(server.requests)
-    assert {"/generate", "/pause_generation", "/continue_generation", "/abort_request",
+    assert {"/generate", "/pause_generation", "/continue_generation", "/abort_request", "/update_weight_version",
             "/update_weights_from_disk"} <= seen, seen
 
 
