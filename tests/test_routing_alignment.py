@@ -233,3 +233,21 @@ def test_replay_setup_validation():
             validate_replay_setup(config, "r2", s)
     with pytest.raises(ValueError, match="mode"):
         RoutingReplayConfig(mode="r4")
+
+
+def test_replay_setup_rejects_mcore_019_router_settings():
+    """megatron-core 0.19's router settings on a stub config (0.16's TransformerConfig lacks them): the
+    'quantile_balancing' load-balancing type bypasses RouterReplay; moe_router_force_biased adds a random bias."""
+    import types
+
+    from vespo_megatron.routing.replay import validate_replay_setup
+
+    spec = RoutingSpec(num_hidden_layers=4, moe_layers=(0, 2, 3), top_k=2, num_experts=8)
+    base = dict(vars(_config()), moe_router_force_biased=None)  # 0.19's defaults pass
+    validate_replay_setup(types.SimpleNamespace(**base), "r3", spec, track_agreement=True)
+    for balancing in ("quantile_balancing", ["aux_loss", "quantile_balancing"]):
+        with pytest.raises(ValueError, match=r"moe_router_load_balancing_type: .*'quantile_balancing'.*bypasses"):
+            validate_replay_setup(types.SimpleNamespace(**dict(base, moe_router_load_balancing_type=balancing)),
+                                  "r2", spec)
+    with pytest.raises(ValueError, match=r"moe_router_force_biased: expected None .*agreement metric.* got 1\.0"):
+        validate_replay_setup(types.SimpleNamespace(**dict(base, moe_router_force_biased=1.0)), "r3", spec)

@@ -110,6 +110,15 @@ def validate_replay_setup(config, mode: ReplayMode, spec: RoutingSpec | None = N
     if "sinkhorn" in types:
         raise ValueError(f"moe_router_load_balancing_type: expected no 'sinkhorn' with routing replay (sinkhorn "
                          f"routing bypasses RouterReplay), got {balancing!r}")
+    if "quantile_balancing" in types:  # megatron-core >= 0.19
+        raise ValueError(f"moe_router_load_balancing_type: expected no 'quantile_balancing' with routing replay "
+                         f"(quantile-balanced routing bypasses RouterReplay, as sinkhorn does, so replay would "
+                         f"silently do nothing), got {balancing!r}")
+    force_biased = getattr(config, "moe_router_force_biased", None)  # megatron-core >= 0.19; absent in 0.16
+    if force_biased is not None:
+        raise ValueError(f"moe_router_force_biased: expected None with routing replay (a random bias on the router "
+                         f"logits changes the scores the replayed routing and the agreement metric re-compute), "
+                         f"got {force_biased!r}")
     if config.moe_router_force_load_balancing:
         raise ValueError("moe_router_force_load_balancing: expected False with routing replay (random logits), "
                          "got True")
