@@ -334,11 +334,12 @@ def _train(cfg: TrainerConfig, progress: _Progress) -> int:
 
     init_distributed()
     trainer = progress.trainer = Trainer(cfg)
+    from .checkpoint import LayoutMismatch
     from .run_dir import ConfigMismatchError, read_history, reward_summary
 
     try:
         start = progress.start = trainer.resume()  # says "resumed from step N" / "already complete (N steps)"
-    except ConfigMismatchError as e:  # another experiment's directory: a message naming the flags, no traceback
+    except (ConfigMismatchError, LayoutMismatch) as e:  # another experiment's directory: a message naming the flags, no traceback
         if trainer.is_log_rank:
             print(f"error: {e}", file=sys.stderr)
         return 2
