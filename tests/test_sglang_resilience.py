@@ -216,3 +216,99 @@ def test_cli_flags_reach_the_client(tmp_path):
     c = engine.inner.client.config
     assert (c.max_retries, c.timeout_s, c.backoff_s, c.max_backoff_s, c.max_concurrency) == (9, 12.5, 0.25, 7, 5)
     assert engine.inner._wait_s == 42
+
+
+# ---------------------------------------------------------------------------------------------- train against it
+
+_TRAIN = ["--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "4",
+          "--sft-steps", "0", "--rollout-engine", "sglang", "--threads", "1", "--sglang-backoff-s", "0.2",
+          "--sglang-max-backoff-s", "1"]
+
+
+def _start_fake(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "vespo_megatron.testing.fake_sglang", "--port", str(port),
+                             "--vocab-size", "64", "--num-hidden-layers", "2", "--top-k", "2", "--num-experts", "4",
+                             "--log-requests"], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert "listening" in proc.stdout.readline()
+    return proc
+
+
+def _vespo_train(args: list[str]) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("vespo-train")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "vespo_megatron.training.cli"]
+    return subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def _records(out_dir: Path) -> list[dict]:
+    import json
+
+    files = list(out_dir.rglob("*.jsonl"))
+    assert len(files) == 1, files
+    return [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+
+
+def _kill_after_generates(proc: subprocess.Popen, n: int) -> None:
+    """SIGKILL the fake server once it has answered `n` /generate requests (one step's generation)."""
+    seen = 0
+    for line in proc.stdout:
+        seen += line.startswith("POST /generate 200")
+        if seen >= n:
+            proc.kill()
+            return
+
+
+@pytest.mark.megatron
+def test_train_against_the_fake_server_as_documented(tmp_path):
+    port = _free_port()
+    server = _start_fake(port)
+    try:
+        train = _vespo_train([*_TRAIN, "--steps", "2", "--sglang-url", f"http://127.0.0.1:{port}",
+                              "--out-dir", str(tmp_path)])
+        out, err = train.communicate(timeout=300)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert train.returncode == 0, err[-3000:]
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [0, 1]
+    assert "attempt" not in err and "needed retries" not in err
+
+
+@pytest.mark.megatron
+def test_server_killed_and_restarted_mid_run(tmp_path):
+    port = _free_port()
+    server = _start_fake(port)
+    killer = threading.Thread(target=_kill_after_generates, args=(server, 16), daemon=True)
+    killer.start()
+    train = _vespo_train([*_TRAIN, "--steps", "3", "--sglang-url", f"http://127.0.0.1:{port}",
+                          "--sglang-wait-for-server-s", "120", "--out-dir", str(tmp_path)])
+    killer.join(timeout=240)
+    assert server.wait(timeout=10) != 0  # killed after step 0's generation
+    time.sleep(2.0)
+    server = _start_fake(port)  # the same port, fresh weights
+    try:
+        out, err = train.communicate(timeout=300)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert train.returncode == 0, err[-3000:]
+    assert [r["step"] for r in _records(tmp_path)] == [0, 1, 2]
+    assert "is unreachable" in err and "is back after" in err
+    assert "attempt" not in err
+
+
+@pytest.mark.megatron
+def test_server_that_never_comes_back_ends_with_one_line(tmp_path):
+    port = _free_port()
+    server = _start_fake(port)
+    killer = threading.Thread(target=_kill_after_generates, args=(server, 16), daemon=True)
+    killer.start()
+    train = _vespo_train([*_TRAIN, "--steps", "3", "--sglang-url", f"http://127.0.0.1:{port}",
+                          "--sglang-wait-for-server-s", "3", "--out-dir", str(tmp_path)])
+    out, err = train.communicate(timeout=300)
+    assert train.returncode == 1
+    assert f"SGLang server at http://127.0.0.1:{port} unreachable for 3 s (last error: connection" in err
+    assert "restart it or raise --sglang-wait-for-server-s" in err
+    assert "Traceback" not in err and "attempt" not in err

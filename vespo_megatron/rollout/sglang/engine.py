@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from vespo_megatron.base.validation import ConfigError, check_float, check_int
-from vespo_megatron.rollout.engine import Generation, GenerationRequest, PolicyWeights, SampleError
+from vespo_megatron.rollout.engine import (
+    EngineError,
+    Generation,
+    GenerationRequest,
+    PolicyWeights,
+    SampleError,
+)
 
 from .client import SGLangClient
 from .weight_sync import WeightSyncConfig
@@ -101,7 +107,19 @@ class SGLangEngine:
         if not self._prepared and not (dist.is_initialized() and dist.get_world_size() > 1):
             self.prepare_generate()  # used directly, outside a ReplicaEngine (one process)
         self._prepared = False
-        return self.client.generate_results(requests)
+        try:
+            return self.client.generate_results(requests)
+        except SampleError:
+            raise
+        except EngineError as e:
+            # The server died during this batch. In a one-process run the engine can wait for it, re-sync and
+            # retry the batch once; with several ranks the re-sync is collective, so the error stands.
+            if (dist.is_initialized() and dist.get_world_size() > 1) or getattr(e, "status", 500) < 500 \
+                    or self.client.reachable() is None:
+                raise
+            self.prepare_generate()
+            self._prepared = False
+            return self.client.generate_results(requests)
 
     def sync_weights(self, weights: PolicyWeights, version: int) -> None:
         self._weights = weights
