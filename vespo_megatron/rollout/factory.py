@@ -65,6 +65,7 @@ def _sglang(cfg, ctx: EngineContext) -> RolloutEngine:
             max_backoff_s=sc.max_backoff_s, max_concurrency=sc.max_concurrency,
             update_timeout_s=sc.update_timeout_s, routing_spec=spec))
         if ctx.replica.is_source:
+            client.wait_for_server(sc.wait_for_server_s)  # a server still starting up is waited for
             client.check_server()
     sync = make_weight_sync(sc.weight_sync, client if rank == 0 else None,
                             root=os.path.join(ctx.out_dir, "weights"))
@@ -79,7 +80,8 @@ def _sglang(cfg, ctx: EngineContext) -> RolloutEngine:
         sp = bool(model.config.sequence_parallel)  # the batcher's pad multiple: 2*cp, times tp with SP
         plan = RankPlan(moe_layers=rank_moe_layers(ctx.model), cp_size=g.cp_size, cp_rank=g.cp_rank,
                         pad_multiple=pad_multiple_for(g.cp_size, g.tp_size, sp))
-    return ReplicaEngine(SGLangEngine(client, sync, sender=rank == 0), ctx.replica, plan=plan)
+    return ReplicaEngine(SGLangEngine(client, sync, sender=rank == 0, wait_for_server_s=sc.wait_for_server_s),
+                         ctx.replica, plan=plan)
 
 
 ENGINES: dict[str, Callable[..., RolloutEngine]] = {

@@ -95,6 +95,9 @@ class ReplicaEngine:
         return self.inner.weight_version
 
     def generate(self, requests: list[GenerationRequest], *, seed: int) -> list[Generation | SampleError]:
+        prepare = getattr(self.inner, "prepare_generate", None)
+        if prepare is not None:  # collective on every rank, e.g. waiting for a restarted server and re-syncing
+            prepare()
         compute = lambda: self.inner.generate(requests, seed=seed)  # noqa: E731
         if self.plans is None:
             return self.replica.from_source(compute)

@@ -215,12 +215,17 @@ class FakeSGLangServer:
         device: str = "cpu",
         sglang_version: str = "0.5.23",
         dp_size: int = 1,
+        port: int = 0,
     ):
         """``expected_weights``: name -> (dtype name, shape) of the served model, checked on streamed updates
         (None: accept anything). ``group_timeout_s``: rendezvous and collective timeout of update groups.
         ``device``: where streamed tensors are received; ``"cuda:N"`` also allows the NCCL backend.
         ``sglang_version``: the SGLang release whose handlers are mirrored (see :data:`SESSION_SINCE`).
-        ``dp_size``: the server's data-parallel size (> 1: update groups answer HTTP 500, as SGLang asserts)."""
+        ``dp_size``: the server's data-parallel size (> 1: update groups answer HTTP 500, as SGLang asserts).
+        ``port``: where to listen on 127.0.0.1 (0: a free port)."""
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise ValueError(f"port: expected an int in [0, 65535], got {port!r}")
+        self._port = port
         parts = sglang_version.split(".") if isinstance(sglang_version, str) else []
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
             raise ValueError(f"sglang_version: expected 'MAJOR.MINOR.PATCH' such as '0.5.23', got {sglang_version!r}")
@@ -245,7 +250,7 @@ class FakeSGLangServer:
         self._session_open = False  # a begin_weight_update / end_weight_update session (>= 0.5.21)
         self._faults: list[_Fault] = []
         self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -261,8 +266,7 @@ class FakeSGLangServer:
         if self._httpd is not None:
             raise RuntimeError("FakeSGLangServer already started")
         handler = type("_Handler", (_Handler,), {"fake": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer(("127.0.0.1", self._port), handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fake-sglang", daemon=True)
         self._thread.start()
@@ -738,12 +742,27 @@ def _spoil(answer: dict, kind: str, server: FakeSGLangServer) -> None:
         meta["weight_version"] = f"{meta.get('weight_version')}-stale"
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    """A thread per connection with a real listen backlog: socketserver's default of 5 made the kernel reset
+    connections when a client opened dozens at once (64 concurrent /generate requests)."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+    allow_reuse_address = True  # a restarted server takes its port back at once
+
+
 class _Handler(BaseHTTPRequestHandler):
     fake: FakeSGLangServer  # set on the per-server subclass
     server_version = "FakeSGLang/0"
 
+    log_requests = False  # set by the command-line entry point's --log-requests
+
     def log_message(self, format, *args) -> None:  # quiet: tests read server.requests instead
         pass
+
+    def log_request(self, code="-", size="-") -> None:
+        if self.log_requests:
+            print(f"{self.command} {self.path} {code}", flush=True)
 
     def _serve(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -782,3 +801,49 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:  # noqa: N802
         self._serve("POST")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vespo_megatron.testing.fake_sglang --port P``: serve on 127.0.0.1:P until SIGINT/SIGTERM."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vespo_megatron.testing.fake_sglang",
+        description="A local stand-in for an SGLang server (deterministic answers from the prompt; no model), "
+                    "for training against --rollout-engine sglang without a GPU. Serves on 127.0.0.1 only.")
+    parser.add_argument("--port", type=int, default=30000, help="port on 127.0.0.1 (0: a free one; default 30000)")
+    parser.add_argument("--vocab-size", type=int, default=1000,
+                        help="token ids are drawn below this (at most the trainer's vocabulary; default 1000)")
+    parser.add_argument("--num-hidden-layers", type=int, default=4, help="decoder layers of routed_experts")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token in routed_experts")
+    parser.add_argument("--num-experts", type=int, default=8, help="experts per MoE layer")
+    parser.add_argument("--no-routed-experts", action="store_true",
+                        help="behave like a server started without --enable-return-routed-experts")
+    parser.add_argument("--log-requests", action="store_true", help="print one line per request to stdout")
+    args = parser.parse_args(argv)
+    try:
+        server = FakeSGLangServer(hash_policy(vocab_size=args.vocab_size), num_hidden_layers=args.num_hidden_layers,
+                                  top_k=args.top_k, num_experts=args.num_experts, port=args.port,
+                                  enable_return_routed_experts=not args.no_routed_experts)
+        server.start()
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    server._httpd.RequestHandlerClass.log_requests = args.log_requests
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"fake SGLang server listening on {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.stop()
+    print("fake SGLang server stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,6 +14,11 @@ rank 0 lists the candidates and broadcasts them). A missing, truncated, partial 
 skipped with a warning naming it and the reason. Backward compatible: a checkpoint written before markers
 existed (no `complete.json`) is treated as intact when its rank files load.
 
+Layout: the marker (and each rank file) records the parallel layout (tp / sp / cp / ep / etp / pp / vpp and
+the world size, read from the model's megatron config). Resuming under another layout raises a
+`LayoutMismatch` naming both layouts and the flags to resume with, before any state_dict is loaded: the
+rank files are shards of that layout, and loading them under another gives a raw state_dict mismatch.
+
 Contents per rank: model and optimizer state, RNG states, step, engine state (weight version and, in async
 mode, the lagged weight snapshots). The data position is the step: prompts are a pure function of it.
 """
@@ -35,13 +40,83 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["save_checkpoint", "load_latest_checkpoint", "check_writable", "check_free_space", "state_bytes",
-           "MARKER"]
+           "MARKER", "LayoutMismatch", "layout_of", "describe_layout"]
 
 log = logging.getLogger(__name__)
 MARKER = "complete.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # torch's messages for a write that stopped short (inline_container.cc on a full disk)
 _SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
+
+
+# layout key -> megatron config attribute, default, and the CLI flag
+_LAYOUT = (("tp", "tensor_model_parallel_size", 1, "--tp"), ("sp", "sequence_parallel", False, "--sp"),
+           ("cp", "context_parallel_size", 1, "--cp"), ("ep", "expert_model_parallel_size", 1, "--ep"),
+           ("etp", "expert_tensor_parallel_size", 1, "--etp"), ("pp", "pipeline_model_parallel_size", 1, "--pp"),
+           ("vpp", "virtual_pipeline_model_parallel_size", None, "--vpp"))
+
+
+def layout_of(model, world_size: int) -> dict | None:
+    """The parallel layout of a (wrapped) megatron model: {"tp", "sp", "cp", "ep", "etp", "pp", "vpp",
+    "world_size"}; None when no megatron config is found on it (then no layout check is made)."""
+    m = model[0] if isinstance(model, list | tuple) and model else model
+    for _ in range(8):  # DDP / Float16Module wrappers
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "tensor_model_parallel_size"):
+            out = {key: getattr(config, attr, default) for key, attr, default, _ in _LAYOUT}
+            out["etp"] = out["etp"] or 1
+            out["world_size"] = world_size
+            return out
+        m = getattr(m, "module", None)
+        if m is None:
+            return None
+    return None
+
+
+def describe_layout(layout: dict) -> str:
+    """'TP2 SP EP1 PP1 (world 2)': the sizes that matter (CP, ETP and VPP when not 1 / unset)."""
+    parts = [f"TP{layout.get('tp', 1)}"] + (["SP"] if layout.get("sp") else [])
+    if layout.get("cp", 1) != 1:
+        parts.append(f"CP{layout['cp']}")
+    parts.append(f"EP{layout.get('ep', 1)}")
+    if layout.get("etp", 1) != 1:
+        parts.append(f"ETP{layout['etp']}")
+    parts.append(f"PP{layout.get('pp', 1)}")
+    if layout.get("vpp"):
+        parts.append(f"VPP{layout['vpp']}")
+    return " ".join(parts) + f" (world {layout.get('world_size', '?')})"
+
+
+def _layout_flags(layout: dict) -> str:
+    flags = []
+    for key, _, default, flag in _LAYOUT:
+        value = layout.get(key, default)
+        if key == "sp":
+            flags += [flag] if value else []
+        elif key in ("tp", "ep", "pp") or (value is not None and value != default):
+            flags.append(f"{flag} {value}")
+    return " ".join(flags) + f" on {layout.get('world_size', '?')} ranks"
+
+
+class LayoutMismatch(ValueError):
+    """The checkpoint was written under another parallel layout (or world size): raised, never skipped."""
+
+
+def _check_layout(ckpt: str, saved: dict | None, saved_world: int, layout: dict | None, world_size: int) -> None:
+    name = os.path.basename(ckpt)
+    if saved is not None and layout is not None:
+        keys = [k for k, *_ in _LAYOUT] + ["world_size"]
+        if any(saved.get(k) != layout.get(k) for k in keys):
+            raise LayoutMismatch(
+                f"checkpoint {name} was written with {describe_layout(saved)}; this run is "
+                f"{describe_layout(layout)}: resume with the same layout ({_layout_flags(saved)}), or start "
+                f"another run (--run-name / --out-dir) for this layout ({ckpt})")
+        return
+    if saved_world != world_size:
+        written = f" ({describe_layout(saved)})" if saved is not None else ""
+        raise LayoutMismatch(f"checkpoint {name} was written by {saved_world} ranks{written}, this run has "
+                             f"{world_size}: resume on {saved_world} ranks with the same parallel flags, or start "
+                             f"another run (--run-name / --out-dir) ({ckpt})")
 
 
 def _rng_state() -> dict:
@@ -174,8 +249,9 @@ def save_checkpoint(ckpt_dir: str, step: int, *, model, optimizer, extra: dict, 
             raise error
         raise RuntimeError(f"checkpoint {final}: rank 0 could not create {tmp}: {setup[0]}")
     result: tuple = ()
+    layout = layout_of(model, world_size)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": _rng_state(), "extra": extra, "world_size": world_size}
+             "rng": _rng_state(), "extra": extra, "world_size": world_size, "layout": layout}
     try:
         result = _write_rank_file(tmp, os.path.join(tmp, name), state)
     except BaseException as e:  # noqa: BLE001 - re-raised below, after every rank knows
@@ -189,7 +265,7 @@ def save_checkpoint(ckpt_dir: str, step: int, *, model, optimizer, extra: dict, 
             raise error
         raise RuntimeError(f"checkpoint {final}: rank {failed[0][0]} failed to write: {failed[0][1]}")
     if rank == 0:
-        marker = {"step": step, "world_size": world_size,
+        marker = {"step": step, "world_size": world_size, "layout": layout,
                   "files": {f"rank{r:05d}.pt": {"size": size, "crc32": crc} for r, ((size, crc), _) in
                             enumerate(reports)}}
         try:
@@ -225,18 +301,17 @@ def _prune(ckpt_dir: str, keep: int, just_written: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _read_rank_file(ckpt: str, rank: int, world_size: int) -> dict:
+def _read_rank_file(ckpt: str, rank: int, world_size: int, layout: dict | None = None) -> dict:
     """This rank's state of checkpoint directory `ckpt`, verified; raises ValueError saying what is wrong
-    (OSError / torch's errors for unreadable files pass through)."""
+    (OSError / torch's errors for unreadable files pass through), `LayoutMismatch` when it was written under
+    another layout than `layout` (or another world size)."""
     name = f"rank{rank:05d}.pt"
     path = os.path.join(ckpt, name)
     marker_path = os.path.join(ckpt, MARKER)
     if os.path.exists(marker_path):
         with open(marker_path) as f:
             marker = json.load(f)
-        if marker["world_size"] != world_size:
-            raise _WorldSizeMismatch(f"checkpoint {ckpt}: written by {marker['world_size']} ranks, "
-                                     f"this run has {world_size}")
+        _check_layout(ckpt, marker.get("layout"), marker["world_size"], layout, world_size)
         entry = marker["files"][name]
         if not os.path.exists(path):
             raise ValueError(f"{name} is missing")
@@ -248,14 +323,8 @@ def _read_rank_file(ckpt: str, rank: int, world_size: int) -> dict:
     elif not os.path.exists(path):
         raise ValueError(f"no {MARKER} and no {name} (partial checkpoint)")
     state = torch.load(path, weights_only=False)
-    if state["world_size"] != world_size:
-        raise _WorldSizeMismatch(f"checkpoint {path}: written by {state['world_size']} ranks, "
-                                 f"this run has {world_size}")
+    _check_layout(ckpt, state.get("layout"), state["world_size"], layout, world_size)
     return state
-
-
-class _WorldSizeMismatch(ValueError):
-    """Not a damaged checkpoint: a run with another layout. Raised, never skipped."""
 
 
 def _latest_hint(ckpt_dir: str, candidates: list[str]) -> None:
@@ -283,18 +352,19 @@ def load_latest_checkpoint(ckpt_dir: str, *, model, optimizer, rank: int, world_
         candidates = box[0]
     if rank == 0:
         _latest_hint(ckpt_dir, candidates)
+    layout = layout_of(model, world_size)
     for name in candidates:
         ckpt = os.path.join(ckpt_dir, name)
         state, reason = None, None
         try:
-            state = _read_rank_file(ckpt, rank, world_size)
-        except _WorldSizeMismatch as e:
+            state = _read_rank_file(ckpt, rank, world_size, layout)
+        except LayoutMismatch as e:
             reason = ("mismatch", str(e))
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, and said so
             reason = ("damaged", f"rank {rank}: {type(e).__name__}: {e}")
         reasons = [r for r in _gather(reason, world_size) if r is not None]
         if any(kind == "mismatch" for kind, _ in reasons):
-            raise ValueError(next(msg for kind, msg in reasons if kind == "mismatch"))
+            raise LayoutMismatch(next(msg for kind, msg in reasons if kind == "mismatch"))
         if reasons:
             if rank == 0:
                 log.warning("checkpoint %s is damaged, skipped (falling back to an older one): %s", ckpt,

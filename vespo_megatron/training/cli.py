@@ -33,6 +33,7 @@ from vespo_megatron.cli import CLIError, ConfigCLI  # noqa: E402
 from vespo_megatron.losses import resolve_policy_loss  # noqa: E402
 from vespo_megatron.megatron.model_config import TinyMoEConfig  # noqa: E402
 from vespo_megatron.models import PRESETS, preset_config  # noqa: E402
+from vespo_megatron.rollout.engine import EngineError  # noqa: E402
 
 from .config import AlgorithmConfig, EvalConfig, RolloutConfig, RunConfig, TrainerConfig  # noqa: E402
 from .reasoning_task import ReasoningTask, ReasoningTaskConfig, ScratchpadTokenizer  # noqa: E402
@@ -71,7 +72,8 @@ FLAGS = {
     "eval.temperature": "--eval-temperature",
     "eval.max_problems": "--eval-max-problems",
 }
-for _name in ("url", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "max_concurrency", "update_timeout_s"):
+for _name in ("url", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "max_concurrency", "update_timeout_s",
+              "wait_for_server_s"):
     FLAGS[f"rollout.sglang.{_name}"] = "--sglang-" + _name.replace("_", "-")
 for _name in ("master_address", "master_port", "group_name", "backend", "rank_offset", "server_ranks",
               "init_timeout_s", "bucket_timeout_s"):
@@ -306,6 +308,13 @@ def main(argv=None) -> int:
     progress = _Progress()
     try:
         return _train(cfg, progress)
+    except EngineError as e:
+        # The rollout engine gave up (an SGLang server gone past --sglang-wait-for-server-s, a 4xx answer):
+        # its message says what to do; the traceback of the step it stopped would only bury it.
+        trainer = progress.trainer
+        if (trainer.is_log_rank if trainer is not None else os.environ.get("RANK", "0") == "0"):
+            print(f"error: rollout engine: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         # One line instead of the traceback of whatever collective the signal landed in; exit code 130 is
         # the shell's for SIGINT. Every rank gets the signal; the logging rank speaks for the run.
@@ -325,11 +334,12 @@ def _train(cfg: TrainerConfig, progress: _Progress) -> int:
 
     init_distributed()
     trainer = progress.trainer = Trainer(cfg)
+    from .checkpoint import LayoutMismatch
     from .run_dir import ConfigMismatchError, read_history, reward_summary
 
     try:
         start = progress.start = trainer.resume()  # says "resumed from step N" / "already complete (N steps)"
-    except ConfigMismatchError as e:  # another experiment's directory: a message naming the flags, no traceback
+    except (ConfigMismatchError, LayoutMismatch) as e:  # another experiment's directory: a message naming the flags, no traceback
         if trainer.is_log_rank:
             print(f"error: {e}", file=sys.stderr)
         return 2

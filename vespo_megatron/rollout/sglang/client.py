@@ -181,6 +181,51 @@ class SGLangClientConfig:
             raise ValueError(f"seed: expected an int or None, got {self.seed!r}")
 
 
+class _BatchFailures:
+    """The failed attempts of one :meth:`SGLangClient.generate_results` batch, summarised in one line."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._retried: set[str] = set()  # requests that needed at least one retry
+        self._kinds: dict[str, int] = {}
+        self.failed = 0
+        self.stop = threading.Event()
+
+    @property
+    def retried(self) -> int:
+        return len(self._retried)
+
+    def note_retry(self, what: str, e: _Retryable) -> None:
+        kind = _failure_kind(e)
+        with self._lock:
+            self._retried.add(what)
+            self._kinds[kind] = self._kinds.get(kind, 0) + 1
+
+    def note_failed(self) -> None:
+        with self._lock:
+            self.failed += 1
+
+    def summary(self, total: int) -> str:
+        with self._lock:
+            kinds = ", ".join(f"{k} \u00d7{n}" for k, n in sorted(self._kinds.items(), key=lambda kv: -kv[1]))
+            return (f"{len(self._retried)} of {total} requests needed retries" + (f" ({kinds})" if kinds else "")
+                    + f"; {self.failed} failed")
+
+
+def _failure_kind(e: _Retryable) -> str:
+    """A short name for a failed attempt's cause: 'timeout', 'HTTP 503', 'connection reset', ..."""
+    if e.timeout:
+        return "timeout"
+    if e.status is not None:
+        return f"HTTP {e.status}"
+    text = str(e).lower()
+    for needle, kind in (("reset", "connection reset"), ("refused", "connection refused"),
+                         ("remotedisconnected", "connection closed"), ("broken pipe", "broken pipe")):
+        if needle in text:
+            return kind
+    return "connection error"
+
+
 def _server_message(raw: bytes) -> str:
     """The human-readable part of an SGLang error body (JSON ``message`` / ``error.message`` / ``detail``)."""
     text = raw.decode("utf-8", errors="replace").strip()
@@ -254,6 +299,58 @@ class SGLangClient:
             self._server_info = dict(info)
         return self._server_info
 
+    def reachable(self) -> str | None:
+        """One probe of the server (``GET /health``, one attempt, short timeout): None when it answers (any
+        HTTP status but 5xx counts: the server is up), else the reason it did not."""
+        try:
+            self._send_once("GET", self.config.base_url + "/health", None, min(10.0, self.config.timeout_s))
+        except HTTPStatusError:
+            return None  # 4xx: up, just without /health
+        except _Retryable as e:
+            return str(e)
+        return None
+
+    def wait_for_server(self, deadline_s: float) -> float | None:
+        """Return at once (None) when the server answers; else poll it (``/health``, capped exponential backoff
+        between ``backoff_s`` and ``max_backoff_s``) until it answers, and return how many seconds it was
+        away. Logs one line when the wait starts and one when the server is back. Raises
+        :class:`EngineError` when it is still unreachable after ``deadline_s`` seconds (0: do not wait)."""
+        error = self.reachable()
+        if error is None:
+            return None
+        url = self.config.base_url
+        start = time.monotonic()
+        if deadline_s > 0:
+            logger.warning("SGLang server at %s is unreachable (%s); waiting up to %g s for it to come back "
+                           "(--sglang-wait-for-server-s)", url, error, deadline_s)
+        attempt = 0
+        while True:
+            left = deadline_s - (time.monotonic() - start)
+            if left <= 0:
+                raise EngineError(f"SGLang server at {url} unreachable for {time.monotonic() - start:.0f} s "
+                                  f"(last error: {error}); restart it or raise --sglang-wait-for-server-s "
+                                  f"(now {deadline_s:g})")
+            time.sleep(min(left, max(0.2, self._backoff(attempt))))
+            attempt += 1
+            error = self.reachable()
+            if error is None:
+                away = time.monotonic() - start
+                logger.warning("SGLang server at %s is back after %.1f s", url, away)
+                return away
+
+    def lost_weights(self) -> bool:
+        """Whether the server no longer serves the weights this client tagged it with (it restarted): its
+        weight-version tag differs from the last one it accepted from us. False when nothing was tagged yet
+        or the server does not report a tag."""
+        if self._server_tag is None:
+            return False
+        tag = self.get_weight_version()
+        if tag is None or tag == self._server_tag:
+            return False
+        logger.warning("SGLang server at %s serves weight_version %r, expected %r: it restarted and lost the "
+                       "trainer's weights", self.config.base_url, tag, self._server_tag)
+        return True
+
     def generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """One generation per request, in request order; raises the first bad sample's :class:`SampleError`."""
         results = self.generate_results(requests)
@@ -279,18 +376,30 @@ class SGLangClient:
             self.check_server()
         with self._busy:
             version = self._version
-            if len(requests) == 1 or self.config.max_concurrency == 1:
-                return [self._generate_one(r, version) for r in requests]
-            num_workers = min(self.config.max_concurrency, len(requests))
-            pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="sglang-generate")
-            futures = [pool.submit(self._generate_one, r, version) for r in requests]
+            batch = _BatchFailures()
             try:
-                results = [f.result() for f in futures]
-            except BaseException:
-                # Fail fast: queued requests are dropped; the ones on the wire finish in the background.
-                pool.shutdown(wait=False, cancel_futures=True)
+                if len(requests) == 1 or self.config.max_concurrency == 1:
+                    results = [self._generate_one(r, version, batch) for r in requests]
+                else:
+                    num_workers = min(self.config.max_concurrency, len(requests))
+                    pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="sglang-generate")
+                    futures = [pool.submit(self._generate_one, r, version, batch) for r in requests]
+                    try:
+                        results = [f.result() for f in futures]
+                    except BaseException:
+                        # Fail fast: queued requests are dropped; the ones on the wire stop at their next
+                        # retry (batch.stop) and finish in the background.
+                        batch.stop.set()
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        raise
+                    pool.shutdown(wait=True)
+            except EngineError:
+                batch.failed = max(batch.failed, 1)
+                logger.warning("SGLang server at %s: /generate batch failed: %s", self.config.base_url,
+                               batch.summary(len(requests)))
                 raise
-            pool.shutdown(wait=True)
+            if batch.retried:
+                logger.warning("SGLang server at %s: %s", self.config.base_url, batch.summary(len(requests)))
             return results
 
     def update_weights(self, source: str | PathLike, version: int) -> None:
@@ -542,12 +651,18 @@ class SGLangClient:
             payload["return_routed_experts"] = True
         return payload
 
-    def _generate_one(self, r: GenerationRequest, version: int) -> Generation | SampleError:
+    def _generate_one(self, r: GenerationRequest, version: int,
+                      batch: _BatchFailures | None = None) -> Generation | SampleError:
         def make_payload() -> dict:
             return self._payload(r, rid=f"{r.sample_id}-{uuid.uuid4().hex[:12]}")
 
-        answer = self._request("POST", "/generate", make_payload, timeout=self.config.timeout_s,
-                               what=f"/generate for sample {r.sample_id!r}")
+        try:
+            answer = self._request("POST", "/generate", make_payload, timeout=self.config.timeout_s,
+                                   what=f"/generate for sample {r.sample_id!r}", batch=batch)
+        except EngineError:
+            if batch is not None:
+                batch.note_failed()
+            raise
         try:
             return self._parse(r, answer, version)
         except SampleError as e:
@@ -643,23 +758,38 @@ class SGLangClient:
     def _post(self, path: str, body, *, timeout: float):
         return self._request("POST", path, (lambda: body) if body is not None else None, timeout=timeout, what=path)
 
-    def _request(self, method: str, path: str, make_body, *, timeout: float, what: str):
-        """Send with retries; return the decoded JSON answer (or the text of a non-JSON 200 answer)."""
+    def _request(self, method: str, path: str, make_body, *, timeout: float, what: str,
+                 batch: _BatchFailures | None = None):
+        """Send with retries; return the decoded JSON answer (or the text of a non-JSON 200 answer).
+
+        With ``batch`` (one request of a :meth:`generate_results` batch) each failed attempt is logged at
+        DEBUG and counted in ``batch``, which the caller summarises in one line; retries stop early once
+        ``batch.stop`` is set (another request of the batch has failed for good)."""
         url = self.config.base_url + path
         attempts = self.config.max_retries + 1
         last: _Retryable | None = None
         for attempt in range(attempts):
             if attempt:
-                time.sleep(self._backoff(attempt - 1))
+                delay = self._backoff(attempt - 1)
+                if batch is not None:
+                    if batch.stop.wait(delay):
+                        break
+                else:
+                    time.sleep(delay)
             body = make_body() if make_body is not None else None
             try:
                 return self._send_once(method, url, body, timeout)
             except _Retryable as e:
                 last = e
-                logger.warning("%s: attempt %d/%d failed: %s", what, attempt + 1, attempts, e)
+                if batch is not None:
+                    batch.note_retry(what, e)
+                    logger.debug("%s: attempt %d/%d failed: %s", what, attempt + 1, attempts, e)
+                else:
+                    logger.warning("%s: attempt %d/%d failed: %s", what, attempt + 1, attempts, e)
                 if e.timeout and isinstance(body, Mapping) and "rid" in body:
                     self._abort_quietly(body["rid"])
-        assert last is not None
+        if last is None:  # stopped before the first attempt
+            raise EngineError(f"SGLang server at {self.config.base_url}: {what} abandoned (its batch failed)")
         message = (f"SGLang server at {self.config.base_url}: {what} failed after {attempts} attempts "
                    f"(max_retries={self.config.max_retries}); last error: {last}")
         if last.status is not None:
