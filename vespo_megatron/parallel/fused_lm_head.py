@@ -38,8 +38,6 @@ explicitly.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -234,40 +232,10 @@ def fused_lm_head_logprobs(
         raise ValueError(f"weight: expected dtype {hidden.dtype} (hidden's), got {weight.dtype}")
     if weight.shape[0] < 1:
         raise ValueError(f"weight: expected at least one vocab row, got shape {tuple(weight.shape)}")
-    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
-        raise ValueError(f"targets: expected an integer tensor of token ids, got {vp._describe(targets)}")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"targets: expected shape {tuple(hidden.shape[:-1])} (the leading shape of hidden "
-            f"{tuple(hidden.shape)}), got {tuple(targets.shape)}"
-        )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature: expected a float > 0, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
-    if chunk_elements is not None and (
-        isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1
-    ):
-        raise ValueError(f"chunk_elements: expected None or an int >= 1, got {chunk_elements!r}")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend: expected one of 'auto', 'torch', 'triton', got {backend!r}")
-
     v_local = weight.shape[0]
-    world = dist.get_world_size(tp_group) if tp_group is not None else 1
-    rank = dist.get_rank(tp_group) if world > 1 else 0
-    vocab_start, v_global = rank * v_local, world * v_local
-    if targets.numel() > 0:
-        lo, hi = int(targets.min()), int(targets.max())
-        if lo < 0 or hi >= v_global:
-            raise ValueError(
-                f"targets: expected token ids in [0, {v_global}) (V = tp {world} x V/tp {v_local}), "
-                f"got ids in [{lo}, {hi}]"
-            )
-    use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda)
-    if use_triton and not vp._triton_usable(hidden):
-        if backend == "triton":
-            raise ValueError("backend: 'triton' needs Triton installed and CUDA tensors (or TRITON_INTERPRET=1)")
-        use_triton = False
+    world, vocab_start, use_triton = vp.check_head_args(
+        hidden, "hidden", targets, v_local, temperature=temperature, chunk_name="chunk_elements",
+        chunk=chunk_elements, backend=backend, tp_group=tp_group)
 
     h2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
     if h2d.stride(-1) != 1:

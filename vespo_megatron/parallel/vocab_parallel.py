@@ -304,6 +304,44 @@ def _triton_usable(logits: Tensor) -> bool:
     return logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_head_args(x: Tensor, x_name: str, targets: Tensor, v_local: int, *, temperature, chunk_name: str,
+                    chunk, backend: str, tp_group) -> tuple[int, int, bool]:
+    """The argument checks a log-prob head shares (the logits path and the fused LM head): `targets` are
+    token ids shaped like `x` without its last dim and inside the global vocabulary; returns (TP world size,
+    this rank's first vocab id, whether the Triton kernels run)."""
+    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
+        raise ValueError(f"targets: expected an integer tensor of token ids, got {_describe(targets)}")
+    if tuple(targets.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"targets: expected shape {tuple(x.shape[:-1])} (the leading shape of {x_name} "
+            f"{tuple(x.shape)}), got {tuple(targets.shape)}"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature: expected a float > 0, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"{chunk_name}: expected None or an int >= 1, got {chunk!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected one of 'auto', 'torch', 'triton', got {backend!r}")
+    world = dist.get_world_size(tp_group) if tp_group is not None else 1
+    rank = dist.get_rank(tp_group) if world > 1 else 0
+    vocab_start, v_global = rank * v_local, world * v_local
+    if targets.numel() > 0:
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= v_global:
+            raise ValueError(
+                f"targets: expected token ids in [0, {v_global}) (V = tp {world} x V/tp {v_local}), "
+                f"got ids in [{lo}, {hi}]"
+            )
+    use_triton = backend == "triton" or (backend == "auto" and x.is_cuda)
+    if use_triton and not _triton_usable(x):
+        if backend == "triton":
+            raise ValueError(f"backend: 'triton' needs Triton installed and CUDA {x_name} (or TRITON_INTERPRET=1)")
+        use_triton = False
+    return world, vocab_start, use_triton
+
+
 def vocab_parallel_logprobs(
     logits: Tensor,
     targets: Tensor,
@@ -333,45 +371,12 @@ def vocab_parallel_logprobs(
     """
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
         raise ValueError(f"logits: expected a floating-point tensor [..., V/tp], got {_describe(logits)}")
-    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.is_complex():
-        raise ValueError(f"targets: expected an integer tensor of token ids, got {_describe(targets)}")
-    if tuple(targets.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"targets: expected shape {tuple(logits.shape[:-1])} (the leading shape of logits "
-            f"{tuple(logits.shape)}), got {tuple(targets.shape)}"
-        )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature: expected a float > 0, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size: expected None or an int >= 1, got {chunk_size!r}")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend: expected one of 'auto', 'torch', 'triton', got {backend!r}")
     v_local = logits.shape[-1]
     if v_local < 1:
         raise ValueError(f"logits: expected a non-empty vocab dimension, got shape {tuple(logits.shape)}")
-
-    world = dist.get_world_size(tp_group) if tp_group is not None else 1
-    rank = dist.get_rank(tp_group) if world > 1 else 0
-    vocab_start, v_global = rank * v_local, world * v_local
-    if targets.numel() > 0:
-        lo, hi = int(targets.min()), int(targets.max())
-        if lo < 0 or hi >= v_global:
-            raise ValueError(
-                f"targets: expected token ids in [0, {v_global}) (V = tp {world} x V/tp {v_local}), "
-                f"got ids in [{lo}, {hi}]"
-            )
-
-    use_triton = backend == "triton" or (backend == "auto" and logits.is_cuda)
-    if use_triton and not _triton_usable(logits):
-        if backend == "triton":
-            raise ValueError(
-                "backend: 'triton' needs Triton installed and CUDA logits (or TRITON_INTERPRET=1)"
-            )
-        use_triton = False
+    world, vocab_start, use_triton = check_head_args(
+        logits, "logits", targets, v_local, temperature=temperature, chunk_name="chunk_size", chunk=chunk_size,
+        backend=backend, tp_group=tp_group)
 
     z2d = logits.reshape(-1, v_local)  # [T, V/tp]; a view for contiguous logits
     if use_triton and z2d.stride(1) != 1:
