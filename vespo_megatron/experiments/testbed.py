@@ -13,10 +13,8 @@ is spent, then writes `<out>/hf` (float32 by default, so RL starts from the exac
 `<out>/sft.json` (steps, pass@1 per evaluation, seconds, flags). A finished base is not trained again: the
 same command prints the cached result (`--force` retrains).
 
-Why its own loop and not `run.sft_steps`: `training/sft.py` runs a fixed number of steps from problem 0 and
-resets Adam at the end; stopping at a pass rate needs evaluations in between with one optimizer state. The
-hook that would let this call the trainer's instead: `sft_warm_start(trainer, start=k, steps=n,
-reset_optimizer=False)`.
+The SFT steps are the warm start's own (`training/sft.py: sft_steps`), called chunk by chunk with one optimizer
+state, so that the run can stop at a pass rate.
 """
 
 from __future__ import annotations
@@ -30,42 +28,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TINY_MODEL_FLAGS", "TINY_RUN_FLAGS", "sft_steps", "train_base", "main"]
+from vespo_megatron.training.sft import sft_steps
+
+__all__ = ["TINY_MODEL_FLAGS", "TINY_RUN_FLAGS", "train_base", "main"]
 
 # A CPU-sized testbed (tests, CI smoke): one-digit-wide problems, a 2-layer 4-expert model of hidden 32.
 TINY_MODEL_FLAGS = ("--hidden-size", "32", "--num-layers", "2", "--num-experts", "4", "--moe-ffn-hidden-size", "32",
                     "--ffn-hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2")
 TINY_RUN_FLAGS = ("--levels", "3", "--eval-count", "4", "--eval-k", "2", "--prompts-per-step", "4",
                   "--group-size", "2", "--micro-batch-size", "8", "--threads", "1")
-
-
-def sft_steps(trainer, start: int, count: int) -> None:
-    """SFT steps start .. start + count - 1 (problems of split "sft" at each step index) at `run.sft_lr`; the
-    optimizer state carries over between calls. Mirrors `training/sft.py` (see the module docstring)."""
-    from vespo_megatron.megatron.rl_batch import RLSample
-    from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
-    from vespo_megatron.training.optim import clip_and_step
-
-    cfg, g = trainer.cfg, trainer.groups
-    step_fn = RLStep(RLStepConfig(loss_name="reinforce", compute_entropy=False), StepGroups(tp=g.tp, cp=g.cp))
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = cfg.run.sft_lr
-    n = cfg.rollout.samples_per_step // g.dp_size  # samples per DP rank and SFT step
-    mb = cfg.run.sft_micro_batch_size or cfg.algorithm.micro_batch_size
-    if n % mb:
-        raise ValueError(f"RunConfig.sft_micro_batch_size: expected a divisor of the {n} samples per DP rank "
-                         f"and step, got {mb}")
-    for k in range(start, start + count):
-        problems = trainer.task.problems(k, cfg.rollout.samples_per_step, split="sft")[g.dp_rank * n:(g.dp_rank + 1) * n]
-        answers = [torch.tensor(trainer.task.answer_ids(p)) for p in problems]
-        samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=a, old_logp=torch.zeros(len(a)), advantage=1.0)
-                   for p, a in zip(problems, answers, strict=True)]
-        micro = trainer.batcher.split(samples, n // mb, samples[0], seq_len=mb * trainer.batcher.longest)
-        trainer.model.zero_grad_buffer()
-        trainer.optimizer.zero_grad()
-        normalizer = step_fn.normalizer(micro, dp_group=g.dp)
-        trainer.schedule(step_fn.forward_step(normalizer), micro, forward_only=False)
-        clip_and_step(trainer.optimizer, cfg.algorithm.clip_grad)
 
 
 def train_base(trainer, *, target: float, max_steps: int, eval_every: int, time_limit_s: float,
@@ -75,7 +46,7 @@ def train_base(trainer, *, target: float, max_steps: int, eval_every: int, time_
     while True:
         chunk = min(eval_every, max_steps - done)
         if chunk > 0:
-            sft_steps(trainer, done, chunk)
+            sft_steps(trainer, done, chunk)  # the warm start's steps, continued chunk by chunk
             done += chunk
         trainer.engine.sync_weights(trainer.policy, 0)
         ev = trainer.evaluate(done)

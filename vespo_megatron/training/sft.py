@@ -12,7 +12,7 @@ from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
 
 from .optim import clip_and_step
 
-__all__ = ["sft_warm_start", "progress_steps"]
+__all__ = ["sft_steps", "sft_warm_start", "progress_steps"]
 
 
 def progress_steps(total: int, parts: int = 10) -> set[int]:
@@ -32,8 +32,10 @@ def _token_nll(micro, outs) -> float:
     return num / den if den else float("nan")
 
 
-def sft_warm_start(trainer) -> None:
-    """`run.sft_steps` steps at `run.sft_lr` on the task's SFT split; RL then starts with fresh Adam moments."""
+def sft_steps(trainer, start: int, count: int, *, on_step=None) -> None:
+    """Supervised steps start .. start + count - 1 (the task's "sft" split at each step index) at `run.sft_lr`;
+    the optimizer state carries over between calls. `on_step(k, micro, outs)` after each step (outs: the
+    last stage's per-micro-batch outputs)."""
     cfg, g = trainer.cfg, trainer.groups
     sft_step = RLStep(RLStepConfig(loss_name="reinforce", compute_entropy=False, fused_lm_head=cfg.perf.fused_lm_head,
                                    lm_head_chunk_elements=cfg.perf.lm_head_chunk_elements), StepGroups(tp=g.tp, cp=g.cp))
@@ -44,13 +46,7 @@ def sft_warm_start(trainer) -> None:
     if n % sft_mb:
         raise ValueError(f"RunConfig.sft_micro_batch_size: expected a divisor of the {n} samples per DP rank "
                          f"and step, got {sft_mb}")
-    # A warm start takes minutes on a real model: the logging rank says where it is (issue 13: it printed nothing).
-    report = trainer.is_log_rank
-    total, t0 = cfg.run.sft_steps, time.monotonic()
-    marks = progress_steps(total)
-    if report:
-        print(f"warm start: {total} supervised steps at lr {cfg.run.sft_lr:g} before RL", file=sys.stderr, flush=True)
-    for k in range(total):
+    for k in range(start, start + count):
         problems = trainer.task.problems(k, cfg.rollout.samples_per_step, split="sft")[g.dp_rank * n:(g.dp_rank + 1) * n]
         answers = [torch.tensor(trainer.task.answer_ids(p)) for p in problems]
         samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=a, old_logp=torch.zeros(len(a)), advantage=1.0)
@@ -61,10 +57,27 @@ def sft_warm_start(trainer) -> None:
         normalizer = sft_step.normalizer(micro, dp_group=g.dp)
         outs, _ = trainer.schedule(sft_step.forward_step(normalizer), micro, forward_only=False)  # routes live
         clip_and_step(trainer.optimizer, cfg.algorithm.clip_grad)
+        if on_step is not None:
+            on_step(k, micro, outs)
+
+
+def sft_warm_start(trainer) -> None:
+    """`run.sft_steps` steps at `run.sft_lr` on the task's SFT split; RL then starts with fresh Adam moments."""
+    cfg = trainer.cfg
+    # A warm start takes minutes on a real model: the logging rank says where it is (issue 13: it printed nothing).
+    report = trainer.is_log_rank
+    total, t0 = cfg.run.sft_steps, time.monotonic()
+    marks = progress_steps(total)
+    if report:
+        print(f"warm start: {total} supervised steps at lr {cfg.run.sft_lr:g} before RL", file=sys.stderr, flush=True)
+
+    def progress(k, micro, outs):
         if report and k + 1 in marks:
             nll = f" | answer nll {_token_nll(micro, outs):.4g}" if outs else ""
             print(f"warm start {k + 1:>{len(str(total))}}/{total} {time.monotonic() - t0:.0f}s{nll}",
                   file=sys.stderr, flush=True)
+
+    sft_steps(trainer, 0, total, on_step=progress)
     for group in trainer.optimizer.param_groups:
         group["lr"] = cfg.algorithm.lr
     for sub in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
