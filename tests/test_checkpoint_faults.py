@@ -262,3 +262,49 @@ def test_two_ranks_keep_and_agree_on_fallback(tmp_path):
     # keep=2 left steps 2 and 3; step 3's rank-1 file is truncated: both ranks fall back to step 2
     assert res == [(["latest", "step_0000002", "step_0000003"], 2, 2.0),
                    (["latest", "step_0000002", "step_0000003"], 2, 12.0)]
+
+
+# ------------------------------------------------------------------ real file systems (tmpfs), where root may mount
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(opts) -> a fresh tmpfs at a new directory under tmp_path, unmounted afterwards; skips where mounting
+    is not allowed (not root, or a sandbox without CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(opts: str):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_read_only_file_system_fails_at_start(tmpfs):
+    ro = tmpfs("ro,size=1m")
+    with pytest.raises(OSError, match=r"not a writable directory.*Read-only file system"):
+        ck.check_writable(str(ro / "run"))
+
+
+def test_really_full_disk_says_no_space_and_cleans_up(tmpfs):
+    small = tmpfs("size=48k")
+    d = small / "ckpt"
+    model, opt = _model_opt()
+    torch.manual_seed(0)
+    big = torch.nn.Linear(64, 256)  # ~66 KB of fp32 weights: more than the file system holds
+    big_opt = torch.optim.Adam(big.parameters())
+    _save(d, 1, model, opt)  # a small checkpoint fits
+    with pytest.raises(OSError, match="No space left on device"):
+        ck.save_checkpoint(str(d), 2, model=big, optimizer=big_opt, extra={}, rank=0, world_size=1)
+    assert _leftovers(d) == []
+    assert _load(d)[0]["step"] == 1  # the previous checkpoint is intact
