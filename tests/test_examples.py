@@ -82,6 +82,26 @@ def test_compare_losses_runs_and_plots(tmp_path):
     assert list((tmp_path / "plots").glob("*.png"))
 
 
+@pytest.mark.megatron
+@pytest.mark.parametrize("script, env, runs", [
+    ("staleness.sh", {"STALENESS": "1 2"}, ["vespo_n1", "grpo_n1", "vespo_n2", "grpo_n2"]),
+    ("async.sh", {"LAG": "1"}, ["vespo_lag1", "grpo_lag1"]),
+])
+def test_staleness_and_async_scripts_write_every_run(tmp_path, script, env, runs):
+    """The other two comparison scripts, short but checkpointing: every run trains in its own directory and
+    logs every step (they once shared one checkpoint directory, so later runs resumed the first one's)."""
+    flags = ["--steps", "3", "--checkpoint-every", "1", "--sft-steps", "2", "--hidden-size", "32",
+             "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "4", "--threads", "1"]
+    subprocess.run(["bash", str(ROOT / "examples" / script), *flags], env=_env(OUT=str(tmp_path), **env),
+                   check=True, capture_output=True, timeout=900, cwd=ROOT)
+    for run in runs:
+        lines = (tmp_path / run / f"{run}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [0, 1, 2], run
+        assert (tmp_path / run / "checkpoints" / "latest").read_text().strip() == "step_0000002", run
+    pytest.importorskip("matplotlib")
+    assert list((tmp_path / "plots").glob("*.png"))
+
+
 @pytest.mark.parametrize("script, first", [("compare_losses.sh", "vespo"), ("staleness.sh", "vespo_n1"),
                                            ("async.sh", "vespo_lag2")])
 def test_scripts_fail_naming_a_run_without_records(tmp_path, script, first):
