@@ -92,6 +92,17 @@ class ModelFamily(ABC):
         """The sizes of any config of this family, including variants the builder refuses (the planner
         answers "what if" questions about them too)."""
 
+    def _attention_shape(self, cfg: Any) -> dict:
+        """The ModelShape fields every family reads the same way (embedding and attention)."""
+        return dict(
+            vocab_size=hf_field(cfg, "vocab_size"),
+            hidden_size=hf_field(cfg, "hidden_size"),
+            num_hidden_layers=self.num_layers(cfg),
+            num_attention_heads=hf_field(cfg, "num_attention_heads"),
+            num_key_value_heads=hf_field(cfg, "num_key_value_heads") or hf_field(cfg, "num_attention_heads"),
+            head_dim=hf_field(cfg, "head_dim"),
+        )
+
     def check_supported(self, cfg: Any) -> None:
         """Raise a `ConfigError` for the first field our megatron builder cannot represent exactly.
 

@@ -44,12 +44,7 @@ class Mixtral(ModelFamily):
 
     def shape(self, cfg: Any) -> ModelShape:
         return ModelShape(
-            vocab_size=hf_field(cfg, "vocab_size"),
-            hidden_size=hf_field(cfg, "hidden_size"),
-            num_hidden_layers=self.num_layers(cfg),
-            num_attention_heads=hf_field(cfg, "num_attention_heads"),
-            num_key_value_heads=hf_field(cfg, "num_key_value_heads") or hf_field(cfg, "num_attention_heads"),
-            head_dim=hf_field(cfg, "head_dim"),
+            **self._attention_shape(cfg),
             moe_intermediate_size=hf_field(cfg, "intermediate_size"),
             num_experts=self.num_experts(cfg),
             num_experts_per_tok=self.experts_per_token(cfg),

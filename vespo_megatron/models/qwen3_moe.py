@@ -61,12 +61,7 @@ class Qwen3MoE(ModelFamily):
     def shape(self, cfg: Any) -> ModelShape:
         moe = set(self.moe_layers(cfg))
         return ModelShape(
-            vocab_size=hf_field(cfg, "vocab_size"),
-            hidden_size=hf_field(cfg, "hidden_size"),
-            num_hidden_layers=self.num_layers(cfg),
-            num_attention_heads=hf_field(cfg, "num_attention_heads"),
-            num_key_value_heads=hf_field(cfg, "num_key_value_heads") or hf_field(cfg, "num_attention_heads"),
-            head_dim=hf_field(cfg, "head_dim"),
+            **self._attention_shape(cfg),
             intermediate_size=hf_field(cfg, "intermediate_size", 0),
             moe_intermediate_size=hf_field(cfg, "moe_intermediate_size", 0),
             num_experts=self.num_experts(cfg),
