@@ -1,6 +1,7 @@
 """MathRewardChecker: math-verify verdicts, a time limit that holds from any thread (hung workers are killed
 and replaced), and every failure counted by reason instead of raised."""
 
+import sys
 import os
 import signal
 import threading
@@ -200,3 +201,13 @@ def test_workers_ignore_ctrl_c_the_trainer_handles_it(fake):
     time.sleep(0.5)
     assert proc.poll() is None
     assert [r.reason for r in fake.score_many([("a", "a"), ("b", "c")])] == ["correct", "wrong"]
+
+
+def test_checker_workers_do_not_import_torch():
+    """Each worker process imports this module; torch there would add seconds to every start and to every
+    replacement of a hung worker (the timeout test above measures that)."""
+    import subprocess
+
+    code = "import sys, vespo_megatron.data.math_reward; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
