@@ -1,9 +1,9 @@
 """MathRewardChecker: math-verify verdicts, a time limit that holds from any thread (hung workers are killed
 and replaced), and every failure counted by reason instead of raised."""
 
-import sys
 import os
 import signal
+import sys
 import threading
 import time
 
