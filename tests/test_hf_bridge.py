@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
+from tests.hf_tiny import save_random_hf
 
 pytest.importorskip("transformers")
 pytest.importorskip("mbridge")
@@ -34,13 +35,7 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermedia
 
 
 def _save_tiny(path: str, seed: int = 0, **changes) -> Qwen3MoeForCausalLM:
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**TINY, **changes})).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():  # norms too: a swapped q_norm / k_norm must show
-            p.copy_(torch.randn_like(p) * (0.5 if p.dim() == 1 else 0.08) + (1.0 if p.dim() == 1 else 0.0))
-    model.save_pretrained(path, max_shard_size="40KB")
-    return model
+    return save_random_hf(Qwen3MoeForCausalLM, Qwen3MoeConfig(**{**TINY, **changes}), path, seed)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.dist_harness import run_distributed
+from tests.hf_tiny import save_random_hf
 
 pytest.importorskip("transformers")
 pytest.importorskip("mbridge")
@@ -36,13 +37,7 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_lay
 
 
 def _save_tiny(path: str, seed: int = 0, **changes) -> MixtralForCausalLM:
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(MixtralConfig(**{**TINY, **changes})).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():  # norms too: a swapped input / post-attention norm must show
-            p.copy_(torch.randn_like(p) * (0.5 if p.dim() == 1 else 0.08) + (1.0 if p.dim() == 1 else 0.0))
-    model.save_pretrained(path, max_shard_size="40KB")
-    return model
+    return save_random_hf(MixtralForCausalLM, MixtralConfig(**{**TINY, **changes}), path, seed)
 
 
 @pytest.fixture(scope="module")
