@@ -1,7 +1,9 @@
 """Reference core attention for megatron layer specs: padded, packed (THD) and context-parallel.
 
 Replaces megatron's local `DotProductAttention`, which asserts CP == 1 and refuses `PackedSeqParams`. This
-module materialises the full [sq, sk] score matrix (O(T^2) memory): it is for CPU tests and small runs.
+module materialises the full [sq, sk] score matrix (O(T^2) memory) on CPU, where tests need the explicit fp32
+math; on CUDA the same masks go through torch's fused SDPA kernels (packed sequences as a padded batch, no
+[t, t] mask), which makes it fast enough for the single-GPU testbed.
 GPU users select transformer-engine's attention (`vespo_megatron.megatron.model.build_layer_spec` does
 when TE imports).
 
@@ -30,12 +32,18 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
 
 from vespo_megatron.compat import PackedSeqParams, ProcessGroupCollection
 from vespo_megatron.parallel.cp_split import thd_zigzag_indices, zigzag_indices
+
+# Which kernels compute the attention: None = torch's fused SDPA kernels on CUDA and the explicit fp32 reference
+# on CPU (tests compare the two by setting True / False).
+FUSED_KERNELS: bool | None = None
 
 
 class _AllGatherFirstDim(torch.autograd.Function):
@@ -62,6 +70,35 @@ def all_gather_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Ten
     if dist.get_world_size(group) == 1:
         return x
     return _AllGatherFirstDim.apply(x, group)
+
+
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, scale: float) -> Tensor:
+    """The same attention through torch's fused kernels (flash / memory-efficient): no [sq, sk] scores in
+    memory. query [b, np, sq, hn], key/value [b, np, sk, hn], visible [b or 1, 1, sq, sk] bool or None (causal
+    with sq == sk). Softmax accumulates in fp32 inside the kernels, as in the reference."""
+    if visible is None:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
+
+
+def _thd_by_sequence(query: Tensor, key: Tensor, value: Tensor, cu: Tensor, scale: float) -> Tensor:
+    """Block-diagonal causal attention over packed sequences without a [t, t] mask: the sequences are laid
+    out as a right-padded batch [n, np, s_max, hn] (right padding never reaches a valid query under the causal
+    mask), attended with the fused causal kernel, and gathered back. query/key/value [t, np, hn]; cu [n + 1]
+    (cpu). Returns [t, np, hn]."""
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    s_max = max(lengths)
+    t = query.size(0)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # [t]
+    pos = torch.arange(t) - torch.repeat_interleave(cu[:-1], torch.tensor(lengths))  # [t]
+    flat = (seq * s_max + pos).to(query.device)
+
+    def padded(x: Tensor) -> Tensor:
+        out = x.new_zeros(len(lengths) * s_max, *x.shape[1:]).index_copy(0, flat, x)  # grad: gathered at `flat`
+        return out.view(len(lengths), s_max, *x.shape[1:]).transpose(1, 2)  # [n, np, s_max, hn]
+
+    out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True, scale=scale)
+    return out.transpose(1, 2).reshape(len(lengths) * s_max, *query.shape[1:]).index_select(0, flat)
 
 
 def attention_probs_reference(
@@ -168,25 +205,33 @@ class ReferenceAttention(MegatronModule):
             k_index = torch.arange(key.size(0))
         else:
             k_index = q_index
-        q_index, k_index = q_index.to(query.device), k_index.to(query.device)
-
-        visible = k_index[None, :] <= q_index[:, None]  # [sq, sk]
-        if thd:
-            cu_d = cu.to(query.device)
-            q_seq = torch.searchsorted(cu_d, q_index, right=True)
-            k_seq = torch.searchsorted(cu_d, k_index, right=True)
-            visible = visible & (q_seq[:, None] == k_seq[None, :])
-        visible = visible[None, None]  # [1, 1, sq, sk]
-        if attention_mask is not None:
-            visible = visible & ~attention_mask.bool()
-
         rep = self.num_heads // self.num_groups
         if rep > 1:
             key = key.repeat_interleave(rep, dim=2)
             value = value.repeat_interleave(rep, dim=2)
+        fused = query.is_cuda if FUSED_KERNELS is None else FUSED_KERNELS
+        if fused and thd and cp_size == 1 and attention_mask is None:
+            out = _thd_by_sequence(query.squeeze(1), key.squeeze(1), value.squeeze(1), cu, self.softmax_scale)
+            return out.reshape(out.size(0), -1)  # [t, np*hn]
+        q_index, k_index = q_index.to(query.device), k_index.to(query.device)
+        plain_causal = not thd and cp_size == 1 and attention_mask is None and key.size(0) == query.size(0)
+        visible = None
+        if not (fused and plain_causal):
+            visible = k_index[None, :] <= q_index[:, None]  # [sq, sk]
+            if thd:
+                cu_d = cu.to(query.device)
+                q_seq = torch.searchsorted(cu_d, q_index, right=True)
+                k_seq = torch.searchsorted(cu_d, k_index, right=True)
+                visible = visible & (q_seq[:, None] == k_seq[None, :])
+            visible = visible[None, None]  # [1, 1, sq, sk]
+            if attention_mask is not None:
+                visible = visible & ~attention_mask.bool()
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-        out = attention_probs_reference(q, k, v, visible, self.softmax_scale)
+        if fused:
+            out = _sdpa(q, k, v, visible, self.softmax_scale)
+        else:
+            out = attention_probs_reference(q, k, v, visible, self.softmax_scale)
         sq, b = query.size(0), query.size(1)
         out = out.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, np*hn]
         if thd:
