@@ -2,7 +2,8 @@
 
 CI has no GPU, so the fused path is forced on CPU (`reference_attention.FUSED_KERNELS = True`) and compared, values
 and gradients of q / k / v, with the reference path and with a float64 loop, on every layout the trainer and the
-engine hand it: packed sequences (THD), a padded causal batch, a padded batch with megatron's attention mask,
+engine hand it: packed sequences (THD; on real tokens: the fused path gives padding zeros, as transformer-
+engine does, and padding never reaches a loss), a padded causal batch, a padded batch with megatron's attention mask,
 and a KV-cache step (sq < sk).
 """
 
@@ -30,7 +31,9 @@ def _loop(q, k, v, visible, scale):
     return out.reshape(sq, b, -1)
 
 
-def _both_paths(attn, inputs, **kwargs):
+def _both_paths(attn, inputs, real=None, **kwargs):
+    """Output and q / k / v gradients of both paths. `real` [t, 1] bool: the tokens a loss reaches (packed
+    padding gets no gradient in training, and the fused path gives it zeros, as transformer-engine does)."""
     from vespo_megatron.megatron import reference_attention as ra
 
     result = {}
@@ -40,8 +43,11 @@ def _both_paths(attn, inputs, **kwargs):
             leaves = [x.clone().requires_grad_(True) for x in inputs]
             out = attn(*leaves, **kwargs)
             weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape)  # a gradient that is not uniform
+            if real is not None:
+                weight = weight * real
             (out * weight).sum().backward()
-            result["fused" if fused else "reference"] = (out.detach(), [x.grad for x in leaves])
+            out = out.detach() if real is None else out.detach() * real
+            result["fused" if fused else "reference"] = (out, [x.grad for x in leaves])
         finally:
             ra.FUSED_KERNELS = None
     return result
@@ -73,10 +79,13 @@ def _cases(rank, world_size):
         packed = pack_sequences([torch.arange(n) for n in (3, 6, 1, 5)], pad_multiple=2)
         q, k, v = (x[:, 0] for x in qkv(packed.num_tokens, packed.num_tokens, 1))
         seq = packed.seq_index
-        out["thd"] = (_both_paths(attn, (q, k, v), attention_mask=None,
+        real = torch.zeros(packed.num_tokens, 1, dtype=torch.bool)  # [t, 1]: real tokens, not padding
+        for start, n in zip(packed.cu_seqlens_padded[:-1].tolist(), packed.lengths, strict=True):
+            real[start:start + n] = True
+        out["thd"] = (_both_paths(attn, (q, k, v), real, attention_mask=None,
                                   packed_seq_params=packed.packed_seq_params()),
                       _loop(q[:, None].double(), k[:, None].double(), v[:, None].double(),
-                            lambda b, i, j: j <= i and seq[j] == seq[i], hn**-0.5).squeeze(1))
+                            lambda b, i, j: j <= i and seq[j] == seq[i], hn**-0.5).squeeze(1) * real)
         # padded causal batch
         q, k, v = qkv(7, 7, 3)
         out["causal"] = (_both_paths(attn, (q, k, v), attention_mask=None),

@@ -81,24 +81,29 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, sca
     return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
 
 
-def _thd_by_sequence(query: Tensor, key: Tensor, value: Tensor, cu: Tensor, scale: float) -> Tensor:
-    """Block-diagonal causal attention over packed sequences without a [t, t] mask: the sequences are laid
-    out as a right-padded batch [n, np, s_max, hn] (right padding never reaches a valid query under the causal
-    mask), attended with the fused causal kernel, and gathered back. query/key/value [t, np, hn]; cu [n + 1]
-    (cpu). Returns [t, np, hn]."""
-    lengths = (cu[1:] - cu[:-1]).tolist()
-    s_max = max(lengths)
-    t = query.size(0)
-    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # [t]
-    pos = torch.arange(t) - torch.repeat_interleave(cu[:-1], torch.tensor(lengths))  # [t]
-    flat = (seq * s_max + pos).to(query.device)
+def _thd_by_sequence(query: Tensor, key: Tensor, value: Tensor, cu_padded: Tensor, cu_real: Tensor,
+                     scale: float) -> Tensor:
+    """Block-diagonal causal attention over packed sequences without a [t, t] mask: each sequence's *real*
+    tokens (``cu_real`` lengths, starting at ``cu_padded``) are laid out as a right-padded batch
+    [n, np, s_max, hn] (right padding never reaches a valid query under the causal mask), attended with the
+    fused causal kernel and gathered back. Padding tokens get zeros, as transformer-engine's THD attention gives
+    them (a pack's last sequence can carry thousands of padding tokens; attending them would cost O(t^2)).
+    query/key/value [t, np, hn]; cu_padded / cu_real [n + 1] (cpu). Returns [t, np, hn]."""
+    lengths = (cu_real[1:] - cu_real[:-1]).tolist()
+    n, s_max, t = len(lengths), max(max(lengths), 1), query.size(0)
+    counts = torch.tensor(lengths)
+    seq = torch.repeat_interleave(torch.arange(n), counts)  # [t_real]
+    offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(cu_real[:-1], counts)  # position in its sequence
+    src = (torch.repeat_interleave(cu_padded[:-1], counts) + offset).to(query.device)  # [t_real] packed index
+    dst = (seq * s_max + offset).to(query.device)  # [t_real] index in the padded batch
 
     def padded(x: Tensor) -> Tensor:
-        out = x.new_zeros(len(lengths) * s_max, *x.shape[1:]).index_copy(0, flat, x)  # grad: gathered at `flat`
-        return out.view(len(lengths), s_max, *x.shape[1:]).transpose(1, 2)  # [n, np, s_max, hn]
+        out = x.new_zeros(n * s_max, *x.shape[1:]).index_copy(0, dst, x.index_select(0, src))
+        return out.view(n, s_max, *x.shape[1:]).transpose(1, 2)  # [n, np, s_max, hn]
 
     out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True, scale=scale)
-    return out.transpose(1, 2).reshape(len(lengths) * s_max, *query.shape[1:]).index_select(0, flat)
+    rows = out.transpose(1, 2).reshape(n * s_max, *query.shape[1:]).index_select(0, dst)
+    return query.new_zeros(t, *query.shape[1:]).index_copy(0, src, rows)
 
 
 def attention_probs_reference(
@@ -211,7 +216,9 @@ class ReferenceAttention(MegatronModule):
             value = value.repeat_interleave(rep, dim=2)
         fused = query.is_cuda if FUSED_KERNELS is None else FUSED_KERNELS
         if fused and thd and cp_size == 1 and attention_mask is None:
-            out = _thd_by_sequence(query.squeeze(1), key.squeeze(1), value.squeeze(1), cu, self.softmax_scale)
+            real = packed_seq_params.cu_seqlens_q
+            real = cu if real is None else real.to("cpu", torch.long)
+            out = _thd_by_sequence(query.squeeze(1), key.squeeze(1), value.squeeze(1), cu, real, self.softmax_scale)
             return out.reshape(out.size(0), -1)  # [t, np*hn]
         q_index, k_index = q_index.to(query.device), k_index.to(query.device)
         plain_causal = not thd and cp_size == 1 and attention_mask is None and key.size(0) == query.size(0)
