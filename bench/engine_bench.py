@@ -75,6 +75,25 @@ def _timed(engine, requests, seed=0):
     return gens, dt, sum(len(g.output_ids) for g in gens)
 
 
+def _profile(engine, requests, args) -> None:
+    """Where a decode step's time goes: torch.profiler over one cached generation, top ops by CPU and device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        engine.generate(requests, seed=6)
+        _sync()
+    table = prof.key_averages()
+    text = ["# cpu_time_total", table.table(sort_by="cpu_time_total", row_limit=25)]
+    if torch.cuda.is_available():
+        text += ["# device_time_total", table.table(sort_by="device_time_total", row_limit=25)]
+    out = "\n".join(text)
+    print(out)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"engine_{args.size}_profile.txt"), "w") as f:
+        f.write(out + "\n")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -89,6 +108,9 @@ def main(argv=None) -> dict:
     p.add_argument("--router-noise", type=float, default=0.0)
     p.add_argument("--attention-backend", choices=("auto", "te", "reference"), default="auto")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--profile", type=int, default=0, metavar="TOKENS",
+                   help="also profile one cached generation of this many new tokens (torch.profiler; the top ops "
+                        "by CPU and by device time go to engine_<size>_profile.txt)")
     args = p.parse_args(argv)
     size = SIZES[args.size]
     samples = args.samples or size["samples"]
@@ -143,6 +165,9 @@ def main(argv=None) -> dict:
         _, re_s, re_tok = _timed(re, _requests(b_samples, b_tokens, size["prompt"], V, seed=4))
         rows.append(dict(path="recompute", samples=b_samples, new_tokens=b_tokens, seconds=re_s, tokens=re_tok,
                          tokens_per_s=re_tok / re_s))
+
+    if args.profile:
+        _profile(kv, _requests(samples, args.profile, size["prompt"], V, seed=5), args)
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'cpu'})"
     result = dict(size=args.size, device=device, model=size["model"], precision=args.precision, fp8=args.fp8,
