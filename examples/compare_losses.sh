@@ -10,7 +10,7 @@
 #
 # --preset gpu (one GPU, the issue-17 testbed; docs/testbed.md): the SFT base (cached in $OUT/sft; <= 5 min on
 # an H200), then the `headline` sweep preset, all 8 runs at once: vespo, grpo+tis, gspo, sapo at N = 1 and 16,
-# 100 steps of 64 x 8 rollouts on scratchpad addition. Table and figures in $OUT/results. Run it again after an
+# 100 steps of 32 x 8 rollouts on scratchpad addition. Table and figures in $OUT/results. Run it again after an
 # interruption: finished runs are skipped, the others resume from their checkpoints.
 #   bash examples/compare_losses.sh --preset gpu [sweep flags, e.g. --only 'n16-*']
 set -euo pipefail

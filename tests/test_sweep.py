@@ -165,9 +165,9 @@ def test_testbed_preset_runs_and_priority_order():
     for r in runs:
         assert r.steps >= 100 and _flag(r, "--hf-checkpoint") == sweep_cli.TESTBED_CHECKPOINT
         assert _flag(r, "--sft-steps") == "0" and _flag(r, "--base") == "testbed"
-        assert int(_flag(r, "--prompts-per-step")) * int(_flag(r, "--group-size")) == 512
+        assert int(_flag(r, "--prompts-per-step")) * int(_flag(r, "--group-size")) == 256  # 32 x 8 (the fallback)
         n, mbs = int(_flag(r, "--staleness")), int(_flag(r, "--micro-batch-size"))
-        assert (512 // n) % mbs == 0
+        assert (256 // n) % mbs == 0
     mism = next(r for r in runs if r.label == "grpo+tis+r3")
     flags = " ".join(mism.flags)
     assert " ".join(sweep_cli.MISMATCH_FLAGS) in flags and "--routing-replay r3" in flags

@@ -23,7 +23,7 @@ Their reports (docs/results/gpu, docs/results/gpu_easy) from the runs brought ba
     .venv/bin/python examples/sweep.py --preset gpu_easy --seeds 0 --staleness 1 16 64 --report-only \\
         --runs-dir runs/sweeps/gpu_easy --results-dir docs/results/gpu_easy
 The issue-17 testbed (scratchpad addition with 30-300 token answers, a 4-layer 8-expert MoE from an SFT base,
-64 x 8 rollouts, Adam at the lr picked by `lr_sweep`, 100 steps, 3 seeds; docs/testbed.md):
+32 x 8 rollouts, Adam at the lr picked by `lr_sweep`, 100 steps, 3 seeds; docs/testbed.md):
     python examples/testbed_sft.py                               # the SFT base, cached in runs/testbed/sft/hf
     .venv/bin/python examples/sweep.py --preset lr_sweep --jobs 6           # GRPO at N = 1, lr 1e-6 / 3e-6 / 1e-5
     .venv/bin/python examples/sweep.py --preset testbed --jobs 8            # 114 runs, in TESTBED_PRIORITY order
@@ -73,7 +73,10 @@ TESTBED_PRIORITY = (*(f"n{n}-{_name(loss)}-s{seed}" for seed in TESTBED_SEEDS fo
                       for loss in ("vespo", "grpo+tis", "gspo", "sapo")),
                     "mismatch-*", "async_*")
 
-_TESTBED = dict(prompts_per_step=64, group_size=8, max_micro_batch_size=32, steps=100, checkpoint_every=10,
+# 32 prompts x 8 samples per rollout batch (the issue's fallback from 64 x 8 "if the budget demands it"): at
+# 32 x 8, 7 runs sharing one H200 make ~95 steps in 322 s (docs/results/testbed/README.md), so a device call
+# of < 10 minutes can finish its runs; at 64 x 8 it could not.
+_TESTBED = dict(prompts_per_step=32, group_size=8, max_micro_batch_size=32, steps=100, checkpoint_every=10,
                 threads=1, init_checkpoint=TESTBED_CHECKPOINT, base_flags=("--base", "testbed"))
 
 PRESETS = {
@@ -95,7 +98,7 @@ PRESETS = {
                                                                 "--sft-steps", "100", "--sft-micro-batch-size", "32")),
     # Issue 17: 7 losses x N in {1, 4, 16, 64} x 3 seeds (84), async lag 4 and 8 with mu from the engine for
     # vespo and grpo+tis (12), the injected mismatch for vespo / grpo+tis / vespo+fold without and with R3 (18):
-    # 114 runs of 100 steps, 64 prompts x 8 samples, from the SFT base; they start in TESTBED_PRIORITY order.
+    # 114 runs of 100 steps, 32 prompts x 8 samples, from the SFT base; they start in TESTBED_PRIORITY order.
     "testbed": dict(name="testbed", **_TESTBED, losses=TESTBED_LOSSES, staleness=(1, 4, 16, 64),
                     seeds=TESTBED_SEEDS, extras=("async", "mismatch"), async_lags=(4, 8),
                     async_losses=("vespo", "grpo+tis"), async_old_logprobs=("engine",), async_staleness=1,
