@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     flags = ["--base", "testbed", "--save-hf-dtype", "float32", *(TINY_MODEL_FLAGS + TINY_RUN_FLAGS if args.tiny
                                                                    else ()),
              *args.trainer_flags, "--sft-steps", "0", "--out-dir", str(out), "--run-name", "sft", "--no-console"]
+    if "--sft-decay-steps" not in flags:  # a cosine SFT schedule ends at the step budget
+        flags += ["--sft-decay-steps", str(args.max_steps)]
     cfg = train_cli.config_from_argv(flags)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)

@@ -90,6 +90,9 @@ GROUPS = {"perf": "performance", "model": "model", "parallel": "parallelism", "t
           "run": "run, checkpoints and logging"}
 
 HELPS = {
+    "run.sft_warmup_steps": "SFT lr: linear warmup over this many steps",
+    "run.sft_lr_decay": "SFT lr after the warmup: constant, or cosine down to 10%% of --sft-lr at --sft-decay-steps",
+    "run.sft_decay_steps": "where the SFT cosine ends (default: --sft-steps; examples/testbed_sft.py: its --max-steps)",
     "rollout.embedded.lag": "rollouts by weights this many syncs old (asynchronous RL)",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
     "algorithm.routing_replay": "r3: replay the engine's routing; r2: the trainer's own recorded routing",

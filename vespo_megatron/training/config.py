@@ -101,6 +101,9 @@ class AlgorithmConfig:
         return resolve_policy_loss(self.loss)
 
 
+SFT_LR_DECAYS = ("constant", "cosine")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Each run owns the directory `run_dir` = <out_dir>/<run_name>/: its config.json, metrics
@@ -114,6 +117,11 @@ class RunConfig:
     sft_steps: int = 40  # supervised warm start on correct answers before RL
     sft_lr: float = 3e-3
     sft_micro_batch_size: int | None = None  # None: the RL micro-batch size (staleness sweeps shrink that one)
+    # SFT lr schedule (training/sft.py: sft_lr_at): linear warmup over sft_warmup_steps, then constant or a cosine
+    # down to 10 % of sft_lr at sft_decay_steps (None: sft_steps; examples/testbed_sft.py: its --max-steps).
+    sft_warmup_steps: int = 0
+    sft_lr_decay: str = "constant"
+    sft_decay_steps: int | None = None
     out_dir: str = "runs"
     run_name: str = "toy"
     allow_config_change: bool = False
@@ -130,6 +138,10 @@ class RunConfig:
             raise ConfigError(c, "sft_steps", "an int >= 0", self.sft_steps)
         if self.sft_micro_batch_size is not None:
             check_int(c, "sft_micro_batch_size", self.sft_micro_batch_size, low=1)
+        check_int(c, "sft_warmup_steps", self.sft_warmup_steps, low=0)
+        check_choice(c, "sft_lr_decay", self.sft_lr_decay, SFT_LR_DECAYS)
+        if self.sft_decay_steps is not None:
+            check_int(c, "sft_decay_steps", self.sft_decay_steps, low=1)
         if not (isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0):
             raise ConfigError(c, "checkpoint_every", "an int >= 0", self.checkpoint_every)
         check_int(c, "threads", self.threads, low=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -12,7 +13,25 @@ from vespo_megatron.megatron.step import RLStep, RLStepConfig, StepGroups
 
 from .optim import clip_and_step
 
-__all__ = ["sft_steps", "sft_warm_start", "progress_steps"]
+__all__ = ["sft_steps", "sft_warm_start", "progress_steps", "sft_lr_at"]
+
+# The cosine ends at this share of sft_lr (not 0: the last steps still learn).
+_COSINE_FLOOR = 0.1
+
+
+def sft_lr_at(run, k: int) -> float:
+    """The SFT lr of step k (0-based) under `run`'s schedule (RunConfig: sft_lr, sft_warmup_steps, sft_lr_decay,
+    sft_decay_steps): linear warmup from sft_lr / warmup to sft_lr, then constant, or a cosine from sft_lr at the
+    end of the warmup to 10 % of it at sft_decay_steps (and flat after)."""
+    lr, warm = run.sft_lr, run.sft_warmup_steps
+    if k < warm:
+        return lr * (k + 1) / warm
+    if run.sft_lr_decay == "constant":
+        return lr
+    end = run.sft_decay_steps or run.sft_steps
+    span = max(end - warm, 1)
+    progress = min(max(k - warm, 0) / span, 1.0)
+    return lr * (_COSINE_FLOOR + (1 - _COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def progress_steps(total: int, parts: int = 10) -> set[int]:
@@ -33,20 +52,20 @@ def _token_nll(micro, outs) -> float:
 
 
 def sft_steps(trainer, start: int, count: int, *, on_step=None) -> None:
-    """Supervised steps start .. start + count - 1 (the task's "sft" split at each step index) at `run.sft_lr`;
-    the optimizer state carries over between calls. `on_step(k, micro, outs)` after each step (outs: the
-    last stage's per-micro-batch outputs)."""
+    """Supervised steps start .. start + count - 1 (the task's "sft" split at each step index) at the lr
+    `sft_lr_at(run, k)`; the optimizer state carries over between calls. `on_step(k, micro, outs)` after each
+    step (outs: the last stage's per-micro-batch outputs)."""
     cfg, g = trainer.cfg, trainer.groups
     sft_step = RLStep(RLStepConfig(loss_name="reinforce", compute_entropy=False, fused_lm_head=cfg.perf.fused_lm_head,
                                    lm_head_chunk_elements=cfg.perf.lm_head_chunk_elements), StepGroups(tp=g.tp, cp=g.cp))
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = cfg.run.sft_lr
     n = cfg.rollout.samples_per_step // g.dp_size
     sft_mb = cfg.run.sft_micro_batch_size or cfg.algorithm.micro_batch_size
     if n % sft_mb:
         raise ValueError(f"RunConfig.sft_micro_batch_size: expected a divisor of the {n} samples per DP rank "
                          f"and step, got {sft_mb}")
     for k in range(start, start + count):
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = sft_lr_at(cfg.run, k)
         problems = trainer.task.problems(k, cfg.rollout.samples_per_step, split="sft")[g.dp_rank * n:(g.dp_rank + 1) * n]
         answers = [torch.tensor(trainer.task.answer_ids(p)) for p in problems]
         samples = [RLSample(prompt=torch.tensor(p.prompt_ids), response=a, old_logp=torch.zeros(len(a)), advantage=1.0)
