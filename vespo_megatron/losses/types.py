@@ -135,10 +135,10 @@ class LossInputs:
         adv = self.advantages.detach()
         seq = self.token_seq.long()
         big = torch.finfo(adv.dtype).max
-        lo = torch.full((self.num_seqs,), big, dtype=adv.dtype).scatter_reduce(
+        lo = torch.full((self.num_seqs,), big, dtype=adv.dtype, device=adv.device).scatter_reduce(
             0, seq, torch.where(self.mask, adv, torch.full_like(adv, big)), "amin"
         )
-        hi = torch.full((self.num_seqs,), -big, dtype=adv.dtype).scatter_reduce(
+        hi = torch.full((self.num_seqs,), -big, dtype=adv.dtype, device=adv.device).scatter_reduce(
             0, seq, torch.where(self.mask, adv, torch.full_like(adv, -big)), "amax"
         )
         has_tokens = lo <= hi
