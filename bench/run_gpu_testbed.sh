@@ -12,6 +12,8 @@
 #   device run, carry [".gpuwhl", ".gpubase"]:  SWEEP_ARGS="--preset testbed --only 'n1-*-s0'" bash bench/run_gpu_testbed.sh
 #   then: mkdir -p runs/sweeps/testbed && tar xf /work/.device/N/runs.tar -C runs/sweeps/testbed --strip-components 1
 #         python examples/sweep.py --preset testbed --report-only --results-dir docs/results/testbed/<slice>
+#   the next slice: python examples/sweep.py --preset testbed --status   (its last line is the --only list of the
+#   unfinished runs; the device starts without the finished ones, so pass it in SWEEP_ARGS)
 set -uo pipefail
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 SFT_FLAGS=${SFT_FLAGS:---levels 3,4,5,6 --sft-lr 1e-3}

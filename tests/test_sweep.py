@@ -189,6 +189,24 @@ def test_lr_sweep_preset_and_only_orders(capsys):
     assert got[:7] == [f"n16-{loss}-s2" for loss in ("vespo", "grpo_tis", "gspo", "sapo", "vespo_sqrt",
                                                     "vespo_lin", "grpo")]  # the globs' order, then expand's
 
+def test_status_lists_done_partial_new_and_the_rest_as_only(tmp_path, capsys):
+    cfg = SweepConfig(**sweep_cli.PRESETS["headline"])
+    runs = ordered(expand(cfg), cfg.priority)
+    _write(runs[0].jsonl(tmp_path), _records([0.1] * runs[0].steps))  # done
+    _write(runs[2].jsonl(tmp_path), _records([0.1] * 3))  # partial
+    assert sweep_cli.main(["--preset", "headline", "--status", "--runs-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["done", runs[0].name] and lines[2].split() == ["partial", runs[2].name]
+    assert [line.split()[0] for line in lines[: len(runs)]].count("new") == len(runs) - 2
+    assert lines[len(runs)] == f"# 1 done, 1 partial, {len(runs) - 2} new of {len(runs)} in {tmp_path}"
+    left = lines[-1].split()
+    assert left[0] == "--only" and left[1:] == [r.name for r in runs[1:]]
+    # the list is a valid --only for the same preset: it selects exactly the unfinished runs
+    assert sweep_cli.main(["--preset", "headline", "--status", "--runs-dir", str(tmp_path), *left]) == 0
+    again = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in again[: len(runs) - 1]] == left[1:]
+
+
 def test_mean_ci95_against_t_table():
     mean, half = mean_ci95([0.2, 0.3, 0.4])
     assert mean == pytest.approx(0.3) and half == pytest.approx(4.303 * 0.1 / 3**0.5)

@@ -12,6 +12,9 @@ Only the table and plots again (no training; e.g. after editing the collapse rul
     .venv/bin/python examples/sweep.py --preset cpu --report-only
 The list of runs and their commands, starting nothing:
     .venv/bin/python examples/sweep.py --preset cpu --dry-run
+Which runs are done, partial or new under the runs dir, and the `--only` list of the rest (device calls start
+on a bare machine: pass that list so that they do not redo finished runs):
+    .venv/bin/python examples/sweep.py --preset testbed --status
 The GPU-sized sweeps (7 losses, N = 1..64, 2 seeds, async and mismatch; a larger model), run in slices on one
 H200 through bench/run_gpu_sweep.sh (docs/results/README.md has the device commands and the verdicts):
     .venv/bin/python examples/sweep.py --preset gpu         # round 1, a+b / a-b over 0..99: nothing learned
@@ -43,7 +46,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from vespo_megatron.experiments.sweep import SweepConfig, expand, ordered, run_sweep, write_report
+from vespo_megatron.experiments.sweep import SweepConfig, expand, ordered, run_status, run_sweep, write_report
 from vespo_megatron.experiments.testbed import TINY_MODEL_FLAGS
 
 # What the two GPU presets share: 7 losses x N in {1, 4, 16, 64} x 2 seeds, async and mismatch, 30 steps.
@@ -144,9 +147,25 @@ def parse_args(argv):
                    help="run only the runs whose name matches one of these globs (e.g. 'n64-*' '*-s0'), "
                         "started in the order of the globs")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, start nothing")
+    p.add_argument("--status", action="store_true",
+                   help="which runs under --runs-dir are done / partial / new (in start order), then an --only "
+                        "list of the unfinished ones: the next slice for a machine that starts without them")
     p.add_argument("--report-only", action="store_true", help="write table and plots from the existing runs")
     p.add_argument("base_flags", nargs="*", help="after --: flags for every training run")
     return p.parse_args(argv)
+
+
+def _print_status(cfg: SweepConfig, runs_dir: Path, only) -> int:
+    runs = [r for r in ordered(expand(cfg), cfg.priority) if only is None or only(r)]
+    status = {r.name: run_status(r, runs_dir) for r in runs}
+    for run in runs:
+        print(f"{status[run.name]:8s}{run.name}")
+    counts = {k: sum(v == k for v in status.values()) for k in ("done", "partial", "new")}
+    print(f"# {counts['done']} done, {counts['partial']} partial, {counts['new']} new of {len(runs)} in {runs_dir}")
+    left = [r.name for r in runs if status[r.name] != "done"]
+    if left:
+        print("--only " + " ".join(left))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -175,6 +194,8 @@ def main(argv=None) -> int:
     if args.only:  # the given globs decide the order too
         cfg = dataclasses.replace(cfg, priority=tuple(args.only))
     only = None if not args.only else (lambda run: any(fnmatch.fnmatchcase(run.name, g) for g in args.only))
+    if args.status:
+        return _print_status(cfg, runs_dir, only)
     if args.dry_run:
         print(dataclasses.asdict(cfg))
         for run in ordered(expand(cfg), cfg.priority):
