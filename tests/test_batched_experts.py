@@ -343,3 +343,23 @@ def test_with_experts_module_handles_both_spec_forms():
     with pytest.raises(TypeError, match="SequentialMLP"):
         with_experts_module(new, BatchedSequentialMLP)
 
+
+def test_cli_flag():
+    from vespo_megatron.training.cli import config_from_argv, make_cli
+
+    assert config_from_argv([]).model.batched_experts is True
+    assert config_from_argv(["--no-batched-experts"]).model.batched_experts is False
+    help_text = make_cli().build_parser().format_help()
+    assert "--batched-experts" in help_text and "per-expert loop" in help_text
+
+
+def test_resume_ignores_the_switch():
+    """Runs recorded before the switch existed, or started with the other experts module, still resume."""
+    from vespo_megatron.training.cli import config_from_argv
+    from vespo_megatron.training.run_dir import config_differences, config_record
+
+    now = config_record(config_from_argv([]))
+    older = {**now, "model": {k: v for k, v in now["model"].items() if k != "batched_experts"}}
+    assert config_differences(older, now) == []
+    assert config_differences(now, config_record(config_from_argv(["--no-batched-experts"]))) == []
+    assert config_differences(now, config_record(config_from_argv(["--no-recompute", "--hidden-size", "32"])))
