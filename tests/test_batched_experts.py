@@ -79,6 +79,8 @@ def _run_both(experts, parent_forward, counts, dtype, probs_dtype, seed):
             grads[f"{i}.fc1"] = e.linear_fc1.weight.grad
             grads[f"{i}.fc2"] = e.linear_fc2.weight.grad
         results.append((out.detach(), grads))
+    with torch.no_grad():  # inference: the batched path stacks only the experts that got tokens
+        results.append(experts.forward(x0, tpe, p0)[0])
     return results
 
 
@@ -140,9 +142,10 @@ def module_level():
 def _assert_same(res, rtol, atol, max_differing=1.0):
     """Outputs and gradients close; `max_differing`: the largest share of elements allowed to differ at all
     (bf16: a handful of 1-ulp roundings, where the same computation in another dtype would change many)."""
-    (out_b, grads_b), (out_s, grads_s) = res
+    (out_b, grads_b), (out_s, grads_s), out_no_grad = res
     assert grads_b.keys() == grads_s.keys()
-    for name, (a, b) in {"out": (out_b, out_s), **{n: (grads_b[n], g) for n, g in grads_s.items()}}.items():
+    pairs = {"out": (out_b, out_s), "out without grad": (out_no_grad, out_s)}
+    for name, (a, b) in {**pairs, **{n: (grads_b[n], g) for n, g in grads_s.items()}}.items():
         assert a is not None and b is not None, name
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
         if a.numel():
@@ -151,7 +154,8 @@ def _assert_same(res, rtol, atol, max_differing=1.0):
 
 @pytest.mark.parametrize("dtype", ["torch.float32", "torch.float64", "torch.bfloat16"])
 def test_module_matches_sequential_loop(module_level, dtype):
-    """Random loads (empty experts, all tokens on one expert, zero tokens): outputs and every gradient equal
+    """Random loads (empty experts, all tokens on one expert, zero tokens): outputs (with and without grad: the
+    latter stacks only the experts that got tokens) and every gradient equal
     the parent's loop (fp32 1e-6 relative, float64 1e-12; bf16: 1 ulp at most, 99% of the elements equal); probs
     in fp32 or the input's dtype (MLP.forward multiplies in the promoted dtype, then rounds). The batched path ran: the loop was never called."""
     assert module_level[f"type_{dtype}"] == (True, None)
@@ -169,7 +173,7 @@ def test_module_matches_sequential_loop(module_level, dtype):
 def test_zero_tokens_and_empty_experts_give_zero_gradients(module_level):
     res, _ = module_level[("torch.float32", "torch.float32", 1)]  # all experts empty
     out, grads = res[0]
-    assert out.shape == (0, 32)
+    assert out.shape == (0, 32) and res[2].shape == (0, 32)
     assert all(float(g.abs().max()) == 0 for n, g in grads.items() if n not in ("x", "probs"))
     res, _ = module_level[("torch.float32", "torch.float32", 0)]  # experts 1 and 4 empty
     grads = res[0][1]
@@ -187,7 +191,7 @@ def test_module_config_variants(module_level, name):
 def test_plain_hook_falls_back_to_the_loop(module_level):
     reason, res, parent_calls = module_level["plain_hook"]
     assert "hooks" in reason
-    assert parent_calls == 1  # the batched module called the loop
+    assert parent_calls == 2  # both calls of the batched module (with and without grad) ran the loop
     _assert_same(res, 0, 0)  # both ran the same loop
 
 

@@ -9,7 +9,8 @@ with two `torch.bmm` over the experts' stacked weights:
     x [T, H] --index_copy--> [E, C, H] --bmm W1--> [E, C, 2F] --act, * probs--> [E, C, F] --bmm W2--> [E, C, H]
       --index_select--> [T, H]
 
-Shape legend: [T] permuted tokens (grouped by expert, as the dispatcher hands them over); [E] local experts;
+Shape legend: [T] permuted tokens (grouped by expert, as the dispatcher hands them over); [E] local experts
+(without grad: only those that got tokens);
 [C] = max tokens of one expert; [E, C, .] per-expert rows padded with zero rows to C; H hidden (the experts'
 input and output width); F the experts' ffn width (fc1 gives 2F with SwiGLU); flat index [T]: row of each
 permuted token in the [E * C] padded rows.
@@ -111,8 +112,13 @@ class BatchedSequentialMLP(SequentialMLP):
         # The dispatcher's counts live on the host or are brought there (the parent's torch.split syncs too);
         # the index bookkeeping runs on the host and goes to the device in one copy.
         counts = tokens_per_expert.to("cpu", torch.long)  # [E]
-        (T, H), E = x.shape, self.num_local_experts
-        C = int(counts.max())
+        (T, H), experts = x.shape, list(self.local_experts)
+        if not torch.is_grad_enabled() and 0 < T == int(counts.sum()):
+            # Inference: only the experts that got tokens (no gradient needs the others' zeros): a small decode
+            # batch then stacks and reads only the weights it uses, as the loop does.
+            used = counts > 0
+            experts, counts = [e for e, u in zip(experts, used.tolist(), strict=True) if u], counts[used]
+        E, C = len(experts), int(counts.max())
         if int(counts.sum()) != T or E * C > max(self.max_padding_ratio * T, self.small_batch_rows):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         if self.config.moe_apply_probs_on_input:
@@ -129,14 +135,14 @@ class BatchedSequentialMLP(SequentialMLP):
         fc1_hooks, fc2_hooks = self._input_transforms()
         for hook in fc1_hooks:
             rows = hook(rows)
-        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F, H]
+        w1 = torch.stack([e.linear_fc1.weight for e in experts])  # [E, 2F, H]
         h = torch.bmm(rows, w1.transpose(1, 2))  # [E, C, 2F]
         h = self._activation(h)  # [E, C, F]
         # MLP.forward's per_token_scale: multiply in the promoted dtype, back to the activation's dtype.
         h = (h * scale).to(h.dtype)
         for hook in fc2_hooks:
             h = hook(h)
-        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F]
+        w2 = torch.stack([e.linear_fc2.weight for e in experts])  # [E, H, F]
         out = torch.bmm(h, w2.transpose(1, 2))  # [E, C, H]
         return out.view(E * C, H).index_select(0, flat), None  # [T, H]; no bias (see unbatched_reason)
 
