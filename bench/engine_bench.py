@@ -107,6 +107,8 @@ def main(argv=None) -> dict:
     p.add_argument("--fp8", choices=("off", "per_tensor", "per_row"), default="off")
     p.add_argument("--router-noise", type=float, default=0.0)
     p.add_argument("--attention-backend", choices=("auto", "te", "reference"), default="auto")
+    p.add_argument("--sequential-experts", action="store_true",
+                   help="megatron's per-expert SequentialMLP loop instead of the batched experts (local spec)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                    help="also profile one cached generation of this many new tokens (torch.profiler; the top ops "
@@ -124,7 +126,8 @@ def main(argv=None) -> dict:
     from vespo_megatron.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 
     seq = size["prompt"][1] + max(new_tokens, b_tokens, args.check_tokens)
-    cfg = TinyMoEConfig(**size["model"], seq_length=seq, init_method_std=0.05)
+    cfg = TinyMoEConfig(**size["model"], seq_length=seq, init_method_std=0.05,
+                        batched_experts=not args.sequential_experts)
     layout = ParallelConfig()
     groups = initialize_parallel(layout)
     model = build_gpt_model(cfg, layout, groups, attention_backend=args.attention_backend)
@@ -172,13 +175,15 @@ def main(argv=None) -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'cpu'})"
     result = dict(size=args.size, device=device, model=size["model"], precision=args.precision, fp8=args.fp8,
                   router_noise=args.router_noise, attention_backend=args.attention_backend,
+                  batched_experts=not args.sequential_experts,
                   check=dict(rows=8, new_tokens=args.check_tokens, identical_token_share=same / max(total, 1),
                              max_abs_dlogp_common_prefix=max_dlp),
                   runs=rows, command="python bench/engine_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     if len(rows) == 2:
         result["speedup_tokens_per_s"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     lines = [f"# Embedded engine throughput ({args.size}, {device})", "", f"`{result['command']}`", "",
-             f"model {size['model']}, precision {args.precision}, fp8 {args.fp8}, router noise {args.router_noise}",
+             f"model {size['model']}, precision {args.precision}, fp8 {args.fp8}, router noise {args.router_noise}, "
+             f"experts {'sequential (megatron loop)' if args.sequential_experts else 'batched'}",
              "", f"Correctness (8 rows x {args.check_tokens} tokens, cached vs recompute, same seed): "
              f"identical tokens {same}/{total}, max |d logp| on the common prefix {max_dlp:.2e}", "",
              "| path | samples | new tokens | tokens | seconds | new tokens/s |", "|---|---:|---:|---:|---:|---:|"]

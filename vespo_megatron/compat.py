@@ -42,6 +42,38 @@ def static_inference_context(max_batch_size: int, max_sequence_length: int):
     return StaticInferenceContext(max_batch_size, max_sequence_length)
 
 
+def with_experts_module(moe_spec, experts_cls):
+    """The MoE layer spec `moe_spec` (from megatron's local layer spec) with `experts_cls` building its routed
+    experts in place of `SequentialMLP`, same submodules and constructor arguments.
+
+    0.16: ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=ModuleSpec(module=SequentialMLP,
+    submodules=MLPSubmodules(...)))). 0.19: the same as builders, functools.partial(MoELayer,
+    submodules=MoESubmodules(experts=partial(SequentialMLP, submodules=MLPSubmodules(...)))); 0.19's
+    `SequentialMLP.__init__` takes a `name` keyword more, which a subclass without its own `__init__` passes on.
+    """
+    import dataclasses
+    import functools
+
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    def replaced(spec, **changes):
+        if isinstance(spec, functools.partial):
+            return functools.partial(spec.func, *spec.args, **{**spec.keywords, **changes})
+        return dataclasses.replace(spec, **changes)
+
+    is_partial = isinstance(moe_spec, functools.partial)
+    submodules = moe_spec.keywords["submodules"] if is_partial else moe_spec.submodules
+    experts = submodules.experts
+    current = experts.func if isinstance(experts, functools.partial) else experts.module
+    if current is not SequentialMLP:
+        raise TypeError(f"with_experts_module: expected a spec whose experts are SequentialMLP, got {current!r}")
+    if isinstance(experts, functools.partial):
+        new_experts = functools.partial(experts_cls, *experts.args, **experts.keywords)
+    else:
+        new_experts = dataclasses.replace(experts, module=experts_cls)
+    return replaced(moe_spec, submodules=dataclasses.replace(submodules, experts=new_experts))
+
+
 def transformer_engine_available() -> bool:
     """Whether transformer-engine's torch extension imports (GPU machines only)."""
     try:
@@ -63,4 +95,5 @@ __all__ = [
     "static_inference_context",
     "unwrap_model",
     "transformer_engine_available",
+    "with_experts_module",
 ]

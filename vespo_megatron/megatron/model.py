@@ -40,7 +40,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from vespo_megatron import patches
-from vespo_megatron.compat import RouterReplay, transformer_engine_available
+from vespo_megatron.compat import RouterReplay, transformer_engine_available, with_experts_module
+from vespo_megatron.megatron.batched_experts import BatchedSequentialMLP
 from vespo_megatron.megatron.cpu_shim import install_cpu_shim
 from vespo_megatron.megatron.model_config import TinyMoEConfig
 from vespo_megatron.megatron.norms import Norm
@@ -116,8 +117,10 @@ def transformer_config(cfg: TinyMoEConfig, pcfg: ParallelConfig) -> TransformerC
 AttentionBackend = Literal["auto", "te", "reference"]
 
 
-def _local_layer_spec(num_experts: int | None, qk_layernorm: bool) -> ModuleSpec:
-    """megatron's local layer spec with our SP-capable norm and reference (CP, THD) attention."""
+def _local_layer_spec(num_experts: int | None, qk_layernorm: bool, batched_experts: bool = True) -> ModuleSpec:
+    """megatron's local layer spec with our SP-capable norm and reference (CP, THD) attention; MoE layers'
+    experts are `BatchedSequentialMLP` (all local experts in batched GEMMs) unless `batched_experts` is False
+    (megatron's `SequentialMLP`, one expert at a time)."""
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm, normalization="RMSNorm"
     )
@@ -135,6 +138,8 @@ def _local_layer_spec(num_experts: int | None, qk_layernorm: bool) -> ModuleSpec
         pre_mlp_layernorm=Norm,
         self_attention=dataclasses.replace(attn, submodules=attn_sub),
     )
+    if num_experts and batched_experts:
+        layer = dataclasses.replace(layer, mlp=with_experts_module(layer.mlp, BatchedSequentialMLP))
     return dataclasses.replace(spec, submodules=layer)
 
 
@@ -143,11 +148,13 @@ def build_block_spec(
     attention_backend: AttentionBackend = "auto",
     pp_rank: int | None = None,
     vp_stage: int | None = None,
+    batched_experts: bool = True,
 ) -> TransformerBlockSubmodules:
     """The decoder block spec of one pipeline stage.
 
     "te": megatron's transformer-engine spec (GPU). "reference": megatron's local spec with our `Norm` and
-    `ReferenceAttention` (CPU, tests). "auto": "te" when transformer-engine imports, else "reference".
+    `ReferenceAttention` (CPU, tests), its experts batched unless `batched_experts` is False (see
+    `_local_layer_spec`). "auto": "te" when transformer-engine imports, else "reference".
     """
     if attention_backend not in ("auto", "te", "reference"):
         raise ValueError(f"attention_backend: expected 'auto', 'te' or 'reference', got {attention_backend!r}")
@@ -157,7 +164,7 @@ def build_block_spec(
             config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
         )
     dense = _local_layer_spec(None, config.qk_layernorm)
-    moe = _local_layer_spec(config.num_moe_experts, config.qk_layernorm)
+    moe = _local_layer_spec(config.num_moe_experts, config.qk_layernorm, batched_experts)
     specs = [moe if is_moe else dense for is_moe in config.moe_layer_freq]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -198,7 +205,8 @@ def build_gpt_model(
     torch.manual_seed(cfg.seed)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=build_block_spec(config, attention_backend, pp_rank=pp_rank, vp_stage=vp_stage),
+        transformer_layer_spec=build_block_spec(config, attention_backend, pp_rank=pp_rank, vp_stage=vp_stage,
+                                                batched_experts=cfg.batched_experts),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.seq_length,
         pre_process=first,

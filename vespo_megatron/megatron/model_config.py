@@ -33,6 +33,9 @@ class TinyMoEConfig:
     moe_aux_loss_coeff: float = 0.0
     moe_enable_routing_replay: bool = False
     recompute: bool = False  # full activation recomputation, one layer at a time (memory for compute)
+    # Local (non-transformer-engine) spec: all local experts in batched GEMMs (`BatchedSequentialMLP`) instead
+    # of megatron's per-expert loop; same parameters and checkpoints, the same numbers up to GEMM rounding.
+    batched_experts: bool = True
     qk_layernorm: bool = True
     rotary_base: int = 10000
     seq_length: int = 64  # max sequence length (RoPE table)
@@ -62,6 +65,7 @@ class TinyMoEConfig:
             need(set(self.moe_layer_freq) <= {0, 1}, "moe_layer_freq", "entries 0 or 1", self.moe_layer_freq)
         else:
             need(self.moe_layer_freq >= 1, "moe_layer_freq", ">= 1", self.moe_layer_freq)
+        need(isinstance(self.batched_experts, bool), "batched_experts", "a bool", self.batched_experts)
         need(self.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64), "dtype",
              "a floating dtype", self.dtype)
 

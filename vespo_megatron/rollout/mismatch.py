@@ -10,7 +10,9 @@ forward only: it is a context manager that
     place, and restores the saved originals bit for bit on exit (the trainer never sees them);
   - fake-quantises the inputs of the same GEMMs (forward pre-hooks, removed on exit): an fp8 GEMM quantises
     both operands. Under transformer-engine `linear_qkv` fuses the input norm, so its hook sees the pre-norm
-    input (per-row scales commute with the RMS division; the norm's gain is the only difference);
+    input (per-row scales commute with the RMS division; the norm's gain is the only difference). The batched
+    experts (`megatron.batched_experts`) apply the hook's `batched` form to all experts' inputs at once, with
+    each expert's own per-tensor scale, so the knob quantises the same numbers on either experts module;
   - adds N(0, router_noise^2) to every router's logits (its `gating` output), from a generator seeded by
     (seed, global layer number): reproducible per `generate` call.
 
@@ -42,15 +44,22 @@ _GEMM = re.compile(r"(self_attention\.linear_(qkv|proj)|\.mlp\.experts\..*linear
 _WEIGHT = re.compile(r"^weight\d*$")
 
 
-def fp8_fake_quant(x: torch.Tensor, mode: str) -> torch.Tensor:
+def fp8_fake_quant(x: torch.Tensor, mode: str, batch_dims: int = 0) -> torch.Tensor:
     """x -> dequant(quant_e4m3(x / scale)) * scale, scale = amax / 448 per tensor or per row (last dim).
-    Returns x's dtype and shape; all-zero rows stay zero."""
+    batch_dims: per_tensor takes one amax per index of x's first `batch_dims` dims (x [E, C, in]: one scale per
+    expert, as each expert's own GEMM has). Returns x's dtype and shape; all-zero rows stay zero."""
     if mode == "off" or x.numel() == 0:  # an expert that got no tokens
         return x
     if mode not in FP8_MODES:
         raise ValueError(f"fp8: expected one of {FP8_MODES}, got {mode!r}")
     xf = x.float()
-    amax = xf.abs().amax() if mode == "per_tensor" else xf.abs().amax(dim=-1, keepdim=True)
+    if mode == "per_row":
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+    elif batch_dims:
+        amax = xf.abs().flatten(batch_dims).amax(-1)
+        amax = amax.reshape(*amax.shape, *[1] * (xf.dim() - batch_dims))
+    else:
+        amax = xf.abs().amax()
     scale = (amax / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
     q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * scale
     return q.to(x.dtype)
@@ -60,6 +69,21 @@ def _gemm_modules(model: torch.nn.Module):
     for name, module in model.named_modules():
         if _GEMM.search(name):
             yield name, module
+
+
+class _QuantInput:
+    """Forward pre-hook: fake-quantise the GEMM's input. `batched(x)` does the same for the padded per-expert
+    inputs [E, C, in] of `BatchedSequentialMLP` (which never calls the experts' linear modules): one per-tensor
+    scale per expert; its zero padding rows raise no amax and stay zero."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __call__(self, module, args):
+        return (fp8_fake_quant(args[0], self.mode), *args[1:])
+
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_fake_quant(x, self.mode, batch_dims=1)
 
 
 @contextlib.contextmanager
@@ -75,15 +99,12 @@ def engine_mismatch(model: torch.nn.Module, *, fp8: str = "off", router_noise: f
     try:
         if fp8 != "off":
             with torch.no_grad():
+                quant_input = _QuantInput(fp8)  # one hook object for all: batched experts check they agree
                 for _, module in _gemm_modules(model):
                     for pname, param in module.named_parameters(recurse=False):
                         if _WEIGHT.match(pname) and param.dim() == 2:
                             saved.append((param, param.detach().clone()))
                             param.copy_(fp8_fake_quant(param.detach(), fp8))
-
-                    def quant_input(mod, args, mode=fp8):
-                        return (fp8_fake_quant(args[0], mode), *args[1:])
-
                     hooks.append(module.register_forward_pre_hook(quant_input))
         if router_noise > 0:
             for name, module in model.named_modules():

@@ -99,6 +99,8 @@ HELPS = {
     "hf.load": "start from this HF checkpoint dir; the model flags come from its config.json "
                "(model flags given explicitly must match it)",
     "task.data.path": "a JSONL or Parquet file of prompts with reference answers (selects --task math)",
+    "model.batched_experts": "all local experts in batched GEMMs (local spec, no transformer-engine); "
+                             "--no-batched-experts: megatron's per-expert loop (SequentialMLP)",
     "--task": "arithmetic (the toy task), reasoning (scratchpad addition, 30-300 token answers) or math (a "
               "prompt dataset; implied by --prompt-data)",
 }
