@@ -152,7 +152,8 @@ class BatchedSequentialMLP(SequentialMLP):
         if not c.gated_linear_unit:
             return c.activation_func(h)
         gate, up = torch.chunk(h, 2, dim=-1)
-        if c.activation_func_clamp_value is not None:
-            gate = gate.clamp(max=c.activation_func_clamp_value)
-            up = up.clamp(min=-c.activation_func_clamp_value, max=c.activation_func_clamp_value)
-        return c.activation_func(gate) * (up + c.glu_linear_offset)
+        clamp = getattr(c, "activation_func_clamp_value", None)  # fields of newer megatron-core releases
+        if clamp is not None:
+            gate = gate.clamp(max=clamp)
+            up = up.clamp(min=-clamp, max=clamp)
+        return c.activation_func(gate) * (up + getattr(c, "glu_linear_offset", 0.0))
