@@ -119,7 +119,7 @@ def test_selected_from_the_command_line():
     cfg = train_cli.config_from_argv(["--task", "reasoning", "--levels", "3,4", "--seed", "2"])
     assert cfg.task == ReasoningTaskConfig(levels="3,4", seed=2)
     bed = train_cli.config_from_argv(["--base", "testbed", "--eval-count", "16"])
-    assert bed.task == ReasoningTaskConfig(eval_count=16) and bed.rollout.samples_per_step == 512
+    assert bed.task == ReasoningTaskConfig(levels="3,4,5,6", eval_count=16) and bed.rollout.samples_per_step == 512
     assert bed.algorithm.clip_grad == 1.0 and 1e-6 <= bed.algorithm.lr <= 1e-5
     task = ReasoningTask(bed.task)
     assert bed.model.seq_length >= task.max_prompt_tokens + task.max_new_tokens
