@@ -4,6 +4,10 @@ the toy task."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import types
 
 import pytest
 
@@ -14,7 +18,7 @@ from vespo_megatron.megatron.parallel_setup import ParallelConfig
 from vespo_megatron.rollout.engine import Generation
 from vespo_megatron.training.advantages import ADVANTAGE_ESTIMATORS, grpo_advantages, resolve_advantage
 from vespo_megatron.training.config import AlgorithmConfig, RolloutConfig, RunConfig, TrainerConfig
-from vespo_megatron.training.samples import Rejections, build_samples
+from vespo_megatron.training.samples import EVAL_STREAM, Rejections, build_samples, sampling_seed
 from vespo_megatron.training.toy_task import ArithmeticTask, ArithmeticTaskConfig, CharTokenizer
 
 
@@ -135,3 +139,48 @@ def test_toy_task_is_deterministic_and_verifiable():
     assert tok.vocab_size % 64 == 0
     with pytest.raises(ValueError, match=r"ArithmeticTaskConfig.ops"):
         ArithmeticTaskConfig(ops="/")
+
+
+def _seed_in_process(hash_seed: str, parts) -> int:
+    code = f"from vespo_megatron.training.samples import sampling_seed; print(sampling_seed(*{parts!r}))"
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+    return int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                              timeout=120).stdout)
+
+
+def test_sampling_seeds_are_the_same_in_every_process():
+    """The eval seed once hashed a str, salted per process: identical models got different eval samples in
+    different runs (round 8: up to 0.07 apart in pass@1). Now every seed is the same across processes, and the
+    rollouts' seed is the one they always had."""
+    parts = (3, EVAL_STREAM, 40, 1)
+    assert _seed_in_process("1", parts) == _seed_in_process("2", parts) == sampling_seed(*parts)
+    assert sampling_seed(3, 40, 1) == hash((3, 40, 1)) % (2**63)  # rollouts: unchanged
+    assert sampling_seed(3, EVAL_STREAM, 40, 1) != sampling_seed(3, 40, 1)
+    assert 0 <= sampling_seed(-5, 7) < 2**63
+    with pytest.raises(TypeError, match="int parts"):
+        sampling_seed(0, "eval", 1)
+
+
+def test_evaluation_seeds_its_generations_by_run_seed_step_and_rank():
+    from vespo_megatron.training.evaluation import evaluate
+
+    task = ArithmeticTask(ArithmeticTaskConfig(max_operand=9))
+    seen = []
+
+    class Engine:
+        def generate(self, requests, seed):
+            seen.append(seed)
+            return [Generation(sample_id=r.sample_id, prompt_ids=r.prompt_ids, output_ids=(task.tok.EOS,),
+                               output_logprobs=(0.0,), weight_version=0, finish_reason="stop") for r in requests]
+
+    cfg = TrainerConfig(task=ArithmeticTaskConfig(max_operand=9), run=RunConfig(seed=7))
+    groups = types.SimpleNamespace(dp_size=1, dp_rank=0, dp=None)
+    from vespo_megatron.training.trainer import Trainer
+
+    fake = types.SimpleNamespace(cfg=cfg, groups=groups, task=task, engine=Engine(),
+                                 rewards=lambda problems, outs: [0.0] * len(outs))
+    fake.requests = types.MethodType(Trainer.requests, fake)
+    evaluate(fake, 20)
+    evaluate(fake, 20)
+    evaluate(fake, 30)
+    assert seen == [sampling_seed(7, EVAL_STREAM, 20, 0)] * 2 + [sampling_seed(7, EVAL_STREAM, 30, 0)]

@@ -8,6 +8,8 @@ from vespo_megatron.base.metric import Metric, finalize_metrics
 from vespo_megatron.parallel.reduce_metrics import all_reduce_metrics
 from vespo_megatron.rollout.engine import Generation
 
+from .samples import EVAL_STREAM, sampling_seed
+
 __all__ = ["evaluate"]
 
 
@@ -22,7 +24,7 @@ def evaluate(trainer, step: int) -> dict[str, float]:
                          "data-parallel ranks; hold out more (eval_count)")
     mine = problems[g.dp_rank * per_rank:(g.dp_rank + 1) * per_rank]
     requests = trainer.requests(f"eval{step}", mine, ec.k, ec.temperature)
-    gens = trainer.engine.generate(requests, seed=hash((trainer.cfg.run.seed, "eval", step, g.dp_rank)) % (2**63))
+    gens = trainer.engine.generate(requests, seed=sampling_seed(trainer.cfg.run.seed, EVAL_STREAM, step, g.dp_rank))
     ok = [i for i, gen in enumerate(gens) if isinstance(gen, Generation)]
     scored = trainer.rewards([mine[i // ec.k] for i in ok], [gens[i].output_ids for i in ok])
     rewards = torch.zeros(len(gens), dtype=torch.float64)

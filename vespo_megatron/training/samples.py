@@ -19,7 +19,20 @@ from vespo_megatron.rollout.engine import Generation, SampleError
 
 from .advantages import Estimator, grpo_advantages
 
-__all__ = ["Rejections", "ScoredSample", "validate_generation", "build_samples"]
+__all__ = ["Rejections", "ScoredSample", "validate_generation", "build_samples", "sampling_seed", "EVAL_STREAM"]
+
+# The eval generations' seed stream, apart from the rollouts' (an int: see sampling_seed).
+EVAL_STREAM = -1
+
+
+def sampling_seed(*parts: int) -> int:
+    """The engine seed of one generation call, a pure function of its int parts (run seed, step, DP rank, ...).
+    Ints only: hash() of an int tuple is the same in every process, while a str in it is salted per process
+    (PYTHONHASHSEED), which made the eval samples differ between runs and between a run and its resume.
+    Rollouts: sampling_seed(seed, step, rank), the seed they always had."""
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in parts):
+        raise TypeError(f"sampling_seed: expected int parts, got {parts!r}")
+    return hash(parts) % (2**63)
 
 
 @dataclass

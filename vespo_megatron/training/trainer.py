@@ -52,7 +52,7 @@ from .evaluation import evaluate
 from .optim import clip_and_step, wrap_ddp_and_optimizer
 from .rewards import RewardScorer, make_task, rollout_metrics, task_counters
 from .run_dir import check_run_config
-from .samples import Rejections, build_samples
+from .samples import Rejections, build_samples, sampling_seed
 from .sft import sft_warm_start
 
 __all__ = ["Trainer", "make_task"]
@@ -194,7 +194,7 @@ class Trainer:
                                                                        (g.dp_rank + 1) * per_rank]
         requests = self.requests(str(step), problems, cfg.rollout.group_size, cfg.rollout.temperature, routing=r3)
         groups_of = [i for i in range(len(problems)) for _ in range(cfg.rollout.group_size)]
-        gens = self.engine.generate(requests, seed=hash((cfg.run.seed, step, g.dp_rank)) % (2**63))
+        gens = self.engine.generate(requests, seed=sampling_seed(cfg.run.seed, step, g.dp_rank))
         before = self.rejections.total()
         samples, scored = build_samples(
             gens, groups_of,
