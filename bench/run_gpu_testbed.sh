@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One device call (one H200) of the issue-17 testbed, reusable across sessions (rounds 5-7 were one-offs):
+#   0. with ENGINE_BENCH=1: bench/engine_bench.py --size testbed, batched experts and megatron's per-expert loop
+#      (tables in logs.tar: engine/);
 #   1. the SFT base: unpacked from .gpubase/ when a previous call brought one back (carry it), else trained
-#      (examples/testbed_sft.py $SFT_FLAGS, alone on the GPU) and sent back as tar pieces sft_base.tar.part-*
-#      (a fresh machine each call: nothing survives on the device);
+#      (examples/testbed_sft.py $SFT_FLAGS) and sent back as tar pieces sft_base.tar.part-* (a fresh machine
+#      each call: nothing survives on the device). SFT_FLAGS may hold several flag sets separated by ';': they
+#      train at once (MPS) and bench/choose_sft_base.py picks the base (every sft.json comes back in logs.tar);
 #   2. a slice of a sweep from that base: examples/sweep.py $SWEEP_ARGS, $JOBS runs at once (MPS on), cut at
 #      $BUDGET_S seconds after the call's start (a cut run is reported as partial). Run records come back in
 #      runs.tar (the jsonl and config of each run), logs in logs.tar.
@@ -14,38 +17,66 @@
 #         python examples/sweep.py --preset testbed --report-only --results-dir docs/results/testbed/<slice>
 #   the next slice: python examples/sweep.py --preset testbed --status   (its last line is the --only list of the
 #   unfinished runs; the device starts without the finished ones, so pass it in SWEEP_ARGS)
+# On CPU at toy size (tests/test_testbed.py): WORK_DIR, PYTHON, and toy flags in SFT_FLAGS / SWEEP_ARGS; with no
+# wheels in WHEELS_DIR (default .gpuwhl/) the installed megatron-core is used; BASE_PIECES_DIR (default .gpubase/)
+# is where a carried base's pieces are looked for.
 set -uo pipefail
+W=${WORK_DIR:-/tmp}  # scratch: logs, SFT attempts, the base, the runs
+PY=${PYTHON:-python3}
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
-SFT_FLAGS=${SFT_FLAGS:---levels 3,4,5,6 --sft-lr 1e-3}
+SFT_FLAGS=${SFT_FLAGS:-}  # empty: --base testbed's own (levels 3-6, SFT lr 5e-4)
 SFT_TIME=${SFT_TIME:-270}
+SFT_EVAL_EVERY=${SFT_EVAL_EVERY:-20}
 SWEEP_ARGS=${SWEEP_ARGS:---preset lr_sweep}
 JOBS=${JOBS:-8}
 BUDGET_S=${BUDGET_S:-570}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpuwhl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+WHEELS=${WHEELS_DIR:-.gpuwhl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then  # the device has no megatron-core: the carried wheels
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" "$WHEELS"/*.whl || exit 1
+fi
+export PYTHONPATH=$W/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 [ -e vespo_megatron/patches ] || ln -s ../patches vespo_megatron/patches
-mkdir -p /tmp/logs /tmp/base
+mkdir -p $W/logs $W/base
 nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on"
 finish() {
-  (cd /tmp && tar cf "$OUT/logs.tar" logs base/sft.json 2>/dev/null)
-  (cd /tmp && find sw \( -name '*.jsonl' -o -name 'config.json' \) 2>/dev/null | tar cf "$OUT/runs.tar" -T - 2>/dev/null)
+  # the last lines of every run's train.log (a failed run's traceback is there; the whole logs are too big)
+  for f in $W/sw/*/train.log; do [ -f "$f" ] && mkdir -p $W/logs/train && tail -n 40 "$f" > "$W/logs/train/$(basename "$(dirname "$f")").log"; done
+  (cd "$W" && tar cf "$OUT/logs.tar" logs base/sft.json $(ls sft/*/sft.json 2>/dev/null) 2>/dev/null)
+  (cd "$W" && find sw \( -name '*.jsonl' -o -name 'config.json' \) 2>/dev/null | tar cf "$OUT/runs.tar" -T - 2>/dev/null)
 }
 trap finish EXIT
-if ls .gpubase/sft_base.tar.part-* >/dev/null 2>&1; then
-  cat .gpubase/sft_base.tar.part-* | tar xf - -C /tmp/base || exit 1
-  echo "base from .gpubase: $(python3 -c "import json; r=json.load(open('/tmp/base/sft.json')); print(r['eval/pass@1'], r['sft_steps'], r['flags'])")"
+if [ "${ENGINE_BENCH:-0}" = 1 ]; then
+  mkdir -p $W/logs/engine
+  echo "[$(el) s] engine bench: batched experts, then the per-expert loop"
+  $PY bench/engine_bench.py --size testbed --out $W/logs/engine > $W/logs/engine/batched.log 2>&1
+  tail -n 6 $W/logs/engine/batched.log
+  $PY bench/engine_bench.py --size testbed --sequential-experts --no-baseline --out $W/logs/engine/loop \
+    > $W/logs/engine/loop.log 2>&1
+  tail -n 4 $W/logs/engine/loop.log
+fi
+BASE_PIECES=${BASE_PIECES_DIR:-.gpubase}
+if ls "$BASE_PIECES"/sft_base.tar.part-* >/dev/null 2>&1; then
+  cat "$BASE_PIECES"/sft_base.tar.part-* | tar xf - -C $W/base || exit 1
+  echo "base from $BASE_PIECES: $($PY -c "import json; r=json.load(open('$W/base/sft.json')); print(r['eval/pass@1'], r['sft_steps'], r['flags'])")"
 else
-  echo "[$(el) s] SFT: $SFT_FLAGS"
-  # shellcheck disable=SC2086
-  timeout $((SFT_TIME + 60)) python3 examples/testbed_sft.py --out-dir /tmp/base --eval-every 40 --time-limit-s "$SFT_TIME" \
-    -- --threads 4 $SFT_FLAGS > /tmp/logs/sft.log 2>&1
-  grep -E '^\{"sft_step|^base' /tmp/logs/sft.log | cut -c1-200
-  [ -f /tmp/base/sft.json ] || { echo "no base"; exit 1; }
-  (cd /tmp/base && tar cf - hf sft.json | split -b 15M - "$OUT/sft_base.tar.part-")
+  IFS=';' read -ra SFT_SETS <<< "$SFT_FLAGS"
+  [ "${#SFT_SETS[@]}" -gt 0 ] || SFT_SETS=("")  # no flags: one attempt with the defaults
+  dirs=()
+  for i in "${!SFT_SETS[@]}"; do
+    echo "[$(el) s] SFT $i: ${SFT_SETS[$i]}"; dirs+=("$W/sft/$i")
+    # shellcheck disable=SC2086
+    timeout $((SFT_TIME + 60)) $PY examples/testbed_sft.py --out-dir "$W/sft/$i" --eval-every "$SFT_EVAL_EVERY" \
+      --time-limit-s "$SFT_TIME" -- --threads 2 ${SFT_SETS[$i]} > "$W/logs/sft$i.log" 2>&1 &
+  done
+  wait
+  for i in "${!SFT_SETS[@]}"; do echo "SFT $i:"; grep -E '^\{"sft_step|^base' "$W/logs/sft$i.log" | cut -c1-200; done
+  chosen=$($PY bench/choose_sft_base.py "${dirs[@]}") || { echo "no base"; exit 1; }
+  echo "chosen base: $chosen"; rm -rf $W/base; cp -r "$chosen" $W/base
+  (cd $W/base && tar cf - hf sft.json | split -b 15M - "$OUT/sft_base.tar.part-")
 fi
 left=$(( BUDGET_S - $(el) )); echo "[$(el) s] sweep ($SWEEP_ARGS), $JOBS at once, $left s"
 [ "$left" -gt 60 ] || exit 0
 eval "set -- $SWEEP_ARGS"
-timeout "$left" python3 examples/sweep.py "$@" --init-checkpoint /tmp/base/hf --runs-dir /tmp/sw --jobs "$JOBS" \
-  --results-dir /tmp/report > /tmp/logs/sweep.log 2>&1
-echo "[$(el) s] done"; sed -n '/^| setting/,$p' /tmp/report/table.md 2>/dev/null | cut -c1-220
+timeout "$left" $PY examples/sweep.py "$@" --init-checkpoint $W/base/hf --runs-dir $W/sw --jobs "$JOBS" \
+  --results-dir $W/report > $W/logs/sweep.log 2>&1
+echo "[$(el) s] done"; sed -n '/^| setting/,$p' $W/report/table.md 2>/dev/null | cut -c1-220

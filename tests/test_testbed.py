@@ -61,3 +61,55 @@ def test_compare_losses_gpu_preset_commands(tmp_path):
     bad = subprocess.run(["bash", "examples/compare_losses.sh", "--preset", "tpu"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--preset" in bad.stderr
+
+
+def test_choose_base_prefers_the_fastest_in_range_else_the_closest():
+    from vespo_megatron.experiments.testbed import choose_base
+
+    def rec(p, s):
+        return {"eval/pass@1": p, "seconds": s}
+
+    # in range [0.2, 0.4]: the fastest of those, not the highest pass rate nor the first
+    assert choose_base({"a": rec(0.51, 60), "b": rec(0.38, 90), "c": rec(0.25, 70)}) == "c"
+    # none in range: the closest to it, from below or above
+    assert choose_base({"a": rec(0.05, 10), "b": rec(0.47, 99)}) == "b"
+    assert choose_base({"a": rec(0.15, 10), "b": rec(0.47, 9)}) == "a"
+    assert choose_base({"a": rec(0.0, 1), "b": rec(0.0, 2)}) == "a"  # ties: the first
+    assert choose_base({"a": rec(0.3, 5)}, pass_range=(0.5, 0.9)) == "a"
+    with pytest.raises(ValueError, match="records"):
+        choose_base({})
+
+
+def test_gpu_testbed_script_on_cpu_two_sft_attempts_then_a_slice(tmp_path):
+    """bench/run_gpu_testbed.sh at toy size: two SFT attempts at once, the chooser's pick becomes the base (sent
+    back in pieces), then a sweep slice from it; every attempt's record and the runs come back under $OUT."""
+    import tarfile
+
+    from vespo_megatron.experiments.testbed import TINY_MODEL_FLAGS, TINY_RUN_FLAGS
+
+    tiny = " ".join(TINY_MODEL_FLAGS + TINY_RUN_FLAGS)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), WORK_DIR=str(tmp_path / "w"), WHEELS_DIR=str(tmp_path / "no_wheels"),
+               BASE_PIECES_DIR=str(tmp_path / "no_base"),
+               PYTHON=sys.executable, SFT_TIME="1",
+               SFT_EVAL_EVERY="1", SFT_FLAGS=f"{tiny} --sft-lr 1e-3; {tiny} --sft-lr 3e-3",
+               SWEEP_ARGS="--preset cpu_smoke --only 'n1-vespo-s0'", JOBS="1", BUDGET_S="240")
+    proc = subprocess.run(["bash", "bench/run_gpu_testbed.sh"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "chosen base: " in proc.stdout and "SFT 1:" in proc.stdout
+    with tarfile.open(out / "logs.tar") as t:
+        names = set(t.getnames())
+    assert {"sft/0/sft.json", "sft/1/sft.json", "base/sft.json", "logs/sweep.log"} <= names
+    chosen = proc.stdout.split("chosen base: ")[1].split()[0]
+    records = {d: json.loads((Path(d) / "sft.json").read_text()) for d in (f"{tmp_path}/w/sft/0", f"{tmp_path}/w/sft/1")}
+    from vespo_megatron.experiments.testbed import choose_base
+
+    assert chosen == choose_base(records)
+    pieces = sorted(out.glob("sft_base.tar.part-*"))
+    assert pieces
+    with tarfile.open(fileobj=__import__("io").BytesIO(b"".join(p.read_bytes() for p in pieces))) as t:
+        assert {"hf/config.json", "hf/model.safetensors", "sft.json"} <= set(t.getnames())
+    with tarfile.open(out / "runs.tar") as t:
+        assert "sw/n1-vespo-s0/n1-vespo-s0.jsonl" in t.getnames()
