@@ -18,6 +18,7 @@ from vespo_megatron.experiments.sweep import (
     markdown_table,
     mean_ci95,
     ordered,
+    plot_settings,
     run_status,
     run_sweep,
     summarize,
@@ -146,6 +147,22 @@ def test_summarize_table_and_plots(tmp_path):
     names = {p.name for p in written}
     assert {"table.md", "summary.json", "staleness.png", "async.png"} <= names
     assert all(p.stat().st_size > 0 for p in written)
+
+
+def test_plots_leave_out_settings_without_records(tmp_path):
+    """A slice of a sweep (N = 1 only, no async run yet): no empty N = 8 column, no async figure at all."""
+    pytest.importorskip("matplotlib")
+    cfg = SweepConfig(name="t", losses=("vespo",), staleness=(1, 8), seeds=(0, 1), steps=4, extras=("async",),
+                      async_losses=("vespo",))
+    for r in expand(cfg):
+        if r.setting == "n1" and r.seed == 0:
+            _write(r.jsonl(tmp_path), _records([0.3, 0.4, 0.5, 0.6]))
+    written = {p.name: p for p in plot_settings(cfg, tmp_path, tmp_path / "out")}
+    assert set(written) == {"staleness.png"}
+    import matplotlib.image as mpimg
+
+    height, width = mpimg.imread(written["staleness.png"]).shape[:2]
+    assert width < height  # one column (3.6 in + margin wide, 13 in tall); two would be wider than tall
 
 
 def test_testbed_preset_runs_and_priority_order():

@@ -484,20 +484,25 @@ def _is_staleness(setting: str) -> bool:
 def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
     """Paper-style figures: `staleness.png` (one column per N, rows reward / length / KL k3 / grad norm /
     entropy, one line per loss; the mean over seeds with the min-max band), and one figure per extra setting.
-    Needs matplotlib."""
+    A setting with no run record yet gets no column (a figure with none is not written); a column with fewer
+    records than runs says so in its title ("2/3 runs"). Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = expand(cfg)
-    figures = {"staleness": [s for s in dict.fromkeys(r.setting for r in runs) if _is_staleness(s)]}
-    for setting in dict.fromkeys(r.setting for r in runs if not _is_staleness(r.setting)):
+    # Partial sweeps (a budget cut, a slice per device call) leave settings without records: no empty columns.
+    recorded = {r.name for r in runs if r.jsonl(runs_dir).is_file()}
+    with_data = [s for s in dict.fromkeys(r.setting for r in runs)
+                 if any(r.name in recorded for r in runs if r.setting == s)]
+    figures = {"staleness": [s for s in with_data if _is_staleness(s)]}
+    for setting in (s for s in with_data if not _is_staleness(s)):
         figures.setdefault(setting.split("_")[0], []).append(setting)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for fig_name, settings in figures.items():
+    for fig_name, settings in ((k, v) for k, v in figures.items() if v):
         fig, axes = plt.subplots(len(_PLOT_ROWS), len(settings), figsize=(3.6 * len(settings) + 1.2, 13),
                                  squeeze=False, sharex=True)
         for col, setting in enumerate(settings):
@@ -525,7 +530,10 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
                     ax.set_yscale("log")
                 ax.grid(True, alpha=0.3)
                 if row == 0:
-                    ax.set_title(setting.replace("n", "N = ", 1) if _is_staleness(setting) else setting)
+                    title = setting.replace("n", "N = ", 1) if _is_staleness(setting) else setting
+                    of_setting = [r for r in runs if r.setting == setting]
+                    done = sum(r.name in recorded for r in of_setting)
+                    ax.set_title(title if done == len(of_setting) else f"{title} ({done}/{len(of_setting)} runs)")
                 if col == 0:
                     ax.set_ylabel(title)
                 if row == len(_PLOT_ROWS) - 1:
