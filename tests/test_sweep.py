@@ -149,7 +149,7 @@ def test_summarize_table_and_plots(tmp_path):
     assert all(p.stat().st_size > 0 for p in written)
 
 
-def test_plots_leave_out_settings_without_records(tmp_path):
+def test_plots_leave_out_settings_without_records(tmp_path, monkeypatch):
     """A slice of a sweep (N = 1 only, no async run yet): no empty N = 8 column, no async figure at all."""
     pytest.importorskip("matplotlib")
     cfg = SweepConfig(name="t", losses=("vespo",), staleness=(1, 8), seeds=(0, 1), steps=4, extras=("async",),
@@ -157,8 +157,16 @@ def test_plots_leave_out_settings_without_records(tmp_path):
     for r in expand(cfg):
         if r.setting == "n1" and r.seed == 0:
             _write(r.jsonl(tmp_path), _records([0.3, 0.4, 0.5, 0.6]))
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
     written = {p.name: p for p in plot_settings(cfg, tmp_path, tmp_path / "out")}
     assert set(written) == {"staleness.png"}
+    (fig,) = figures
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()][0] == "reward"  # rows keep their names
+    assert fig.axes[0].get_title() == "N = 1 (1/2 runs)"
     import matplotlib.image as mpimg
 
     height, width = mpimg.imread(written["staleness.png"]).shape[:2]

@@ -530,10 +530,10 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
                     ax.set_yscale("log")
                 ax.grid(True, alpha=0.3)
                 if row == 0:
-                    title = setting.replace("n", "N = ", 1) if _is_staleness(setting) else setting
+                    heading = setting.replace("n", "N = ", 1) if _is_staleness(setting) else setting
                     of_setting = [r for r in runs if r.setting == setting]
                     done = sum(r.name in recorded for r in of_setting)
-                    ax.set_title(title if done == len(of_setting) else f"{title} ({done}/{len(of_setting)} runs)")
+                    ax.set_title(heading if done == len(of_setting) else f"{heading} ({done}/{len(of_setting)} runs)")
                 if col == 0:
                     ax.set_ylabel(title)
                 if row == len(_PLOT_ROWS) - 1:
