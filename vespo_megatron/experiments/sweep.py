@@ -569,6 +569,13 @@ def write_report(cfg: SweepConfig, runs_dir: str | os.PathLike, results_dir: str
             f"{spikes.window}, summed over seeds. Values: mean ± 95 % CI half-width over seeds (Student t; one "
             "seed: the value).\n\n"
             + markdown_table(summaries))
+    from .paired import DEFAULT_REFERENCE, paired_table  # paired.py imports this module
+
+    paired = paired_table(summaries)
+    if paired:
+        text += (f"\nPaired by seed: each loss minus {DEFAULT_REFERENCE} at the same seed (the two share their "
+                 "rollout sampling seeds), mean ± 95 % CI over the seeds where both finished "
+                 "(`experiments/paired.py`).\n\n" + paired)
     table = out / "table.md"
     table.write_text(text, encoding="utf-8")
     summary = out / "summary.json"
