@@ -9,9 +9,11 @@
 #   bash examples/compare_losses.sh [extra flags for every run, e.g. --steps 30]
 #
 # --preset gpu (one GPU, the issue-17 testbed; docs/testbed.md): the SFT base (cached in $OUT/sft; <= 5 min on
-# an H200), then the `headline` sweep preset, all 8 runs at once: vespo, grpo+tis, gspo, sapo at N = 1 and 16,
-# 100 steps of 32 x 8 rollouts on scratchpad addition. Table and figures in $OUT/results. Run it again after an
-# interruption: finished runs are skipped, the others resume from their checkpoints.
+# an H200), then the `headline` sweep preset, 16 runs at a time ($JOBS): vespo, grpo+tis, gspo, sapo at N = 1 and
+# 16, 3 seeds, 100 steps of 32 x 8 rollouts on scratchpad addition; ~15 minutes on one H200 (estimated from
+# round 8's timings, docs/results/testbed/README.md). Table (with each loss
+# minus grpo+tis paired by seed) and figures in $OUT/results. Run it again after an interruption: finished runs
+# are skipped, the others resume from their checkpoints.
 #   bash examples/compare_losses.sh --preset gpu [sweep flags, e.g. --only 'n16-*']
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,7 +28,7 @@ if [[ "${1:-}" == "--preset" ]]; then
   OUT=${OUT:-runs/compare_gpu}
   "$PYTHON" examples/testbed_sft.py --out-dir "$OUT/sft"
   "$PYTHON" examples/sweep.py --preset headline --init-checkpoint "$OUT/sft/hf" --runs-dir "$OUT/runs" \
-    --results-dir "$OUT/results" --jobs "${JOBS:-8}" "$@"
+    --results-dir "$OUT/results" --jobs "${JOBS:-16}" "$@"
   exit 0
 fi
 

@@ -114,10 +114,12 @@ PRESETS = {
     # training/cli.py's TESTBED_LR for every loss.
     "lr_sweep": dict(name="lr_sweep", **_TESTBED, losses=("grpo",), staleness=(1,), seeds=(0, 1),
                      lrs=(1e-6, 3e-6, 1e-5)),
-    # `examples/compare_losses.sh --preset gpu`: the headline on one GPU, all runs at once (8 runs, 1 seed):
-    # vespo, grpo+tis, gspo, sapo at N = 1 and 16 on the testbed.
+    # `examples/compare_losses.sh --preset gpu`: the headline on one GPU: vespo, grpo+tis, gspo, sapo at N = 1 and
+    # 16 on the testbed, 3 seeds (24 runs), so that the report has CIs and the differences paired by seed. On one
+    # H200 16 such runs at once took ~250 s (N = 1) to ~360 s (N = 16) in round 8: ~15 minutes with the SFT base
+    # (an estimate, not yet timed as one command).
     "headline": dict(name="headline", **_TESTBED, losses=("vespo", "grpo+tis", "gspo", "sapo"), staleness=(1, 16),
-                     seeds=(0,)),
+                     seeds=TESTBED_SEEDS),
     # CI: the testbed's path end to end at toy size (2 runs x 2 steps, eval every step, a tiny model from
     # scratch; `--init-checkpoint DIR` starts them from a tiny SFT base instead).
     "cpu_smoke": dict(name="cpu_smoke", losses=("vespo", "grpo+tis"), staleness=(1,), seeds=(0,), steps=2,
