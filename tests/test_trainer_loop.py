@@ -62,6 +62,23 @@ def test_single_process_async_and_mismatch(tmp_path):
         assert values["staleness/lag_1_plus" if step else "staleness/lag_0"] == 16  # every sample of the step
 
 
+def test_old_logprob_pass_in_larger_micro_batches_changes_nothing(tmp_path):
+    """--logprob-micro-batch-size 16: the recompute pass runs on one pack of 16 samples instead of four of 4;
+    mu, and so every metric of the step, is the same as with the update's micro-batches (bf16 engine, so the
+    trainer-vs-engine metrics are not trivially 0; N = 2 updates, so mu enters the ratio)."""
+    base = [*TINY, "--steps", "2", "--rollout-precision", "bf16", "--rollout-correction", "tis"]
+    runs = [("per_update", base), ("one_pack", [*base, "--logprob-micro-batch-size", "16"])]
+    results = run_distributed(_train, 1, runs, str(tmp_path))
+    a, b = _log_rank_history(results, "per_update"), _log_rank_history(results, "one_pack")
+    assert len(a) == len(b) == 2
+    for va, vb in zip(a, b, strict=True):
+        assert va["reward/mean"] == vb["reward/mean"]  # same rollouts
+        for key in ("loss", "grad_norm_mean", "mismatch/kl_k3", "mismatch/log_ratio_abs_mean",
+                    "mismatch/seq_log_ratio_abs_max", "ratio/log_ratio_abs_mean"):
+            assert va[key] == pytest.approx(vb[key], rel=1e-5, abs=1e-7), key
+        assert va["mismatch/log_ratio_abs_mean"] > 0
+
+
 @pytest.mark.parametrize("layouts", [[("dp2", []), ("ep2", ["--ep", "2"]), ("tp2_sp", ["--tp", "2", "--sp"])],
                                      [("cp2", ["--cp", "2"]), ("pp2", ["--pp", "2"])]])
 def test_two_rank_layouts_train(tmp_path, layouts):

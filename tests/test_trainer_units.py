@@ -100,6 +100,13 @@ def test_bad_generations_are_rejected_and_counted():
     (dict(run=RunConfig(sft_micro_batch_size=5), rollout=RolloutConfig(prompts_per_step=16, group_size=4),
           algorithm=AlgorithmConfig(micro_batch_size=4)),
      r"RunConfig.sft_micro_batch_size: expected a divisor of the 32 samples per DP rank and warm-start step, got 5"),
+    (dict(algorithm=AlgorithmConfig(micro_batch_size=4, logprob_micro_batch_size=24),
+          rollout=RolloutConfig(prompts_per_step=16, group_size=4)),
+     r"AlgorithmConfig.logprob_micro_batch_size: expected a divisor of the 32 samples per DP rank and step, got 24"),
+    (dict(algorithm=AlgorithmConfig(micro_batch_size=4, logprob_micro_batch_size=16), parallel=ParallelConfig(cp=2),
+          rollout=RolloutConfig(prompts_per_step=16, group_size=4)),
+     r"AlgorithmConfig.logprob_micro_batch_size: expected None \(the update's micro-batch\) under context "
+     r"parallelism \(cp = 2\), got 16"),
     (dict(parallel=ParallelConfig(pp=2), model=TinyMoEConfig(num_layers=3)),
      r"TinyMoEConfig.num_layers: expected a multiple of pp x vpp = 2 \(even pipeline stages\), got 3"),
 ])
@@ -114,6 +121,8 @@ def test_bad_config_fails_at_start(change, match):
 def test_config_field_errors():
     with pytest.raises(ValueError, match=r"RolloutConfig.group_size: expected an int >= 2"):
         RolloutConfig(group_size=1)
+    with pytest.raises(ValueError, match=r"AlgorithmConfig.logprob_micro_batch_size: expected an int >= 1, got 0"):
+        AlgorithmConfig(logprob_micro_batch_size=0)
     with pytest.raises(ValueError, match=r"AlgorithmConfig.staleness: expected an int in \[1, 64\], got 65"):
         AlgorithmConfig(staleness=65)
     with pytest.raises(ValueError, match=r"AlgorithmConfig.loss: expected one of \[.*'vespo'.*\] or an import path"):

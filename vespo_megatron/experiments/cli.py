@@ -80,9 +80,12 @@ TESTBED_PRIORITY = (*(f"n{n}-{_name(loss)}-s{seed}" for seed in TESTBED_SEEDS fo
 # 32 x 8, 7 runs sharing one H200 make ~95 steps in 322 s (docs/results/testbed/README.md), so a device call
 # of < 10 minutes can finish its runs; at 64 x 8 it could not. Micro-batches of up to 128 samples: the testbed's
 # steps are bound by the host (kernel launches per micro-batch), not by the GPU, so fewer, larger micro-batches
-# are faster; the loss is normalised over the whole mini-batch upstream, so the split does not change it.
+# are faster; the loss is normalised over the whole mini-batch upstream, so the split does not change it. The
+# forward-only old-log-prob pass stays at 128 samples a micro-batch when N shrinks the update's (N = 64: 2 packs,
+# not 64); added after round 8, whose N = 16 runs made that pass in the update's micro-batches.
 _TESTBED = dict(prompts_per_step=32, group_size=8, max_micro_batch_size=128, steps=100, checkpoint_every=10,
-                threads=1, init_checkpoint=TESTBED_CHECKPOINT, base_flags=("--base", "testbed"))
+                threads=1, init_checkpoint=TESTBED_CHECKPOINT,
+                base_flags=("--base", "testbed", "--logprob-micro-batch-size", "128"))
 
 PRESETS = {
     # 20 runs of 30 steps (~55 s each on one shared core): five losses at N = 1 and 16, two async pairs (mu

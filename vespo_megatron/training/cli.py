@@ -93,6 +93,8 @@ HELPS = {
     "run.sft_warmup_steps": "SFT lr: linear warmup over this many steps",
     "run.sft_lr_decay": "SFT lr after the warmup: constant, or cosine down to 10%% of --sft-lr at --sft-decay-steps",
     "run.sft_decay_steps": "where the SFT cosine ends (default: --sft-steps; examples/testbed_sft.py: its --max-steps)",
+    "algorithm.logprob_micro_batch_size": "samples per micro-batch of the forward-only old-log-prob pass "
+                                          "(--old-logprobs recompute; default: --micro-batch-size; needs --cp 1)",
     "rollout.embedded.lag": "rollouts by weights this many syncs old (asynchronous RL)",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
     "algorithm.routing_replay": "r3: replay the engine's routing; r2: the trainer's own recorded routing",
@@ -123,7 +125,8 @@ def testbed_config() -> TrainerConfig:
     """The issue-17 testbed: scratchpad addition, a 4-layer MoE of hidden 256 with 8 experts top-2, 64 prompts x
     8 samples per rollout batch (the SFT batch: 512 traces; the sweep presets use 32 x 8), Adam at TESTBED_LR with
     grad clip 1.0, 100 steps, held-out pass@1 every 10 steps, micro-batches of 128 samples (the steps are host-bound:
-    fewer micro-batches, fewer launches). RL starts from the SFT base of
+    fewer micro-batches, fewer launches; the sweep presets keep the old-log-prob pass at 128 when N shrinks the
+    update's micro-batch). RL starts from the SFT base of
     examples/testbed_sft.py (`--hf-checkpoint <its out dir>/hf --sft-steps 0`), so sft_steps is 0 here; sft_lr is
     that script's.
 

@@ -72,6 +72,12 @@ class AlgorithmConfig:
     advantage: str = "grpo"
     staleness: int = 2
     micro_batch_size: int = 32  # samples per micro-batch on one DP rank
+    # Samples per micro-batch of the forward-only pass that recomputes the old log-probs (verl's
+    # log_prob_micro_batch_size): it stores no activations, so it can take far more than an update's
+    # micro-batch, and at large N (micro-batches of a few samples) it is otherwise N times the launches.
+    # None: micro_batch_size. Context parallelism must be 1 (a pack's last sequence takes the pack's padding,
+    # which moves its CP split; the values are mapped back to the update's micro-batches token by token).
+    logprob_micro_batch_size: int | None = None
     lr: float = 3e-4
     weight_decay: float = 0.0
     clip_grad: float = 1.0
@@ -90,6 +96,8 @@ class AlgorithmConfig:
         resolve_advantage(self.advantage)
         check_int(c, "staleness", self.staleness, low=1, high=64)
         check_int(c, "micro_batch_size", self.micro_batch_size, low=1)
+        if self.logprob_micro_batch_size is not None:
+            check_int(c, "logprob_micro_batch_size", self.logprob_micro_batch_size, low=1)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(c, "lr", "a finite float > 0", self.lr)
         if not self.clip_grad >= 0:
@@ -251,6 +259,14 @@ class TrainerConfig:
         if mini % a.micro_batch_size != 0:
             raise ConfigError("AlgorithmConfig", "micro_batch_size",
                               f"a divisor of the {mini} samples per DP rank of a mini-batch", a.micro_batch_size)
+        if a.logprob_micro_batch_size is not None:
+            if per_rank % a.logprob_micro_batch_size != 0:
+                raise ConfigError("AlgorithmConfig", "logprob_micro_batch_size",
+                                  f"a divisor of the {per_rank} samples per DP rank and step", a.logprob_micro_batch_size)
+            if p.cp > 1:
+                raise ConfigError("AlgorithmConfig", "logprob_micro_batch_size",
+                                  f"None (the update's micro-batch) under context parallelism (cp = {p.cp})",
+                                  a.logprob_micro_batch_size)
         sft_mb = self.run.sft_micro_batch_size or a.micro_batch_size
         if self.run.sft_steps and per_rank % sft_mb != 0:
             raise ConfigError("RunConfig", "sft_micro_batch_size",

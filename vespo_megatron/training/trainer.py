@@ -134,22 +134,31 @@ class Trainer:
         routing = self.replay.end_pass() if self.replay is not None and kind is not None else {}
         return outs, routing
 
-    def _recompute_old_logprobs(self, micro_batches: list[RLMicroBatch]):
-        """The trainer's log-probs at the rollout weights become mu; the engine's stay as rollout log-probs."""
+    def _recompute_old_logprobs(self, micro_batches: list[RLMicroBatch], samples, filler):
+        """The trainer's log-probs at the rollout weights become mu; the engine's stay as rollout log-probs.
+        With algorithm.logprob_micro_batch_size the pass runs on packs of that many samples and its values go
+        back to the update's micro-batches (`_scatter_logp`)."""
+        lp_size = self.cfg.algorithm.logprob_micro_batch_size
+        passes = micro_batches
+        if lp_size is not None and lp_size != self.cfg.algorithm.micro_batch_size:
+            per_rank = self.cfg.rollout.samples_per_step // self.groups.dp_size
+            passes = self.batcher.split(samples, per_rank // lp_size, filler, seq_len=lp_size * self.batcher.longest)
         self.model.eval()
         with torch.no_grad():
-            outs, routing = self.schedule(self.step_fn.logprob_forward_step(), micro_batches, forward_only=True,
+            outs, routing = self.schedule(self.step_fn.logprob_forward_step(), passes, forward_only=True,
                                           kind="old_logp")
         self.model.train()
         routing = {k.replace("routing/", "routing_old_logp/", 1): v for k, v in routing.items()}
         if not self.groups.is_last_stage:
             return micro_batches, {}, routing
-        new, metrics = [], []
-        for mb, out in zip(micro_batches, outs, strict=True):
-            logp = out["logp"].float().cpu()
-            metrics.append(self._mismatch(mb, logp))
-            new.append(dataclasses.replace(mb, old_logp=torch.where(mb.loss_mask, logp, mb.old_logp)))
-        return new, merge_metrics(metrics), routing
+        logps = [out["logp"].float().cpu() for out in outs]
+        metrics = merge_metrics([self._mismatch(mb, logp) for mb, logp in zip(passes, logps, strict=True)])
+        if passes is micro_batches:
+            new = [dataclasses.replace(mb, old_logp=torch.where(mb.loss_mask, logp, mb.old_logp))
+                   for mb, logp in zip(micro_batches, logps, strict=True)]
+        else:
+            new = _scatter_logp(passes, logps, micro_batches)
+        return new, metrics, routing
 
     def _mismatch(self, mb: RLMicroBatch, train_logp: torch.Tensor) -> dict:
         """Trainer vs rollout-engine log-probs on the loss's tokens; the [B] sequence sums are completed over
@@ -206,7 +215,8 @@ class Trainer:
         micro = self.batcher.split(samples, num_micro, self.batcher.filler(requests[0].prompt_ids))
         metrics, routing = {}, {}
         if cfg.rollout.old_logprobs == "recompute":
-            micro, metrics, routing = self._recompute_old_logprobs(micro)
+            micro, metrics, routing = self._recompute_old_logprobs(micro, samples,
+                                                                   self.batcher.filler(requests[0].prompt_ids))
         per_mini = num_micro // cfg.algorithm.staleness
         updates = [self._update(micro[k * per_mini:(k + 1) * per_mini], start=k * per_mini)
                    for k in range(cfg.algorithm.staleness)]
@@ -293,3 +303,20 @@ class Trainer:
                                 extra={"engine": self.engine.state()}, rank=self.rank, world_size=self.world_size,
                                 keep=self.cfg.run.keep_checkpoints)
         return history
+
+
+def _scatter_logp(passes: list[RLMicroBatch], logps: list[torch.Tensor], micro_batches: list[RLMicroBatch]):
+    """The log-probs of the loss tokens of `passes` (packs of the same samples in the same order, without
+    context parallelism) as the old log-probs of `micro_batches`: in both, a pack's loss tokens are its samples'
+    response tokens, sample by sample, so the two flattened sequences are the same tokens."""
+    values = torch.cat([logp[mb.loss_mask] for mb, logp in zip(passes, logps, strict=True)])
+    counts = [int(mb.loss_mask.sum()) for mb in micro_batches]
+    if sum(counts) != values.numel():
+        raise RuntimeError(f"old log-prob pass: {values.numel()} loss tokens in the pass's packs, {sum(counts)} in "
+                           "the update's micro-batches (the two packings must hold the same samples)")
+    out = []
+    for mb, part in zip(micro_batches, torch.split(values, counts), strict=True):
+        old = mb.old_logp.clone()
+        old[mb.loss_mask] = part
+        out.append(dataclasses.replace(mb, old_logp=old))
+    return out
