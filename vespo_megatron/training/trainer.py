@@ -212,11 +212,11 @@ class Trainer:
             routing=(len(self.moe_layers), cfg.model.moe_router_topk) if r3 else None, advantages=self.advantages)
         t_rollout = time.time() - t0
         num_micro = cfg.rollout.samples_per_step // g.dp_size // cfg.algorithm.micro_batch_size
-        micro = self.batcher.split(samples, num_micro, self.batcher.filler(requests[0].prompt_ids))
+        filler = self.batcher.filler(requests[0].prompt_ids)
+        micro = self.batcher.split(samples, num_micro, filler)
         metrics, routing = {}, {}
         if cfg.rollout.old_logprobs == "recompute":
-            micro, metrics, routing = self._recompute_old_logprobs(micro, samples,
-                                                                   self.batcher.filler(requests[0].prompt_ids))
+            micro, metrics, routing = self._recompute_old_logprobs(micro, samples, filler)
         per_mini = num_micro // cfg.algorithm.staleness
         updates = [self._update(micro[k * per_mini:(k + 1) * per_mini], start=k * per_mini)
                    for k in range(cfg.algorithm.staleness)]
