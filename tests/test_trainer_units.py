@@ -150,8 +150,9 @@ def test_toy_task_is_deterministic_and_verifiable():
         ArithmeticTaskConfig(ops="/")
 
 
-def _seed_in_process(hash_seed: str, parts) -> int:
-    code = f"from vespo_megatron.training.samples import sampling_seed; print(sampling_seed(*{parts!r}))"
+def _tuple_hash_in_process(hash_seed: str, parts) -> int:
+    """hash(parts) % 2**63 in a fresh interpreter (no imports: seconds less than importing the package)."""
+    code = f"print(hash({parts!r}) % 2**63)"
     env = dict(os.environ, PYTHONHASHSEED=hash_seed)
     return int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                               timeout=120).stdout)
@@ -162,7 +163,9 @@ def test_sampling_seeds_are_the_same_in_every_process():
     different runs (round 8: up to 0.07 apart in pass@1). Now every seed is the same across processes, and the
     rollouts' seed is the one they always had."""
     parts = (3, EVAL_STREAM, 40, 1)
-    assert _seed_in_process("1", parts) == _seed_in_process("2", parts) == sampling_seed(*parts)
+    assert _tuple_hash_in_process("1", parts) == _tuple_hash_in_process("2", parts) == sampling_seed(*parts)
+    salted = (3, "eval", 40, 1)  # what the eval seed was: a str makes the hash differ between processes
+    assert _tuple_hash_in_process("1", salted) != _tuple_hash_in_process("2", salted)
     assert sampling_seed(3, 40, 1) == hash((3, 40, 1)) % (2**63)  # rollouts: unchanged
     assert sampling_seed(3, EVAL_STREAM, 40, 1) != sampling_seed(3, 40, 1)
     assert 0 <= sampling_seed(-5, 7) < 2**63
