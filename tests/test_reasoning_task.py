@@ -98,6 +98,10 @@ def test_eval_split_is_disjoint_fixed_and_balanced(task):
     other = ReasoningTask(ReasoningTaskConfig(seed=7))
     assert [p.text for p in other.eval_problems()] == [p.text for p in evals]
     assert [p.text for p in other.problems(0, 8)] != [p.text for p in task.problems(0, 8)]
+    # a larger held-out set starts with the smaller one (a larger final eval keeps the runs' curves comparable)
+    larger = ReasoningTask(ReasoningTaskConfig(eval_count=4 * task.cfg.eval_count)).eval_problems()
+    assert [p.text for p in larger[: len(evals)]] == [p.text for p in evals]
+    assert len({p.text for p in larger}) == len(larger)
 
 
 def test_determinism(task):
