@@ -153,12 +153,7 @@ class Trainer:
             return micro_batches, {}, routing
         logps = [out["logp"].float().cpu() for out in outs]
         metrics = merge_metrics([self._mismatch(mb, logp) for mb, logp in zip(passes, logps, strict=True)])
-        if passes is micro_batches:
-            new = [dataclasses.replace(mb, old_logp=torch.where(mb.loss_mask, logp, mb.old_logp))
-                   for mb, logp in zip(micro_batches, logps, strict=True)]
-        else:
-            new = _scatter_logp(passes, logps, micro_batches)
-        return new, metrics, routing
+        return _scatter_logp(passes, logps, micro_batches), metrics, routing
 
     def _mismatch(self, mb: RLMicroBatch, train_logp: torch.Tensor) -> dict:
         """Trainer vs rollout-engine log-probs on the loss's tokens; the [B] sequence sums are completed over
@@ -306,9 +301,10 @@ class Trainer:
 
 
 def _scatter_logp(passes: list[RLMicroBatch], logps: list[torch.Tensor], micro_batches: list[RLMicroBatch]):
-    """The log-probs of the loss tokens of `passes` (packs of the same samples in the same order, without
-    context parallelism) as the old log-probs of `micro_batches`: in both, a pack's loss tokens are its samples'
-    response tokens, sample by sample, so the two flattened sequences are the same tokens."""
+    """The log-probs of the loss tokens of `passes` as the old log-probs of `micro_batches`. Either the two are
+    the same packs, or packs of the same samples in the same order without context parallelism: in both, a
+    pack's loss tokens are its samples' response tokens, sample by sample, so the two flattened sequences are
+    the same tokens."""
     values = torch.cat([logp[mb.loss_mask] for mb, logp in zip(passes, logps, strict=True)])
     counts = [int(mb.loss_mask.sum()) for mb in micro_batches]
     if sum(counts) != values.numel():
