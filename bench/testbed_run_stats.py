@@ -1,7 +1,7 @@
 """Per-run numbers of a testbed sweep that its table does not show, from the run records (`<runs-dir>/<run>/
 <run>.jsonl`): median step and rollout seconds, wall seconds, steps; how far the data went off-policy (mean and max
 token log-ratio, VESPO's sequence log-weight range and smallest phi); and, at N = 1, whether losses of one seed made
-the same run (the first step where their rewards differ). Not a test: it prints a table.
+the same run (the first step where their rewards differ, the largest difference of their grad norms). Not a test: it prints a table.
 
     mkdir -p runs/sweeps && tar xzf docs/results/testbed/round8/runs.tar.gz -C runs/sweeps
     python bench/testbed_run_stats.py runs/sweeps/testbed            # every run
@@ -55,8 +55,10 @@ def same_run_pairs(runs: dict[str, list[dict]]) -> list[str]:
         for other in names[1:]:
             diff = next((a["step"] for a, b in zip(ref, runs[other], strict=False)
                          if a["reward/mean"] != b["reward/mean"]), None)
+            gap = max(abs(a["grad_norm_mean"] - b["grad_norm_mean"]) for a, b in zip(ref, runs[other], strict=False))
             lines.append(f"{seed}: {names[0]} vs {other}: " + ("same reward at every step" if diff is None
-                                                                 else f"rewards differ from step {diff}"))
+                                                                 else f"rewards differ from step {diff}")
+                         + f"; largest grad-norm difference {gap:.2g}")
     return lines
 
 
