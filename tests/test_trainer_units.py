@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import subprocess
 import sys
 import types
@@ -17,7 +18,7 @@ from vespo_megatron.megatron.model import TinyMoEConfig
 from vespo_megatron.megatron.parallel_setup import ParallelConfig
 from vespo_megatron.rollout.engine import Generation
 from vespo_megatron.training.advantages import ADVANTAGE_ESTIMATORS, grpo_advantages, resolve_advantage
-from vespo_megatron.training.config import AlgorithmConfig, RolloutConfig, RunConfig, TrainerConfig
+from vespo_megatron.training.config import AlgorithmConfig, EvalConfig, RolloutConfig, RunConfig, TrainerConfig
 from vespo_megatron.training.samples import EVAL_STREAM, Rejections, build_samples, sampling_seed
 from vespo_megatron.training.toy_task import ArithmeticTask, ArithmeticTaskConfig, CharTokenizer
 
@@ -196,3 +197,54 @@ def test_evaluation_seeds_its_generations_by_run_seed_step_and_rank():
     evaluate(fake, 20)
     evaluate(fake, 30)
     assert seen == [sampling_seed(7, EVAL_STREAM, 20, 0)] * 2 + [sampling_seed(7, EVAL_STREAM, 30, 0)]
+
+
+def test_eval_schedule_and_the_final_evaluations_sample_count():
+    plain = EvalConfig(every=10, k=4)
+    assert [s for s in range(100) if plain.k_at(s, 100) is not None] == list(range(9, 100, 10))
+    assert {plain.k_at(s, 100) for s in range(9, 100, 10)} == {4}
+    final = EvalConfig(every=10, k=4, final_k=16)
+    assert [final.k_at(s, 100) for s in (8, 9, 89, 98, 99)] == [None, 4, 4, None, 16]
+    # off the grid, the last step is still evaluated (the number a comparison reads), with final_k
+    assert [s for s in range(25) if final.k_at(s, 25) is not None] == [9, 19, 24] and final.k_at(24, 25) == 16
+    assert [s for s in range(25) if plain.k_at(s, 25) is not None] == [9, 19]
+    assert EvalConfig(every=0, final_k=16).k_at(99, 100) is None  # evaluation off: no final one either
+    with pytest.raises(ValueError, match="final_k"):
+        EvalConfig(every=10, final_k=0)
+
+
+def test_evaluation_with_k_samples_per_prompt_against_a_loop():
+    """evaluate(k=...) draws k samples per prompt and scores pass@1 / pass@k per prompt (checked against plain
+    Python over the generated answers), whatever EvalConfig.k says."""
+    from vespo_megatron.training.evaluation import evaluate
+    from vespo_megatron.training.trainer import Trainer
+
+    task = ArithmeticTask(ArithmeticTaskConfig(max_operand=9))
+    rng = random.Random(0)
+    made = []
+
+    class Engine:
+        def generate(self, requests, seed):
+            outs = []
+            for r in requests:
+                digit = task.tok.encode(str(rng.randrange(10)))
+                made.append((r, tuple(digit)))
+                outs.append(Generation(sample_id=r.sample_id, prompt_ids=r.prompt_ids, output_ids=(*digit, task.tok.EOS),
+                                       output_logprobs=(0.0,) * (len(digit) + 1), weight_version=0, finish_reason="stop"))
+            return outs
+
+    cfg = TrainerConfig(task=ArithmeticTaskConfig(max_operand=9), eval=EvalConfig(every=1, k=2, max_problems=6))
+    fake = types.SimpleNamespace(cfg=cfg, groups=types.SimpleNamespace(dp_size=1, dp_rank=0, dp=None), task=task,
+                                 engine=Engine())
+    problems = task.eval_problems()[:6]
+    fake.rewards = lambda probs, outs: [float(task.tok.decode([t for t in o if t != task.tok.EOS]) == str(p.answer))
+                                        for p, o in zip(probs, outs)]
+    fake.requests = types.MethodType(Trainer.requests, fake)
+    out = evaluate(fake, 3, k=5)
+    assert len(made) == 6 * 5 and out["eval/k"] == 5 and out["eval/num_problems"] == 6
+    right = [[float(task.tok.decode(list(d)) == str(problems[i].answer)) for _, d in made[5 * i:5 * i + 5]]
+             for i in range(6)]
+    assert out["eval/pass@1"] == pytest.approx(sum(sum(r) / 5 for r in right) / 6)
+    assert out["eval/pass@5"] == pytest.approx(sum(max(r) for r in right) / 6)
+    assert "eval/pass@2" not in out
+    assert evaluate(fake, 4)["eval/k"] == 2  # default: EvalConfig.k

@@ -82,10 +82,12 @@ TESTBED_PRIORITY = (*(f"n{n}-{_name(loss)}-s{seed}" for seed in TESTBED_SEEDS fo
 # steps are bound by the host (kernel launches per micro-batch), not by the GPU, so fewer, larger micro-batches
 # are faster; the loss is normalised over the whole mini-batch upstream, so the split does not change it. The
 # forward-only old-log-prob pass stays at 128 samples a micro-batch when N shrinks the update's (N = 64: 2 packs,
-# not 64); added after round 8, whose N = 16 runs made that pass in the update's micro-batches.
+# not 64); added after round 8, whose N = 16 runs made that pass in the update's micro-batches. The evaluation
+# after the last step draws 16 samples per held-out prompt instead of 4 (--eval-final-k; after round 8): the
+# final eval pass@1 a comparison reads then has half the sampling noise.
 _TESTBED = dict(prompts_per_step=32, group_size=8, max_micro_batch_size=128, steps=100, checkpoint_every=10,
                 threads=1, init_checkpoint=TESTBED_CHECKPOINT,
-                base_flags=("--base", "testbed", "--logprob-micro-batch-size", "128"))
+                base_flags=("--base", "testbed", "--logprob-micro-batch-size", "128", "--eval-final-k", "16"))
 
 PRESETS = {
     # 20 runs of 30 steps (~55 s each on one shared core): five losses at N = 1 and 16, two async pairs (mu

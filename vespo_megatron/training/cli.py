@@ -71,6 +71,7 @@ FLAGS = {
     "eval.k": "--eval-k",
     "eval.temperature": "--eval-temperature",
     "eval.max_problems": "--eval-max-problems",
+    "eval.final_k": "--eval-final-k",
 }
 for _name in ("url", "timeout_s", "max_retries", "backoff_s", "max_backoff_s", "max_concurrency", "update_timeout_s",
               "wait_for_server_s"):
@@ -98,6 +99,8 @@ HELPS = {
     "rollout.embedded.lag": "rollouts by weights this many syncs old (asynchronous RL)",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
     "algorithm.routing_replay": "r3: replay the engine's routing; r2: the trainer's own recorded routing",
+    "eval.final_k": "samples per held-out prompt of the evaluation after the last step (default: --eval-k); "
+                    "that evaluation runs even off the --eval-every grid",
     "hf.load": "start from this HF checkpoint dir; the model flags come from its config.json "
                "(model flags given explicitly must match it)",
     "task.data.path": "a JSONL or Parquet file of prompts with reference answers (selects --task math)",

@@ -209,13 +209,18 @@ class HFCheckpointConfig:
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """Held-out evaluation every `every` steps (0: never): k samples per held-out prompt at `temperature`;
-    logs eval/pass@1 (the unbiased estimate from the k samples), eval/mean@k, eval/pass@k. max_problems caps
-    the held-out prompts used (None: all; the count used is logged as eval/num_problems)."""
+    logs eval/pass@1 (the unbiased estimate from the k samples), eval/mean@k, eval/pass@k and eval/k.
+    max_problems caps the held-out prompts used (None: all; the count used is logged as eval/num_problems).
+    final_k: the evaluation after the run's last step draws this many samples per prompt instead of k (None:
+    k), and happens even when the last step is not a multiple of `every` (with every > 0): the number a
+    comparison reads is then the least noisy one (sampling noise of pass@1 falls as 1/sqrt(k)), at the cost
+    of one larger generation per run."""
 
     every: int = 0
     k: int = 4
     temperature: float = 1.0
     max_problems: int | None = None
+    final_k: int | None = None
 
     def __post_init__(self) -> None:
         c = "EvalConfig"
@@ -226,6 +231,16 @@ class EvalConfig:
             raise ConfigError(c, "temperature", "a float > 0", self.temperature)
         if self.max_problems is not None:
             check_int(c, "max_problems", self.max_problems, low=1)
+        if self.final_k is not None:
+            check_int(c, "final_k", self.final_k, low=1)
+
+    def k_at(self, step: int, steps: int) -> int | None:
+        """The samples per prompt of the evaluation after `step` (0-based) of a run of `steps`; None: none."""
+        if not self.every:
+            return None
+        if step + 1 == steps and self.final_k is not None:
+            return self.final_k
+        return self.k if (step + 1) % self.every == 0 else None
 
 
 @dataclass(frozen=True, kw_only=True)

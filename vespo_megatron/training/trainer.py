@@ -233,8 +233,8 @@ class Trainer:
             values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return values
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        return evaluate(self, step)
+    def evaluate(self, step: int, k: int | None = None) -> dict[str, float]:
+        return evaluate(self, step, k=k)
 
     def save_hf(self, step: int) -> str:
         """Write the policy as a Hugging Face checkpoint to <run_dir>/hf/step_<step> (collective)."""
@@ -283,9 +283,10 @@ class Trainer:
         history = []
         for step in range(start, self.cfg.run.steps):
             values = self.rl_step(step)
-            ev, hf = self.cfg.eval, self.cfg.hf
-            if ev.every and (step + 1) % ev.every == 0:
-                values.update(self.evaluate(step))
+            hf = self.cfg.hf
+            k = self.cfg.eval.k_at(step, self.cfg.run.steps)
+            if k is not None:
+                values.update(self.evaluate(step, k=k))
             if hf.save_every and (step + 1) % hf.save_every == 0 or hf.save_final and step + 1 == self.cfg.run.steps:
                 self.save_hf(step + 1)
             history.append(values)
