@@ -34,7 +34,9 @@ WHEELS=${WHEELS_DIR:-.gpuwhl}
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then  # the device has no megatron-core: the carried wheels
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" "$WHEELS"/*.whl || exit 1
 fi
-export PYTHONPATH=$W/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+# expandable segments: the caching allocator returns what a run freed, so ~15 runs of ~5 GiB peak share 140 GiB
+# (round 9: 20 N = 1-class runs at once ran out of GPU memory without it, each holding up to 11 GiB reserved)
+export PYTHONPATH=$W/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 [ -e vespo_megatron/patches ] || ln -s ../patches vespo_megatron/patches
 mkdir -p $W/logs $W/base
 nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS on"

@@ -9,6 +9,6 @@ from __future__ import annotations
 
 def apply_all() -> dict[str, bool]:
     """Apply every fix; returns {fix name: whether it changed anything}."""
-    from . import te_general_gemm
+    from . import te_general_gemm, thd_rope
 
-    return {"te_general_gemm": te_general_gemm.apply()}
+    return {"te_general_gemm": te_general_gemm.apply(), "thd_rope": thd_rope.apply()}

@@ -164,3 +164,31 @@ def test_fused_path_trains_like_the_reference(tmp_path):
     assert ref_nll[0] > ref_nll[-1] > 0  # it learns, so the comparison is not between two constants
     assert nll == pytest.approx(ref_nll, rel=1e-5)
     assert norm == pytest.approx(ref_norm, rel=1e-8)
+
+
+def test_thd_layout_is_computed_once_per_pack():
+    """Every layer of a micro-batch gets the same cached layout (one host read of the lengths per pack, not one
+    per layer); another pack, or a replaced cu_seqlens tensor, gets its own; the layout puts each real token at
+    (its sequence, its position) of the padded batch, checked against a loop."""
+    from vespo_megatron.compat import PackedSeqParams
+    from vespo_megatron.megatron.reference_attention import cached_thd_layout
+
+    def params(real, padded):
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor(real), cu_seqlens_kv=torch.tensor(real),
+                               cu_seqlens_q_padded=torch.tensor(padded), cu_seqlens_kv_padded=torch.tensor(padded),
+                               max_seqlen_q=8, max_seqlen_kv=8)
+
+    pack = params([0, 3, 5, 9], [0, 4, 6, 12])
+    first = cached_thd_layout(pack, torch.device("cpu"))
+    assert cached_thd_layout(pack, torch.device("cpu")) is first
+    src, dst = [], []
+    for i, (start_real, end_real, start) in enumerate([(0, 3, 0), (3, 5, 4), (5, 9, 6)]):
+        for j in range(end_real - start_real):
+            src.append(start + j)
+            dst.append(i * 4 + j)  # s_max = 4 real tokens
+    assert (first.num_tokens, first.num_seqs, first.max_len) == (12, 3, 4)
+    assert first.src.tolist() == src and first.dst.tolist() == dst
+    other = cached_thd_layout(params([0, 2, 4], [0, 2, 4]), torch.device("cpu"))
+    assert other is not first and other.num_tokens == 4
+    pack.cu_seqlens_q_padded = torch.tensor([0, 3, 5, 9])  # a new tensor: recomputed, not the stale layout
+    assert cached_thd_layout(pack, torch.device("cpu")).num_tokens == 9

@@ -49,6 +49,12 @@ def test_fields_that_may_differ_are_ignored_and_derived_ones_still_count():
     assert [p for p, _, _ in rd.config_differences(a, c, FLAGS)] == ["run.seed"]
     old = dict(a, run={k: v for k, v in a["run"].items() if k != "sft_lr"})  # a field the record lacks
     assert rd.config_differences(old, a, FLAGS) == [("run.sft_lr", rd._ABSENT, a["run"]["sft_lr"])]
+    # fields added after round 8 that do not change what is trained: a record without them resumes
+    round8 = dict(a, eval={k: v for k, v in a["eval"].items() if k != "final_k"},
+                  algorithm={k: v for k, v in a["algorithm"].items() if k != "logprob_micro_batch_size"})
+    later = rd.config_record(config_from_argv(["--eval-final-k", "16", "--logprob-micro-batch-size", "8",
+                                               "--micro-batch-size", "8"]))
+    assert rd.config_differences(round8, later, FLAGS) == [("algorithm.micro_batch_size", a["algorithm"]["micro_batch_size"], 8)]
 
 
 def test_check_run_config_records_refuses_and_allows(tmp_path):

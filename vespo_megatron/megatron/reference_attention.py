@@ -29,6 +29,7 @@ Shape legend:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -81,29 +82,62 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, sca
     return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
 
 
-def _thd_by_sequence(query: Tensor, key: Tensor, value: Tensor, cu_padded: Tensor, cu_real: Tensor,
-                     scale: float) -> Tensor:
-    """Block-diagonal causal attention over packed sequences without a [t, t] mask: each sequence's *real*
-    tokens (``cu_real`` lengths, starting at ``cu_padded``) are laid out as a right-padded batch
-    [n, np, s_max, hn] (right padding never reaches a valid query under the causal mask), attended with the
-    fused causal kernel and gathered back. Padding tokens get zeros, as transformer-engine's THD attention gives
-    them (a pack's last sequence can carry thousands of padding tokens; attending them would cost O(t^2)).
-    query/key/value [t, np, hn]; cu_padded / cu_real [n + 1] (cpu). Returns [t, np, hn]."""
-    lengths = (cu_real[1:] - cu_real[:-1]).tolist()
-    n, s_max, t = len(lengths), max(max(lengths), 1), query.size(0)
-    counts = torch.tensor(lengths)
+class ThdLayout(NamedTuple):
+    """Where each real token of a pack sits in the right-padded batch of its sequences (see `_thd_by_sequence`).
+    src / dst [t_real] (on the attention's device): packed index / index in the [n * s_max] padded rows."""
+
+    num_tokens: int  # t: packed tokens, padding included (cu_padded[-1])
+    num_seqs: int  # n
+    max_len: int  # s_max: the longest sequence's real tokens (>= 1)
+    src: Tensor
+    dst: Tensor
+
+
+def thd_layout(cu_padded: Tensor, cu_real: Tensor, device: torch.device) -> ThdLayout:
+    """The padded-batch layout of a pack from its cumulative lengths (cu_padded / cu_real [n + 1], cpu)."""
+    counts = cu_real[1:] - cu_real[:-1]
+    n, s_max = counts.numel(), max(int(counts.max()) if counts.numel() else 0, 1)
     seq = torch.repeat_interleave(torch.arange(n), counts)  # [t_real]
     offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(cu_real[:-1], counts)  # position in its sequence
-    src = (torch.repeat_interleave(cu_padded[:-1], counts) + offset).to(query.device)  # [t_real] packed index
-    dst = (seq * s_max + offset).to(query.device)  # [t_real] index in the padded batch
+    src = (torch.repeat_interleave(cu_padded[:-1], counts) + offset).to(device)  # [t_real] packed index
+    dst = (seq * s_max + offset).to(device)  # [t_real] index in the padded batch
+    return ThdLayout(int(cu_padded[-1]), n, s_max, src, dst)
+
+
+def cached_thd_layout(packed_seq_params: PackedSeqParams, device: torch.device) -> ThdLayout:
+    """`thd_layout` of a micro-batch's pack, computed once and kept on its `PackedSeqParams`: every layer's
+    attention (and the recompute of activation checkpointing) reuses it, so the pack's lengths are read back to
+    the host (a device sync) once per micro-batch instead of once per layer. Keyed by the identity of the
+    cu_seqlens tensors (a changed tensor is recomputed) and the device."""
+    cu_padded = packed_seq_params.cu_seqlens_q_padded
+    cu_real = packed_seq_params.cu_seqlens_q
+    key = (cu_padded, cu_real, device)
+    hit = getattr(packed_seq_params, "_vespo_thd_layout", None)
+    if hit is not None and all(a is b for a, b in zip(hit[0][:2], key[:2])) and hit[0][2] == device:
+        return hit[1]
+    padded = (cu_real if cu_padded is None else cu_padded).to("cpu", torch.long)
+    real = padded if cu_real is None else cu_real.to("cpu", torch.long)
+    layout = thd_layout(padded, real, device)
+    object.__setattr__(packed_seq_params, "_vespo_thd_layout", (key, layout))
+    return layout
+
+
+def _thd_by_sequence(query: Tensor, key: Tensor, value: Tensor, layout: ThdLayout, scale: float) -> Tensor:
+    """Block-diagonal causal attention over packed sequences without a [t, t] mask: each sequence's *real*
+    tokens are laid out as a right-padded batch [n, np, s_max, hn] (right padding never reaches a valid query
+    under the causal mask; `layout` says where each token goes), attended with the fused causal kernel and
+    gathered back. Padding tokens get zeros, as transformer-engine's THD attention gives them (a pack's last
+    sequence can carry thousands of padding tokens; attending them would cost O(t^2)).
+    query/key/value [t, np, hn]. Returns [t, np, hn]."""
+    n, s_max, t = layout.num_seqs, layout.max_len, query.size(0)
 
     def padded(x: Tensor) -> Tensor:
-        out = x.new_zeros(n * s_max, *x.shape[1:]).index_copy(0, dst, x.index_select(0, src))
+        out = x.new_zeros(n * s_max, *x.shape[1:]).index_copy(0, layout.dst, x.index_select(0, layout.src))
         return out.view(n, s_max, *x.shape[1:]).transpose(1, 2)  # [n, np, s_max, hn]
 
     out = F.scaled_dot_product_attention(padded(query), padded(key), padded(value), is_causal=True, scale=scale)
-    rows = out.transpose(1, 2).reshape(n * s_max, *query.shape[1:]).index_select(0, dst)
-    return query.new_zeros(t, *query.shape[1:]).index_copy(0, src, rows)
+    rows = out.transpose(1, 2).reshape(n * s_max, *query.shape[1:]).index_select(0, layout.dst)
+    return query.new_zeros(t, *query.shape[1:]).index_copy(0, layout.src, rows)
 
 
 def attention_probs_reference(
@@ -158,6 +192,11 @@ class ReferenceAttention(MegatronModule):
             return 1, 0
         return self.cp_group.size(), self.cp_group.rank()
 
+    def _repeat_kv(self, x: Tensor) -> Tensor:
+        """GQA: K/V heads (dim 2 of [s, b, ng, hn] / dim 1 of [t, ng, hn]) repeated to the query heads."""
+        rep = self.num_heads // self.num_groups
+        return x.repeat_interleave(rep, dim=-2) if rep > 1 else x
+
     def forward(
         self,
         query: torch.Tensor,
@@ -172,6 +211,16 @@ class ReferenceAttention(MegatronModule):
             raise ValueError("attention_bias: expected None for ReferenceAttention")
         cp_size, cp_rank = self._cp()
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        fused = query.is_cuda if FUSED_KERNELS is None else FUSED_KERNELS
+        if fused and thd and cp_size == 1 and attention_mask is None:
+            # the fused packed path: the pack's layout once per micro-batch (no sync per layer)
+            layout = cached_thd_layout(packed_seq_params, query.device)
+            if layout.num_tokens != query.size(0):
+                raise ValueError(f"query tokens: expected {layout.num_tokens} from cu_seqlens and cp=1, "
+                                 f"got {query.size(0)}")
+            key, value = self._repeat_kv(key), self._repeat_kv(value)
+            out = _thd_by_sequence(query, key, value, layout, self.softmax_scale)
+            return out.reshape(out.size(0), -1)  # [t, np*hn]
         if thd:
             # [t, np, hn] -> [1, t, np, hn] (sbhd with s=t, b=1) after index bookkeeping
             cu = packed_seq_params.cu_seqlens_q_padded
@@ -210,16 +259,7 @@ class ReferenceAttention(MegatronModule):
             k_index = torch.arange(key.size(0))
         else:
             k_index = q_index
-        rep = self.num_heads // self.num_groups
-        if rep > 1:
-            key = key.repeat_interleave(rep, dim=2)
-            value = value.repeat_interleave(rep, dim=2)
-        fused = query.is_cuda if FUSED_KERNELS is None else FUSED_KERNELS
-        if fused and thd and cp_size == 1 and attention_mask is None:
-            real = packed_seq_params.cu_seqlens_q
-            real = cu if real is None else real.to("cpu", torch.long)
-            out = _thd_by_sequence(query.squeeze(1), key.squeeze(1), value.squeeze(1), cu, real, self.softmax_scale)
-            return out.reshape(out.size(0), -1)  # [t, np*hn]
+        key, value = self._repeat_kv(key), self._repeat_kv(value)
         q_index, k_index = q_index.to(query.device), k_index.to(query.device)
         plain_causal = not thd and cp_size == 1 and attention_mask is None and key.size(0) == query.size(0)
         visible = None

@@ -30,12 +30,13 @@ CONFIG_FILE = "config.json"
 MAY_DIFFER = (
     "run.steps", "run.out_dir", "run.run_name", "run.allow_config_change", "run.checkpoint_every",
     "run.keep_checkpoints", "run.console", "run.wandb", "run.threads",
-    "eval.every", "hf.save_every", "hf.save_final", "hf.save_dtype",
+    "eval.every", "eval.final_k", "hf.save_every", "hf.save_final", "hf.save_dtype",
     "rollout.sglang.url", "rollout.sglang.*timeout*", "rollout.sglang.*retries*", "rollout.sglang.*backoff*",
     "rollout.sglang.*wait*", "rollout.sglang.max_concurrency", "rollout.sglang.weight_sync.master_address",
     "rollout.sglang.weight_sync.master_port", "rollout.sglang.weight_sync.*timeout*",
     "task.reward.workers", "task.reward.*timeout*", "perf.*",
     "model.batched_experts",  # how the experts are computed (same numbers up to rounding); absent from older runs
+    "algorithm.logprob_micro_batch_size",  # how the old-log-prob pass is packed (the same mu); absent from older runs
 )
 
 
