@@ -17,6 +17,10 @@
 #         python examples/sweep.py --preset testbed --report-only --results-dir docs/results/testbed/<slice>
 #   the next slice: python examples/sweep.py --preset testbed --status   (its last line is the --only list of the
 #   unfinished runs; the device starts without the finished ones, so pass it in SWEEP_ARGS)
+# A machine still warm from the previous call keeps $W: its runs (checkpoints included) are still there, so a
+# run cut by that call resumes from its newest checkpoint when it is in this call's --only list, and the device
+# report also lists that call's runs. Each run keeps one checkpoint (the sweep's --keep-checkpoints 1; round 9
+# filled the 64 GiB disk keeping all of them over two calls). The disk left is printed at the end.
 # On CPU at toy size (tests/test_testbed.py): WORK_DIR, PYTHON, and toy flags in SFT_FLAGS / SWEEP_ARGS; with no
 # wheels in WHEELS_DIR (default .gpuwhl/) the installed megatron-core is used; BASE_PIECES_DIR (default .gpubase/)
 # is where a carried base's pieces are looked for.
@@ -81,4 +85,4 @@ left=$(( BUDGET_S - $(el) )); echo "[$(el) s] sweep ($SWEEP_ARGS), $JOBS at once
 eval "set -- $SWEEP_ARGS"
 timeout "$left" $PY examples/sweep.py "$@" --init-checkpoint $W/base/hf --runs-dir $W/sw --jobs "$JOBS" \
   --results-dir $W/report > $W/logs/sweep.log 2>&1
-echo "[$(el) s] done"; sed -n '/^| setting/,$p' $W/report/table.md 2>/dev/null | cut -c1-220
+echo "[$(el) s] done; disk: $(df -h "$W" | tail -1)"; sed -n '/^| setting/,$p' $W/report/table.md 2>/dev/null | cut -c1-220

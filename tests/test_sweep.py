@@ -44,7 +44,7 @@ def _write(path, records):
 @pytest.mark.parametrize("field,value", [
     ("losses", ("vespo", "nope")), ("losses", ()), ("staleness", (0,)), ("staleness", (3,)), ("seeds", ()),
     ("extras", ("sync",)), ("steps", 0), ("base_flags", ("--loss", "grpo")), ("base_flags", ("--seed=3",)),
-    ("name", ""), ("async_lag", 0), ("async_old_logprobs", ("sglang",)), ("mismatch_fold", 1),
+    ("name", ""), ("async_lag", 0), ("keep_checkpoints", 0), ("base_flags", ("--keep-checkpoints", "3")), ("async_old_logprobs", ("sglang",)), ("mismatch_fold", 1),
 ])
 def test_config_rejects_bad_fields_by_name(field, value):
     with pytest.raises(ValueError, match=f"SweepConfig.{field}"):
@@ -98,6 +98,7 @@ def test_run_sweep_skips_done_and_restarts_partial(tmp_path):
     assert outcome == {done.name: "skipped", partial.name: "ok"}
     assert calls == [partial.command(tmp_path)]  # same command: the trainer resumes from its checkpoint
     assert "--checkpoint-every" in calls[0]
+    assert calls[0][calls[0].index("--keep-checkpoints") + 1] == "1"  # only the newest is needed to resume
     assert run_sweep(cfg, tmp_path, runner=fake, log=lambda _: None) == {done.name: "skipped",
                                                                         partial.name: "skipped"}
     failing = run_sweep(SweepConfig(name="t", losses=("sapo",), staleness=(1,), steps=4), tmp_path,
@@ -263,3 +264,25 @@ def test_spikes_and_eval_pass_at_1_in_summary(tmp_path):
     m, h = mean_ci95([0.3, 0.4, 0.2])
     assert col["final eval pass@1"] == f"{m:.3f} ± {h:.3f}" and col["grad spikes"] == "1"
     assert col["best eval pass@1"].startswith(f"{(0.35 + 0.4 + 0.2) / 3:.3f} ± ")
+
+
+def test_report_at_a_common_horizon_reads_only_the_first_steps(tmp_path):
+    """Runs cut at different steps are compared at the horizon all reached: a report with steps=H summarises
+    steps [0, H) of every run (final window, last evaluation, done / partial), ignoring what came after."""
+    full = SweepConfig(name="t", losses=("vespo", "gspo"), staleness=(1,), seeds=(0,), steps=40)
+    lengths = {"vespo": 40, "gspo": 27}  # one run finished, one cut at step 27
+    for r in expand(full):
+        records = _records([0.01 * i for i in range(lengths[r.label])])
+        for i in range(9, lengths[r.label], 10):
+            records[i]["eval/pass@1"] = 0.1 * (i + 1) / 10  # evaluations at steps 9, 19, (29, 39)
+        _write(r.jsonl(tmp_path), records)
+    by = {s.label: s for s in summarize(full, tmp_path)}
+    assert by["gspo"].reason == "partial" and by["vespo"].steps_done == 40 and by["vespo"].final_eval == pytest.approx(0.4)
+    horizon = SweepConfig(name="t", losses=("vespo", "gspo"), staleness=(1,), seeds=(0,), steps=20)
+    w = CollapseRule().window_for(20)
+    by = {s.label: s for s in summarize(horizon, tmp_path)}
+    for label in ("vespo", "gspo"):
+        s = by[label]
+        assert (s.steps_done, s.reason) == (20, "")
+        assert s.final_reward == pytest.approx(sum(0.01 * i for i in range(20 - w, 20)) / w)
+        assert s.final_eval == pytest.approx(0.2) and s.best_eval == pytest.approx(0.2)

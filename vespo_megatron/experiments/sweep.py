@@ -44,8 +44,8 @@ _LOSS_FLAGS = {"grpo+tis": ("--loss", "grpo", "--rollout-correction", "tis")}
 EXTRAS = ("async", "mismatch")
 # Flags the sweep sets itself; base_flags may not carry them.
 _OWNED_FLAGS = ("--loss", "--staleness", "--micro-batch-size", "--seed", "--steps", "--out-dir", "--run-name",
-                "--checkpoint-every", "--no-console", "--threads", "--prompts-per-step", "--group-size",
-                "--async-lag", "--rollout-precision", "--routing-replay", "--rollout-correction")
+                "--checkpoint-every", "--keep-checkpoints", "--no-console", "--threads", "--prompts-per-step",
+                "--group-size", "--async-lag", "--rollout-precision", "--routing-replay", "--rollout-correction")
 # Each run is one trainer process: `vespo-train`, run as a module of the installed package.
 TRAIN_MODULE = "vespo_megatron.training.cli"
 
@@ -87,6 +87,9 @@ class SweepConfig:
     group_size: int = 8
     max_micro_batch_size: int = 32
     checkpoint_every: int = 5
+    # A run resumes from its newest checkpoint only; older ones just fill the disk (round 9: 19 runs of 100
+    # steps keeping all ten, twice on one machine, filled its 64 GiB and killed the N = 64 runs).
+    keep_checkpoints: int = 1
     threads: int = 1
     base_flags: tuple[str, ...] = ()
 
@@ -132,7 +135,7 @@ class SweepConfig:
         if "async" in self.extras and not self.async_losses:
             raise ConfigError("SweepConfig", "async_losses", "at least one loss with extras 'async'", self.async_losses)
         for fname in ("async_lag", "async_staleness", "mismatch_staleness", "steps", "prompts_per_step",
-                      "group_size", "max_micro_batch_size", "checkpoint_every", "threads"):
+                      "group_size", "max_micro_batch_size", "checkpoint_every", "keep_checkpoints", "threads"):
             value = getattr(self, fname)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError("SweepConfig", fname, "a positive int", value)
@@ -189,7 +192,7 @@ def _run(cfg: SweepConfig, setting: str, label: str, seed: int, n: int, flags: S
     common = ["--staleness", str(n), "--micro-batch-size", str(cfg.micro_batch_size(n)), "--seed", str(seed),
               "--steps", str(cfg.steps), "--prompts-per-step", str(cfg.prompts_per_step),
               "--group-size", str(cfg.group_size), "--checkpoint-every", str(cfg.checkpoint_every),
-              "--threads", str(cfg.threads), "--no-console"]
+              "--keep-checkpoints", str(cfg.keep_checkpoints), "--threads", str(cfg.threads), "--no-console"]
     if cfg.init_checkpoint:
         common += ["--hf-checkpoint", cfg.init_checkpoint, "--sft-steps", "0"]
     return Run(name, setting, label, seed, cfg.steps, (*flags, *common, *cfg.base_flags))
@@ -387,11 +390,13 @@ EVAL_KEY = "eval/pass@1"
 
 def summarize(cfg: SweepConfig, runs_dir: str | os.PathLike, rule: CollapseRule = CollapseRule(),
               spikes: SpikeRule = SpikeRule()) -> list[RunSummary]:
-    """One summary per run of the sweep, in `expand` order."""
+    """One summary per run of the sweep, in `expand` order. Only a run's first `cfg.steps` steps are read: a
+    report with fewer steps than the runs made (`--steps H --report-only`) compares every run at the common
+    horizon H, e.g. runs that a device call cut at different steps."""
     out = []
     for run in expand(cfg):
         path = run.jsonl(runs_dir)
-        records = read_jsonl(path) if path.is_file() else []
+        records = [r for r in read_jsonl(path) if r["step"] < run.steps] if path.is_file() else []
         w = min(rule.window_for(run.steps), max(len(records), 1))
         rewards = [_value(r, _PANELS["reward"]) for r in records]
         rewards = [v for v in rewards if v is not None]
