@@ -13,7 +13,8 @@
 # 16, 3 seeds, 100 steps of 32 x 8 rollouts on scratchpad addition; ~15 minutes on one H200 (estimated from
 # round 8's timings, docs/results/testbed/README.md). Table (with each loss
 # minus grpo+tis paired by seed) and figures in $OUT/results. Run it again after an interruption: finished runs
-# are skipped, the others resume from their checkpoints.
+# are skipped, the others resume from their checkpoints. GPU memory: an N = 1 run peaks at ~5 GiB, an N = 16 run
+# at ~1 GiB (round 9); on an 80 GB card use JOBS=8. Expandable segments are on so that freed memory goes back.
 #   bash examples/compare_losses.sh --preset gpu [sweep flags, e.g. --only 'n16-*']
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +27,7 @@ if [[ "${1:-}" == "--preset" ]]; then
   fi
   shift 2
   OUT=${OUT:-runs/compare_gpu}
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
   "$PYTHON" examples/testbed_sft.py --out-dir "$OUT/sft"
   "$PYTHON" examples/sweep.py --preset headline --init-checkpoint "$OUT/sft/hf" --runs-dir "$OUT/runs" \
     --results-dir "$OUT/results" --jobs "${JOBS:-16}" "$@"
