@@ -9,6 +9,7 @@ from __future__ import annotations
 
 def apply_all() -> dict[str, bool]:
     """Apply every fix; returns {fix name: whether it changed anything}."""
-    from . import te_general_gemm, thd_rope
+    from . import local_multi_tensor, te_general_gemm, thd_rope
 
-    return {"te_general_gemm": te_general_gemm.apply(), "thd_rope": thd_rope.apply()}
+    return {"te_general_gemm": te_general_gemm.apply(), "thd_rope": thd_rope.apply(),
+            "local_multi_tensor": local_multi_tensor.apply()}

@@ -138,3 +138,52 @@ def test_thd_rope_apply_is_idempotent():
     thd_rope.apply()
     assert not thd_rope.needed() and thd_rope.apply() is False
     assert rope_utils._apply_rotary_pos_emb_thd is thd_rope._apply_thd_vectorized
+
+
+def _original_l2(tensors):
+    """megatron's local_multi_tensor_l2_norm without its hard-coded CUDA device (on CPU)."""
+    return torch.norm(torch.tensor([[torch.norm(t) for t in tensors]]))
+
+
+def test_foreach_grad_norm_and_scale_are_the_local_fallbacks_bitwise():
+    """On CPU (foreach = the per-tensor loop) the foreach norm gives megatron's fallback value exactly, and the
+    foreach scale gives `dst.copy_(src * scale)` exactly, in place (clipping) and into other tensors and dtypes."""
+    from megatron.core.utils import local_multi_tensor_scale
+    from vespo_megatron.patches.local_multi_tensor import foreach_l2_norm, foreach_scale
+
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(*shape, generator=gen) * 10 ** k for k, shape in enumerate([(7, 5), (3,), (64, 33), (1,)])]
+    flag = torch.zeros(1, dtype=torch.int)
+    norm, per = foreach_l2_norm(2048 * 32, flag, [grads[:2], grads[2:]], False)
+    assert per is None and norm.shape == (1,) and norm.dtype == torch.float32
+    assert norm.item() == _original_l2(grads).item()
+    assert foreach_l2_norm(2048 * 32, flag, [[]], False)[0].tolist() == [0.0]
+    for make_dst in (lambda g: g.clone(), lambda g: torch.empty_like(g, dtype=torch.bfloat16)):
+        src = [g.clone() for g in grads]
+        dst_ref, dst = [make_dst(g) for g in grads], [make_dst(g) for g in grads]
+        local_multi_tensor_scale(2048 * 32, flag, [src, dst_ref], 0.3712)
+        foreach_scale(2048 * 32, flag, [src, dst], 0.3712)
+        assert all(torch.equal(a, b) for a, b in zip(dst, dst_ref, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(src, grads, strict=True))  # sources untouched
+    inplace, ref = [g.clone() for g in grads], [g.clone() for g in grads]
+    local_multi_tensor_scale(2048 * 32, flag, [ref, ref], 0.3712)
+    foreach_scale(2048 * 32, flag, [inplace, inplace], 0.3712)
+    assert all(torch.equal(a, b) for a, b in zip(inplace, ref, strict=True))
+    with pytest.raises(ValueError, match="as many destinations"):
+        foreach_scale(2048 * 32, flag, [grads, grads[:1]], 0.5)
+
+
+def test_local_multi_tensor_patch_replaces_only_the_fallbacks(monkeypatch):
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+    from vespo_megatron.patches import local_multi_tensor as patch
+
+    monkeypatch.setattr(clip_grads, "l2_norm_impl", utils.local_multi_tensor_l2_norm)
+    monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", utils.local_multi_tensor_scale)
+    sentinel = object()  # a fused kernel (apex / transformer-engine) stays
+    monkeypatch.setattr(optimizer, "multi_tensor_scale_impl", sentinel)
+    assert patch.needed() and patch.apply() is True
+    assert clip_grads.l2_norm_impl is patch.foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is patch.foreach_scale
+    assert optimizer.multi_tensor_scale_impl is sentinel
+    assert not patch.needed() and patch.apply() is False
