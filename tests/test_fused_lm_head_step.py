@@ -24,14 +24,20 @@ def _model_cfg():
     return TinyMoEConfig(hidden_size=32, num_layers=2, moe_layer_freq=(1, 0), ffn_hidden_size=64, seq_length=64)
 
 
-def _step_cfg(fused: bool):
+def _step_cfg(fused: bool, single_pass: bool = False):
     from vespo_megatron.losses import RolloutCorrectionConfig, make_loss_config
     from vespo_megatron.megatron.step import RLStepConfig
 
     corr = RolloutCorrectionConfig(mode="fold")
-    # lm_head_chunk_elements: 128 vocab x 6 tokens per tile -> many forward chunks, vocab tiles, token blocks
+    # lm_head_chunk_elements: 128 vocab x 6 tokens per tile -> many forward chunks, vocab tiles, token blocks;
+    # single pass: 1024 elements = 8 tokens (16 on a TP2 shard): chunks of one or two whole sequences
+    chunk = (1024 if single_pass else 768) if fused else None
     return RLStepConfig(loss_name="vespo", loss_config=make_loss_config("vespo", rollout_correction=corr),
-                        temperature=0.9, fused_lm_head=fused, lm_head_chunk_elements=768 if fused else None)
+                        temperature=0.9, fused_lm_head=fused, lm_head_chunk_elements=chunk,
+                        lm_head_single_pass=single_pass)
+
+
+MODES = {"logits": (False, False), "fused": (True, False), "single_pass": (True, True)}
 
 
 def _old_logprobs(layout, model_cfg, mbs):
@@ -75,8 +81,10 @@ def _run(rank, world_size):
     layouts = {"tp2_sp": ParallelConfig(tp=2, sp=True), "pp2": ParallelConfig(pp=2), "cp2": ParallelConfig(cp=2)}
     out = {}
     for name, layout in layouts.items():
-        for fused in (False, True):
-            out[(name, fused)] = run_rl_layout(layout, cfg, mbs, _step_cfg(fused))
+        for mode, flags in MODES.items():
+            out[(name, mode)] = run_rl_layout(layout, cfg, mbs, _step_cfg(*flags))
+    for mode in ("logits", "single_pass"):  # megatron's DDP: the single pass adds d W into main_grad itself
+        out[("dp2_ddp", mode)] = run_rl_layout(ParallelConfig(), cfg, mbs, _step_cfg(*MODES[mode]), ddp=True)
     old = _old_logprobs(layouts["tp2_sp"], cfg, mbs)
     for fused in (False, True):
         out[("old_logp", fused)] = old[fused]
@@ -93,9 +101,10 @@ def _close(a, b, rtol, atol=0.0):
                                rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("name", ["tp2_sp", "pp2", "cp2"])
-def test_fused_head_matches_logits_path(results, name):
-    off, on = results[(name, False)], results[(name, True)]
+@pytest.mark.parametrize(("name", "mode"), [(n, m) for n in ("tp2_sp", "pp2", "cp2") for m in ("fused", "single_pass")]
+                         + [("dp2_ddp", "single_pass")])
+def test_fused_head_matches_logits_path(results, name, mode):
+    off, on = results[(name, "logits")], results[(name, mode)]
     assert off.loss != 0.0 and any(g.abs().max() > 0 for g in off.grads.values())  # a non-trivial step
     _close(on.loss, off.loss, rtol=1e-5)
     _close(on.seq_log_ratio, off.seq_log_ratio, rtol=0.0, atol=2e-5)
@@ -125,6 +134,10 @@ def test_config_rejects_non_bool():
     with pytest.raises(ValueError, match=r"RLStepConfig.fused_lm_head: expected a bool, got 1"):
         RLStepConfig(fused_lm_head=1)
     assert dataclasses.replace(RLStepConfig(), fused_lm_head=True).fused_lm_head
+    with pytest.raises(ValueError, match=r"RLStepConfig.lm_head_single_pass: expected fused_lm_head=True"):
+        RLStepConfig(lm_head_single_pass=True)
+    with pytest.raises(ValueError, match=r"RLStepConfig.lm_head_single_pass: expected a bool, got 'yes'"):
+        RLStepConfig(fused_lm_head=True, lm_head_single_pass="yes")
 
 
 def _head_worker(rank, world_size, hidden, weight, labels, glp, gh):
@@ -175,25 +188,30 @@ def test_lm_head_token_logprobs_tp2():
             torch.testing.assert_close(dw.double(), ref_dw[rank * v // 2 : (rank + 1) * v // 2], **tol)
 
 
-def _toy_history(rank, world_size, out_dir, fused):
+def _toy_history(rank, world_size, out_dir, mode):
     from vespo_megatron.training import cli as train_cli
     from vespo_megatron.training.trainer import Trainer
 
+    fused, single_pass = MODES[mode]
     flags = ["--hidden-size", "32", "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "8",
              "--staleness", "2", "--sft-steps", "3", "--steps", "3", "--checkpoint-every", "0", "--threads", "1",
-             "--out-dir", out_dir, "--run-name", "fused" if fused else "logits",
-             "--fused-lm-head" if fused else "--no-fused-lm-head"]
+             "--out-dir", out_dir, "--run-name", mode, "--fused-lm-head" if fused else "--no-fused-lm-head"]
+    if single_pass:
+        flags += ["--lm-head-single-pass", "--lm-head-chunk-elements", "4096"]  # several chunks per micro-batch
     trainer = Trainer(train_cli.config_from_argv(flags))
-    assert trainer.step_fn.cfg.fused_lm_head is fused  # the flag reaches the loss head
+    # the flags reach the loss head
+    assert (trainer.step_fn.cfg.fused_lm_head, trainer.step_fn.cfg.lm_head_single_pass) == (fused, single_pass)
     return [{k: v for k, v in h.items() if not k.startswith("time/")} for h in trainer.run()]
 
 
 def test_toy_run_metrics_identical_with_fusion_on_and_off(tmp_path):
-    """The trainer with --fused-lm-head (warm start and RL steps) logs the same numbers as the logits path."""
-    off = run_distributed(_toy_history, 1, str(tmp_path), False)[0]
-    on = run_distributed(_toy_history, 1, str(tmp_path), True)[0]
-    assert len(off) == len(on) == 3
-    for a, b in zip(off, on, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9, nan_ok=True), key
+    """The trainer with --fused-lm-head, and with --lm-head-single-pass (megatron's DDP: d W into main_grad),
+    logs the same numbers as the logits path (warm start and RL steps)."""
+    off = run_distributed(_toy_history, 1, str(tmp_path), "logits")[0]
+    for mode in ("fused", "single_pass"):
+        on = run_distributed(_toy_history, 1, str(tmp_path), mode)[0]
+        assert len(off) == len(on) == 3
+        for a, b in zip(off, on, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9, nan_ok=True), (mode, key)

@@ -18,7 +18,14 @@ from vespo_megatron.megatron.model import TinyMoEConfig
 from vespo_megatron.megatron.parallel_setup import ParallelConfig
 from vespo_megatron.rollout.engine import Generation
 from vespo_megatron.training.advantages import ADVANTAGE_ESTIMATORS, grpo_advantages, resolve_advantage
-from vespo_megatron.training.config import AlgorithmConfig, EvalConfig, RolloutConfig, RunConfig, TrainerConfig
+from vespo_megatron.training.config import (
+    AlgorithmConfig,
+    EvalConfig,
+    PerformanceConfig,
+    RolloutConfig,
+    RunConfig,
+    TrainerConfig,
+)
 from vespo_megatron.training.samples import EVAL_STREAM, Rejections, build_samples, sampling_seed
 from vespo_megatron.training.toy_task import ArithmeticTask, ArithmeticTaskConfig, CharTokenizer
 
@@ -132,6 +139,10 @@ def test_config_field_errors():
         AlgorithmConfig(loss="grpo", loss_config=VespoConfig())
     # the loss's typed config is filled in from the name
     assert AlgorithmConfig(loss="vespo_sqrt").loss_config == VespoConfig(length_norm="sqrt")
+    with pytest.raises(ValueError, match=r"PerformanceConfig.lm_head_single_pass: expected False while "
+                                         r"fused_lm_head is False .*add --fused-lm-head\), got True"):
+        PerformanceConfig(lm_head_single_pass=True)
+    assert PerformanceConfig(fused_lm_head=True, lm_head_single_pass=True).lm_head_single_pass
 
 
 def test_toy_task_is_deterministic_and_verifiable():

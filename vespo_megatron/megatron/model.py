@@ -404,31 +404,49 @@ def output_layer_skipped(model: torch.nn.Module):
         layer.emit_hidden = False
 
 
-def lm_head_token_logprobs(head: LMHeadInput, labels: torch.Tensor, *, tp_group, temperature: float,
-                           compute_entropy: bool, chunk_elements: int | None = None):
-    """Per-token log-probs [b, s_local] (and entropy) through `fused_lm_head_logprobs`.
-
-    The hidden states go through megatron's own region functions with `tp_group`, exactly as
-    `ColumnParallelLinear` does before its GEMM: with sequence parallelism an all-gather of the sequence
-    (reduce-scatter of d hidden in backward), else the identity (all-reduce of d hidden in backward).
-    """
+def _head_hidden(head: LMHeadInput, tp_group):
+    """The TP-replicated hidden states the fused head multiplies, through megatron's own region functions with
+    `tp_group`, exactly as `ColumnParallelLinear` does before its GEMM: with sequence parallelism an all-gather
+    of the sequence (reduce-scatter of d hidden in backward), giving [s, b, h] (seq_major True); else the
+    identity (all-reduce of d hidden in backward), [b, s, h]."""
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
         gather_from_sequence_parallel_region,
     )
 
+    tp = tp_group.size() if tp_group is not None else 1
+    if head.sequence_parallel and tp > 1:
+        return gather_from_sequence_parallel_region(head.hidden.transpose(0, 1), group=tp_group), True
+    return (head.hidden if tp == 1 else copy_to_tensor_model_parallel_region(head.hidden, group=tp_group)), False
+
+
+def lm_head_token_logprobs(head: LMHeadInput, labels: torch.Tensor, *, tp_group, temperature: float,
+                           compute_entropy: bool, chunk_elements: int | None = None):
+    """Per-token log-probs [b, s_local] (and entropy) through `fused_lm_head_logprobs` (`_head_hidden` says how
+    the hidden states reach it under TP / SP)."""
     from vespo_megatron.parallel.fused_lm_head import fused_lm_head_logprobs
     from vespo_megatron.parallel.vocab_parallel import TokenLogProbs
 
-    tp = tp_group.size() if tp_group is not None else 1
-    if head.sequence_parallel and tp > 1:
-        hidden = gather_from_sequence_parallel_region(head.hidden.transpose(0, 1), group=tp_group)  # [s, b, h]
-        targets = labels.transpose(0, 1)  # [s, b]
-    else:
-        hidden = head.hidden if tp == 1 else copy_to_tensor_model_parallel_region(head.hidden, group=tp_group)
-        targets = labels
+    hidden, seq_major = _head_hidden(head, tp_group)
+    targets = labels.transpose(0, 1) if seq_major else labels  # [s, b] under SP
     out = fused_lm_head_logprobs(hidden, head.weight, targets, tp_group=tp_group, temperature=temperature,
                                  compute_entropy=compute_entropy, chunk_elements=chunk_elements)
-    if targets is labels:
+    if not seq_major:
         return out
     return TokenLogProbs(out.logprobs.transpose(0, 1), None if out.entropy is None else out.entropy.transpose(0, 1))
+
+
+def lm_head_loss(head: LMHeadInput, labels: torch.Tensor, chunk_loss, seq_tokens, *, tp_group, temperature: float,
+                 compute_entropy: bool, chunk_elements: int | None = None):
+    """The single-pass head (`fused_lm_head_loss`): the loss of chunks of whole sequences with its gradients
+    formed while each chunk's logits are alive. Tokens go in the [b, s] order of `labels` (under SP the
+    gathered [s, b, h] states are transposed back: sequences must be contiguous); `seq_tokens` counts each
+    sequence's tokens in that order. Returns `HeadLossOutput` with log-probs / entropies shaped [b, s]."""
+    from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss
+
+    hidden, seq_major = _head_hidden(head, tp_group)
+    if seq_major:
+        hidden = hidden.transpose(0, 1)  # [b, s, h]: a copy of the states when b > 1, never of the logits
+    return fused_lm_head_loss(hidden, head.weight, labels, chunk_loss, seq_tokens=seq_tokens, tp_group=tp_group,
+                              temperature=temperature, compute_entropy=compute_entropy,
+                              chunk_elements=chunk_elements)

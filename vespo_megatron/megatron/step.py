@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vespo_megatron.base.metric import Metric
+from vespo_megatron.base.metric import Metric, merge_metrics
 from vespo_megatron.losses import LossNormalizer, resolve_policy_loss
 from vespo_megatron.megatron.rl_batch import RLMicroBatch
 from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
 
-__all__ = ["RLStepConfig", "StepGroups", "RLStep", "install_rl_grad_finalizer"]
+__all__ = ["RLStepConfig", "StepGroups", "RLStep", "install_rl_grad_finalizer", "sequence_token_counts"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +43,10 @@ class RLStepConfig:
     temperature: the rollout engine's sampling temperature (log-probs are of softmax(logits / T));
     fused_lm_head: stop the model at its final hidden states and compute the log-probs with the output layer
     fused in (`parallel.fused_lm_head`: the [T, V/tp] logits are never held; same values and gradients);
-    False keeps the logits path; lm_head_chunk_elements: the fused head's logits tile (None: 2**29)."""
+    False keeps the logits path; lm_head_chunk_elements: the fused head's logits tile (None: 2**29);
+    lm_head_single_pass: with fused_lm_head, run the loss inside the head on chunks of whole sequences and form
+    the gradients while each chunk's logits are alive (`parallel.fused_lm_head_loss`: three GEMMs per token
+    instead of four; same loss, metrics and gradients; a chunk holds at least one whole sequence)."""
 
     loss_name: str = "vespo"
     loss_config: Any = None
@@ -52,6 +55,7 @@ class RLStepConfig:
     logprob_chunk_size: int | None = None
     fused_lm_head: bool = False
     lm_head_chunk_elements: int | None = None
+    lm_head_single_pass: bool = False
 
     def __post_init__(self) -> None:
         loss = resolve_policy_loss(self.loss_name)  # ValueError for unknown names
@@ -62,6 +66,11 @@ class RLStepConfig:
             raise ValueError(f"RLStepConfig.temperature: expected a float > 0, got {self.temperature!r}")
         if not isinstance(self.fused_lm_head, bool):
             raise ValueError(f"RLStepConfig.fused_lm_head: expected a bool, got {self.fused_lm_head!r}")
+        if not isinstance(self.lm_head_single_pass, bool):
+            raise ValueError(f"RLStepConfig.lm_head_single_pass: expected a bool, got {self.lm_head_single_pass!r}")
+        if self.lm_head_single_pass and not self.fused_lm_head:
+            raise ValueError("RLStepConfig.lm_head_single_pass: expected fused_lm_head=True with it (the single "
+                             "pass is a mode of the fused head), got fused_lm_head=False")
 
 
 @dataclass(frozen=True)
@@ -113,45 +122,90 @@ class RLStep:
             compute_entropy=self.cfg.compute_entropy, chunk_size=self.cfg.logprob_chunk_size,
         )
 
-    def loss_func(self, batch: RLMicroBatch, normalizer: LossNormalizer, logits: Tensor):
-        """megatron's loss_func contract: (loss, num_tokens, reported). `reported` holds the metrics (each
-        with its reduction) and the per-sequence log W / phi of this micro-batch."""
-        lp = self.token_logprobs(logits, batch)
-        mask = batch.loss_mask.reshape(-1)
-        inputs = build_loss_inputs(
-            logp=lp.logprobs.reshape(-1),
-            old_logp=batch.old_logp.reshape(-1),
-            mask=mask,
-            token_seq=batch.token_seq.reshape(-1),
-            num_seqs=batch.num_seqs,
-            advantages=batch.advantages,
-            rollout_logp=None if batch.rollout_logp is None else batch.rollout_logp.reshape(-1),
+    def _loss_inputs(self, batch: RLMicroBatch, logp: Tensor, tokens: slice = slice(None),
+                     seqs: slice = slice(None)):
+        """LossInputs of the tokens `tokens` of the flattened micro-batch, which must be the whole sequences
+        `seqs` (all of them by default); `logp` holds those tokens' log-probs."""
+        first = seqs.start or 0
+        num_seqs = (batch.num_seqs if seqs.stop is None else seqs.stop) - first
+        token_seq = batch.token_seq.reshape(-1)[tokens]
+        return build_loss_inputs(
+            logp=logp,
+            old_logp=batch.old_logp.reshape(-1)[tokens],
+            mask=batch.loss_mask.reshape(-1)[tokens],
+            token_seq=token_seq - first if first else token_seq,
+            num_seqs=num_seqs,
+            advantages=batch.advantages[seqs],
+            rollout_logp=None if batch.rollout_logp is None else batch.rollout_logp.reshape(-1)[tokens],
             rollout_correction=self.rollout_correction,
             cp_group=self.groups.cp,
             differentiable_seq_log_ratio=self.loss.seq_grad(self.loss_config),
         )
+
+    def loss_func(self, batch: RLMicroBatch, normalizer: LossNormalizer, logits: Tensor, seq_tokens=None):
+        """megatron's loss_func contract: (loss, num_tokens, reported). `reported` holds the metrics (each
+        with its reduction) and the per-sequence log W / phi of this micro-batch. `seq_tokens` (host ints,
+        each sequence's tokens in the flattened [b, s] order) is needed by the single-pass head only."""
+        if self.cfg.lm_head_single_pass:
+            return self._single_pass_loss(batch, normalizer, logits, seq_tokens)
+        lp = self.token_logprobs(logits, batch)
+        inputs = self._loss_inputs(batch, lp.logprobs.reshape(-1))
         out = self.loss(inputs, normalizer, self.loss_config)
-        metrics = dict(out.metrics)
-        if lp.entropy is not None:
-            metrics["entropy_mean"] = Metric.mean(lp.entropy.reshape(-1), mask)
+        return self._report(batch, out.loss, [(inputs, out)], lp.logprobs, lp.entropy)
+
+    def _single_pass_loss(self, batch: RLMicroBatch, normalizer: LossNormalizer, head, seq_tokens):
+        """The loss of each chunk of whole sequences runs inside the fused head (`model.lm_head_loss`); the
+        chunks' losses and metrics add up to the whole micro-batch's (global normaliser, per-sequence terms)."""
+        from vespo_megatron.megatron.model import lm_head_loss
+
+        if seq_tokens is None:
+            seq_tokens = sequence_token_counts(batch.token_seq, batch.num_seqs)
+        parts = []
+
+        def chunk_loss(c):
+            inputs = self._loss_inputs(batch, c.logprobs, slice(c.start, c.end), slice(c.seq_start, c.seq_end))
+            out = self.loss(inputs, normalizer, self.loss_config)
+            parts.append((inputs, out))
+            return out.loss
+
+        res = lm_head_loss(head, batch.labels, chunk_loss, seq_tokens, tp_group=self.groups.tp,
+                           temperature=self.cfg.temperature, compute_entropy=self.cfg.compute_entropy,
+                           chunk_elements=self.cfg.lm_head_chunk_elements)
+        return self._report(batch, res.loss, parts, res.logprobs, res.entropy)
+
+    @staticmethod
+    def _report(batch: RLMicroBatch, loss: Tensor, parts, logp: Tensor, entropy: Tensor | None):
+        """(loss, kept tokens, reported) from the (inputs, output) of the loss's calls (one, or one per chunk
+        of whole sequences in order: their metrics merge by each metric's reduction, [B] results concatenate)."""
+        metrics = merge_metrics(out.metrics for _, out in parts)
+        if entropy is not None:
+            metrics["entropy_mean"] = Metric.mean(entropy.reshape(-1), batch.loss_mask.reshape(-1))
+
+        def seqs(get):
+            values = [get(inputs, out) for inputs, out in parts]
+            return None if any(v is None for v in values) else torch.cat([v.detach() for v in values])
+
         reported = {
             "metrics": metrics,
-            "seq_log_ratio": inputs.seq_log_ratio.detach(),
-            "seq_log_w": out.seq_log_w,
-            "seq_phi": out.seq_phi,
-            "logp": lp.logprobs.detach(),  # [b, s]: the trainer-vs-engine mismatch when mu is the engine's
+            "seq_log_ratio": seqs(lambda inputs, out: inputs.seq_log_ratio),
+            "seq_log_w": seqs(lambda inputs, out: out.seq_log_w),
+            "seq_phi": seqs(lambda inputs, out: out.seq_phi),
+            "logp": logp.detach(),  # [b, s]: the trainer-vs-engine mismatch when mu is the engine's
         }
-        return out.loss, inputs.mask.sum().to(torch.int), reported  # the tokens the loss kept
+        kept = sum(inputs.mask.sum() for inputs, _ in parts)  # the tokens the loss kept
+        return loss, kept.to(torch.int), reported
 
     def forward_step(self, normalizer: LossNormalizer):
         """A `forward_step_func(data_iterator, model)` for `get_forward_backward_func` (training)."""
-        return self._forward_step(lambda batch, output: self.loss_func(batch, normalizer, output))
+        return self._forward_step(lambda batch, output, seq_tokens: self.loss_func(batch, normalizer, output,
+                                                                                   seq_tokens),
+                                  chunk_plan=self.cfg.lm_head_single_pass)
 
     def logprob_forward_step(self):
         """A forward-only `forward_step_func` whose outputs (last pipeline stage) are
         {"logp": [b, s] fp32, "entropy": [b, s] or None} per micro-batch: the old-log-prob pass."""
 
-        def logprob_func(batch: RLMicroBatch, logits: Tensor):
+        def logprob_func(batch: RLMicroBatch, logits: Tensor, seq_tokens=None):
             lp = self.token_logprobs(logits, batch)
             zero = (logits.hidden if self.cfg.fused_lm_head else logits).sum() * 0.0
             return zero, batch.loss_mask.sum().to(torch.int), {"logp": lp.logprobs.detach(), "entropy": (
@@ -159,9 +213,12 @@ class RLStep:
 
         return self._forward_step(logprob_func)
 
-    def _forward_step(self, on_output):
+    def _forward_step(self, on_output, chunk_plan: bool = False):
         def forward_step(data_iterator, model):
-            batch: RLMicroBatch = next(data_iterator).to(next(model.parameters()).device)
+            host_batch: RLMicroBatch = next(data_iterator)
+            # The single-pass head's chunk plan, from the batch's host copy (no device sync).
+            seq_tokens = sequence_token_counts(host_batch.token_seq, host_batch.num_seqs) if chunk_plan else None
+            batch = host_batch.to(next(model.parameters()).device)
             head = None
             with contextlib.ExitStack() as stack:
                 if self.cfg.fused_lm_head:  # the model returns its final hidden states, not logits
@@ -175,10 +232,23 @@ class RLStep:
                     packed_seq_params=batch.packed_seq_params,
                 )
             if head is not None:
-                return logits, lambda output: on_output(batch, head(output))
-            return logits, lambda output: on_output(batch, output)
+                return logits, lambda output: on_output(batch, head(output), seq_tokens)
+            return logits, lambda output: on_output(batch, output, seq_tokens)
 
         return forward_step
+
+
+def sequence_token_counts(token_seq: Tensor, num_seqs: int) -> list[int]:
+    """Tokens of each sequence in the flattened order of `token_seq` [b, s] (host ints), for the single-pass
+    head, which needs every sequence's tokens contiguous in that order (ValueError otherwise)."""
+    flat = token_seq.reshape(-1).cpu()
+    if flat.numel() > 1 and bool((flat[1:] < flat[:-1]).any()):
+        raise ValueError("RLMicroBatch.token_seq: the single-pass head (lm_head_single_pass) expects each "
+                         "sequence's tokens contiguous and in sequence order, got a decreasing sequence index")
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_seqs):
+        raise ValueError(f"RLMicroBatch.token_seq: expected values in [0, {num_seqs}), got range "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    return torch.bincount(flat, minlength=num_seqs).tolist()
 
 
 def install_rl_grad_finalizer(model_config, pg_collection=None) -> None:

@@ -172,14 +172,23 @@ class PerformanceConfig:
     hidden states and compute log-probs and entropy with the output layer fused in, a token chunk at a time,
     so the [T, V/tp] logits and their gradient are never held (`parallel/fused_lm_head.py`; bench/README.md
     has the memory and time on an H200). lm_head_chunk_elements: logits per tile of the fused head (None:
-    2**29, 1 GiB in bf16)."""
+    2**29, 1 GiB in bf16). lm_head_single_pass: with fused_lm_head, evaluate the loss inside the head on chunks
+    of whole sequences and form the gradients while each chunk's logits are alive (three GEMMs instead of four;
+    a chunk holds at least one whole sequence, so its memory grows with the longest sequence;
+    `parallel/fused_lm_head_loss.py`)."""
 
     fused_lm_head: bool = False
     lm_head_chunk_elements: int | None = None
+    lm_head_single_pass: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.fused_lm_head, bool):
             raise ConfigError("PerformanceConfig", "fused_lm_head", "a bool", self.fused_lm_head)
+        if not isinstance(self.lm_head_single_pass, bool):
+            raise ConfigError("PerformanceConfig", "lm_head_single_pass", "a bool", self.lm_head_single_pass)
+        if self.lm_head_single_pass and not self.fused_lm_head:
+            raise ConfigError("PerformanceConfig", "lm_head_single_pass", "False while fused_lm_head is False (the "
+                              "single pass is a mode of the fused head: add --fused-lm-head)", self.lm_head_single_pass)
         if self.lm_head_chunk_elements is not None:
             check_int("PerformanceConfig", "lm_head_chunk_elements", self.lm_head_chunk_elements, low=1)
 

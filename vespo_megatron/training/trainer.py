@@ -84,7 +84,8 @@ class Trainer:
         self.step_fn = RLStep(RLStepConfig(loss_name=algo.loss, loss_config=algo.loss_config,
                                            temperature=cfg.rollout.temperature,
                                            fused_lm_head=cfg.perf.fused_lm_head,
-                                           lm_head_chunk_elements=cfg.perf.lm_head_chunk_elements),
+                                           lm_head_chunk_elements=cfg.perf.lm_head_chunk_elements,
+                                           lm_head_single_pass=cfg.perf.lm_head_single_pass),
                               StepGroups(tp=g.tp, cp=g.cp))
         # Routing replay (megatron's RouterReplay): R3 replays the engine's routing, R2 the trainer's own
         # routing recorded in the old-log-prob pass. "off" builds no controller.

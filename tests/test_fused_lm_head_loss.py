@@ -1,0 +1,218 @@
+"""fused_lm_head_loss (the single-pass head: the loss runs per chunk of whole sequences inside the head) against a
+float64 reference of the logits path with the loss on the whole batch: loss, log-probs, entropies, d hidden and
+d W, for chunk budgets that give one chunk, several chunks and sequences longer than a chunk; with a loss that
+has a detached sequence weight (VESPO-like), a differentiable sequence term (GSPO-like) and an entropy bonus;
+temperature; the upstream gradient scale; megatron's main_grad contract; the no-grad pass; bad inputs; and a
+real gloo TP group of 2 with replicated hidden states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_harness import run_distributed
+
+from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss, plan_sequence_chunks
+from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
+
+SEQ_TOKENS = [7, 12, 0, 5, 9, 4]  # one empty sequence: it joins a neighbour's chunk
+T, H, V = sum(SEQ_TOKENS), 24, 300
+
+
+def make_inputs(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * (3.0 / H**0.5)).to(dtype)
+    targets = torch.randint(0, V, (T,), generator=g)
+    old = -torch.rand(T, generator=g, dtype=torch.float64) * 6
+    adv = torch.randn(len(SEQ_TOKENS), generator=g, dtype=torch.float64)
+    return hidden, weight, targets, old, adv
+
+
+def seq_loss(lp, ent, seq, n, old, adv):
+    """A sum over sequences (global normaliser T): a detached sequence weight on log pi, a differentiable
+    sequence-level ratio term and an entropy bonus."""
+    lp64, zeros = lp.double(), torch.zeros(n, dtype=torch.float64)
+    log_w = zeros.index_add(0, seq, lp64 - old)  # [n]
+    phi = torch.exp(-0.1 * log_w.detach().abs())
+    count = zeros.index_add(0, seq, torch.ones_like(lp64)).clamp(min=1)
+    gspo = torch.exp((log_w / count).clamp(max=5.0))
+    loss = -(phi[seq] * adv[seq] * lp64).sum() - (gspo * adv).sum() * 0.3
+    if ent is not None:
+        loss = loss - 0.05 * ent.double().sum()
+    return loss / T
+
+
+def reference(hidden, weight, targets, old, adv, temperature, entropy, scale=1.0):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    logp_all = torch.log_softmax((h @ w.t()) / temperature, dim=-1)
+    lp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if entropy else None
+    seq = torch.repeat_interleave(torch.arange(len(SEQ_TOKENS)), torch.tensor(SEQ_TOKENS))
+    loss = seq_loss(lp, ent, seq, len(SEQ_TOKENS), old, adv)
+    dh, dw = torch.autograd.grad(loss * scale, (h, w))
+    return loss.detach(), lp.detach(), None if ent is None else ent.detach(), dh, dw
+
+
+def chunk_loss_of(old, adv, calls=None):
+    seq = torch.repeat_interleave(torch.arange(len(SEQ_TOKENS)), torch.tensor(SEQ_TOKENS))
+
+    def chunk_loss(c):
+        if calls is not None:
+            calls.append((c.seq_start, c.seq_end, c.start, c.end, c.logprobs.requires_grad))
+        tokens = slice(c.start, c.end)
+        return seq_loss(c.logprobs, c.entropy, seq[tokens] - c.seq_start, c.seq_end - c.seq_start, old[tokens],
+                        adv[c.seq_start:c.seq_end])
+
+    return chunk_loss
+
+
+def test_plan_sequence_chunks():
+    assert plan_sequence_chunks([7, 12, 0, 5, 9, 4], 10 ** 6) == [(0, 6)]
+    assert plan_sequence_chunks([7, 12, 0, 5, 9, 4], 20) == [(0, 3), (3, 6)]
+    assert plan_sequence_chunks([7, 12, 0, 5, 9, 4], 5) == [(0, 1), (1, 2), (2, 4), (4, 5), (5, 6)]
+    assert plan_sequence_chunks([], 5) == []
+    with pytest.raises(ValueError, match=r"max_tokens must be >= 1, got 0"):
+        plan_sequence_chunks([1], 0)
+    with pytest.raises(ValueError, match=r"seq_tokens\[1\] must be >= 0, got -2"):
+        plan_sequence_chunks([1, -2], 4)
+
+
+# chunk_elements / V tokens per chunk: 10**9 -> one chunk; 20 * V -> 2 chunks of whole sequences; 5 * V ->
+# sequences of 7, 12 and 9 tokens each longer than a chunk (a chunk of their own).
+@pytest.mark.parametrize(("chunk_elements", "chunks"), [(10**9, 1), (20 * V, 2), (5 * V, 5)])
+@pytest.mark.parametrize(("temperature", "entropy"), [(1.0, False), (0.7, True)])
+def test_matches_float64_reference(chunk_elements, chunks, temperature, entropy):
+    hidden, weight, targets, old, adv = make_inputs(seed=chunk_elements % 89)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    calls = []
+    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, calls), seq_tokens=SEQ_TOKENS,
+                             temperature=temperature, compute_entropy=entropy, chunk_elements=chunk_elements)
+    assert len(out.chunks) == len(calls) == chunks
+    assert [c[:2] for c in calls] == list(out.chunks) and all(c[4] for c in calls)
+    assert calls[0][2] == 0 and calls[-1][3] == T  # contiguous token ranges covering every token
+    assert all(a[3] == b[2] for a, b in zip(calls[:-1], calls[1:], strict=True))
+    dh, dw = torch.autograd.grad(out.loss * 3.0, (h, w))  # an upstream scale, as a loss scaler gives
+    ref_loss, ref_lp, ref_ent, ref_dh, ref_dw = reference(hidden, weight, targets, old, adv, temperature, entropy,
+                                                          scale=3.0)
+    tol = dict(rtol=0.0, atol=2e-5)
+    assert out.logprobs.dtype == torch.float32 and not out.logprobs.requires_grad
+    torch.testing.assert_close(out.logprobs.double(), ref_lp, **tol)
+    torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    if entropy:
+        torch.testing.assert_close(out.entropy.double(), ref_ent, **tol)
+    else:
+        assert out.entropy is None
+    assert ref_dh.abs().max() > 1e-3 and ref_dw.abs().max() > 1e-3
+    torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dw.double(), ref_dw, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_equals_logits_path_up_to_rounding():
+    """bf16 inputs: the single pass (d W accumulated over 2 chunks in fp32) against the bf16 logits path."""
+    hidden, weight, targets, old, adv = make_inputs(torch.bfloat16, seed=3)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+    dh, dw = torch.autograd.grad(out.loss, (h, w))
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp = vocab_parallel_logprobs(h2 @ w2.t(), targets)
+    seq = torch.repeat_interleave(torch.arange(len(SEQ_TOKENS)), torch.tensor(SEQ_TOKENS))
+    loss = seq_loss(lp.logprobs, None, seq, len(SEQ_TOKENS), old, adv)
+    ref_dh, ref_dw = torch.autograd.grad(loss, (h2, w2))
+    assert dh.dtype == dw.dtype == torch.bfloat16 and len(out.chunks) == 2
+    torch.testing.assert_close(out.loss.double(), loss.double(), rtol=1e-5, atol=1e-7)
+    for got, ref in ((dh, ref_dh), (dw, ref_dw)):
+        rel = (got.float() - ref.float()).norm() / ref.float().norm()
+        assert rel < 1e-2, rel  # bf16 rounding of the logits gradient and of the outputs
+
+
+def test_weight_gradient_into_megatron_main_grad():
+    """A weight with megatron DDP's fp32 main_grad and grad_added_to_main_grad: backward adds scale * d W to
+    main_grad, sets the flag and hands autograd a dummy (zeros when zero_out_wgrad is set)."""
+    hidden, weight, targets, old, adv = make_inputs(seed=4)
+    ref_dw = reference(hidden, weight, targets, old, adv, 1.0, False, scale=2.0)[4]
+    for zero_out in (False, True):
+        w = torch.nn.Parameter(weight.clone())
+        w.main_grad = torch.full_like(w, 0.5)
+        w.grad_added_to_main_grad = False
+        if zero_out:
+            w.zero_out_wgrad = True
+        h = hidden.clone().requires_grad_()
+        out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+        (out.loss * 2.0).backward()
+        assert w.grad_added_to_main_grad is True
+        torch.testing.assert_close(w.main_grad.double(), ref_dw + 0.5, rtol=1e-4, atol=1e-6)
+        assert w.grad is not None and w.grad.shape == w.shape
+        if zero_out:
+            assert not w.grad.any()
+
+
+def test_no_grad_pass_and_inputs_without_grad():
+    hidden, weight, targets, old, adv = make_inputs(seed=5)
+    ref_loss, ref_lp, _, ref_dh, _ = reference(hidden, weight, targets, old, adv, 1.0, False)
+    calls = []
+    with torch.no_grad():
+        out = fused_lm_head_loss(hidden.clone().requires_grad_(), weight, targets, chunk_loss_of(old, adv, calls),
+                                 seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+    assert not out.loss.requires_grad and not any(c[4] for c in calls)
+    torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.logprobs.double(), ref_lp, rtol=0.0, atol=2e-5)
+    h = hidden.clone().requires_grad_()  # only hidden needs grad: no d W is formed
+    out = fused_lm_head_loss(h, weight, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS)
+    (dh,) = torch.autograd.grad(out.loss, (h,))
+    torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
+
+
+def test_chunks_whose_loss_ignores_them_get_zero_gradients():
+    hidden, weight, targets, old, adv = make_inputs(seed=6)
+    h = hidden.clone().requires_grad_()
+    real = chunk_loss_of(old, adv)
+
+    def first_chunk_only(c):
+        return real(c) if c.seq_start == 0 else c.logprobs.new_zeros(())
+
+    out = fused_lm_head_loss(h, weight, targets, first_chunk_only, seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+    (dh,) = torch.autograd.grad(out.loss, (h,))
+    assert dh[:19].abs().max() > 0 and not dh[19:].any()  # chunk 0 holds sequences 0-1 (19 tokens)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(seq_tokens=[T - 1]), r"seq_tokens: expected counts summing to the 37 tokens of targets, got 1 "
+                               r"sequences of 36 tokens"),
+    (dict(chunk_loss=lambda c: c.logprobs), r"chunk_loss: expected a scalar tensor, got"),
+    (dict(weight=torch.zeros(V, H + 1)), r"weight: expected a \[V/tp, H=24\] tensor"),
+    (dict(targets=torch.full((T,), V)), r"targets: expected token ids in \[0, 300\)"),
+])
+def test_bad_inputs_raise(kwargs, match):
+    hidden, weight, targets, old, adv = make_inputs()
+    args = dict(hidden=hidden, weight=weight, targets=targets, chunk_loss=chunk_loss_of(old, adv),
+                seq_tokens=SEQ_TOKENS)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fused_lm_head_loss(args.pop("hidden"), args.pop("weight"), args.pop("targets"), args.pop("chunk_loss"), **args)
+
+
+def _tp_worker(rank, world_size, hidden, weight, targets, old, adv):
+    torch.set_num_threads(1)
+    group = dist.group.WORLD
+    shard = weight[rank * V // 2 : (rank + 1) * V // 2]
+    h, w = hidden.clone().requires_grad_(), shard.clone().requires_grad_()
+    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, tp_group=group,
+                             temperature=0.8, compute_entropy=True, chunk_elements=10 * V // 2)
+    dh, dw = torch.autograd.grad(out.loss, (h, w))
+    dist.all_reduce(dh, group=group)  # what megatron's region functions do with each rank's partial d hidden
+    return out.loss, out.logprobs, out.entropy, dh, dw, out.chunks
+
+
+def test_tp2_matches_reference():
+    hidden, weight, targets, old, adv = make_inputs(seed=7)
+    results = run_distributed(_tp_worker, 2, hidden, weight, targets, old, adv)
+    ref_loss, ref_lp, ref_ent, ref_dh, ref_dw = reference(hidden, weight, targets, old, adv, 0.8, True)
+    for rank, (loss, lp, ent, dh, dw, chunks) in enumerate(results):
+        assert len(chunks) == 5  # 10 tokens per chunk on a V/2 shard
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(lp.double(), ref_lp, rtol=0.0, atol=2e-5)
+        torch.testing.assert_close(ent.double(), ref_ent, rtol=0.0, atol=2e-5)
+        torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(dw.double(), ref_dw[rank * V // 2 : (rank + 1) * V // 2], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,269 @@
+# Shape legend (used in comments and names below):
+#   [T]        tokens: all leading dims of `targets` flattened, sequences contiguous (`seq_ends`)
+#   [H]        hidden size
+#   [V/tp]     this rank's vocab shard: rows of the output-layer weight W
+#   [C, V/tp]  one chunk's logits: C tokens of whole sequences, every vocab row of the shard
+"""The RL loss head in one pass: the output layer, log-probs, the policy loss *and its gradients*, chunk by
+chunk, with three GEMMs per token instead of the recomputing head's four.
+
+``fused_lm_head_logprobs`` (the recomputing head) cannot know d loss / d log-prob while it holds a chunk's
+logits: the loss needs every token of a sequence (VESPO's log W sums the whole sequence), so its backward
+recomputes each logits tile, a fourth GEMM (1.33x the three-GEMM floor before anything else;
+bench/README.md). Here the loss is evaluated *inside* the head, one chunk of whole sequences at a time:
+
+* per chunk of whole sequences (C tokens, at most ``chunk_elements / (V/tp)`` unless one sequence is longer):
+  GEMM ``hidden[C] @ W.T -> [C, V/tp]``; the statistics kernel and the TP combine give log-probs (and
+  entropies); the caller's ``chunk_loss`` runs on them (with autograd, on this chunk's sequences only) and
+  ``torch.autograd.grad`` gives the per-token upstream gradients; the gradient kernel turns the tile in
+  place into d loss / d logits; ``d hidden[C] = G @ W`` (one GEMM over the whole shard: nothing to
+  accumulate) and ``dW += G.T @ hidden[C]`` (fp32 accumulator; the chunk's logits are then freed).
+* backward only scales the stored gradients by the upstream gradient of the loss (1 in megatron's bf16
+  schedules; a loss scale under fp16).
+
+That is exact only for losses that are a *sum over sequences* given global normalisers (every loss of this
+package with the global ``LossNormalizer``: the sum of the chunks' losses is the micro-batch's loss, and each
+chunk's gradient is the full loss's gradient restricted to it). Collectives inside ``chunk_loss`` (the
+context-parallel all-reduce of log W) must be made by every rank of their group for the same chunks:
+``plan_sequence_chunks`` depends only on the per-sequence token counts, which are the same on every CP rank
+(each holds an equal share of every sequence) and on every TP rank.
+
+Memory: one chunk of logits (``chunk_elements``, or the longest sequence's ``C x V/tp`` if larger), the fp32
+``dW`` accumulator (``V/tp x H``; none when the weight carries megatron's fp32 ``main_grad``, see below) and
+``d hidden`` (the output's size). Not flat in the sequence length: a sequence is never split.
+
+Weight gradient into ``main_grad``: megatron's DDP gives each parameter an fp32 ``main_grad`` and, with
+``grad_added_to_main_grad``, lets a layer add its weight gradient there itself (its gradient-accumulation
+fusion). The accumulator is then private only until backward, which adds ``scale * accumulator`` to
+``main_grad`` and, as megatron's linear layers do, hands autograd a dummy gradient so that DDP's hooks still
+fire (they skip the addition when ``grad_added_to_main_grad`` is set).
+
+Under tensor parallelism ``hidden`` must be the full (TP-replicated) ``[T, H]``; the gradient returned for it
+is this rank's partial sum over its vocab shard, reduced by megatron's region functions as for the
+recomputing head. This module imports without megatron-core and takes its process group explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from vespo_megatron.parallel import vocab_parallel as vp
+from vespo_megatron.parallel.fused_lm_head import DEFAULT_CHUNK_ELEMENTS, _accumulate, _grad_in_place
+
+__all__ = ["ChunkLogProbs", "HeadLossOutput", "plan_sequence_chunks", "fused_lm_head_loss"]
+
+
+@dataclass(frozen=True)
+class ChunkLogProbs:
+    """What `chunk_loss` sees: tokens [start, end) = sequences [seq_start, seq_end) of the flattened input.
+    `logprobs` / `entropy` are [C] fp32 leaves (requiring grad when the head computes gradients)."""
+
+    seq_start: int
+    seq_end: int
+    start: int
+    end: int
+    logprobs: Tensor
+    entropy: Tensor | None
+
+
+@dataclass(frozen=True)
+class HeadLossOutput:
+    """loss: the sum of the chunks' losses (differentiable w.r.t. hidden and weight); logprobs / entropy:
+    [T] fp32, detached, shaped like `targets`; chunks: the plan that ran, (seq_start, seq_end) per chunk."""
+
+    loss: Tensor
+    logprobs: Tensor
+    entropy: Tensor | None
+    chunks: tuple[tuple[int, int], ...]
+
+
+def plan_sequence_chunks(seq_tokens: Sequence[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive sequences grouped into chunks of at most `max_tokens` tokens: [(seq_start, seq_end)].
+    A sequence longer than `max_tokens` is a chunk of its own; sequences without tokens join their neighbour."""
+    if max_tokens < 1:
+        raise ValueError(f"plan_sequence_chunks: max_tokens must be >= 1, got {max_tokens}")
+    chunks: list[tuple[int, int]] = []
+    start, used = 0, 0
+    for i, n in enumerate(seq_tokens):
+        if n < 0:
+            raise ValueError(f"plan_sequence_chunks: seq_tokens[{i}] must be >= 0, got {n}")
+        if used and used + n > max_tokens:
+            chunks.append((start, i))
+            start, used = i, 0
+        used += n
+    if len(seq_tokens) > start:
+        chunks.append((start, len(seq_tokens)))
+    return chunks
+
+
+class _HeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, grads: dict):
+        # The work is done by `_run` before apply (it needs autograd for the chunk losses, which forward
+        # disables); forward only registers the stored gradients with the graph.
+        ctx.grads = grads
+        return grads.pop("loss").clone()
+
+    @staticmethod
+    def backward(ctx, g_out):
+        grads, ctx.grads = ctx.grads, None
+        scale = g_out.reshape(())
+        d_hidden = grads.get("hidden")
+        if d_hidden is not None:
+            d_hidden.mul_(scale.to(d_hidden.dtype))
+        weight, acc = grads["weight"], grads.get("weight_acc")
+        d_weight = None
+        if acc is not None:
+            if _into_main_grad(weight):
+                # megatron's gradient-accumulation-fusion contract (LinearWithGradAccumulation...): add into
+                # the fp32 main_grad here, mark it, and give autograd a dummy so that DDP's hook still runs.
+                weight.main_grad.addcmul_(acc.to(weight.main_grad.dtype), scale.to(weight.main_grad.dtype))
+                weight.grad_added_to_main_grad = True
+                # (DDP's hook still adds a zero_out_wgrad parameter's .grad: that dummy must be zeros)
+                zero = getattr(weight, "zero_out_wgrad", False)
+                d_weight = torch.zeros_like(weight) if zero else torch.empty_like(weight)
+            elif acc.dtype == weight.dtype:  # one chunk, or fp32 weights: the GEMM's own result, scaled in place
+                d_weight = acc.mul_(scale.to(acc.dtype))
+            else:
+                d_weight = (acc * scale.to(acc.dtype)).to(weight.dtype)
+        return d_hidden, d_weight, None
+
+
+def _into_main_grad(weight: Tensor) -> bool:
+    """Whether `weight` carries megatron DDP's fp32 main_grad and its grad_added_to_main_grad flag."""
+    return hasattr(weight, "main_grad") and hasattr(weight, "grad_added_to_main_grad")
+
+
+def fused_lm_head_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    chunk_loss: Callable[[ChunkLogProbs], Tensor],
+    *,
+    seq_tokens: Sequence[int],
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    chunk_elements: int | None = None,
+    backend: str = "auto",
+) -> HeadLossOutput:
+    """The loss ``sum over chunks of chunk_loss(log-probs of the chunk)`` from the final hidden states and this
+    rank's output-layer shard, with the gradients formed while each chunk's logits are alive.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (TP-replicated, as for ``fused_lm_head_logprobs``).
+        weight: ``[V/tp, H]`` this rank's output-layer shard, hidden's dtype.
+        targets: token ids shaped like ``hidden`` without its last dim, global ids in ``[0, V)``.
+        chunk_loss: called once per chunk (in order) with a ``ChunkLogProbs``; returns that chunk's scalar
+            loss. It must depend on the chunk's log-probs (and entropies) only through the sequences of the
+            chunk: the head sums the chunks' losses and gradients.
+        seq_tokens: host ints, the number of tokens of each sequence in the flattened order of ``targets``
+            (sequences are contiguous there); they must sum to ``targets.numel()``.
+        tp_group, temperature, compute_entropy, backend: as for ``fused_lm_head_logprobs``.
+        chunk_elements: logits elements per chunk (sequences are never split); None: 2**29.
+
+    Gradients are formed only when grad mode is on and ``hidden`` or ``weight`` requires grad; otherwise the
+    chunk losses run without autograd (an evaluation pass).
+    """
+    if not isinstance(hidden, Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
+        raise ValueError(f"hidden: expected a floating-point tensor [..., H], got {vp._describe(hidden)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: expected a [V/tp, H={hidden.shape[-1]}] tensor, got {vp._describe(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: expected dtype {hidden.dtype} (hidden's), got {weight.dtype}")
+    seq_tokens = [int(n) for n in seq_tokens]
+    if sum(seq_tokens) != targets.numel():
+        raise ValueError(f"seq_tokens: expected counts summing to the {targets.numel()} tokens of targets, got "
+                         f"{len(seq_tokens)} sequences of {sum(seq_tokens)} tokens")
+    v_local = weight.shape[0]
+    world, vocab_start, use_triton = vp.check_head_args(
+        hidden, "hidden", targets, v_local, temperature=temperature, chunk_name="chunk_elements",
+        chunk=chunk_elements, backend=backend, tp_group=tp_group)
+    h2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
+    tgt = targets.reshape(-1).to(torch.int64) - vocab_start
+    local_tgt = torch.where((tgt >= 0) & (tgt < v_local), tgt, torch.full_like(tgt, -1)).contiguous()
+    budget = max(1, (DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements) // v_local)
+    plan = plan_sequence_chunks(seq_tokens, budget)
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grads = _run(h2d.detach(), weight.detach(), local_tgt, chunk_loss, plan, seq_tokens, tp_group, world,
+                 float(temperature), compute_entropy, use_triton, want_grad,
+                 need_h=hidden.requires_grad, need_w=weight.requires_grad,
+                 fp32_weight_grad=_into_main_grad(weight) or len(plan) > 1)
+    logp, ent = grads.pop("logprobs"), grads.pop("entropy")
+    if want_grad:
+        grads["weight"] = weight
+        loss = _HeadLoss.apply(h2d, weight, grads)
+    else:
+        loss = grads.pop("loss")
+    return HeadLossOutput(loss=loss, logprobs=logp.view(targets.shape),
+                          entropy=None if ent is None else ent.view(targets.shape), chunks=tuple(plan))
+
+
+def _run(h2d, weight, local_tgt, chunk_loss, plan, seq_tokens, tp_group, world, temperature, entropy, use_triton,
+         want_grad, *, need_h, need_w, fp32_weight_grad) -> dict:
+    t, h = h2d.shape
+    v_local = weight.shape[0]
+    offsets = [0]
+    for n in seq_tokens:
+        offsets.append(offsets[-1] + n)
+    # dW: one chunk without main_grad is a single GEMM in the weight's dtype (as the logits path); otherwise
+    # the chunks' products accumulate in fp32 (no rounding to bf16 in between).
+    low = h2d.dtype in (torch.bfloat16, torch.float16)
+    acc_dtype = torch.float32 if low and fp32_weight_grad else h2d.dtype
+    d_hidden = torch.empty_like(h2d) if want_grad and need_h else None
+    dw_acc = torch.zeros(v_local, h, dtype=acc_dtype, device=weight.device) if want_grad and need_w else None
+    max_rows = max((offsets[b] - offsets[a] for a, b in plan), default=0)
+    buf = torch.empty(max_rows * v_local, dtype=h2d.dtype, device=h2d.device)  # one [C, V/tp] tile
+    logps, ents, losses = [], [], []
+    for seq_start, seq_end in plan:
+        s, e = offsets[seq_start], offsets[seq_end]
+        z = buf[: (e - s) * v_local].view(e - s, v_local)
+        torch.mm(h2d[s:e], weight.t(), out=z)
+        if use_triton:
+            stats = vp._local_stats_triton(z, local_tgt[s:e], temperature, entropy)
+        else:
+            stats = vp._local_stats_torch(z, local_tgt[s:e], temperature, entropy, vp._chunk_tokens(None, v_local))
+        lse, logp, ent = vp._combine(*stats, tp_group, world)
+        logps.append(logp)
+        ents.append(ent)
+        with torch.enable_grad() if want_grad else torch.no_grad():
+            lp_leaf = logp.detach().requires_grad_(want_grad)
+            ent_leaf = None if ent is None else ent.detach().requires_grad_(want_grad)
+            loss = chunk_loss(ChunkLogProbs(seq_start, seq_end, s, e, lp_leaf, ent_leaf))
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(f"chunk_loss: expected a scalar tensor, got {vp._describe(loss)}")
+            g_lp = g_h = None
+            if want_grad and loss.requires_grad:
+                leaves = [lp_leaf] if ent_leaf is None else [lp_leaf, ent_leaf]
+                got = torch.autograd.grad(loss, leaves, allow_unused=True)
+                g_lp, g_h = got[0], (got[1] if len(got) > 1 else None)
+        losses.append(loss.detach().reshape(()))
+        if not want_grad:
+            continue
+        if g_lp is None and g_h is None:  # the chunk's loss does not depend on it: zero gradients
+            if d_hidden is not None:
+                d_hidden[s:e].zero_()
+            continue
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_h = None if g_h is None else g_h.float().contiguous()
+        _grad_in_place(z, local_tgt[s:e], lse, ent, g_lp, g_h, temperature, use_triton)  # z: d loss / d logits
+        if d_hidden is not None:
+            torch.mm(z, weight, out=d_hidden[s:e])  # every vocab row in one GEMM: no accumulation
+        if dw_acc is not None:
+            if len(plan) == 1:
+                torch.mm(z.t(), h2d[s:e], out=dw_acc)  # all tokens in one GEMM, exactly as the logits path
+            else:
+                _accumulate(dw_acc, z.t(), h2d[s:e])
+    del buf
+    total = torch.stack(losses).sum() if losses else h2d.new_zeros((), dtype=torch.float32)
+    return {
+        "loss": total,
+        "logprobs": torch.cat(logps) if logps else h2d.new_zeros(0, dtype=torch.float32),
+        "entropy": (torch.cat(ents) if ents else h2d.new_zeros(0, dtype=torch.float32)) if entropy else None,
+        "hidden": d_hidden,
+        "weight_acc": dw_acc,
+    }
