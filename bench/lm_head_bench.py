@@ -7,6 +7,10 @@ the two [T]-sized all-reduces), T = B x S response tokens, B = 8 sequences. Vari
 * gemm_floor   hidden @ W.T forward, then the two backward GEMMs (d hidden, d W) for a random upstream
 * logits       the logits path: the GEMM, then `vocab_parallel_logprobs` (Triton), then VESPO
 * fused_<n>    `fused_lm_head_logprobs` with 2**n logits elements per tile, then VESPO
+* single_<n>   `fused_lm_head_loss` (the single pass: VESPO per chunk of whole sequences inside the head, the
+               gradients formed while each chunk's logits are alive, 3 GEMMs instead of 4), 2**n elements a chunk;
+               `single_<n>_main_grad`: the weight carries megatron DDP's fp32 main_grad, where d W is added
+               (timed with the main_grad.zero_() a step's zero_grad_buffer would do)
 * liger        Liger-Kernel's `LigerFusedLinearGRPOLoss(loss_type="vespo", beta=0, use_ref_model=False)` (its own
                token-level VESPO; TP = 1 only; only if liger_kernel imports)
 
@@ -35,6 +39,7 @@ sys.path.insert(0, ROOT)  # the package imports without megatron-core for these 
 
 from vespo_megatron.losses import get_policy_loss  # noqa: E402
 from vespo_megatron.parallel import fused_lm_head as flh  # noqa: E402
+from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss  # noqa: E402
 from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer  # noqa: E402
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs  # noqa: E402
 
@@ -100,14 +105,25 @@ class Vespo:
         self.adv = torch.randn(B, generator=g, device=DEV)
         self.old = old_logp
         self.norm = global_normalizer([self.mask], [self.token_seq], [B])
+        self.seq_tokens = [t // B] * B
 
     def __call__(self, logp):
         inputs = build_loss_inputs(logp=logp, old_logp=self.old, mask=self.mask, token_seq=self.token_seq,
-                                   num_seqs=B, advantages=self.adv, differentiable_seq_log_ratio=self.loss.seq_grad)
+                                   num_seqs=B, advantages=self.adv,
+                                   differentiable_seq_log_ratio=self.loss.seq_grad(self.cfg))
+        return self.loss(inputs, self.norm, self.cfg).loss
+
+    def chunk_loss(self, c):
+        """The same loss on the whole sequences [c.seq_start, c.seq_end) (the single-pass head's chunks)."""
+        tokens = slice(c.start, c.end)
+        inputs = build_loss_inputs(logp=c.logprobs, old_logp=self.old[tokens], mask=self.mask[tokens],
+                                   token_seq=self.token_seq[tokens] - c.seq_start, num_seqs=c.seq_end - c.seq_start,
+                                   advantages=self.adv[c.seq_start:c.seq_end],
+                                   differentiable_seq_log_ratio=self.loss.seq_grad(self.cfg))
         return self.loss(inputs, self.norm, self.cfg).loss
 
 
-def variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: bool):
+def variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: bool, single_exps=()):
     h_leaf, w_leaf = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
     out = {}
 
@@ -162,6 +178,31 @@ def variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: bool
             return (loss.detach(), *torch.autograd.grad(loss, (h_leaf, w_leaf)))
 
         out[f"fused_{n}"] = (fused_fwd, fused_bwd)
+
+    w_main = None
+    for n in single_exps:
+        def single_bwd(n=n):
+            res = fused_lm_head_loss(h_leaf, w_leaf, targets, vespo.chunk_loss, seq_tokens=vespo.seq_tokens,
+                                     compute_entropy=True, chunk_elements=1 << n)
+            return (res.loss.detach(), *torch.autograd.grad(res.loss, (h_leaf, w_leaf)))
+
+        if w_main is None:  # a parameter as megatron's DDP leaves it: fp32 main_grad, grad_added_to_main_grad
+            w_main = torch.nn.Parameter(weight.detach().clone())
+            w_main.main_grad = torch.zeros(w_main.shape, dtype=torch.float32, device=DEV)
+            w_main.grad_added_to_main_grad = False
+
+        def single_main_grad_bwd(n=n):
+            w_main.main_grad.zero_()
+            w_main.grad_added_to_main_grad = False
+            res = fused_lm_head_loss(h_leaf, w_main, targets, vespo.chunk_loss, seq_tokens=vespo.seq_tokens,
+                                     compute_entropy=True, chunk_elements=1 << n)
+            res.loss.backward()  # as megatron's schedule: d W lands in main_grad, autograd gets a dummy
+            dh, h_leaf.grad = h_leaf.grad, None
+            w_main.grad = None  # the dummy megatron's hook would drop
+            return res.loss.detach(), dh, w_main.main_grad
+
+        out[f"single_{n}"] = (None, single_bwd)
+        out[f"single_{n}_main_grad"] = (None, single_main_grad_bwd)
 
     if with_liger:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -221,6 +262,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", default="16384,32768")
     ap.add_argument("--chunks", default="28,29,30", help="log2 of the fused head's tile sizes to measure")
+    ap.add_argument("--single-chunks", default="29,30",
+                    help="log2 of the single-pass head's chunk sizes to measure ('' for none)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--flat-tokens", default="8192,65536,131072",
                     help="extra token counts at which only the fused head's memory is measured (TP = 1)")
@@ -235,7 +278,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     tokens = [256 if args.cpu_smoke else 2048] if args.quick else [int(x) for x in args.tokens.split(",")]
     repeats = 2 if args.quick else args.repeats
-    chunk_exps = [int(x) for x in args.chunks.split(",")]
+    chunk_exps = [int(x) for x in args.chunks.split(",") if x]
+    single_exps = [int(x) for x in args.single_chunks.split(",") if x]
     try:
         import liger_kernel  # noqa: F401
 
@@ -263,7 +307,7 @@ def main():
                 old = vocab_parallel_logprobs(hidden @ weight.t(), targets).logprobs
             old = old + 0.05 * torch.randn(old.shape, device=DEV, generator=torch.Generator(DEV).manual_seed(2))
             vespo = Vespo(t, old)
-            var = variants(hidden, weight, targets, vespo, chunk_exps, have_liger and shard == "tp1")
+            var = variants(hidden, weight, targets, vespo, chunk_exps, have_liger and shard == "tp1", single_exps)
             results = {}
             for name, (fwd, bwd) in var.items():
                 slow = name == "liger"
@@ -293,17 +337,19 @@ def main():
             del hidden, weight, targets, vespo, var, results, ref
             gc.collect()
             torch.cuda.empty_cache()
-    flat = []  # memory against T, fused head only (default tile), TP = 1
+    flat = []  # memory against T, fused head and single pass (2**29 elements), TP = 1
     for t in [int(x) for x in args.flat_tokens.split(",") if x]:
         hidden, weight, targets = make_inputs(t, V)
         old = torch.full((t,), -12.0, device=DEV)
-        var = variants(hidden, weight, targets, Vespo(t, old), [29], False)
-        fwd, bwd = var["fused_29"]
-        row = dict(tokens=t, fwd_bwd_ms=cuda_ms(bwd, 1, 3), fwd_bwd_extra_gib=extra_gib(bwd),
-                   fwd_extra_gib=extra_gib(fwd), inputs_gib=(hidden.numel() * 2 + weight.numel() * 2) / GIB,
-                   d_hidden_gib=hidden.numel() * 2 / GIB, d_weight_gib=weight.numel() * 2 / GIB)
-        flat.append(row)
-        print("flat", json.dumps(row), flush=True)
+        var = variants(hidden, weight, targets, Vespo(t, old), [29], False, [29])
+        for name in ("fused_29", "single_29"):
+            fwd, bwd = var[name]
+            row = dict(variant=name, tokens=t, fwd_bwd_ms=cuda_ms(bwd, 1, 3), fwd_bwd_extra_gib=extra_gib(bwd),
+                       fwd_extra_gib=None if fwd is None else extra_gib(fwd),
+                       inputs_gib=(hidden.numel() * 2 + weight.numel() * 2) / GIB,
+                       d_hidden_gib=hidden.numel() * 2 / GIB, d_weight_gib=weight.numel() * 2 / GIB)
+            flat.append(row)
+            print("flat", json.dumps(row), flush=True)
         del hidden, weight, targets, var, fwd, bwd
         gc.collect()
         if DEV == "cuda":
@@ -339,12 +385,13 @@ def render(res) -> str:
         lines.append(f"| {r['shard']} (V={r['V_shard']}) | {r['tokens']} | {name} | {f(r.get('fwd_bwd_ms'))} "
                      f"| {f(r.get('over_floor'), '{:.3f}')} | {f(r.get('fwd_bwd_extra_gib'), '{:.2f}')} "
                      f"| {f(r.get('fwd_ms'))} | {f(r.get('fwd_extra_gib'), '{:.2f}')} |")
-    lines += ["", "Fused head (2**29-element tiles), TP = 1, memory against T (the outputs d hidden and d W are "
-              "part of 'extra'):", "", "| tokens | fwd+bwd ms | fwd+bwd extra GiB | of which d hidden + d W GiB "
-              "| fwd extra GiB |", "|---:|---:|---:|---:|---:|"]
+    lines += ["", "Fused head and single pass (2**29 elements a tile / chunk), TP = 1, memory against T (the outputs "
+              "d hidden and d W are part of 'extra'):", "", "| variant | tokens | fwd+bwd ms | fwd+bwd extra GiB "
+              "| of which d hidden + d W GiB | fwd extra GiB |", "|---|---:|---:|---:|---:|---:|"]
     for r in res["flat"]:
-        lines.append(f"| {r['tokens']} | {f(r['fwd_bwd_ms'])} | {f(r['fwd_bwd_extra_gib'], '{:.2f}')} "
-                     f"| {f(r['d_hidden_gib'] + r['d_weight_gib'], '{:.2f}')} | {f(r['fwd_extra_gib'], '{:.2f}')} |")
+        lines.append(f"| {r.get('variant', 'fused_29')} | {r['tokens']} | {f(r['fwd_bwd_ms'])} "
+                     f"| {f(r['fwd_bwd_extra_gib'], '{:.2f}')} | {f(r['d_hidden_gib'] + r['d_weight_gib'], '{:.2f}')} "
+                     f"| {f(r['fwd_extra_gib'], '{:.2f}')} |")
     lines += ["", "Agreement with the logits path at full size (relative L2 and max-abs / max-abs of the logits "
               "path's gradients):", "", "```", json.dumps(res["agreement"], indent=1), "```", "",
               "float64 reference, T=256, full vocab, temperature 0.8, entropy gradient included:", "", "```",

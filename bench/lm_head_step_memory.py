@@ -1,5 +1,5 @@
 """Whole-step peak GPU memory of one RL step (RLStep through megatron's schedules, forward + backward, VESPO) on
-a Qwen3-30B-A3B-shaped slice, with the logits path or the fused LM head. Not a test.
+a Qwen3-30B-A3B-shaped slice, with the logits path, the fused LM head or its single pass. Not a test.
 
 The slice is `bench/gpu_layouts.py`'s `qwen3-slice` (hidden 2048, 32 query / 4 KV heads of 128, 128 experts,
 top-8, expert FFN 768, vocab 151936, 4 layers) in bf16, one micro-batch of `--samples` sequences of
@@ -8,6 +8,7 @@ a fresh process (the peak of the first step of a process is the number), so laun
 
     torchrun --nproc-per-node 1 bench/lm_head_step_memory.py --fused 0 --out OUT
     torchrun --nproc-per-node 1 bench/lm_head_step_memory.py --fused 1 --out OUT
+    torchrun --nproc-per-node 1 bench/lm_head_step_memory.py --fused 1 --single-pass --out OUT
 
 Appends one JSON line per launch to OUT/lm_head_step_memory.jsonl.
 """
@@ -29,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fused", type=int, choices=(0, 1), required=True)
+    ap.add_argument("--single-pass", action="store_true", help="the fused head's single pass (RLStepConfig."
+                    "lm_head_single_pass: the loss inside the head, 3 GEMMs instead of 4)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--response", type=int, default=1792)
@@ -68,7 +71,7 @@ def main() -> None:
                                 response=torch.randint(0, vocab, (args.response,), generator=g), old_logp=old,
                                 rollout_logp=old + 0.05 * torch.randn(args.response, generator=g),
                                 advantage=float(torch.randn(1, generator=g))))
-    step_cfg = RLStepConfig(loss_name="vespo", fused_lm_head=bool(args.fused),
+    step_cfg = RLStepConfig(loss_name="vespo", fused_lm_head=bool(args.fused), lm_head_single_pass=args.single_pass,
                             loss_config=make_loss_config("vespo", rollout_correction=RolloutCorrectionConfig(mode="fold")))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -78,7 +81,7 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     nan = float("nan")
-    record = dict(fused=bool(args.fused), dtype=args.dtype, layout=args.layout, tokens=args.samples * length,
+    record = dict(fused=bool(args.fused), single_pass=args.single_pass, dtype=args.dtype, layout=args.layout, tokens=args.samples * length,
                   response_tokens=args.samples * args.response, loss=res.loss,
                   entropy_mean=res.metrics.get("entropy_mean"),
                   grad_norm_output_layer=float(next(v for k, v in res.grads.items() if "output_layer" in k)),

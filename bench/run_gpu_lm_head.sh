@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One device call (one H200) for issue 16, the fused loss head: device `run` from the repository root, carry
+# [".gpuwhl"] (megatron-core 0.16.1 and liger-kernel 0.8.5 wheels for Python 3.12:
+# pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
+# megatron-core==0.16.1 liger-kernel==0.8.5 -d .gpuwhl), then:  bash bench/run_gpu_lm_head.sh
+#   1. bench/lm_head_bench.py: GEMM floor, logits path, the recomputing fused head (2**29 tiles), the single
+#      pass (2**29 and 2**30 chunks, with and without megatron's main_grad) and Liger, at TP = 1 and on a V/4
+#      shard, 16k and 32k tokens -> $OUT/lm_head/lm_head_h200.{md,json}
+#   2. bench/lm_head_step_memory.py on the Qwen3-30B-A3B slice, short rows (64 x (32 + 224) tokens): logits
+#      path, fused head, single pass -> $OUT/lm_head/lm_head_step_memory.jsonl
+# LM_HEAD_ARGS / STEP_ARGS replace the two scripts' arguments (defaults below; on CPU: LM_HEAD_ARGS="--cpu-smoke"
+# STEP_ARGS="--cpu-smoke" PYTHON=.venv/bin/python WHEELS_DIR=none OUT=/tmp/x checks this script). Logs: $OUT/lm_head/.
+set -uo pipefail
+W=${WORK_DIR:-/tmp}
+PY=${PYTHON:-python3}
+WHEELS=${WHEELS_DIR:-.gpuwhl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" "$WHEELS"/*.whl || exit 1
+fi
+export PYTHONPATH=$W/site:$PWD PYTHONUNBUFFERED=1
+[ -e vespo_megatron/patches ] || ln -s ../patches vespo_megatron/patches
+mkdir -p "$OUT/lm_head"
+T0=$(date +%s)
+# shellcheck disable=SC2086
+$PY bench/lm_head_bench.py --out "$OUT/lm_head" ${LM_HEAD_ARGS:---chunks 29 --single-chunks 29,30} \
+  > "$OUT/lm_head/bench.log" 2>&1
+echo "[$(( $(date +%s) - T0 )) s] lm_head_bench rc=$?"
+grep -E "^\| " "$OUT/lm_head/lm_head_h200.md" 2>/dev/null | head -60
+for mode in "--fused 0" "--fused 1" "--fused 1 --single-pass"; do
+  # shellcheck disable=SC2086
+  $PY -m torch.distributed.run --nproc-per-node 1 bench/lm_head_step_memory.py $mode \
+    ${STEP_ARGS:---samples 64 --prompt 32 --response 224} --out "$OUT/lm_head" >> "$OUT/lm_head/step_memory.log" 2>&1
+  echo "[$(( $(date +%s) - T0 )) s] step memory $mode rc=$?"
+done
+cat "$OUT/lm_head/lm_head_step_memory.jsonl" 2>/dev/null
