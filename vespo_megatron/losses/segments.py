@@ -8,12 +8,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from vespo_megatron.base.host_checks import host_checked
+
 __all__ = ["masked_segment_sum", "segment_count", "check_token_seq"]
 
 
 def check_token_seq(token_seq: Tensor, num_seqs: int) -> None:
-    """ValueError unless every entry of `token_seq` lies in [0, num_seqs)."""
-    if token_seq.numel() > 0:
+    """ValueError unless every entry of `token_seq` lies in [0, num_seqs) (a device read, unless the caller
+    checked its host copy: `base.host_checks.checked_on_host(token_seq=True)`)."""
+    if token_seq.numel() > 0 and not host_checked("token_seq"):
         lo, hi = int(token_seq.min()), int(token_seq.max())
         if lo < 0 or hi >= num_seqs:
             raise ValueError(f"LossInputs.token_seq: expected values in [0, {num_seqs}), got range [{lo}, {hi}]")

@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vespo_megatron.base.host_checks import checked_on_host
 from vespo_megatron.base.metric import Metric, merge_metrics
 from vespo_megatron.losses import LossNormalizer, resolve_policy_loss
+from vespo_megatron.losses.segments import check_token_seq
 from vespo_megatron.megatron.rl_batch import RLMicroBatch
 from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
@@ -216,7 +218,8 @@ class RLStep:
     def _forward_step(self, on_output, chunk_plan: bool = False):
         def forward_step(data_iterator, model):
             host_batch: RLMicroBatch = next(data_iterator)
-            # The single-pass head's chunk plan, from the batch's host copy (no device sync).
+            facts = host_facts(host_batch)  # checked on the host copy: the loss path's checks need no device sync
+            # The single-pass head's chunk plan, from the batch's host copy.
             seq_tokens = sequence_token_counts(host_batch.token_seq, host_batch.num_seqs) if chunk_plan else None
             batch = host_batch.to(next(model.parameters()).device)
             head = None
@@ -231,11 +234,26 @@ class RLStep:
                     attention_mask=None,
                     packed_seq_params=batch.packed_seq_params,
                 )
-            if head is not None:
-                return logits, lambda output: on_output(batch, head(output), seq_tokens)
-            return logits, lambda output: on_output(batch, output, seq_tokens)
+
+            def loss_of(output):
+                with checked_on_host(**facts):
+                    return on_output(batch, output if head is None else head(output), seq_tokens)
+
+            return logits, loss_of
 
         return forward_step
+
+
+def host_facts(batch: RLMicroBatch) -> dict:
+    """What the loss path checks, checked on `batch` while it is on the host (free there): sequence indices in
+    [0, num_seqs) (ValueError otherwise) and the range of the labels, which the head compares with its
+    vocabulary. Empty for a batch already on a device (the checks then read the device values)."""
+    if batch.token_seq.device.type != "cpu" or batch.labels.device.type != "cpu":
+        return {}
+    check_token_seq(batch.token_seq.reshape(-1), batch.num_seqs)
+    if batch.labels.numel() == 0:
+        return {"token_seq": True}
+    return {"token_seq": True, "targets": (int(batch.labels.min()), int(batch.labels.max()))}
 
 
 def sequence_token_counts(token_seq: Tensor, num_seqs: int) -> list[int]:
@@ -245,9 +263,7 @@ def sequence_token_counts(token_seq: Tensor, num_seqs: int) -> list[int]:
     if flat.numel() > 1 and bool((flat[1:] < flat[:-1]).any()):
         raise ValueError("RLMicroBatch.token_seq: the single-pass head (lm_head_single_pass) expects each "
                          "sequence's tokens contiguous and in sequence order, got a decreasing sequence index")
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= num_seqs):
-        raise ValueError(f"RLMicroBatch.token_seq: expected values in [0, {num_seqs}), got range "
-                         f"[{int(flat.min())}, {int(flat.max())}]")
+    check_token_seq(flat, num_seqs)
     return torch.bincount(flat, minlength=num_seqs).tolist()
 
 

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from vespo_megatron.base.host_checks import host_checked
+
 try:  # optional fused CUDA kernels
     import triton
     import triton.language as tl
@@ -328,7 +330,8 @@ def check_head_args(x: Tensor, x_name: str, targets: Tensor, v_local: int, *, te
     rank = dist.get_rank(tp_group) if world > 1 else 0
     vocab_start, v_global = rank * v_local, world * v_local
     if targets.numel() > 0:
-        lo, hi = int(targets.min()), int(targets.max())
+        # (lo, hi) read on the host copy when the caller declared them (`checked_on_host`): no device sync
+        lo, hi = host_checked("targets") or (int(targets.min()), int(targets.max()))
         if lo < 0 or hi >= v_global:
             raise ValueError(
                 f"targets: expected token ids in [0, {v_global}) (V = tp {world} x V/tp {v_local}), "
