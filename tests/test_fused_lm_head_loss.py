@@ -146,6 +146,14 @@ def test_weight_gradient_into_megatron_main_grad():
         assert w.grad is not None and w.grad.shape == w.shape
         if zero_out:
             assert not w.grad.any()
+    # into_main_grad=False (a tied weight): a real gradient for autograd to sum, main_grad left to DDP's hook
+    w = torch.nn.Parameter(weight.clone())
+    w.main_grad, w.grad_added_to_main_grad = torch.zeros_like(w), False
+    out = fused_lm_head_loss(hidden, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+                             chunk_elements=20 * V, into_main_grad=False)
+    (out.loss * 2.0).backward()
+    assert w.grad_added_to_main_grad is False and not w.main_grad.any()
+    torch.testing.assert_close(w.grad.double(), ref_dw, rtol=1e-4, atol=1e-6)
 
 
 def test_no_grad_pass_and_inputs_without_grad():

@@ -343,12 +343,14 @@ class LMHeadInput:
 
     hidden: [b, s_local, h] the final (normed) hidden states as `GPTModel` returns them with its output layer
     skipped (s_local = s / tp under sequence parallelism; CP-local); weight: [V/tp, h] this rank's
-    output-layer shard (the shared embedding under tied weights); sequence_parallel: the output layer's flag.
+    output-layer shard (the shared embedding under tied weights); sequence_parallel: the output layer's flag;
+    tied: whether that weight is the shared embedding (it then has another gradient in the graph).
     """
 
     hidden: torch.Tensor
     weight: torch.Tensor
     sequence_parallel: bool
+    tied: bool = False
 
 
 def unwrap_gpt(model: torch.nn.Module) -> GPTModel:
@@ -399,7 +401,8 @@ def output_layer_skipped(model: torch.nn.Module):
     sp = bool(layer.sequence_parallel)
     layer.emit_hidden = True
     try:
-        yield lambda output: LMHeadInput(hidden=output, weight=weight, sequence_parallel=sp)
+        yield lambda output: LMHeadInput(hidden=output, weight=weight, sequence_parallel=sp,
+                                         tied=bool(gpt.share_embeddings_and_output_weights))
     finally:
         layer.emit_hidden = False
 
@@ -449,4 +452,4 @@ def lm_head_loss(head: LMHeadInput, labels: torch.Tensor, chunk_loss, seq_tokens
         hidden = hidden.transpose(0, 1)  # [b, s, h]: a copy of the states when b > 1, never of the logits
     return fused_lm_head_loss(hidden, head.weight, labels, chunk_loss, seq_tokens=seq_tokens, tp_group=tp_group,
                               temperature=temperature, compute_entropy=compute_entropy,
-                              chunk_elements=chunk_elements)
+                              chunk_elements=chunk_elements, into_main_grad=not head.tied)

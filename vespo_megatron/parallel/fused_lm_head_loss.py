@@ -118,7 +118,7 @@ class _HeadLoss(torch.autograd.Function):
         weight, acc = grads["weight"], grads.get("weight_acc")
         d_weight = None
         if acc is not None:
-            if _into_main_grad(weight):
+            if grads["into_main_grad"]:
                 # megatron's gradient-accumulation-fusion contract (LinearWithGradAccumulation...): add into
                 # the fp32 main_grad here, mark it, and give autograd a dummy so that DDP's hook still runs.
                 weight.main_grad.addcmul_(acc.to(weight.main_grad.dtype), scale.to(weight.main_grad.dtype))
@@ -150,6 +150,7 @@ def fused_lm_head_loss(
     compute_entropy: bool = False,
     chunk_elements: int | None = None,
     backend: str = "auto",
+    into_main_grad: bool = True,
 ) -> HeadLossOutput:
     """The loss ``sum over chunks of chunk_loss(log-probs of the chunk)`` from the final hidden states and this
     rank's output-layer shard, with the gradients formed while each chunk's logits are alive.
@@ -165,6 +166,9 @@ def fused_lm_head_loss(
             (sequences are contiguous there); they must sum to ``targets.numel()``.
         tp_group, temperature, compute_entropy, backend: as for ``fused_lm_head_logprobs``.
         chunk_elements: logits elements per chunk (sequences are never split); None: 2**29.
+        into_main_grad: add d W into ``weight.main_grad`` when the weight carries megatron DDP's attributes
+            (module docstring). Pass False for a weight with other uses in the graph (embeddings tied to the
+            output layer): autograd would sum their gradient with the dummy, and DDP's hook would skip the sum.
 
     Gradients are formed only when grad mode is on and ``hidden`` or ``weight`` requires grad; otherwise the
     chunk losses run without autograd (an evaluation pass).
@@ -192,10 +196,10 @@ def fused_lm_head_loss(
     grads = _run(h2d.detach(), weight.detach(), local_tgt, chunk_loss, plan, seq_tokens, tp_group, world,
                  float(temperature), compute_entropy, use_triton, want_grad,
                  need_h=hidden.requires_grad, need_w=weight.requires_grad,
-                 fp32_weight_grad=_into_main_grad(weight) or len(plan) > 1)
+                 fp32_weight_grad=(into_main_grad and _into_main_grad(weight)) or len(plan) > 1)
     logp, ent = grads.pop("logprobs"), grads.pop("entropy")
     if want_grad:
-        grads["weight"] = weight
+        grads["weight"], grads["into_main_grad"] = weight, into_main_grad and _into_main_grad(weight)
         loss = _HeadLoss.apply(h2d, weight, grads)
     else:
         loss = grads.pop("loss")
