@@ -72,6 +72,29 @@ class BatchedSequentialMLP(SequentialMLP):
     def unbatched_reason(self) -> str | None:
         """Why `forward` runs the parent's per-expert loop for this configuration (None: the batched path).
         The padding limit, which depends on the routing, is checked in `forward`."""
+        return self._plan()[0]
+
+    def _plan(self):
+        """(unbatched reason or None, (fc1 hooks, fc2 hooks) when batched). The configuration part is fixed at
+        construction and computed once; hooks can come and go (the engine's fp8 mismatch adds them for a
+        generation), so they are looked at on every call, on cached module lists (a decode step calls this
+        once per MoE layer: it must cost microseconds, not the ~0.3 ms of walking the experts' modules)."""
+        static = self.__dict__.get("_static_reason", False)
+        if static is False:
+            static = self._static_reason()
+            self.__dict__["_static_reason"] = static
+            self.__dict__["_linears"] = ([e.linear_fc1 for e in self.local_experts],
+                                         [e.linear_fc2 for e in self.local_experts])
+        if static is not None:
+            return static, None
+        if any(getattr(_torch_module, name, None) for name in _GLOBAL_HOOKS):
+            return "global module hooks", None
+        transforms = self._input_transforms()
+        if transforms is None:
+            return "hooks on the experts' linear layers without a batched form", None
+        return None, transforms
+
+    def _static_reason(self) -> str | None:
         c = self.config
         if self.num_local_experts == 1:
             return "one local expert (the parent runs it in one call already)"
@@ -87,18 +110,18 @@ class BatchedSequentialMLP(SequentialMLP):
             if (type(e) is not MLP or type(e.linear_fc1) is not ColumnParallelLinear
                     or type(e.linear_fc2) is not RowParallelLinear):
                 return "experts that are not megatron's MLP with Column/RowParallelLinear"
-        if any(getattr(_torch_module, name, None) for name in _GLOBAL_HOOKS):
-            return "global module hooks"
-        if self._input_transforms() is None:
-            return "hooks on the experts' linear layers without a batched form"
         return None
 
     def _input_transforms(self):
         """(fc1 hooks, fc2 hooks), each hook's `batched` applied to the padded GEMM input; None when some
         hook has no batched form or the experts' hooks differ (one batched call must stand for all)."""
         out = []
-        for name in ("linear_fc1", "linear_fc2"):
-            per_expert = [_batched_pre_hooks(getattr(e, name)) for e in self.local_experts]
+        for linears in self.__dict__["_linears"]:
+            if not any(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
+                       for m in linears):
+                out.append([])  # the common case: no hook at all
+                continue
+            per_expert = [_batched_pre_hooks(m) for m in linears]
             if any(h is None or h != per_expert[0] for h in per_expert):
                 return None
             out.append([h.batched for h in per_expert[0]])
@@ -106,7 +129,8 @@ class BatchedSequentialMLP(SequentialMLP):
 
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor):
-        if self.unbatched_reason() is not None:
+        reason, transforms = self._plan()
+        if reason is not None:
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
         x, probs = permuted_local_hidden_states, permuted_probs  # [T, H], [T]
         # The dispatcher's counts live on the host or are brought there (the parent's torch.split syncs too);
@@ -132,7 +156,7 @@ class BatchedSequentialMLP(SequentialMLP):
         # nothing to any output or gradient (and nothing to an amax a quantising hook takes).
         rows = x.new_zeros(E * C, H).index_copy(0, flat, x).view(E, C, H)
         scale = probs.new_zeros(E * C).index_copy(0, flat, probs).view(E, C, 1)  # [E, C, 1]
-        fc1_hooks, fc2_hooks = self._input_transforms()
+        fc1_hooks, fc2_hooks = transforms
         for hook in fc1_hooks:
             rows = hook(rows)
         w1 = torch.stack([e.linear_fc1.weight for e in experts])  # [E, 2F, H]
