@@ -4,7 +4,7 @@ CI has no GPU, so the fused path is forced on CPU (`reference_attention.FUSED_KE
 and gradients of q / k / v, with the reference path and with a float64 loop, on every layout the trainer and the
 engine hand it: packed sequences (THD; on real tokens: the fused path gives padding zeros, as transformer-
 engine does, and padding never reaches a loss), a padded causal batch, a padded batch with megatron's attention mask,
-and a KV-cache step (sq < sk).
+a KV-cache step (sq < sk) and a one-token decode step over its cached keys.
 """
 
 from __future__ import annotations
@@ -101,6 +101,10 @@ def _cases(rank, world_size):
         q, k, v = qkv(3, 9, 2)
         out["cache"] = (_both_paths(attn, (q, k, v), attention_mask=None),
                         _loop(q.double(), k.double(), v.double(), lambda b, i, j: j <= i + 6, hn**-0.5))
+        # a decode step: 1 query over 9 cached keys, all visible (the fused path builds no mask)
+        q, k, v = qkv(1, 9, 2)
+        out["decode"] = (_both_paths(attn, (q, k, v), attention_mask=None),
+                         _loop(q.double(), k.double(), v.double(), lambda b, i, j: True, hn**-0.5))
     finally:
         destroy_parallel()
     return out
@@ -111,7 +115,7 @@ def cases():
     return run_distributed(_cases, 1)[0]
 
 
-@pytest.mark.parametrize("case", ["thd", "causal", "masked", "cache"])
+@pytest.mark.parametrize("case", ["thd", "causal", "masked", "cache", "decode"])
 def test_fused_path_matches_reference_and_float64_loop(cases, case):
     paths, loop = cases[case]
     ref_out, ref_grads = paths["reference"]

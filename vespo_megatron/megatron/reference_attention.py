@@ -73,12 +73,14 @@ def all_gather_first_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Ten
     return _AllGatherFirstDim.apply(x, group)
 
 
-def _sdpa(query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, scale: float) -> Tensor:
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, scale: float, *,
+          causal: bool = True) -> Tensor:
     """The same attention through torch's fused kernels (flash / memory-efficient): no [sq, sk] scores in
-    memory. query [b, np, sq, hn], key/value [b, np, sk, hn], visible [b or 1, 1, sq, sk] bool or None (causal
-    with sq == sk). Softmax accumulates in fp32 inside the kernels, as in the reference."""
+    memory. query [b, np, sq, hn], key/value [b, np, sk, hn], visible [b or 1, 1, sq, sk] bool or None: then
+    causal with sq == sk, or (causal=False) every key visible to every query (a one-token decode step over its
+    cached keys). Softmax accumulates in fp32 inside the kernels, as in the reference."""
     if visible is None:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scale)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
 
 
@@ -234,6 +236,12 @@ class ReferenceAttention(MegatronModule):
                     f"got {query.size(0)}"
                 )
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+        elif fused and cp_size == 1 and attention_mask is None and (query.size(0) == 1 or key.size(0) == query.size(0)):
+            # No mask to build (and no index tensors to copy to the device, a stream sync each): plain causal
+            # attention, or a decode step, whose one query at the end of the cached keys sees all of them.
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, self._repeat_kv(key), self._repeat_kv(value)))
+            out = _sdpa(q, k, v, None, self.softmax_scale, causal=key.size(0) == query.size(0))
+            return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)  # [sq, b, np*hn]
         elif key.size(0) != query.size(0):
             # KV cache: sk cached + new keys, sq new queries at the end of the sequence
             if cp_size > 1 or key.size(0) < query.size(0):
@@ -261,18 +269,15 @@ class ReferenceAttention(MegatronModule):
             k_index = q_index
         key, value = self._repeat_kv(key), self._repeat_kv(value)
         q_index, k_index = q_index.to(query.device), k_index.to(query.device)
-        plain_causal = not thd and cp_size == 1 and attention_mask is None and key.size(0) == query.size(0)
-        visible = None
-        if not (fused and plain_causal):
-            visible = k_index[None, :] <= q_index[:, None]  # [sq, sk]
-            if thd:
-                cu_d = cu.to(query.device)
-                q_seq = torch.searchsorted(cu_d, q_index, right=True)
-                k_seq = torch.searchsorted(cu_d, k_index, right=True)
-                visible = visible & (q_seq[:, None] == k_seq[None, :])
-            visible = visible[None, None]  # [1, 1, sq, sk]
-            if attention_mask is not None:
-                visible = visible & ~attention_mask.bool()
+        visible = k_index[None, :] <= q_index[:, None]  # [sq, sk]
+        if thd:
+            cu_d = cu.to(query.device)
+            q_seq = torch.searchsorted(cu_d, q_index, right=True)
+            k_seq = torch.searchsorted(cu_d, k_index, right=True)
+            visible = visible & (q_seq[:, None] == k_seq[None, :])
+        visible = visible[None, None]  # [1, 1, sq, sk]
+        if attention_mask is not None:
+            visible = visible & ~attention_mask.bool()
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         if fused:
