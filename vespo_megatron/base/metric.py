@@ -31,12 +31,13 @@ EMPTY_EXTREME = torch.finfo(torch.float64).max
 
 
 def _extreme(values: Tensor, where: Tensor | None, *, largest: bool) -> Tensor:
+    # (few ops: the loss path computes a dozen metrics per micro-batch, and each op is a kernel launch on CUDA)
+    fill = -EMPTY_EXTREME if largest else EMPTY_EXTREME
     v = values.detach().double().reshape(-1)
-    fill = torch.full_like(v, -EMPTY_EXTREME if largest else EMPTY_EXTREME)
+    if v.numel() == 0:
+        return v.new_full((), fill)
     if where is not None:
         v = torch.where(where.reshape(-1).bool(), v, fill)
-    if v.numel() == 0:
-        return fill.new_full((), -EMPTY_EXTREME if largest else EMPTY_EXTREME)
     return v.max() if largest else v.min()
 
 
@@ -68,10 +69,9 @@ class Metric:
         """Mean of `values` over the positions where `where` is true (all positions when None)."""
         values = values.detach().double()
         if where is None:
-            where = torch.ones_like(values, dtype=torch.bool)
+            return Metric(values.sum(), Reduce.MEAN, values.new_full((), values.numel()))
         where = where.bool()
-        total = torch.where(where, values, torch.zeros_like(values)).sum()
-        return Metric(total, Reduce.MEAN, where.sum().double())
+        return Metric(torch.where(where, values, 0.0).sum(), Reduce.MEAN, where.sum().double())
 
     def result(self) -> float:
         """The metric's value once all partial metrics are merged (NaN for an empty mean)."""
