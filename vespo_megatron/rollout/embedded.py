@@ -142,11 +142,20 @@ class EmbeddedEngine:
         # megatron's inference postprocess asserts the logits are gathered over TP (full vocabulary)
         extra = {} if context is None else {"inference_context": context, "runtime_gather_output": True}
 
+        def autocast(device):
+            return (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
+                    else contextlib.nullcontext())
+
+        if self.groups.pp_size == 1:
+            # one stage: the model directly, as megatron's own inference engines call it (the schedule's
+            # per-call bookkeeping is host time in every decode step, and there is nothing to send)
+            with cpu_device_context(), autocast(tokens.device):
+                out = self.model(input_ids=tokens, position_ids=positions, attention_mask=None, **extra)
+            return out.float()
+
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            autocast = (torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16)
-                        if self.cfg.precision == "bf16" else contextlib.nullcontext())
-            with autocast:
+            with autocast(batch.device):
                 out = model(input_ids=batch, position_ids=positions, attention_mask=None, **extra)
 
             def capture(output):
