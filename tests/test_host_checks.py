@@ -1,6 +1,7 @@
 """Checks done on the micro-batch's host copy (`base.host_checks`, `megatron.step.host_facts`): the loss path then
 reads no tensor value (a device sync each on CUDA), bad batches still fail with the field named, and the
-declared label range is what the head compares with its vocabulary."""
+declared label range is what the head compares with its vocabulary. A micro-batch moved to a device keeps its
+host lengths, from which the attention's pack layout is computed without reading the device back."""
 
 from __future__ import annotations
 
@@ -86,3 +87,22 @@ def test_bad_batches_fail_on_the_host_with_the_field_named():
                                                                            r"\[0, 64\) .*got ids in \[0, 64\]"):
         vocab_parallel_logprobs(logits, batch.labels)
     assert host_facts(batch.to("meta")) == {}  # a batch already on a device: the checks read the device values
+
+
+def test_pack_layout_comes_from_the_host_copy_of_a_moved_batch():
+    """`RLMicroBatch.to` keeps the host cu_seqlens on the moved PackedSeqParams, and the attention's pack layout
+    is computed from them: here the device is `meta`, whose values cannot be read back at all."""
+    from vespo_megatron.base.transfer import to_device
+    from vespo_megatron.megatron.reference_attention import cached_thd_layout, thd_layout
+
+    batch = _batch()
+    psp = batch.packed_seq_params
+    assert psp is not None  # the THD layout
+    moved = batch.to("meta")
+    assert moved.tokens.is_meta and moved.packed_seq_params.cu_seqlens_q.is_meta
+    layout = cached_thd_layout(moved.packed_seq_params, torch.device("cpu"))
+    ref = thd_layout(psp.cu_seqlens_q_padded.long(), psp.cu_seqlens_q.long(), torch.device("cpu"))
+    assert layout.num_tokens == ref.num_tokens and layout.max_len == ref.max_len
+    assert torch.equal(layout.src, ref.src) and torch.equal(layout.dst, ref.dst)
+    t = torch.arange(5)
+    assert to_device(t, "cpu") is t and to_device(t, "meta").is_meta

@@ -45,6 +45,8 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 from torch.nn.modules import module as _torch_module
 
+from vespo_megatron.base.transfer import to_device
+
 __all__ = ["BatchedSequentialMLP"]
 
 # torch's global module hooks (`register_module_forward_pre_hook` and friends) would also be skipped.
@@ -151,9 +153,7 @@ class BatchedSequentialMLP(SequentialMLP):
             probs = torch.ones_like(probs)
         expert = torch.repeat_interleave(torch.arange(E), counts)  # [T] expert of each permuted token
         starts = torch.cumsum(counts, 0) - counts  # [E] first permuted row of each expert
-        flat = expert * C + torch.arange(T) - starts[expert]  # [T] row in [E * C]
-        # to the device without a stream sync (a blocking copy from pageable memory waits for the GPU first)
-        flat = flat.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else flat.to(x.device)
+        flat = to_device(expert * C + torch.arange(T) - starts[expert], x.device)  # [T] row in [E * C]
         # Zero rows pad each expert to C rows: they stay zero through fc1, and their probs are 0, so they add
         # nothing to any output or gradient (and nothing to an amax a quantising hook takes).
         rows = x.new_zeros(E * C, H).index_copy(0, flat, x).view(E, C, H)

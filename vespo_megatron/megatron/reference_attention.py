@@ -39,6 +39,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from vespo_megatron.base.transfer import to_device
 from vespo_megatron.compat import PackedSeqParams, ProcessGroupCollection
 from vespo_megatron.parallel.cp_split import thd_zigzag_indices, zigzag_indices
 
@@ -101,24 +102,28 @@ def thd_layout(cu_padded: Tensor, cu_real: Tensor, device: torch.device) -> ThdL
     n, s_max = counts.numel(), max(int(counts.max()) if counts.numel() else 0, 1)
     seq = torch.repeat_interleave(torch.arange(n), counts)  # [t_real]
     offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(cu_real[:-1], counts)  # position in its sequence
-    src = (torch.repeat_interleave(cu_padded[:-1], counts) + offset).to(device)  # [t_real] packed index
-    dst = (seq * s_max + offset).to(device)  # [t_real] index in the padded batch
+    src = to_device(torch.repeat_interleave(cu_padded[:-1], counts) + offset, device)  # [t_real] packed index
+    dst = to_device(seq * s_max + offset, device)  # [t_real] index in the padded batch
     return ThdLayout(int(cu_padded[-1]), n, s_max, src, dst)
 
 
 def cached_thd_layout(packed_seq_params: PackedSeqParams, device: torch.device) -> ThdLayout:
     """`thd_layout` of a micro-batch's pack, computed once and kept on its `PackedSeqParams`: every layer's
     attention (and the recompute of activation checkpointing) reuses it, so the pack's lengths are read back to
-    the host (a device sync) once per micro-batch instead of once per layer. Keyed by the identity of the
-    cu_seqlens tensors (a changed tensor is recomputed) and the device."""
+    the host once per micro-batch instead of once per layer (and not at all when `RLMicroBatch.to` kept the
+    host copies). Keyed by the identity of the cu_seqlens tensors (a changed tensor is recomputed) and the
+    device."""
     cu_padded = packed_seq_params.cu_seqlens_q_padded
     cu_real = packed_seq_params.cu_seqlens_q
     key = (cu_padded, cu_real, device)
     hit = getattr(packed_seq_params, "_vespo_thd_layout", None)
     if hit is not None and all(a is b for a, b in zip(hit[0][:2], key[:2])) and hit[0][2] == device:
         return hit[1]
-    padded = (cu_real if cu_padded is None else cu_padded).to("cpu", torch.long)
-    real = padded if cu_real is None else cu_real.to("cpu", torch.long)
+    # the lengths on the host: the micro-batch's host copy when it kept one (no read-back), else a device read
+    host = getattr(packed_seq_params, "_vespo_host_params", packed_seq_params)
+    host_padded, host_real = host.cu_seqlens_q_padded, host.cu_seqlens_q
+    padded = (host_real if host_padded is None else host_padded).to("cpu", torch.long)
+    real = padded if host_real is None else host_real.to("cpu", torch.long)
     layout = thd_layout(padded, real, device)
     object.__setattr__(packed_seq_params, "_vespo_thd_layout", (key, layout))
     return layout

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from vespo_megatron.base.transfer import to_device
 from vespo_megatron.compat import PackedSeqParams
 from vespo_megatron.parallel.cp_split import PackedBatch, pack_sequences, round_up, zigzag_indices
 from vespo_megatron.routing.alignment import global_routing_padded, global_routing_thd, local_routing
@@ -87,10 +88,11 @@ class RLMicroBatch:
         device = torch.device(device)
         if self.tokens.device == device:
             return self
-        moved = {name: getattr(self, name).to(device) for name in
+        # non-blocking from pinned memory: a micro-batch's ~10 copies would otherwise be a stream sync each
+        moved = {name: to_device(getattr(self, name), device) for name in
                  ("tokens", "position_ids", "labels", "loss_mask", "token_seq", "old_logp", "advantages")}
         if self.rollout_logp is not None:
-            moved["rollout_logp"] = self.rollout_logp.to(device)
+            moved["rollout_logp"] = to_device(self.rollout_logp, device)
         return replace(self, packed_seq_params=_packed_params_to(self.packed_seq_params, device), **moved)
 
 
@@ -98,7 +100,10 @@ def _packed_params_to(psp: PackedSeqParams | None, device) -> PackedSeqParams | 
     if psp is None:
         return None
     fields = {f: getattr(psp, f) for f in psp.__dataclass_fields__}
-    return replace(psp, **{k: v.to(device) for k, v in fields.items() if isinstance(v, Tensor)})
+    moved = replace(psp, **{k: to_device(v, device) for k, v in fields.items() if isinstance(v, Tensor)})
+    # the host copies, for what needs the lengths on the host (the attention's pack layout): no read-back
+    object.__setattr__(moved, "_vespo_host_params", psp)
+    return moved
 
 
 def _aligned(samples: list[RLSample]) -> dict[str, list[Tensor]]:
