@@ -185,7 +185,9 @@ class RLStep:
 
         def seqs(get):
             values = [get(inputs, out) for inputs, out in parts]
-            return None if any(v is None for v in values) else torch.cat([v.detach() for v in values])
+            if any(v is None for v in values):
+                return None
+            return values[0].detach() if len(values) == 1 else torch.cat([v.detach() for v in values])
 
         reported = {
             "metrics": metrics,
