@@ -85,6 +85,9 @@ def _run(rank, world_size):
             out[(name, mode)] = run_rl_layout(layout, cfg, mbs, _step_cfg(*flags))
     for mode in ("logits", "single_pass"):  # megatron's DDP: the single pass adds d W into main_grad itself
         out[("dp2_ddp", mode)] = run_rl_layout(ParallelConfig(), cfg, mbs, _step_cfg(*MODES[mode]), ddp=True)
+        # padded rows (b > 1) under SP: the gathered [s, b, h] states go back to [b, s, h] for whole sequences
+        out[("tp2_sp_padded", mode)] = run_rl_layout(layouts["tp2_sp"], cfg, mbs, _step_cfg(*MODES[mode]),
+                                                      batch_layout="padded")
     old = _old_logprobs(layouts["tp2_sp"], cfg, mbs)
     for fused in (False, True):
         out[("old_logp", fused)] = old[fused]
@@ -102,7 +105,7 @@ def _close(a, b, rtol, atol=0.0):
 
 
 @pytest.mark.parametrize(("name", "mode"), [(n, m) for n in ("tp2_sp", "pp2", "cp2") for m in ("fused", "single_pass")]
-                         + [("dp2_ddp", "single_pass")])
+                         + [("dp2_ddp", "single_pass"), ("tp2_sp_padded", "single_pass")])
 def test_fused_head_matches_logits_path(results, name, mode):
     off, on = results[(name, "logits")], results[(name, mode)]
     assert off.loss != 0.0 and any(g.abs().max() > 0 for g in off.grads.values())  # a non-trivial step
