@@ -244,9 +244,8 @@ class ReferenceAttention(MegatronModule):
         elif fused and cp_size == 1 and attention_mask is None and (query.size(0) == 1 or key.size(0) == query.size(0)):
             # No mask to build (and no index tensors to copy to the device, a stream sync each): plain causal
             # attention, or a decode step, whose one query at the end of the cached keys sees all of them.
-            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, self._repeat_kv(key), self._repeat_kv(value)))
-            out = _sdpa(q, k, v, None, self.softmax_scale, causal=key.size(0) == query.size(0))
-            return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)  # [sq, b, np*hn]
+            return self._attend_sbhd(query, self._repeat_kv(key), self._repeat_kv(value), None, fused=True,
+                                     causal=key.size(0) == query.size(0))
         elif key.size(0) != query.size(0):
             # KV cache: sk cached + new keys, sq new queries at the end of the sequence
             if cp_size > 1 or key.size(0) < query.size(0):
@@ -273,24 +272,25 @@ class ReferenceAttention(MegatronModule):
         else:
             k_index = q_index
         key, value = self._repeat_kv(key), self._repeat_kv(value)
-        q_index, k_index = q_index.to(query.device), k_index.to(query.device)
+        q_index, k_index = to_device(q_index, query.device), to_device(k_index, query.device)
         visible = k_index[None, :] <= q_index[:, None]  # [sq, sk]
         if thd:
-            cu_d = cu.to(query.device)
+            cu_d = to_device(cu, query.device)
             q_seq = torch.searchsorted(cu_d, q_index, right=True)
             k_seq = torch.searchsorted(cu_d, k_index, right=True)
             visible = visible & (q_seq[:, None] == k_seq[None, :])
         visible = visible[None, None]  # [1, 1, sq, sk]
         if attention_mask is not None:
             visible = visible & ~attention_mask.bool()
-        # [s, b, n, hn] -> [b, n, s, hn]
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        out = self._attend_sbhd(query, key, value, visible, fused=fused)
+        return out.squeeze(1) if thd else out  # THD: [t, np*hn]
+
+    def _attend_sbhd(self, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, *, fused: bool,
+                     causal: bool = True) -> Tensor:
+        """[s, b, n, hn] query / key / value (K/V heads repeated) -> [sq, b, np*hn]; `visible` as `_sdpa`'s."""
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, hn]
         if fused:
-            out = _sdpa(q, k, v, visible, self.softmax_scale)
+            out = _sdpa(q, k, v, visible, self.softmax_scale, causal=causal)
         else:
             out = attention_probs_reference(q, k, v, visible, self.softmax_scale)
-        sq, b = query.size(0), query.size(1)
-        out = out.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, np*hn]
-        if thd:
-            out = out.squeeze(1)  # [t, np*hn]
-        return out
+        return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
