@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-START_METHOD = "forkserver"
+# VESPO_TEST_START_METHOD=spawn: the old way, every rank a fresh interpreter (to rule the forkserver out)
+START_METHOD = os.environ.get("VESPO_TEST_START_METHOD", "forkserver")
 PRELOAD = (
     "torch", "torch.distributed",
     "megatron.core", "megatron.core.models.gpt", "megatron.core.models.gpt.gpt_layer_specs",
