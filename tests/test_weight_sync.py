@@ -1,7 +1,7 @@
 """Streamed, versioned weight sync (``weight_sync.py``) against the fake SGLang server.
 
 The fake server joins the update group by SGLang's own steps (rendezvous, ``PrefixStore(group_name)``,
-``_new_process_group_helper``) in this process; the trainer side runs in a spawned process (torch allows one
+``_new_process_group_helper``) in this process; the trainer side runs in another process (torch allows one
 group per name per process) and opens the group its own way, so the end-to-end tests check that the two
 meet. What they pin: bitwise-equal tensors of several dtypes and shapes over several buckets, the version
 visible through ``/get_weight_version`` and on later generations, one flush, the per-bucket request bodies,
@@ -21,6 +21,7 @@ import uuid
 
 import pytest
 import torch
+from dist_harness import START_METHOD
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +66,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# ---------------------------------------------------------------------------- trainer side (spawned)
+# ---------------------------------------------------------------------------- trainer side (own process)
 
 
 def _sync_config(port: int, group_name: str, backend: str) -> WeightSyncConfig:
@@ -138,7 +139,7 @@ def _trainer(url: str, scenario: str, port: int, group_name: str, backend: str, 
 
 def run_trainer(server: FakeSGLangServer, scenario: str, *, backend: str = "gloo",
                 with_default_group: bool = False) -> dict:
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(START_METHOD)  # a fresh process from the harness's forkserver (torch preloaded)
     out = ctx.Queue()
     proc = ctx.Process(target=_trainer, daemon=True,
                        args=(server.url, scenario, free_port(), f"test-{uuid.uuid4().hex[:8]}", backend,
