@@ -306,9 +306,9 @@ def test_server_that_never_comes_back_ends_with_one_line(tmp_path):
     killer = threading.Thread(target=_kill_after_generates, args=(server, 16), daemon=True)
     killer.start()
     train = _vespo_train([*_TRAIN, "--steps", "3", "--sglang-url", f"http://127.0.0.1:{port}",
-                          "--sglang-wait-for-server-s", "3", "--out-dir", str(tmp_path)])
+                          "--sglang-wait-for-server-s", "1", "--out-dir", str(tmp_path)])
     out, err = train.communicate(timeout=300)
     assert train.returncode == 1
-    assert f"SGLang server at http://127.0.0.1:{port} unreachable for 3 s (last error: connection" in err
+    assert f"SGLang server at http://127.0.0.1:{port} unreachable for 1 s (last error: connection" in err
     assert "restart it or raise --sglang-wait-for-server-s" in err
     assert "Traceback" not in err and "attempt" not in err
