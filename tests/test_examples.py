@@ -62,17 +62,17 @@ def test_dry_run_rejects_bad_layouts(flags, message):
 
 @pytest.mark.megatron
 def test_compare_losses_runs_and_plots(tmp_path):
-    """Enough steps to write checkpoints (every step): each run must train in its own directory, not resume
-    another run's checkpoint (the four once shared <out>/checkpoints and three of them logged nothing)."""
-    flags = ["--steps", "3", "--checkpoint-every", "1", "--sft-steps", "2", "--hidden-size", "32",
+    """Enough steps to write checkpoints (every step, 2 steps): each run must train in its own directory, not
+    resume another run's checkpoint (the four once shared <out>/checkpoints and three of them logged nothing)."""
+    flags = ["--steps", "2", "--checkpoint-every", "1", "--sft-steps", "2", "--hidden-size", "32",
              "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "4", "--threads", "1"]
     subprocess.run(["bash", str(ROOT / "examples" / "compare_losses.sh"), *flags], env=_env(OUT=str(tmp_path)),
                    check=True, capture_output=True, timeout=900, cwd=ROOT)
     losses = {"vespo": "vespo", "grpo_tis": "grpo", "grpo_r3": "grpo", "vespo_r3": "vespo"}
     for run, loss in losses.items():
         lines = (tmp_path / run / f"{run}.jsonl").read_text().splitlines()
-        assert [json.loads(x)["step"] for x in lines] == [0, 1, 2], run
-        assert (tmp_path / run / "checkpoints" / "latest").read_text().strip() == "step_0000002", run
+        assert [json.loads(x)["step"] for x in lines] == [0, 1], run
+        assert (tmp_path / run / "checkpoints" / "latest").read_text().strip() == "step_0000001", run
         assert json.loads((tmp_path / run / "config.json").read_text())["algorithm"]["loss"] == loss, run
     r3 = json.loads((tmp_path / "grpo_r3" / "grpo_r3.jsonl").read_text().splitlines()[-1])
     assert 0 <= r3["routing/agree_exact"] <= 1  # replay on: the agreement metric is logged
@@ -90,14 +90,14 @@ def test_compare_losses_runs_and_plots(tmp_path):
 def test_staleness_and_async_scripts_write_every_run(tmp_path, script, env, runs):
     """The other two comparison scripts, short but checkpointing: every run trains in its own directory and
     logs every step (they once shared one checkpoint directory, so later runs resumed the first one's)."""
-    flags = ["--steps", "3", "--checkpoint-every", "1", "--sft-steps", "2", "--hidden-size", "32",
+    flags = ["--steps", "2", "--checkpoint-every", "1", "--sft-steps", "2", "--hidden-size", "32",
              "--prompts-per-step", "4", "--group-size", "4", "--micro-batch-size", "4", "--threads", "1"]
     subprocess.run(["bash", str(ROOT / "examples" / script), *flags], env=_env(OUT=str(tmp_path), **env),
                    check=True, capture_output=True, timeout=900, cwd=ROOT)
     for run in runs:
         lines = (tmp_path / run / f"{run}.jsonl").read_text().splitlines()
-        assert [json.loads(x)["step"] for x in lines] == [0, 1, 2], run
-        assert (tmp_path / run / "checkpoints" / "latest").read_text().strip() == "step_0000002", run
+        assert [json.loads(x)["step"] for x in lines] == [0, 1], run
+        assert (tmp_path / run / "checkpoints" / "latest").read_text().strip() == "step_0000001", run
     pytest.importorskip("matplotlib")
     assert list((tmp_path / "plots").glob("*.png"))
 
