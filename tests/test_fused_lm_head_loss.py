@@ -156,6 +156,23 @@ def test_weight_gradient_into_megatron_main_grad():
     torch.testing.assert_close(w.grad.double(), ref_dw, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_weight_into_fp32_main_grad_one_and_two_chunks():
+    """A bf16 weight with megatron's fp32 main_grad, as a bf16 run under DDP has it: d W reaches main_grad in
+    fp32 with one chunk (no direct GEMM into the fp32 buffer) and with two, close to the float64 reference."""
+    hidden, weight, targets, old, adv = make_inputs(torch.bfloat16, seed=8)
+    ref_dw = reference(hidden.double(), weight.double(), targets, old, adv, 1.0, False)[4]
+    for elements, n_chunks in ((10 ** 6, 1), (20 * V, 2)):
+        w = torch.nn.Parameter(weight.clone())
+        w.main_grad = torch.zeros(w.shape, dtype=torch.float32)
+        w.grad_added_to_main_grad = False
+        out = fused_lm_head_loss(hidden, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+                                 chunk_elements=elements)
+        out.loss.backward()
+        assert len(out.chunks) == n_chunks and w.grad_added_to_main_grad is True
+        rel = (w.main_grad.double() - ref_dw).norm() / ref_dw.norm()
+        assert rel < 1e-2, (n_chunks, rel)
+
+
 def test_no_grad_pass_and_inputs_without_grad():
     hidden, weight, targets, old, adv = make_inputs(seed=5)
     ref_loss, ref_lp, _, ref_dh, _ = reference(hidden, weight, targets, old, adv, 1.0, False)

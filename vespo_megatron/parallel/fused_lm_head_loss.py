@@ -258,7 +258,7 @@ def _run(h2d, weight, local_tgt, chunk_loss, plan, seq_tokens, tp_group, world, 
         if d_hidden is not None:
             torch.mm(z, weight, out=d_hidden[s:e])  # every vocab row in one GEMM: no accumulation
         if dw_acc is not None:
-            if len(plan) == 1:
+            if len(plan) == 1 and dw_acc.dtype == z.dtype:
                 torch.mm(z.t(), h2d[s:e], out=dw_acc)  # all tokens in one GEMM, exactly as the logits path
             else:
                 _accumulate(dw_acc, z.t(), h2d[s:e])
