@@ -61,7 +61,12 @@ if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   tail -n 4 $W/logs/engine/loop.log
 fi
 BASE_PIECES=${BASE_PIECES_DIR:-.gpubase}
-if ls "$BASE_PIECES"/sft_base.tar.part-* >/dev/null 2>&1; then
+# the pieces as the device sent them (sft_base.tar.part-*) or gzipped here to fit the 64 MiB a call carries
+# (cat sft_base.tar.part-* | gzip > ..., split -b 15M: sft_base.tar.gz.part-*)
+if ls "$BASE_PIECES"/sft_base.tar.gz.part-* >/dev/null 2>&1; then
+  cat "$BASE_PIECES"/sft_base.tar.gz.part-* | tar xzf - -C $W/base || exit 1
+  echo "base from $BASE_PIECES: $($PY -c "import json; r=json.load(open('$W/base/sft.json')); print(r['eval/pass@1'], r['sft_steps'], r['flags'])")"
+elif ls "$BASE_PIECES"/sft_base.tar.part-* >/dev/null 2>&1; then
   cat "$BASE_PIECES"/sft_base.tar.part-* | tar xf - -C $W/base || exit 1
   echo "base from $BASE_PIECES: $($PY -c "import json; r=json.load(open('$W/base/sft.json')); print(r['eval/pass@1'], r['sft_steps'], r['flags'])")"
 else
