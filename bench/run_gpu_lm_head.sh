@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call (one H200) for issue 16, the fused loss head: device `run` from the repository root, carry
-# [".gpuwhl"] (megatron-core 0.16.1 and liger-kernel 0.8.5 wheels for Python 3.12:
-# pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
-# megatron-core==0.16.1 liger-kernel==0.8.5 -d .gpuwhl), then:  bash bench/run_gpu_lm_head.sh
+# [".gpuwhl", ".gpuliger"] (wheels for Python 3.12: megatron-core 0.16.1 in .gpuwhl, as for the testbed, and
+# liger-kernel 0.8.5 apart in .gpuliger, so that the testbed's calls, which carry .gpuwhl and the 47 MiB base,
+# stay under the 64 MiB a call carries: pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux_2_28_x86_64 megatron-core==0.16.1 -d .gpuwhl; the same with liger-kernel==0.8.5
+# -d .gpuliger), then:  bash bench/run_gpu_lm_head.sh
 #   1. bench/lm_head_bench.py: GEMM floor, logits path, the recomputing fused head (2**29 tiles), the single
 #      pass (2**29 and 2**30 chunks, with and without megatron's main_grad) and Liger, at TP = 1 and on a V/4
 #      shard, 16k and 32k tokens -> $OUT/lm_head/lm_head_h200.{md,json}
@@ -14,8 +16,11 @@ set -uo pipefail
 W=${WORK_DIR:-/tmp}
 PY=${PYTHON:-python3}
 WHEELS=${WHEELS_DIR:-.gpuwhl}
-if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" "$WHEELS"/*.whl || exit 1
+LIGER=${LIGER_DIR:-.gpuliger}
+wheels=$(ls "$WHEELS"/*.whl "$LIGER"/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+  # shellcheck disable=SC2086
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" $wheels || exit 1
 fi
 export PYTHONPATH=$W/site:$PWD PYTHONUNBUFFERED=1
 [ -e vespo_megatron/patches ] || ln -s ../patches vespo_megatron/patches

@@ -11,7 +11,8 @@
 #      runs.tar (the jsonl and config of each run), logs in logs.tar.
 # From the repository root, here:
 #   device run, carry [".gpuwhl"]:              bash bench/run_gpu_testbed.sh        (trains the base)
-#   mkdir -p .gpubase && cp /work/.device/N/sft_base.tar.part-* .gpubase/   (ignored: echo /.gpubase/ >> .git/info/exclude)
+#   mkdir -p .gpubase && cat /work/.device/N/sft_base.tar.part-* | gzip | split -b 15M - .gpubase/sft_base.tar.gz.part-
+#     (ignored: echo /.gpubase/ >> .git/info/exclude; gzipped, the round-8 base is 47 MiB instead of 51)
 #   device run, carry [".gpuwhl", ".gpubase"]:  SWEEP_ARGS="--preset testbed --only 'n1-*-s0'" bash bench/run_gpu_testbed.sh
 #   then: mkdir -p runs/sweeps/testbed && tar xf /work/.device/N/runs.tar -C runs/sweeps/testbed --strip-components 1
 #         python examples/sweep.py --preset testbed --report-only --results-dir docs/results/testbed/<slice>
@@ -62,13 +63,14 @@ if [ "${ENGINE_BENCH:-0}" = 1 ]; then
 fi
 BASE_PIECES=${BASE_PIECES_DIR:-.gpubase}
 # the pieces as the device sent them (sft_base.tar.part-*) or gzipped here to fit the 64 MiB a call carries
-# (cat sft_base.tar.part-* | gzip > ..., split -b 15M: sft_base.tar.gz.part-*)
+# (cat sft_base.tar.part-* | gzip | split -b 15M - sft_base.tar.gz.part-)
+base_from() { echo "base from $BASE_PIECES: $($PY -c "import json; r=json.load(open('$W/base/sft.json')); print(r['eval/pass@1'], r['sft_steps'], r['flags'])")"; }
 if ls "$BASE_PIECES"/sft_base.tar.gz.part-* >/dev/null 2>&1; then
   cat "$BASE_PIECES"/sft_base.tar.gz.part-* | tar xzf - -C $W/base || exit 1
-  echo "base from $BASE_PIECES: $($PY -c "import json; r=json.load(open('$W/base/sft.json')); print(r['eval/pass@1'], r['sft_steps'], r['flags'])")"
+  base_from
 elif ls "$BASE_PIECES"/sft_base.tar.part-* >/dev/null 2>&1; then
   cat "$BASE_PIECES"/sft_base.tar.part-* | tar xf - -C $W/base || exit 1
-  echo "base from $BASE_PIECES: $($PY -c "import json; r=json.load(open('$W/base/sft.json')); print(r['eval/pass@1'], r['sft_steps'], r['flags'])")"
+  base_from
 else
   IFS=';' read -ra SFT_SETS <<< "$SFT_FLAGS"
   [ "${#SFT_SETS[@]}" -gt 0 ] || SFT_SETS=("")  # no flags: one attempt with the defaults

@@ -113,3 +113,37 @@ def test_gpu_testbed_script_on_cpu_two_sft_attempts(tmp_path):
     assert pieces
     with tarfile.open(fileobj=__import__("io").BytesIO(b"".join(p.read_bytes() for p in pieces))) as t:
         assert {"hf/config.json", "hf/model.safetensors", "sft.json"} <= set(t.getnames())
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_gpu_testbed_script_takes_a_carried_base_in_pieces(tmp_path, gzipped):
+    """bench/run_gpu_testbed.sh with a base carried in pieces, as the device sent them (tar) or gzipped here (what
+    fits the 64 MiB a device call carries): the base is unpacked and named, no SFT runs (budget spent: no sweep)."""
+    import gzip
+    import io
+    import tarfile
+
+    record = {"eval/pass@1": 0.3125, "sft_steps": 140, "flags": ["--levels", "3,4,5,6"]}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in (("sft.json", json.dumps(record).encode()), ("hf/config.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    blob = gzip.compress(buf.getvalue()) if gzipped else buf.getvalue()
+    pieces = tmp_path / "base"
+    pieces.mkdir()
+    stem = "sft_base.tar.gz.part-" if gzipped else "sft_base.tar.part-"
+    half = len(blob) // 2
+    (pieces / f"{stem}aa").write_bytes(blob[:half])
+    (pieces / f"{stem}ab").write_bytes(blob[half:])
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), WORK_DIR=str(tmp_path / "w"), WHEELS_DIR=str(tmp_path / "no_wheels"),
+               BASE_PIECES_DIR=str(pieces), PYTHON=sys.executable, SWEEP_ARGS="--preset cpu_smoke", BUDGET_S="1")
+    proc = subprocess.run(["bash", "bench/run_gpu_testbed.sh"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"base from {pieces}: 0.3125 140 ['--levels', '3,4,5,6']" in proc.stdout
+    assert "SFT 0" not in proc.stdout and not list(out.glob("sft_base.tar.part-*"))
+    assert json.loads((tmp_path / "w" / "base" / "sft.json").read_text()) == record
