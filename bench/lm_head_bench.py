@@ -15,8 +15,12 @@ the two [T]-sized all-reduces), T = B x S response tokens, B = 8 sequences. Vari
                token-level VESPO; TP = 1 only; only if liger_kernel imports)
 
 "extra" is the peak allocated during the call minus what was allocated before it (the inputs): it includes
-the returned d hidden and d W. "fwd" is the forward-only (no grad) log-prob pass: the old-log-prob pass.
-Correctness: every variant's loss and gradients against the logits path at full size, and the fused head and
+the returned d hidden and d W. Every variant that runs the project's loss or head is timed as the training step
+runs it (`megatron/step.py`): inside `checked_on_host(token_seq=True, targets=(lo, hi))` with the facts read
+once on the host before timing, so the argument checks read no device value (a sync on CUDA, once per chunk
+of the single pass). "host reads" counts the tensor values a call still reads on the host (one extra call
+under a dispatch-mode counter, `update_op_count.OpCounter`). "fwd" is the forward-only (no grad) log-prob
+pass: the old-log-prob pass. Correctness: every variant's loss and gradients against the logits path at full size, and the fused head and
 the logits path against float64 on a small T with the full vocab (entropy gradient included).
 
     python bench/lm_head_bench.py --out OUT [--tokens 16384,32768] [--quick]
@@ -37,11 +41,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # the package imports without megatron-core for these modules
 
+from vespo_megatron.base.host_checks import checked_on_host  # noqa: E402
 from vespo_megatron.losses import get_policy_loss  # noqa: E402
 from vespo_megatron.parallel import fused_lm_head as flh  # noqa: E402
 from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss  # noqa: E402
 from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer  # noqa: E402
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs  # noqa: E402
+
+sys.path.insert(0, HERE)
+from update_op_count import OpCounter  # noqa: E402
 
 GIB = float(1 << 30)
 H, V, B = 2048, 151936, 8
@@ -107,6 +115,14 @@ class Vespo:
         self.norm = global_normalizer([self.mask], [self.token_seq], [B])
         self.seq_tokens = [t // B] * B
 
+    @staticmethod
+    def host_facts(targets) -> dict:
+        """What the training step checks on its micro-batch's host copy (`step.host_facts`), read once here before
+        timing: token_seq is in [0, B) by construction (and every chunk's shifted copy in its own range), the
+        target ids' range is read from a host copy."""
+        host = targets.cpu()
+        return {"token_seq": True, "targets": (int(host.min()), int(host.max()))}
+
     def __call__(self, logp):
         inputs = build_loss_inputs(logp=logp, old_logp=self.old, mask=self.mask, token_seq=self.token_seq,
                                    num_seqs=B, advantages=self.adv,
@@ -123,7 +139,36 @@ class Vespo:
         return self.loss(inputs, self.norm, self.cfg).loss
 
 
+def host_checked(fn, facts: dict):
+    """`fn` run inside `checked_on_host(**facts)`, as the training step runs its loss path (module docstring)."""
+    if fn is None:
+        return None
+
+    def run():
+        with checked_on_host(**facts):
+            return fn()
+
+    return run
+
+
+def host_reads(fn) -> int:
+    """Tensor values one call of `fn` reads on the host (`.item()`, `int(t)`: each a device sync on CUDA)."""
+    counter = OpCounter()
+    with counter:
+        fn()
+    return sum(counter.syncs.values())
+
+
 def variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: bool, single_exps=()):
+    """{name: (forward-only fn or None, forward + backward fn)}; those running the project's loss or head are
+    wrapped in `checked_on_host` with the facts read once on the host (the training step's way)."""
+    facts = Vespo.host_facts(targets)
+    out = _variants(hidden, weight, targets, vespo, chunk_exps, with_liger, single_exps)
+    return {name: fns if name in ("gemm_floor", "liger") else tuple(host_checked(f, facts) for f in fns)
+            for name, fns in out.items()}
+
+
+def _variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: bool, single_exps=()):
     h_leaf, w_leaf = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
     out = {}
 
@@ -318,6 +363,8 @@ def main():
                     if fwd is not None:
                         row["fwd_ms"] = cuda_ms(fwd, 2, repeats)
                         row["fwd_extra_gib"] = extra_gib(fwd)
+                    if name != "liger":  # (dispatch mode under torch.compile: not tried)
+                        row["host_reads"] = host_reads(bwd)
                     if name not in ("gemm_floor", "vespo_only"):
                         results[name] = bwd()
                 except Exception as exc:  # noqa: BLE001 - a failing variant is recorded, the rest still run
@@ -379,12 +426,13 @@ def render(res) -> str:
              f"{env['repeats']} (liger: 3); fp32 accumulation path: {res['accumulate_path']}; "
              f"command: `{env['command']}`", "",
              "| shard | tokens | variant | fwd+bwd ms | / GEMM floor | fwd+bwd extra GiB | fwd (old-logp) ms "
-             "| fwd extra GiB |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| fwd extra GiB | fwd+bwd host reads |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         name = r["variant"] + (f" ({r['error'][:60]})" if "error" in r else "")
         lines.append(f"| {r['shard']} (V={r['V_shard']}) | {r['tokens']} | {name} | {f(r.get('fwd_bwd_ms'))} "
                      f"| {f(r.get('over_floor'), '{:.3f}')} | {f(r.get('fwd_bwd_extra_gib'), '{:.2f}')} "
-                     f"| {f(r.get('fwd_ms'))} | {f(r.get('fwd_extra_gib'), '{:.2f}')} |")
+                     f"| {f(r.get('fwd_ms'))} | {f(r.get('fwd_extra_gib'), '{:.2f}')} "
+                     f"| {f(r.get('host_reads'), '{:d}')} |")
     lines += ["", "Fused head and single pass (2**29 elements a tile / chunk), TP = 1, memory against T (the outputs "
               "d hidden and d W are part of 'extra'):", "", "| variant | tokens | fwd+bwd ms | fwd+bwd extra GiB "
               "| of which d hidden + d W GiB | fwd extra GiB |", "|---|---:|---:|---:|---:|---:|"]
