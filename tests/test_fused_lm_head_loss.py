@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from dist_harness import run_distributed
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss, plan_sequence_chunks
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
@@ -241,3 +243,37 @@ def test_tp2_matches_reference():
         torch.testing.assert_close(ent.double(), ref_ent, rtol=0.0, atol=2e-5)
         torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(dw.double(), ref_dw[rank * V // 2 : (rank + 1) * V // 2], rtol=1e-4, atol=1e-6)
+
+
+class _NewFloatBuffers(TorchDispatchMode):
+    """Records the shapes of the fp32 tensors that ops create (outputs sharing no input's storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        ptrs = {a.untyped_storage().data_ptr() for a in inputs}
+        for o in pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o.untyped_storage().data_ptr() not in ptrs:
+                self.shapes.append(tuple(o.shape))
+        return out
+
+
+def test_bf16_two_chunk_backward_scales_the_fp32_accumulator_in_place():
+    """bf16, 2 chunks, no main_grad: d W accumulates in fp32; backward scales that accumulator in place and casts
+    it, so no second [V, H] fp32 buffer exists beside it (the peak of backward), and d W is the scaled gradient."""
+    hidden, weight, targets, old, adv = make_inputs(torch.bfloat16, seed=9)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+    assert len(out.chunks) == 2
+    created = _NewFloatBuffers()
+    with created:
+        dh, dw = torch.autograd.grad(out.loss * 3.0, (h, w))
+    assert (V, H) not in created.shapes, created.shapes
+    ref_dw = reference(hidden.double(), weight.double(), targets, old, adv, 1.0, False, scale=3.0)[4]
+    assert dw.dtype == torch.bfloat16
+    rel = (dw.double() - ref_dw).norm() / ref_dw.norm()
+    assert rel < 1e-2, rel
