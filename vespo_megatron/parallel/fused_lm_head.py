@@ -97,14 +97,23 @@ def _grad_in_place(z: Tensor, tgt: Tensor, lse, ent, g_lp, g_h, temperature: flo
         vp._grad_torch(z, tgt, lse, ent, g_lp, g_h, temperature, vp._chunk_tokens(None, z.shape[1]), out=z)
 
 
-def _forward_stats(hidden, weight, local_tgt, tp_group, world, temperature, entropy, chunk_elements, use_triton):
+def _tile_buffer(buf: Tensor | None, n: int, like: Tensor) -> Tensor:
+    """A flat buffer of `n` elements in `like`'s dtype: the front of the caller's `buf` when it is large enough
+    (the single pass lends its own chunk buffer, so that one tile is alive, not two), else a new one."""
+    if buf is not None and buf.numel() >= n and buf.dtype == like.dtype:
+        return buf[:n]
+    return torch.empty(n, dtype=like.dtype, device=like.device)
+
+
+def _forward_stats(hidden, weight, local_tgt, tp_group, world, temperature, entropy, chunk_elements, use_triton,
+                   buf: Tensor | None = None):
     """(lse, logp, ent) [T] fp32 of `hidden` [T, H] against this rank's shard, one [C, V/tp] tile alive at a time
     (ent None unless `entropy`); TP-combined with `vocab_parallel`'s two all-reduces. `local_tgt`: ids local to
-    the shard, -1 where the target lies in another rank's shard."""
+    the shard, -1 where the target lies in another rank's shard. `buf`: an optional flat buffer to use."""
     t = hidden.shape[0]
     v_local = weight.shape[0]
     c = _rows(t, chunk_elements, v_local)
-    buf = torch.empty(c * v_local, dtype=hidden.dtype, device=hidden.device)  # one [C, V/tp] tile
+    buf = _tile_buffer(buf, c * v_local, hidden)  # one [C, V/tp] tile
     parts: list[list[Tensor]] = [[], [], [], []]  # m_l, s_l, a_l, tgt_l per chunk, each [C]
     for s in range(0, t, c):
         e = min(s + c, t)
@@ -123,14 +132,15 @@ def _forward_stats(hidden, weight, local_tgt, tp_group, world, temperature, entr
 
 
 def _backward_tiles(hidden, weight, local_tgt, lse, ent, g_lp, g_h, temperature, chunk_elements, use_triton, *,
-                   need_h: bool, need_w: bool, dw_acc: Tensor | None = None, d_hidden: Tensor | None = None):
+                   need_h: bool, need_w: bool, dw_acc: Tensor | None = None, d_hidden: Tensor | None = None,
+                   buf: Tensor | None = None):
     """(d hidden, d W) for the upstream gradients g_lp / g_h ([T] fp32; g_h None without entropy) of the
     log-probs / entropies that `_forward_stats` gave: per [Tb, Cv] tile, recompute the logits (one GEMM), turn
     them in place into d loss / d logits, then ``d W[Cv] = G.T @ hidden[Tb]`` and ``d hidden[Tb] += G @ W[Cv]``.
 
     `dw_acc` (optional, [V/tp, H]): d W is *added* into it (fp32 products when it is fp32, `_accumulate`) and
     the returned d W is None; else d W is a new tensor in the weight's dtype. `d_hidden` (optional, [T, H] in
-    hidden's dtype): written in place instead of a new tensor."""
+    hidden's dtype): written in place instead of a new tensor. `buf`: an optional flat buffer for the tiles."""
     t, h = hidden.shape
     v_local = weight.shape[0]
     # fp32 accumulators for bf16/fp16 (the logits path's GEMMs accumulate in fp32 too)
@@ -144,14 +154,13 @@ def _backward_tiles(hidden, weight, local_tgt, lse, ent, g_lp, g_h, temperature,
             dw_acc = torch.zeros(v_local, h, dtype=acc_dtype, device=weight.device)
         else:
             d_weight = torch.empty_like(weight)
-    buf = None
     for ts in range(0, t, tb):
         te = min(ts + tb, t)
         rows = te - ts
         hb = hidden[ts:te]
         cv = _rows(v_local, chunk_elements, rows)  # vocab rows per tile
-        if buf is None:
-            buf = torch.empty(rows * cv, dtype=hidden.dtype, device=hidden.device)
+        if ts == 0:  # the first token block is the largest
+            buf = _tile_buffer(buf, rows * cv, hidden)
         one_tile = cv >= v_local
         dh_acc = None
         if need_h and not (one_tile and acc_dtype == hidden.dtype):
