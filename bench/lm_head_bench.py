@@ -312,6 +312,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--flat-tokens", default="8192,65536,131072",
                     help="extra token counts at which only the fused head's memory is measured (TP = 1)")
+    ap.add_argument("--flat-chunk", type=int, default=29,
+                    help="log2 of the tile / chunk size of the memory-against-T table")
     ap.add_argument("--quick", action="store_true", help="T=2048 only, 2 repeats (a smoke run)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
     args = ap.parse_args()
@@ -320,6 +322,10 @@ def main():
         H, V, DEV = 64, 1024, "cpu"
         args.quick = True
         args.flat_tokens = "512"
+        # 2**13 elements = 8 tokens of V = 1024: the smoke's sequences (32, 64 tokens) are over the single pass's
+        # chunk budget, so its recomputing path for over-long sequences runs too
+        args.flat_chunk = 13
+        args.single_chunks = "13,29"
     os.makedirs(args.out, exist_ok=True)
     tokens = [256 if args.cpu_smoke else 2048] if args.quick else [int(x) for x in args.tokens.split(",")]
     repeats = 2 if args.quick else args.repeats
@@ -384,20 +390,25 @@ def main():
             del hidden, weight, targets, vespo, var, results, ref
             gc.collect()
             torch.cuda.empty_cache()
-    flat = []  # memory against T, fused head and single pass (2**29 elements), TP = 1
+    flat = []  # memory against T, fused head and single pass (2**flat_chunk elements), TP = 1
+    n = args.flat_chunk
     for t in [int(x) for x in args.flat_tokens.split(",") if x]:
         hidden, weight, targets = make_inputs(t, V)
         old = torch.full((t,), -12.0, device=DEV)
-        var = variants(hidden, weight, targets, Vespo(t, old), [29], False, [29])
-        for name in ("fused_29", "single_29"):
+        vespo = Vespo(t, old)
+        var = variants(hidden, weight, targets, vespo, [n], False, [n])
+        # sequences over the single pass's chunk budget: each goes through the recomputing head's tiles
+        over = sum(k > max(1, (1 << n) // V) for k in vespo.seq_tokens)
+        for name in (f"fused_{n}", f"single_{n}"):
             fwd, bwd = var[name]
-            row = dict(variant=name, tokens=t, fwd_bwd_ms=cuda_ms(bwd, 1, 3), fwd_bwd_extra_gib=extra_gib(bwd),
+            row = dict(variant=name, tokens=t, seq_tokens=t // B, seqs_over_budget=over if "single" in name else None,
+                       fwd_bwd_ms=cuda_ms(bwd, 1, 3), fwd_bwd_extra_gib=extra_gib(bwd),
                        fwd_extra_gib=None if fwd is None else extra_gib(fwd),
                        inputs_gib=(hidden.numel() * 2 + weight.numel() * 2) / GIB,
                        d_hidden_gib=hidden.numel() * 2 / GIB, d_weight_gib=weight.numel() * 2 / GIB)
             flat.append(row)
             print("flat", json.dumps(row), flush=True)
-        del hidden, weight, targets, var, fwd, bwd
+        del hidden, weight, targets, vespo, var, fwd, bwd
         gc.collect()
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -433,11 +444,14 @@ def render(res) -> str:
                      f"| {f(r.get('over_floor'), '{:.3f}')} | {f(r.get('fwd_bwd_extra_gib'), '{:.2f}')} "
                      f"| {f(r.get('fwd_ms'))} | {f(r.get('fwd_extra_gib'), '{:.2f}')} "
                      f"| {f(r.get('host_reads'), '{:d}')} |")
-    lines += ["", "Fused head and single pass (2**29 elements a tile / chunk), TP = 1, memory against T (the outputs "
-              "d hidden and d W are part of 'extra'):", "", "| variant | tokens | fwd+bwd ms | fwd+bwd extra GiB "
-              "| of which d hidden + d W GiB | fwd extra GiB |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "Fused head and single pass (2**n elements a tile / chunk: the variant's suffix), TP = 1, memory "
+              "against T (the outputs d hidden and d W are part of 'extra'; 'over budget': sequences longer than "
+              "the single pass's chunk, which go through the recomputing head's tiles):", "",
+              "| variant | tokens | tokens / seq | over budget | fwd+bwd ms | fwd+bwd extra GiB "
+              "| of which d hidden + d W GiB | fwd extra GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["flat"]:
-        lines.append(f"| {r.get('variant', 'fused_29')} | {r['tokens']} | {f(r['fwd_bwd_ms'])} "
+        lines.append(f"| {r.get('variant', 'fused_29')} | {r['tokens']} | {f(r.get('seq_tokens'), '{:d}')} "
+                     f"| {f(r.get('seqs_over_budget'), '{:d}')} | {f(r['fwd_bwd_ms'])} "
                      f"| {f(r['fwd_bwd_extra_gib'], '{:.2f}')} | {f(r['d_hidden_gib'] + r['d_weight_gib'], '{:.2f}')} "
                      f"| {f(r['fwd_extra_gib'], '{:.2f}')} |")
     lines += ["", "Agreement with the logits path at full size (relative L2 and max-abs / max-abs of the logits "
