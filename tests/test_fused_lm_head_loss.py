@@ -1,9 +1,11 @@
 """fused_lm_head_loss (the single-pass head: the loss runs per chunk of whole sequences inside the head) against a
 float64 reference of the logits path with the loss on the whole batch: loss, log-probs, entropies, d hidden and
-d W, for chunk budgets that give one chunk, several chunks and sequences longer than a chunk; with a loss that
-has a detached sequence weight (VESPO-like), a differentiable sequence term (GSPO-like) and an entropy bonus;
-temperature; the upstream gradient scale; megatron's main_grad contract; the no-grad pass; bad inputs; and a
-real gloo TP group of 2 with replicated hidden states."""
+d W, for chunk budgets that give one chunk, several chunks and sequences longer than a chunk (those go through
+the recomputing head's tiles: `HeadLossOutput.recomputed`; no tensor larger than a tile is created, whatever
+their length); with a loss that has a detached sequence weight (VESPO-like), a differentiable sequence term
+(GSPO-like) and an entropy bonus; temperature; the upstream gradient scale; megatron's main_grad contract; bf16
+against the logits path (and backward's in-place scaling of the fp32 d W accumulator); the no-grad pass; bad
+inputs; and a real gloo TP group of 2 with replicated hidden states and an over-long sequence."""
 
 from __future__ import annotations
 
