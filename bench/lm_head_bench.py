@@ -15,8 +15,12 @@ the two [T]-sized all-reduces), T = B x S response tokens, B = 8 sequences. Vari
                token-level VESPO; TP = 1 only; only if liger_kernel imports)
 
 "extra" is the peak allocated during the call minus what was allocated before it (the inputs): it includes
-the returned d hidden and d W. "fwd" is the forward-only (no grad) log-prob pass: the old-log-prob pass.
-Correctness: every variant's loss and gradients against the logits path at full size, and the fused head and
+the returned d hidden and d W. Every variant that runs the project's loss or head is timed as the training step
+runs it (`megatron/step.py`): inside `checked_on_host(token_seq=True, targets=(lo, hi))` with the facts read
+once on the host before timing, so the argument checks read no device value (a sync on CUDA, once per chunk
+of the single pass). "host reads" counts the tensor values a call still reads on the host (one extra call
+under a dispatch-mode counter, `update_op_count.OpCounter`). "fwd" is the forward-only (no grad) log-prob
+pass: the old-log-prob pass. Correctness: every variant's loss and gradients against the logits path at full size, and the fused head and
 the logits path against float64 on a small T with the full vocab (entropy gradient included).
 
     python bench/lm_head_bench.py --out OUT [--tokens 16384,32768] [--quick]
@@ -37,11 +41,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # the package imports without megatron-core for these modules
 
+from vespo_megatron.base.host_checks import checked_on_host  # noqa: E402
 from vespo_megatron.losses import get_policy_loss  # noqa: E402
 from vespo_megatron.parallel import fused_lm_head as flh  # noqa: E402
 from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss  # noqa: E402
 from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer  # noqa: E402
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs  # noqa: E402
+
+sys.path.insert(0, HERE)
+from update_op_count import OpCounter  # noqa: E402
 
 GIB = float(1 << 30)
 H, V, B = 2048, 151936, 8
@@ -107,6 +115,14 @@ class Vespo:
         self.norm = global_normalizer([self.mask], [self.token_seq], [B])
         self.seq_tokens = [t // B] * B
 
+    @staticmethod
+    def host_facts(targets) -> dict:
+        """What the training step checks on its micro-batch's host copy (`step.host_facts`), read once here before
+        timing: token_seq is in [0, B) by construction (and every chunk's shifted copy in its own range), the
+        target ids' range is read from a host copy."""
+        host = targets.cpu()
+        return {"token_seq": True, "targets": (int(host.min()), int(host.max()))}
+
     def __call__(self, logp):
         inputs = build_loss_inputs(logp=logp, old_logp=self.old, mask=self.mask, token_seq=self.token_seq,
                                    num_seqs=B, advantages=self.adv,
@@ -123,7 +139,36 @@ class Vespo:
         return self.loss(inputs, self.norm, self.cfg).loss
 
 
+def host_checked(fn, facts: dict):
+    """`fn` run inside `checked_on_host(**facts)`, as the training step runs its loss path (module docstring)."""
+    if fn is None:
+        return None
+
+    def run():
+        with checked_on_host(**facts):
+            return fn()
+
+    return run
+
+
+def host_reads(fn) -> int:
+    """Tensor values one call of `fn` reads on the host (`.item()`, `int(t)`: each a device sync on CUDA)."""
+    counter = OpCounter()
+    with counter:
+        fn()
+    return sum(counter.syncs.values())
+
+
 def variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: bool, single_exps=()):
+    """{name: (forward-only fn or None, forward + backward fn)}; those running the project's loss or head are
+    wrapped in `checked_on_host` with the facts read once on the host (the training step's way)."""
+    facts = Vespo.host_facts(targets)
+    out = _variants(hidden, weight, targets, vespo, chunk_exps, with_liger, single_exps)
+    return {name: fns if name in ("gemm_floor", "liger") else tuple(host_checked(f, facts) for f in fns)
+            for name, fns in out.items()}
+
+
+def _variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: bool, single_exps=()):
     h_leaf, w_leaf = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
     out = {}
 
@@ -267,6 +312,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--flat-tokens", default="8192,65536,131072",
                     help="extra token counts at which only the fused head's memory is measured (TP = 1)")
+    ap.add_argument("--flat-chunk", type=int, default=29,
+                    help="log2 of the tile / chunk size of the memory-against-T table")
     ap.add_argument("--quick", action="store_true", help="T=2048 only, 2 repeats (a smoke run)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
     args = ap.parse_args()
@@ -275,6 +322,10 @@ def main():
         H, V, DEV = 64, 1024, "cpu"
         args.quick = True
         args.flat_tokens = "512"
+        # 2**13 elements = 8 tokens of V = 1024: the smoke's sequences (32, 64 tokens) are over the single pass's
+        # chunk budget, so its recomputing path for over-long sequences runs too
+        args.flat_chunk = 13
+        args.single_chunks = "13,29"
     os.makedirs(args.out, exist_ok=True)
     tokens = [256 if args.cpu_smoke else 2048] if args.quick else [int(x) for x in args.tokens.split(",")]
     repeats = 2 if args.quick else args.repeats
@@ -318,6 +369,8 @@ def main():
                     if fwd is not None:
                         row["fwd_ms"] = cuda_ms(fwd, 2, repeats)
                         row["fwd_extra_gib"] = extra_gib(fwd)
+                    if name != "liger":  # (dispatch mode under torch.compile: not tried)
+                        row["host_reads"] = host_reads(bwd)
                     if name not in ("gemm_floor", "vespo_only"):
                         results[name] = bwd()
                 except Exception as exc:  # noqa: BLE001 - a failing variant is recorded, the rest still run
@@ -337,20 +390,25 @@ def main():
             del hidden, weight, targets, vespo, var, results, ref
             gc.collect()
             torch.cuda.empty_cache()
-    flat = []  # memory against T, fused head and single pass (2**29 elements), TP = 1
+    flat = []  # memory against T, fused head and single pass (2**flat_chunk elements), TP = 1
+    n = args.flat_chunk
     for t in [int(x) for x in args.flat_tokens.split(",") if x]:
         hidden, weight, targets = make_inputs(t, V)
         old = torch.full((t,), -12.0, device=DEV)
-        var = variants(hidden, weight, targets, Vespo(t, old), [29], False, [29])
-        for name in ("fused_29", "single_29"):
+        vespo = Vespo(t, old)
+        var = variants(hidden, weight, targets, vespo, [n], False, [n])
+        # sequences over the single pass's chunk budget: each goes through the recomputing head's tiles
+        over = sum(k > max(1, (1 << n) // V) for k in vespo.seq_tokens)
+        for name in (f"fused_{n}", f"single_{n}"):
             fwd, bwd = var[name]
-            row = dict(variant=name, tokens=t, fwd_bwd_ms=cuda_ms(bwd, 1, 3), fwd_bwd_extra_gib=extra_gib(bwd),
+            row = dict(variant=name, tokens=t, seq_tokens=t // B, seqs_over_budget=over if "single" in name else None,
+                       fwd_bwd_ms=cuda_ms(bwd, 1, 3), fwd_bwd_extra_gib=extra_gib(bwd),
                        fwd_extra_gib=None if fwd is None else extra_gib(fwd),
                        inputs_gib=(hidden.numel() * 2 + weight.numel() * 2) / GIB,
                        d_hidden_gib=hidden.numel() * 2 / GIB, d_weight_gib=weight.numel() * 2 / GIB)
             flat.append(row)
             print("flat", json.dumps(row), flush=True)
-        del hidden, weight, targets, var, fwd, bwd
+        del hidden, weight, targets, vespo, var, fwd, bwd
         gc.collect()
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -379,17 +437,21 @@ def render(res) -> str:
              f"{env['repeats']} (liger: 3); fp32 accumulation path: {res['accumulate_path']}; "
              f"command: `{env['command']}`", "",
              "| shard | tokens | variant | fwd+bwd ms | / GEMM floor | fwd+bwd extra GiB | fwd (old-logp) ms "
-             "| fwd extra GiB |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "| fwd extra GiB | fwd+bwd host reads |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         name = r["variant"] + (f" ({r['error'][:60]})" if "error" in r else "")
         lines.append(f"| {r['shard']} (V={r['V_shard']}) | {r['tokens']} | {name} | {f(r.get('fwd_bwd_ms'))} "
                      f"| {f(r.get('over_floor'), '{:.3f}')} | {f(r.get('fwd_bwd_extra_gib'), '{:.2f}')} "
-                     f"| {f(r.get('fwd_ms'))} | {f(r.get('fwd_extra_gib'), '{:.2f}')} |")
-    lines += ["", "Fused head and single pass (2**29 elements a tile / chunk), TP = 1, memory against T (the outputs "
-              "d hidden and d W are part of 'extra'):", "", "| variant | tokens | fwd+bwd ms | fwd+bwd extra GiB "
-              "| of which d hidden + d W GiB | fwd extra GiB |", "|---|---:|---:|---:|---:|---:|"]
+                     f"| {f(r.get('fwd_ms'))} | {f(r.get('fwd_extra_gib'), '{:.2f}')} "
+                     f"| {f(r.get('host_reads'), '{:d}')} |")
+    lines += ["", "Fused head and single pass (2**n elements a tile / chunk: the variant's suffix), TP = 1, memory "
+              "against T (the outputs d hidden and d W are part of 'extra'; 'over budget': sequences longer than "
+              "the single pass's chunk, which go through the recomputing head's tiles):", "",
+              "| variant | tokens | tokens / seq | over budget | fwd+bwd ms | fwd+bwd extra GiB "
+              "| of which d hidden + d W GiB | fwd extra GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["flat"]:
-        lines.append(f"| {r.get('variant', 'fused_29')} | {r['tokens']} | {f(r['fwd_bwd_ms'])} "
+        lines.append(f"| {r.get('variant', 'fused_29')} | {r['tokens']} | {f(r.get('seq_tokens'), '{:d}')} "
+                     f"| {f(r.get('seqs_over_budget'), '{:d}')} | {f(r['fwd_bwd_ms'])} "
                      f"| {f(r['fwd_bwd_extra_gib'], '{:.2f}')} | {f(r['d_hidden_gib'] + r['d_weight_gib'], '{:.2f}')} "
                      f"| {f(r['fwd_extra_gib'], '{:.2f}')} |")
     lines += ["", "Agreement with the logits path at full size (relative L2 and max-abs / max-abs of the logits "

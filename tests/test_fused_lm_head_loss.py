@@ -1,16 +1,22 @@
 """fused_lm_head_loss (the single-pass head: the loss runs per chunk of whole sequences inside the head) against a
 float64 reference of the logits path with the loss on the whole batch: loss, log-probs, entropies, d hidden and
-d W, for chunk budgets that give one chunk, several chunks and sequences longer than a chunk; with a loss that
-has a detached sequence weight (VESPO-like), a differentiable sequence term (GSPO-like) and an entropy bonus;
-temperature; the upstream gradient scale; megatron's main_grad contract; the no-grad pass; bad inputs; and a
-real gloo TP group of 2 with replicated hidden states."""
+d W, for chunk budgets that give one chunk, several chunks and sequences longer than a chunk (those go through
+the recomputing head's tiles: `HeadLossOutput.recomputed`; no tensor larger than a tile is created, whatever
+their length); with a loss that has a detached sequence weight (VESPO-like), a differentiable sequence term
+(GSPO-like) and an entropy bonus; temperature; the upstream gradient scale; megatron's main_grad contract; bf16
+against the logits path (and backward's in-place scaling of the fp32 d W accumulator); the no-grad pass; bad
+inputs; and a real gloo TP group of 2 with replicated hidden states and an over-long sequence."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from dist_harness import run_distributed
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss, plan_sequence_chunks
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
@@ -19,13 +25,14 @@ SEQ_TOKENS = [7, 12, 0, 5, 9, 4]  # one empty sequence: it joins a neighbour's c
 T, H, V = sum(SEQ_TOKENS), 24, 300
 
 
-def make_inputs(dtype=torch.float32, seed=0):
+def make_inputs(dtype=torch.float32, seed=0, seq_tokens=SEQ_TOKENS, v=V):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(T, H, generator=g).to(dtype)
-    weight = (torch.randn(V, H, generator=g) * (3.0 / H**0.5)).to(dtype)
-    targets = torch.randint(0, V, (T,), generator=g)
-    old = -torch.rand(T, generator=g, dtype=torch.float64) * 6
-    adv = torch.randn(len(SEQ_TOKENS), generator=g, dtype=torch.float64)
+    t = sum(seq_tokens)
+    hidden = torch.randn(t, H, generator=g).to(dtype)
+    weight = (torch.randn(v, H, generator=g) * (3.0 / H**0.5)).to(dtype)
+    targets = torch.randint(0, v, (t,), generator=g)
+    old = -torch.rand(t, generator=g, dtype=torch.float64) * 6
+    adv = torch.randn(len(seq_tokens), generator=g, dtype=torch.float64)
     return hidden, weight, targets, old, adv
 
 
@@ -43,20 +50,20 @@ def seq_loss(lp, ent, seq, n, old, adv):
     return loss / T
 
 
-def reference(hidden, weight, targets, old, adv, temperature, entropy, scale=1.0):
+def reference(hidden, weight, targets, old, adv, temperature, entropy, scale=1.0, seq_tokens=SEQ_TOKENS):
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
     logp_all = torch.log_softmax((h @ w.t()) / temperature, dim=-1)
     lp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1) if entropy else None
-    seq = torch.repeat_interleave(torch.arange(len(SEQ_TOKENS)), torch.tensor(SEQ_TOKENS))
-    loss = seq_loss(lp, ent, seq, len(SEQ_TOKENS), old, adv)
+    seq = torch.repeat_interleave(torch.arange(len(seq_tokens)), torch.tensor(seq_tokens))
+    loss = seq_loss(lp, ent, seq, len(seq_tokens), old, adv)
     dh, dw = torch.autograd.grad(loss * scale, (h, w))
     return loss.detach(), lp.detach(), None if ent is None else ent.detach(), dh, dw
 
 
-def chunk_loss_of(old, adv, calls=None):
-    seq = torch.repeat_interleave(torch.arange(len(SEQ_TOKENS)), torch.tensor(SEQ_TOKENS))
+def chunk_loss_of(old, adv, calls=None, seq_tokens=SEQ_TOKENS):
+    seq = torch.repeat_interleave(torch.arange(len(seq_tokens)), torch.tensor(seq_tokens))
 
     def chunk_loss(c):
         if calls is not None:
@@ -79,17 +86,21 @@ def test_plan_sequence_chunks():
         plan_sequence_chunks([1, -2], 4)
 
 
-# chunk_elements / V tokens per chunk: 10**9 -> one chunk; 20 * V -> 2 chunks of whole sequences; 5 * V ->
-# sequences of 7, 12 and 9 tokens each longer than a chunk (a chunk of their own).
-@pytest.mark.parametrize(("chunk_elements", "chunks"), [(10**9, 1), (20 * V, 2), (5 * V, 5)])
+# chunk_elements / V tokens per chunk: 10**9 -> one chunk; 20 * V -> 2 chunks of whole sequences; 8 * V -> the
+# sequences of 12 and 9 tokens are longer than a chunk (a chunk of their own, recomputed) between short ones;
+# 5 * V -> those of 7, 12 and 9 tokens are (the recomputing head then takes 2-3 tiles of 5 tokens each).
+@pytest.mark.parametrize(("chunk_elements", "recomputed"), [
+    (10**9, (False,)), (20 * V, (False, False)), (8 * V, (False, True, False, True, False)),
+    (5 * V, (True, True, False, True, False))])
 @pytest.mark.parametrize(("temperature", "entropy"), [(1.0, False), (0.7, True)])
-def test_matches_float64_reference(chunk_elements, chunks, temperature, entropy):
+def test_matches_float64_reference(chunk_elements, recomputed, temperature, entropy):
+    chunks = len(recomputed)
     hidden, weight, targets, old, adv = make_inputs(seed=chunk_elements % 89)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     calls = []
     out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, calls), seq_tokens=SEQ_TOKENS,
                              temperature=temperature, compute_entropy=entropy, chunk_elements=chunk_elements)
-    assert len(out.chunks) == len(calls) == chunks
+    assert len(out.chunks) == len(calls) == chunks and out.recomputed == recomputed
     assert [c[:2] for c in calls] == list(out.chunks) and all(c[4] for c in calls)
     assert calls[0][2] == 0 and calls[-1][3] == T  # contiguous token ranges covering every token
     assert all(a[3] == b[2] for a, b in zip(calls[:-1], calls[1:], strict=True))
@@ -109,18 +120,22 @@ def test_matches_float64_reference(chunk_elements, chunks, temperature, entropy)
     torch.testing.assert_close(dw.double(), ref_dw, rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_equals_logits_path_up_to_rounding():
-    """bf16 inputs: the single pass (d W accumulated over 2 chunks in fp32) against the bf16 logits path."""
+@pytest.mark.parametrize(("chunk_elements", "recomputed"), [
+    (20 * V, (False, False)), (8 * V, (False, True, False, True, False)), (4 * V, (True,) * 4 + (False,))])
+def test_bf16_equals_logits_path_up_to_rounding(chunk_elements, recomputed):
+    """bf16 inputs: the single pass (d W accumulated in fp32 over 2 chunks, or over short chunks and the
+    recomputing head's tiles of the over-long sequences) against the bf16 logits path."""
     hidden, weight, targets, old, adv = make_inputs(torch.bfloat16, seed=3)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+                             chunk_elements=chunk_elements)
     dh, dw = torch.autograd.grad(out.loss, (h, w))
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     lp = vocab_parallel_logprobs(h2 @ w2.t(), targets)
     seq = torch.repeat_interleave(torch.arange(len(SEQ_TOKENS)), torch.tensor(SEQ_TOKENS))
     loss = seq_loss(lp.logprobs, None, seq, len(SEQ_TOKENS), old, adv)
     ref_dh, ref_dw = torch.autograd.grad(loss, (h2, w2))
-    assert dh.dtype == dw.dtype == torch.bfloat16 and len(out.chunks) == 2
+    assert dh.dtype == dw.dtype == torch.bfloat16 and out.recomputed == recomputed
     torch.testing.assert_close(out.loss.double(), loss.double(), rtol=1e-5, atol=1e-7)
     for got, ref in ((dh, ref_dh), (dw, ref_dw)):
         rel = (got.float() - ref.float()).norm() / ref.float().norm()
@@ -132,16 +147,17 @@ def test_weight_gradient_into_megatron_main_grad():
     main_grad, sets the flag and hands autograd a dummy (zeros when zero_out_wgrad is set)."""
     hidden, weight, targets, old, adv = make_inputs(seed=4)
     ref_dw = reference(hidden, weight, targets, old, adv, 1.0, False, scale=2.0)[4]
-    for zero_out in (False, True):
+    for zero_out, elements in ((False, 20 * V), (True, 20 * V), (False, 8 * V)):
         w = torch.nn.Parameter(weight.clone())
         w.main_grad = torch.full_like(w, 0.5)
         w.grad_added_to_main_grad = False
         if zero_out:
             w.zero_out_wgrad = True
         h = hidden.clone().requires_grad_()
-        out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+        out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+                                 chunk_elements=elements)
         (out.loss * 2.0).backward()
-        assert w.grad_added_to_main_grad is True
+        assert w.grad_added_to_main_grad is True and any(out.recomputed) == (elements == 8 * V)
         torch.testing.assert_close(w.main_grad.double(), ref_dw + 0.5, rtol=1e-4, atol=1e-6)
         assert w.grad is not None and w.grad.shape == w.shape
         if zero_out:
@@ -161,7 +177,7 @@ def test_bf16_weight_into_fp32_main_grad_one_and_two_chunks():
     fp32 with one chunk (no direct GEMM into the fp32 buffer) and with two, close to the float64 reference."""
     hidden, weight, targets, old, adv = make_inputs(torch.bfloat16, seed=8)
     ref_dw = reference(hidden.double(), weight.double(), targets, old, adv, 1.0, False)[4]
-    for elements, n_chunks in ((10 ** 6, 1), (20 * V, 2)):
+    for elements, n_chunks in ((10 ** 6, 1), (20 * V, 2), (8 * V, 5)):
         w = torch.nn.Parameter(weight.clone())
         w.main_grad = torch.zeros(w.shape, dtype=torch.float32)
         w.grad_added_to_main_grad = False
@@ -173,18 +189,21 @@ def test_bf16_weight_into_fp32_main_grad_one_and_two_chunks():
         assert rel < 1e-2, (n_chunks, rel)
 
 
-def test_no_grad_pass_and_inputs_without_grad():
+@pytest.mark.parametrize("chunk_elements", [20 * V, 8 * V])  # 8 * V: two sequences through the recomputing tiles
+def test_no_grad_pass_and_inputs_without_grad(chunk_elements):
     hidden, weight, targets, old, adv = make_inputs(seed=5)
     ref_loss, ref_lp, _, ref_dh, _ = reference(hidden, weight, targets, old, adv, 1.0, False)
     calls = []
     with torch.no_grad():
         out = fused_lm_head_loss(hidden.clone().requires_grad_(), weight, targets, chunk_loss_of(old, adv, calls),
-                                 seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+                                 seq_tokens=SEQ_TOKENS, chunk_elements=chunk_elements)
     assert not out.loss.requires_grad and not any(c[4] for c in calls)
+    assert any(out.recomputed) == (chunk_elements == 8 * V)
     torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.logprobs.double(), ref_lp, rtol=0.0, atol=2e-5)
     h = hidden.clone().requires_grad_()  # only hidden needs grad: no d W is formed
-    out = fused_lm_head_loss(h, weight, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS)
+    out = fused_lm_head_loss(h, weight, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+                             chunk_elements=chunk_elements)
     (dh,) = torch.autograd.grad(out.loss, (h,))
     torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
 
@@ -227,17 +246,106 @@ def _tp_worker(rank, world_size, hidden, weight, targets, old, adv):
                              temperature=0.8, compute_entropy=True, chunk_elements=10 * V // 2)
     dh, dw = torch.autograd.grad(out.loss, (h, w))
     dist.all_reduce(dh, group=group)  # what megatron's region functions do with each rank's partial d hidden
-    return out.loss, out.logprobs, out.entropy, dh, dw, out.chunks
+    return out.loss, out.logprobs, out.entropy, dh, dw, out.recomputed
 
 
 def test_tp2_matches_reference():
     hidden, weight, targets, old, adv = make_inputs(seed=7)
     results = run_distributed(_tp_worker, 2, hidden, weight, targets, old, adv)
     ref_loss, ref_lp, ref_ent, ref_dh, ref_dw = reference(hidden, weight, targets, old, adv, 0.8, True)
-    for rank, (loss, lp, ent, dh, dw, chunks) in enumerate(results):
-        assert len(chunks) == 5  # 10 tokens per chunk on a V/2 shard
+    for rank, (loss, lp, ent, dh, dw, recomputed) in enumerate(results):
+        # 10 tokens per chunk on a V/2 shard: the 12-token sequence goes through the recomputing head's tiles
+        # (its statistics' TP all-reduces made by both ranks for the same chunk)
+        assert recomputed == (False, True, False, False, False)
         torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(lp.double(), ref_lp, rtol=0.0, atol=2e-5)
         torch.testing.assert_close(ent.double(), ref_ent, rtol=0.0, atol=2e-5)
         torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(dw.double(), ref_dw[rank * V // 2 : (rank + 1) * V // 2], rtol=1e-4, atol=1e-6)
+
+
+class _Created(TorchDispatchMode):
+    """Records (dtype, shape) of the tensors that ops create (outputs sharing no input's storage): what a call
+    allocates, seen on CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensors = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [a for a in pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        ptrs = {a.untyped_storage().data_ptr() for a in inputs}
+        for o in pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in ptrs:
+                self.tensors.append((o.dtype, tuple(o.shape)))
+        return out
+
+
+def test_bf16_two_chunk_backward_scales_the_fp32_accumulator_in_place():
+    """bf16, 2 chunks, no main_grad: d W accumulates in fp32; backward scales that accumulator in place and casts
+    it, so no second [V, H] fp32 buffer exists beside it (the peak of backward), and d W is the scaled gradient."""
+    hidden, weight, targets, old, adv = make_inputs(torch.bfloat16, seed=9)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+    assert len(out.chunks) == 2
+    created = _Created()
+    with created:
+        dh, dw = torch.autograd.grad(out.loss * 3.0, (h, w))
+    assert (torch.float32, (V, H)) not in created.tensors, created.tensors
+    ref_dw = reference(hidden.double(), weight.double(), targets, old, adv, 1.0, False, scale=3.0)[4]
+    assert dw.dtype == torch.bfloat16
+    rel = (dw.double() - ref_dw).norm() / ref_dw.norm()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_flat_in_the_sequence_length(dtype):
+    """A sequence longer than the chunk budget (here 8 tokens) is never held as [C, V] logits: whatever its
+    length (40 or 80 tokens), no tensor of more than chunk_elements elements is created in forward, backward
+    or the no-grad pass, besides d W ([V, H]) and d hidden ([T, H]); the values still match float64."""
+    elements = 8 * V
+    for seq_tokens in ([3, 40, 2], [3, 80, 2]):
+        t = sum(seq_tokens)
+        hidden, weight, targets, old, adv = make_inputs(dtype, seed=t, seq_tokens=seq_tokens)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        created = _Created()
+        with created:
+            out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens),
+                                     seq_tokens=seq_tokens, temperature=0.8, compute_entropy=True,
+                                     chunk_elements=elements)
+            dh, dw = torch.autograd.grad(out.loss, (h, w))
+            with torch.no_grad():
+                fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens),
+                                   seq_tokens=seq_tokens, compute_entropy=True, chunk_elements=elements)
+        assert out.recomputed == (False, True, False)
+        sizes = [math.prod(shape) for _, shape in created.tensors if shape not in ((V, H), (t, H))]
+        assert max(sizes) <= elements, (seq_tokens, max(sizes))
+        ref = reference(hidden.double(), weight.double(), targets, old, adv, 0.8, True, seq_tokens=seq_tokens)
+        tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.0, atol=5e-2)  # bf16 logits
+        torch.testing.assert_close(out.logprobs.double(), ref[1], **tol)
+        torch.testing.assert_close(out.entropy.double(), ref[2], **tol)
+        for got, want in ((dh, ref[3]), (dw, ref[4])):
+            rel = (got.double() - want).norm() / want.norm()
+            assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel  # bf16: the logits gradient rounded
+
+
+def test_long_sequences_with_vocab_tiles_match_float64():
+    """A vocabulary wider than the recomputing backward's narrowest vocab tile (4096 rows): an over-long
+    sequence's backward tiles the vocab too, adding each tile's d W rows into the single pass's accumulator;
+    temperature, entropy, and a short chunk beside the long ones."""
+    v, seq_tokens = 4500, [6, 2, 9, 3]
+    hidden, weight, targets, old, adv = make_inputs(seed=11, seq_tokens=seq_tokens, v=v)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    # budget 16384 // 4500 = 3 tokens; the recomputing backward: blocks of 4 tokens x 4096 + 404 vocab rows
+    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens), seq_tokens=seq_tokens,
+                             temperature=0.7, compute_entropy=True, chunk_elements=4 * 4096)
+    assert out.chunks == ((0, 1), (1, 2), (2, 3), (3, 4)) and out.recomputed == (True, False, True, False)
+    dh, dw = torch.autograd.grad(out.loss * 2.0, (h, w))
+    ref_loss, ref_lp, ref_ent, ref_dh, ref_dw = reference(hidden, weight, targets, old, adv, 0.7, True, scale=2.0,
+                                                          seq_tokens=seq_tokens)
+    torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.logprobs.double(), ref_lp, rtol=0.0, atol=2e-5)
+    torch.testing.assert_close(out.entropy.double(), ref_ent, rtol=0.0, atol=2e-5)
+    torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dw.double(), ref_dw, rtol=1e-4, atol=1e-6)

@@ -106,3 +106,44 @@ def test_pack_layout_comes_from_the_host_copy_of_a_moved_batch():
     assert torch.equal(layout.src, ref.src) and torch.equal(layout.dst, ref.dst)
     t = torch.arange(5)
     assert to_device(t, "cpu") is t and to_device(t, "meta").is_meta
+
+
+@pytest.mark.parametrize("budget_tokens", [10 ** 4, 12, 4])  # one chunk; several; sequences longer than a chunk
+def test_single_pass_head_reads_no_values_per_chunk(budget_tokens):
+    """RLStep's single-pass loss (the loss runs once per chunk of whole sequences inside the head): with the
+    host copy's facts declared, as `RLStep.forward_step` declares them, a call (forward and backward) reads no
+    tensor value however many chunks it has; without them each chunk's loss reads token_seq's range (twice in
+    LossInputs, twice in loss_sums), so the count grows with the chunks."""
+    from vespo_megatron.megatron.model import LMHeadInput
+    from vespo_megatron.megatron.rl_batch import build_rl_microbatch
+    from vespo_megatron.megatron.step import (
+        RLStep,
+        RLStepConfig,
+        StepGroups,
+        host_facts,
+        sequence_token_counts,
+    )
+    from vespo_megatron.parallel.fused_lm_head_loss import plan_sequence_chunks
+    from vespo_megatron.testing.layouts import random_rl_micro_batches
+
+    (samples,) = random_rl_micro_batches(64, num_micro=1, per_micro=8)
+    batch = build_rl_microbatch(samples)
+    seq_tokens = sequence_token_counts(batch.token_seq, batch.num_seqs)
+    chunks = len(plan_sequence_chunks(seq_tokens, budget_tokens))
+    assert chunks == {10 ** 4: 1, 12: 6, 4: 8}[budget_tokens]
+    step = RLStep(RLStepConfig(fused_lm_head=True, lm_head_single_pass=True,
+                               lm_head_chunk_elements=64 * budget_tokens), StepGroups())
+    norm = step.normalizer([batch])  # once per step, before the micro-batches: not counted
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(*batch.labels.shape, 16, generator=g, requires_grad=True)
+    weight = torch.randn(64, 16, generator=g, requires_grad=True)
+    counts, losses = {}, {}
+    for checked, facts in ((False, {}), (True, host_facts(batch))):
+        reads = ValueReads()
+        with checked_on_host(**facts), reads:
+            losses[checked] = step.loss_func(batch, norm, LMHeadInput(hidden, weight, False), seq_tokens)[0]
+            losses[checked].backward()
+        counts[checked] = reads.reads
+    assert torch.equal(losses[False], losses[True])
+    assert counts[True] == 0
+    assert counts[False] == 2 + 4 * chunks  # the head's target range once, token_seq's range per chunk

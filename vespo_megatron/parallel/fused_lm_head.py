@@ -97,30 +97,108 @@ def _grad_in_place(z: Tensor, tgt: Tensor, lse, ent, g_lp, g_h, temperature: flo
         vp._grad_torch(z, tgt, lse, ent, g_lp, g_h, temperature, vp._chunk_tokens(None, z.shape[1]), out=z)
 
 
+def _tile_buffer(buf: Tensor | None, n: int, like: Tensor) -> Tensor:
+    """A flat buffer of `n` elements in `like`'s dtype: the front of the caller's `buf` when it is large enough
+    (the single pass lends its own chunk buffer, so that one tile is alive, not two), else a new one."""
+    if buf is not None and buf.numel() >= n and buf.dtype == like.dtype:
+        return buf[:n]
+    return torch.empty(n, dtype=like.dtype, device=like.device)
+
+
+def _forward_stats(hidden, weight, local_tgt, tp_group, world, temperature, entropy, chunk_elements, use_triton,
+                   buf: Tensor | None = None):
+    """(lse, logp, ent) [T] fp32 of `hidden` [T, H] against this rank's shard, one [C, V/tp] tile alive at a time
+    (ent None unless `entropy`); TP-combined with `vocab_parallel`'s two all-reduces. `local_tgt`: ids local to
+    the shard, -1 where the target lies in another rank's shard. `buf`: an optional flat buffer to use."""
+    t = hidden.shape[0]
+    v_local = weight.shape[0]
+    c = _rows(t, chunk_elements, v_local)
+    buf = _tile_buffer(buf, c * v_local, hidden)  # one [C, V/tp] tile
+    parts: list[list[Tensor]] = [[], [], [], []]  # m_l, s_l, a_l, tgt_l per chunk, each [C]
+    for s in range(0, t, c):
+        e = min(s + c, t)
+        z = buf[: (e - s) * v_local].view(e - s, v_local)
+        torch.mm(hidden[s:e], weight.t(), out=z)
+        if use_triton:
+            stats = vp._local_stats_triton(z, local_tgt[s:e], temperature, entropy)
+        else:
+            stats = vp._local_stats_torch(z, local_tgt[s:e], temperature, entropy, vp._chunk_tokens(None, v_local))
+        for lst, x in zip(parts, stats, strict=True):
+            lst.append(x)
+    del buf
+    m_l, s_l, tgt_l = (torch.cat(parts[i]) if t else hidden.new_zeros(0, dtype=torch.float32) for i in (0, 1, 3))
+    a_l = (torch.cat(parts[2]) if t else torch.zeros_like(m_l)) if entropy else None
+    return vp._combine(m_l, s_l, a_l, tgt_l, tp_group, world)
+
+
+def _backward_tiles(hidden, weight, local_tgt, lse, ent, g_lp, g_h, temperature, chunk_elements, use_triton, *,
+                   need_h: bool, need_w: bool, dw_acc: Tensor | None = None, d_hidden: Tensor | None = None,
+                   buf: Tensor | None = None):
+    """(d hidden, d W) for the upstream gradients g_lp / g_h ([T] fp32; g_h None without entropy) of the
+    log-probs / entropies that `_forward_stats` gave: per [Tb, Cv] tile, recompute the logits (one GEMM), turn
+    them in place into d loss / d logits, then ``d W[Cv] = G.T @ hidden[Tb]`` and ``d hidden[Tb] += G @ W[Cv]``.
+
+    `dw_acc` (optional, [V/tp, H]): d W is *added* into it (fp32 products when it is fp32, `_accumulate`) and
+    the returned d W is None; else d W is a new tensor in the weight's dtype. `d_hidden` (optional, [T, H] in
+    hidden's dtype): written in place instead of a new tensor. `buf`: an optional flat buffer for the tiles."""
+    t, h = hidden.shape
+    v_local = weight.shape[0]
+    # fp32 accumulators for bf16/fp16 (the logits path's GEMMs accumulate in fp32 too)
+    acc_dtype = torch.float32 if hidden.dtype in (torch.bfloat16, torch.float16) else hidden.dtype
+    tb = _rows(t, chunk_elements, min(v_local, _MIN_VOCAB_TILE))  # tokens per block
+    if need_h and d_hidden is None:
+        d_hidden = torch.empty_like(hidden)
+    d_weight, caller_acc = None, dw_acc is not None
+    if need_w and not caller_acc:
+        if tb < t:  # several token blocks: accumulate in fp32, round once at the end
+            dw_acc = torch.zeros(v_local, h, dtype=acc_dtype, device=weight.device)
+        else:
+            d_weight = torch.empty_like(weight)
+    for ts in range(0, t, tb):
+        te = min(ts + tb, t)
+        rows = te - ts
+        hb = hidden[ts:te]
+        cv = _rows(v_local, chunk_elements, rows)  # vocab rows per tile
+        if ts == 0:  # the first token block is the largest
+            buf = _tile_buffer(buf, rows * cv, hidden)
+        one_tile = cv >= v_local
+        dh_acc = None
+        if need_h and not (one_tile and acc_dtype == hidden.dtype):
+            dh_acc = torch.zeros(rows, h, dtype=acc_dtype, device=hidden.device)
+        tgt_b = local_tgt[ts:te]
+        for vs in range(0, v_local, cv):
+            ve = min(vs + cv, v_local)
+            wv = weight[vs:ve]
+            z = buf[: rows * (ve - vs)].view(rows, ve - vs)
+            torch.mm(hb, wv.t(), out=z)  # recompute the logits tile [Tb, Cv]
+            shifted = tgt_b - vs
+            tgt_tile = torch.where((shifted >= 0) & (shifted < ve - vs), shifted, torch.full_like(shifted, -1))
+            _grad_in_place(
+                z, tgt_tile.contiguous(), lse[ts:te], None if ent is None else ent[ts:te], g_lp[ts:te],
+                None if g_h is None else g_h[ts:te], temperature, use_triton,
+            )  # z is now d loss / d logits of the tile, in the weight's dtype
+            if need_w:
+                if d_weight is None:
+                    _accumulate(dw_acc[vs:ve], z.t(), hb)
+                else:
+                    torch.mm(z.t(), hb, out=d_weight[vs:ve])  # all Tb tokens in one GEMM: no accumulation
+            if need_h:
+                if dh_acc is None:
+                    torch.mm(z, wv, out=d_hidden[ts:te])
+                else:
+                    _accumulate(dh_acc, z, wv)
+        if dh_acc is not None:
+            d_hidden[ts:te].copy_(dh_acc)
+    if need_w and not caller_acc and d_weight is None:
+        d_weight = dw_acc.to(weight.dtype)
+    return d_hidden, d_weight
+
+
 class _FusedLMHeadLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, local_tgt, tp_group, world, temperature, entropy, chunk_elements, use_triton):
-        t = hidden.shape[0]
-        v_local = weight.shape[0]
-        c = _rows(t, chunk_elements, v_local)
-        buf = torch.empty(c * v_local, dtype=hidden.dtype, device=hidden.device)  # one [C, V/tp] tile
-        parts: list[list[Tensor]] = [[], [], [], []]  # m_l, s_l, a_l, tgt_l per chunk, each [C]
-        for s in range(0, t, c):
-            e = min(s + c, t)
-            z = buf[: (e - s) * v_local].view(e - s, v_local)
-            torch.mm(hidden[s:e], weight.t(), out=z)
-            if use_triton:
-                stats = vp._local_stats_triton(z, local_tgt[s:e], temperature, entropy)
-            else:
-                stats = vp._local_stats_torch(
-                    z, local_tgt[s:e], temperature, entropy, vp._chunk_tokens(None, v_local)
-                )
-            for lst, x in zip(parts, stats, strict=True):
-                lst.append(x)
-        del buf
-        m_l, s_l, tgt_l = (torch.cat(parts[i]) if t else hidden.new_zeros(0, dtype=torch.float32) for i in (0, 1, 3))
-        a_l = (torch.cat(parts[2]) if t else torch.zeros_like(m_l)) if entropy else None
-        lse, logp, ent = vp._combine(m_l, s_l, a_l, tgt_l, tp_group, world)
+        lse, logp, ent = _forward_stats(hidden, weight, local_tgt, tp_group, world, temperature, entropy,
+                                       chunk_elements, use_triton)
         ctx.save_for_backward(hidden, weight, local_tgt, lse, ent)
         ctx.cfg = (temperature, chunk_elements, use_triton)
         ctx.set_materialize_grads(False)
@@ -136,61 +214,10 @@ class _FusedLMHeadLogProbs(torch.autograd.Function):
         none = (None,) * 7
         if (g_lp is None and g_h is None) or not (need_h or need_w):
             return None, None, *none
-        t, h = hidden.shape
-        v_local = weight.shape[0]
         g_lp = g_lp.float().contiguous() if g_lp is not None else torch.zeros_like(lse)
         g_h = g_h.float().contiguous() if g_h is not None and ent is not None else None
-        # fp32 accumulators for bf16/fp16 (the logits path's GEMMs accumulate in fp32 too)
-        acc_dtype = torch.float32 if hidden.dtype in (torch.bfloat16, torch.float16) else hidden.dtype
-
-        tb = _rows(t, chunk_elements, min(v_local, _MIN_VOCAB_TILE))  # tokens per block
-        several_blocks = tb < t
-        d_hidden = torch.empty_like(hidden) if need_h else None
-        d_weight = None
-        dw_acc = None
-        if need_w:
-            if several_blocks:
-                dw_acc = torch.zeros(v_local, h, dtype=acc_dtype, device=weight.device)
-            else:
-                d_weight = torch.empty_like(weight)
-        buf = None
-        for ts in range(0, t, tb):
-            te = min(ts + tb, t)
-            rows = te - ts
-            hb = hidden[ts:te]
-            cv = _rows(v_local, chunk_elements, rows)  # vocab rows per tile
-            if buf is None:
-                buf = torch.empty(rows * cv, dtype=hidden.dtype, device=hidden.device)
-            one_tile = cv >= v_local
-            dh_acc = None
-            if need_h and not (one_tile and acc_dtype == hidden.dtype):
-                dh_acc = torch.zeros(rows, h, dtype=acc_dtype, device=hidden.device)
-            tgt_b = local_tgt[ts:te]
-            for vs in range(0, v_local, cv):
-                ve = min(vs + cv, v_local)
-                wv = weight[vs:ve]
-                z = buf[: rows * (ve - vs)].view(rows, ve - vs)
-                torch.mm(hb, wv.t(), out=z)  # recompute the logits tile [Tb, Cv]
-                shifted = tgt_b - vs
-                tgt_tile = torch.where((shifted >= 0) & (shifted < ve - vs), shifted, torch.full_like(shifted, -1))
-                _grad_in_place(
-                    z, tgt_tile.contiguous(), lse[ts:te], None if ent is None else ent[ts:te], g_lp[ts:te],
-                    None if g_h is None else g_h[ts:te], temperature, use_triton,
-                )  # z is now d loss / d logits of the tile, in the weight's dtype
-                if need_w:
-                    if dw_acc is not None:
-                        _accumulate(dw_acc[vs:ve], z.t(), hb)
-                    else:
-                        torch.mm(z.t(), hb, out=d_weight[vs:ve])  # all Tb tokens in one GEMM: no accumulation
-                if need_h:
-                    if dh_acc is None:
-                        torch.mm(z, wv, out=d_hidden[ts:te])
-                    else:
-                        _accumulate(dh_acc, z, wv)
-            if dh_acc is not None:
-                d_hidden[ts:te].copy_(dh_acc)
-        if dw_acc is not None:
-            d_weight = dw_acc.to(weight.dtype)
+        d_hidden, d_weight = _backward_tiles(hidden, weight, local_tgt, lse, ent, g_lp, g_h, temperature,
+                                            chunk_elements, use_triton, need_h=need_h, need_w=need_w)
         return d_hidden, d_weight, *none
 
 

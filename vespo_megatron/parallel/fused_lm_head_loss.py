@@ -17,6 +17,11 @@ bench/README.md). Here the loss is evaluated *inside* the head, one chunk of who
   ``torch.autograd.grad`` gives the per-token upstream gradients; the gradient kernel turns the tile in
   place into d loss / d logits; ``d hidden[C] = G @ W`` (one GEMM over the whole shard: nothing to
   accumulate) and ``dW += G.T @ hidden[C]`` (fp32 accumulator; the chunk's logits are then freed).
+* a chunk over that budget (one sequence longer than ``chunk_elements / (V/tp)`` tokens: a chunk never splits a
+  sequence) does not hold its logits: the recomputing head's functions give its log-probs from ``[C', V/tp]``
+  tiles of at most ``chunk_elements`` (keeping only ``[C]`` statistics), ``chunk_loss`` runs on them as for
+  any chunk, and the recomputing backward forms d hidden and adds d W into the same accumulator from
+  recomputed tiles: one extra GEMM, for the over-long sequences only (``HeadLossOutput.recomputed``).
 * backward only scales the stored gradients by the upstream gradient of the loss (1 in megatron's bf16
   schedules; a loss scale under fp16).
 
@@ -27,9 +32,11 @@ context-parallel all-reduce of log W) must be made by every rank of their group 
 ``plan_sequence_chunks`` depends only on the per-sequence token counts, which are the same on every CP rank
 (each holds an equal share of every sequence) and on every TP rank.
 
-Memory: one chunk of logits (``chunk_elements``, or the longest sequence's ``C x V/tp`` if larger), the fp32
-``dW`` accumulator (``V/tp x H``; none when the weight carries megatron's fp32 ``main_grad``, see below) and
-``d hidden`` (the output's size). Not flat in the sequence length: a sequence is never split.
+Memory: one tile of ``chunk_elements`` logits (the over-long sequences' tiles reuse the same buffer), the ``dW``
+accumulator (``V/tp x H``, fp32 unless a single chunk without ``main_grad`` makes d W in one GEMM in the
+weight's dtype; backward scales it in place and casts it), ``d hidden`` (the output's size) and, for an
+over-long sequence, the recomputing backward's fp32 ``d hidden`` block when its vocab is tiled: flat in the
+sequence length beyond the ``[T]`` / ``[T, H]`` tensors.
 
 Weight gradient into ``main_grad``: megatron's DDP gives each parameter an fp32 ``main_grad`` and, with
 ``grad_added_to_main_grad``, lets a layer add its weight gradient there itself (its gradient-accumulation
@@ -52,7 +59,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vespo_megatron.parallel import vocab_parallel as vp
-from vespo_megatron.parallel.fused_lm_head import DEFAULT_CHUNK_ELEMENTS, _accumulate, _grad_in_place
+from vespo_megatron.parallel.fused_lm_head import (
+    DEFAULT_CHUNK_ELEMENTS,
+    _accumulate,
+    _backward_tiles,
+    _forward_stats,
+    _grad_in_place,
+)
 
 __all__ = ["ChunkLogProbs", "HeadLossOutput", "plan_sequence_chunks", "fused_lm_head_loss"]
 
@@ -73,12 +86,15 @@ class ChunkLogProbs:
 @dataclass(frozen=True)
 class HeadLossOutput:
     """loss: the sum of the chunks' losses (differentiable w.r.t. hidden and weight); logprobs / entropy:
-    [T] fp32, detached, shaped like `targets`; chunks: the plan that ran, (seq_start, seq_end) per chunk."""
+    [T] fp32, detached, shaped like `targets`; chunks: the plan that ran, (seq_start, seq_end) per chunk;
+    recomputed: per chunk, whether it was longer than the budget (one sequence of more than
+    chunk_elements / (V/tp) tokens) and went through the recomputing head's tiles instead."""
 
     loss: Tensor
     logprobs: Tensor
     entropy: Tensor | None
     chunks: tuple[tuple[int, int], ...]
+    recomputed: tuple[bool, ...] = ()
 
 
 def plan_sequence_chunks(seq_tokens: Sequence[int], max_tokens: int) -> list[tuple[int, int]]:
@@ -129,7 +145,9 @@ class _HeadLoss(torch.autograd.Function):
             elif acc.dtype == weight.dtype:  # one chunk, or fp32 weights: the GEMM's own result, scaled in place
                 d_weight = acc.mul_(scale.to(acc.dtype))
             else:
-                d_weight = (acc * scale.to(acc.dtype)).to(weight.dtype)
+                # scaled in place, then cast: the peak is the fp32 accumulator plus the weight-dtype result, not
+                # a second V/tp x H fp32 temporary (1.16 GiB at 151936 x 2048); the same values as acc * scale
+                d_weight = acc.mul_(scale.to(acc.dtype)).to(weight.dtype)
         return d_hidden, d_weight, None
 
 
@@ -165,7 +183,8 @@ def fused_lm_head_loss(
         seq_tokens: host ints, the number of tokens of each sequence in the flattened order of ``targets``
             (sequences are contiguous there); they must sum to ``targets.numel()``.
         tp_group, temperature, compute_entropy, backend: as for ``fused_lm_head_logprobs``.
-        chunk_elements: logits elements per chunk (sequences are never split); None: 2**29.
+        chunk_elements: logits elements per chunk (sequences are never split: one longer than the budget goes
+            through the recomputing head's tiles of this size, one more GEMM); None: 2**29.
         into_main_grad: add d W into ``weight.main_grad`` when the weight carries megatron DDP's attributes
             (module docstring). Pass False for a weight with other uses in the graph (embeddings tied to the
             output layer): autograd would sum their gradient with the dummy, and DDP's hook would skip the sum.
@@ -190,13 +209,17 @@ def fused_lm_head_loss(
     h2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
     tgt = targets.reshape(-1).to(torch.int64) - vocab_start
     local_tgt = torch.where((tgt >= 0) & (tgt < v_local), tgt, torch.full_like(tgt, -1)).contiguous()
-    budget = max(1, (DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements) // v_local)
+    elements = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    budget = max(1, elements // v_local)
     plan = plan_sequence_chunks(seq_tokens, budget)
+    # a chunk over the budget is one sequence longer than it (plus empty ones): its logits are never held whole
+    recompute = tuple(sum(seq_tokens[a:b]) > budget for a, b in plan)
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     grads = _run(h2d.detach(), weight.detach(), local_tgt, chunk_loss, plan, seq_tokens, tp_group, world,
                  float(temperature), compute_entropy, use_triton, want_grad,
                  need_h=hidden.requires_grad, need_w=weight.requires_grad,
-                 fp32_weight_grad=(into_main_grad and _into_main_grad(weight)) or len(plan) > 1)
+                 fp32_weight_grad=(into_main_grad and _into_main_grad(weight)) or len(plan) > 1 or any(recompute),
+                 recompute=recompute, chunk_elements=elements)
     logp, ent = grads.pop("logprobs"), grads.pop("entropy")
     if want_grad:
         grads["weight"], grads["into_main_grad"] = weight, into_main_grad and _into_main_grad(weight)
@@ -204,11 +227,27 @@ def fused_lm_head_loss(
     else:
         loss = grads.pop("loss")
     return HeadLossOutput(loss=loss, logprobs=logp.view(targets.shape),
-                          entropy=None if ent is None else ent.view(targets.shape), chunks=tuple(plan))
+                          entropy=None if ent is None else ent.view(targets.shape), chunks=tuple(plan),
+                          recomputed=recompute)
+
+
+def _chunk_loss_grads(chunk_loss, chunk: ChunkLogProbs, want_grad: bool):
+    """(loss, d loss / d logprobs, d loss / d entropy) of one chunk; the gradients are None when not formed or
+    when the loss does not depend on them."""
+    with torch.enable_grad() if want_grad else torch.no_grad():
+        loss = chunk_loss(chunk)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"chunk_loss: expected a scalar tensor, got {vp._describe(loss)}")
+        g_lp = g_h = None
+        if want_grad and loss.requires_grad:
+            leaves = [chunk.logprobs] if chunk.entropy is None else [chunk.logprobs, chunk.entropy]
+            got = torch.autograd.grad(loss, leaves, allow_unused=True)
+            g_lp, g_h = got[0], (got[1] if len(got) > 1 else None)
+    return loss.detach().reshape(()), g_lp, g_h
 
 
 def _run(h2d, weight, local_tgt, chunk_loss, plan, seq_tokens, tp_group, world, temperature, entropy, use_triton,
-         want_grad, *, need_h, need_w, fp32_weight_grad) -> dict:
+         want_grad, *, need_h, need_w, fp32_weight_grad, recompute, chunk_elements) -> dict:
     t, h = h2d.shape
     v_local = weight.shape[0]
     offsets = [0]
@@ -220,32 +259,32 @@ def _run(h2d, weight, local_tgt, chunk_loss, plan, seq_tokens, tp_group, world, 
     acc_dtype = torch.float32 if low and fp32_weight_grad else h2d.dtype
     d_hidden = torch.empty_like(h2d) if want_grad and need_h else None
     dw_acc = torch.zeros(v_local, h, dtype=acc_dtype, device=weight.device) if want_grad and need_w else None
-    max_rows = max((offsets[b] - offsets[a] for a, b in plan), default=0)
-    buf = torch.empty(max_rows * v_local, dtype=h2d.dtype, device=h2d.device)  # one [C, V/tp] tile
+    max_rows = max((offsets[b] - offsets[a] for (a, b), r in zip(plan, recompute, strict=True) if not r), default=0)
+    # one [C, V/tp] tile; the recomputing head's tiles (at most chunk_elements each) reuse it
+    buf = torch.empty(max(max_rows * v_local, chunk_elements if any(recompute) else 0), dtype=h2d.dtype,
+                      device=h2d.device)
     logps, ents, losses = [], [], []
-    for seq_start, seq_end in plan:
+    for (seq_start, seq_end), long in zip(plan, recompute, strict=True):
         s, e = offsets[seq_start], offsets[seq_end]
-        z = buf[: (e - s) * v_local].view(e - s, v_local)
-        torch.mm(h2d[s:e], weight.t(), out=z)
-        if use_triton:
-            stats = vp._local_stats_triton(z, local_tgt[s:e], temperature, entropy)
+        if long:  # one sequence over the budget: its logits are never whole, only tiles of the recomputing head
+            z = None
+            lse, logp, ent = _forward_stats(h2d[s:e], weight, local_tgt[s:e], tp_group, world, temperature,
+                                            entropy, chunk_elements, use_triton, buf=buf)
         else:
-            stats = vp._local_stats_torch(z, local_tgt[s:e], temperature, entropy, vp._chunk_tokens(None, v_local))
-        lse, logp, ent = vp._combine(*stats, tp_group, world)
+            z = buf[: (e - s) * v_local].view(e - s, v_local)
+            torch.mm(h2d[s:e], weight.t(), out=z)
+            if use_triton:
+                stats = vp._local_stats_triton(z, local_tgt[s:e], temperature, entropy)
+            else:
+                stats = vp._local_stats_torch(z, local_tgt[s:e], temperature, entropy,
+                                              vp._chunk_tokens(None, v_local))
+            lse, logp, ent = vp._combine(*stats, tp_group, world)
         logps.append(logp)
         ents.append(ent)
-        with torch.enable_grad() if want_grad else torch.no_grad():
-            lp_leaf = logp.detach().requires_grad_(want_grad)
-            ent_leaf = None if ent is None else ent.detach().requires_grad_(want_grad)
-            loss = chunk_loss(ChunkLogProbs(seq_start, seq_end, s, e, lp_leaf, ent_leaf))
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(f"chunk_loss: expected a scalar tensor, got {vp._describe(loss)}")
-            g_lp = g_h = None
-            if want_grad and loss.requires_grad:
-                leaves = [lp_leaf] if ent_leaf is None else [lp_leaf, ent_leaf]
-                got = torch.autograd.grad(loss, leaves, allow_unused=True)
-                g_lp, g_h = got[0], (got[1] if len(got) > 1 else None)
-        losses.append(loss.detach().reshape(()))
+        chunk = ChunkLogProbs(seq_start, seq_end, s, e, logp.detach().requires_grad_(want_grad),
+                              None if ent is None else ent.detach().requires_grad_(want_grad))
+        loss, g_lp, g_h = _chunk_loss_grads(chunk_loss, chunk, want_grad)
+        losses.append(loss)
         if not want_grad:
             continue
         if g_lp is None and g_h is None:  # the chunk's loss does not depend on it: zero gradients
@@ -254,6 +293,11 @@ def _run(h2d, weight, local_tgt, chunk_loss, plan, seq_tokens, tp_group, world, 
             continue
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_h = None if g_h is None else g_h.float().contiguous()
+        if long:  # the fourth GEMM, for this sequence only: d hidden rows written, d W added into the accumulator
+            _backward_tiles(h2d[s:e], weight, local_tgt[s:e], lse, ent, g_lp, g_h, temperature, chunk_elements,
+                            use_triton, need_h=d_hidden is not None, need_w=dw_acc is not None, dw_acc=dw_acc,
+                            d_hidden=None if d_hidden is None else d_hidden[s:e], buf=buf)
+            continue
         _grad_in_place(z, local_tgt[s:e], lse, ent, g_lp, g_h, temperature, use_triton)  # z: d loss / d logits
         if d_hidden is not None:
             torch.mm(z, weight, out=d_hidden[s:e])  # every vocab row in one GEMM: no accumulation
