@@ -44,7 +44,7 @@ sys.path.insert(0, ROOT)  # the package imports without megatron-core for these 
 from vespo_megatron.base.host_checks import checked_on_host  # noqa: E402
 from vespo_megatron.losses import get_policy_loss  # noqa: E402
 from vespo_megatron.parallel import fused_lm_head as flh  # noqa: E402
-from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss  # noqa: E402
+from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss, plan_head_chunks  # noqa: E402
 from vespo_megatron.parallel.sequence import build_loss_inputs, global_normalizer  # noqa: E402
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs  # noqa: E402
 
@@ -397,8 +397,8 @@ def main():
         old = torch.full((t,), -12.0, device=DEV)
         vespo = Vespo(t, old)
         var = variants(hidden, weight, targets, vespo, [n], False, [n])
-        # sequences over the single pass's chunk budget: each goes through the recomputing head's tiles
-        over = sum(k > max(1, (1 << n) // V) for k in vespo.seq_tokens)
+        # sequences too long to be held whole (over twice the single pass's chunk): the recomputing head's tiles
+        over = sum(plan_head_chunks(vespo.seq_tokens, V, 1 << n)[1])
         for name in (f"fused_{n}", f"single_{n}"):
             fwd, bwd = var[name]
             row = dict(variant=name, tokens=t, seq_tokens=t // B, seqs_over_budget=over if "single" in name else None,
@@ -445,7 +445,7 @@ def render(res) -> str:
                      f"| {f(r.get('fwd_ms'))} | {f(r.get('fwd_extra_gib'), '{:.2f}')} "
                      f"| {f(r.get('host_reads'), '{:d}')} |")
     lines += ["", "Fused head and single pass (2**n elements a tile / chunk: the variant's suffix), TP = 1, memory "
-              "against T (the outputs d hidden and d W are part of 'extra'; 'over budget': sequences longer than "
+              "against T (the outputs d hidden and d W are part of 'extra'; 'over budget': sequences of more than twice "
               "the single pass's chunk, which go through the recomputing head's tiles):", "",
               "| variant | tokens | tokens / seq | over budget | fwd+bwd ms | fwd+bwd extra GiB "
               "| of which d hidden + d W GiB | fwd extra GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

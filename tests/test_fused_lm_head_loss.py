@@ -25,6 +25,14 @@ SEQ_TOKENS = [7, 12, 0, 5, 9, 4]  # one empty sequence: it joins a neighbour's c
 T, H, V = sum(SEQ_TOKENS), 24, 300
 
 
+def head_loss(*args, **kwargs):
+    """fused_lm_head_loss with its hard cap, whole_sequence_elements = chunk_elements: the sequences here are a
+    few tokens over their budgets, which the default (twice a chunk) would still hold whole."""
+    if kwargs.get("chunk_elements") is not None:
+        kwargs.setdefault("whole_sequence_elements", kwargs["chunk_elements"])
+    return fused_lm_head_loss(*args, **kwargs)
+
+
 def make_inputs(dtype=torch.float32, seed=0, seq_tokens=SEQ_TOKENS, v=V):
     g = torch.Generator().manual_seed(seed)
     t = sum(seq_tokens)
@@ -98,7 +106,7 @@ def test_matches_float64_reference(chunk_elements, recomputed, temperature, entr
     hidden, weight, targets, old, adv = make_inputs(seed=chunk_elements % 89)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     calls = []
-    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, calls), seq_tokens=SEQ_TOKENS,
+    out = head_loss(h, w, targets, chunk_loss_of(old, adv, calls), seq_tokens=SEQ_TOKENS,
                              temperature=temperature, compute_entropy=entropy, chunk_elements=chunk_elements)
     assert len(out.chunks) == len(calls) == chunks and out.recomputed == recomputed
     assert [c[:2] for c in calls] == list(out.chunks) and all(c[4] for c in calls)
@@ -127,7 +135,7 @@ def test_bf16_equals_logits_path_up_to_rounding(chunk_elements, recomputed):
     recomputing head's tiles of the over-long sequences) against the bf16 logits path."""
     hidden, weight, targets, old, adv = make_inputs(torch.bfloat16, seed=3)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+    out = head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
                              chunk_elements=chunk_elements)
     dh, dw = torch.autograd.grad(out.loss, (h, w))
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -154,7 +162,7 @@ def test_weight_gradient_into_megatron_main_grad():
         if zero_out:
             w.zero_out_wgrad = True
         h = hidden.clone().requires_grad_()
-        out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+        out = head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
                                  chunk_elements=elements)
         (out.loss * 2.0).backward()
         assert w.grad_added_to_main_grad is True and any(out.recomputed) == (elements == 8 * V)
@@ -165,7 +173,7 @@ def test_weight_gradient_into_megatron_main_grad():
     # into_main_grad=False (a tied weight): a real gradient for autograd to sum, main_grad left to DDP's hook
     w = torch.nn.Parameter(weight.clone())
     w.main_grad, w.grad_added_to_main_grad = torch.zeros_like(w), False
-    out = fused_lm_head_loss(hidden, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+    out = head_loss(hidden, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
                              chunk_elements=20 * V, into_main_grad=False)
     (out.loss * 2.0).backward()
     assert w.grad_added_to_main_grad is False and not w.main_grad.any()
@@ -181,7 +189,7 @@ def test_bf16_weight_into_fp32_main_grad_one_and_two_chunks():
         w = torch.nn.Parameter(weight.clone())
         w.main_grad = torch.zeros(w.shape, dtype=torch.float32)
         w.grad_added_to_main_grad = False
-        out = fused_lm_head_loss(hidden, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+        out = head_loss(hidden, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
                                  chunk_elements=elements)
         out.loss.backward()
         assert len(out.chunks) == n_chunks and w.grad_added_to_main_grad is True
@@ -195,14 +203,14 @@ def test_no_grad_pass_and_inputs_without_grad(chunk_elements):
     ref_loss, ref_lp, _, ref_dh, _ = reference(hidden, weight, targets, old, adv, 1.0, False)
     calls = []
     with torch.no_grad():
-        out = fused_lm_head_loss(hidden.clone().requires_grad_(), weight, targets, chunk_loss_of(old, adv, calls),
+        out = head_loss(hidden.clone().requires_grad_(), weight, targets, chunk_loss_of(old, adv, calls),
                                  seq_tokens=SEQ_TOKENS, chunk_elements=chunk_elements)
     assert not out.loss.requires_grad and not any(c[4] for c in calls)
     assert any(out.recomputed) == (chunk_elements == 8 * V)
     torch.testing.assert_close(out.loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.logprobs.double(), ref_lp, rtol=0.0, atol=2e-5)
     h = hidden.clone().requires_grad_()  # only hidden needs grad: no d W is formed
-    out = fused_lm_head_loss(h, weight, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
+    out = head_loss(h, weight, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS,
                              chunk_elements=chunk_elements)
     (dh,) = torch.autograd.grad(out.loss, (h,))
     torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
@@ -216,7 +224,7 @@ def test_chunks_whose_loss_ignores_them_get_zero_gradients():
     def first_chunk_only(c):
         return real(c) if c.seq_start == 0 else c.logprobs.new_zeros(())
 
-    out = fused_lm_head_loss(h, weight, targets, first_chunk_only, seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+    out = head_loss(h, weight, targets, first_chunk_only, seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
     (dh,) = torch.autograd.grad(out.loss, (h,))
     assert dh[:19].abs().max() > 0 and not dh[19:].any()  # chunk 0 holds sequences 0-1 (19 tokens)
 
@@ -227,6 +235,8 @@ def test_chunks_whose_loss_ignores_them_get_zero_gradients():
     (dict(chunk_loss=lambda c: c.logprobs), r"chunk_loss: expected a scalar tensor, got"),
     (dict(weight=torch.zeros(V, H + 1)), r"weight: expected a \[V/tp, H=24\] tensor"),
     (dict(targets=torch.full((T,), V)), r"targets: expected token ids in \[0, 300\)"),
+    (dict(chunk_elements=8 * V, whole_sequence_elements=4 * V),
+     r"whole_sequence_elements: expected an int >= chunk_elements \(2400\) or None, got 1200"),
 ])
 def test_bad_inputs_raise(kwargs, match):
     hidden, weight, targets, old, adv = make_inputs()
@@ -242,7 +252,7 @@ def _tp_worker(rank, world_size, hidden, weight, targets, old, adv):
     group = dist.group.WORLD
     shard = weight[rank * V // 2 : (rank + 1) * V // 2]
     h, w = hidden.clone().requires_grad_(), shard.clone().requires_grad_()
-    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, tp_group=group,
+    out = head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, tp_group=group,
                              temperature=0.8, compute_entropy=True, chunk_elements=10 * V // 2)
     dh, dw = torch.autograd.grad(out.loss, (h, w))
     dist.all_reduce(dh, group=group)  # what megatron's region functions do with each rank's partial d hidden
@@ -287,7 +297,7 @@ def test_bf16_two_chunk_backward_scales_the_fp32_accumulator_in_place():
     it, so no second [V, H] fp32 buffer exists beside it (the peak of backward), and d W is the scaled gradient."""
     hidden, weight, targets, old, adv = make_inputs(torch.bfloat16, seed=9)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
+    out = head_loss(h, w, targets, chunk_loss_of(old, adv), seq_tokens=SEQ_TOKENS, chunk_elements=20 * V)
     assert len(out.chunks) == 2
     created = _Created()
     with created:
@@ -297,6 +307,29 @@ def test_bf16_two_chunk_backward_scales_the_fp32_accumulator_in_place():
     assert dw.dtype == torch.bfloat16
     rel = (dw.double() - ref_dw).norm() / ref_dw.norm()
     assert rel < 1e-2, rel
+
+
+def test_default_holds_a_sequence_up_to_twice_a_chunk_whole():
+    """The default whole_sequence_elements (2 x chunk_elements): with an 8-token budget, sequences of 12 and 9
+    tokens keep the single pass in a chunk of their own and one of 20 tokens takes the recomputing tiles; no
+    logits tensor beyond twice a chunk is created; values as the float64 reference."""
+    seq_tokens = [7, 12, 0, 5, 9, 4, 20]
+    t, elements = sum(seq_tokens), 8 * V
+    hidden, weight, targets, old, adv = make_inputs(seed=11, seq_tokens=seq_tokens)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    created = _Created()
+    with created:
+        out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens),
+                                 seq_tokens=seq_tokens, compute_entropy=True, chunk_elements=elements)
+        dh, dw = torch.autograd.grad(out.loss, (h, w))
+    tokens = [sum(seq_tokens[a:b]) for a, b in out.chunks]
+    assert tokens[:2] == [7, 12] and [n for n, r in zip(tokens, out.recomputed, strict=True) if r] == [20]
+    sizes = [math.prod(shape) for _, shape in created.tensors if shape not in ((V, H), (t, H))]
+    assert 12 * V in sizes and max(sizes) <= 2 * elements  # the 12-token sequence's logits, held whole
+    ref = reference(hidden, weight, targets, old, adv, 1.0, True, seq_tokens=seq_tokens)
+    torch.testing.assert_close(out.logprobs.double(), ref[1], rtol=0.0, atol=2e-5)
+    torch.testing.assert_close(dh.double(), ref[3], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(dw.double(), ref[4], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -311,12 +344,12 @@ def test_memory_flat_in_the_sequence_length(dtype):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         created = _Created()
         with created:
-            out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens),
+            out = head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens),
                                      seq_tokens=seq_tokens, temperature=0.8, compute_entropy=True,
                                      chunk_elements=elements)
             dh, dw = torch.autograd.grad(out.loss, (h, w))
             with torch.no_grad():
-                fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens),
+                head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens),
                                    seq_tokens=seq_tokens, compute_entropy=True, chunk_elements=elements)
         assert out.recomputed == (False, True, False)
         sizes = [math.prod(shape) for _, shape in created.tensors if shape not in ((V, H), (t, H))]
@@ -338,7 +371,7 @@ def test_long_sequences_with_vocab_tiles_match_float64():
     hidden, weight, targets, old, adv = make_inputs(seed=11, seq_tokens=seq_tokens, v=v)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     # budget 16384 // 4500 = 3 tokens; the recomputing backward: blocks of 4 tokens x 4096 + 404 vocab rows
-    out = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens), seq_tokens=seq_tokens,
+    out = head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens), seq_tokens=seq_tokens,
                              temperature=0.7, compute_entropy=True, chunk_elements=4 * 4096)
     assert out.chunks == ((0, 1), (1, 2), (2, 3), (3, 4)) and out.recomputed == (True, False, True, False)
     dh, dw = torch.autograd.grad(out.loss * 2.0, (h, w))

@@ -17,8 +17,9 @@ bench/README.md). Here the loss is evaluated *inside* the head, one chunk of who
   ``torch.autograd.grad`` gives the per-token upstream gradients; the gradient kernel turns the tile in
   place into d loss / d logits; ``d hidden[C] = G @ W`` (one GEMM over the whole shard: nothing to
   accumulate) and ``dW += G.T @ hidden[C]`` (fp32 accumulator; the chunk's logits are then freed).
-* a chunk over that budget (one sequence longer than ``chunk_elements / (V/tp)`` tokens: a chunk never splits a
-  sequence) does not hold its logits: the recomputing head's functions give its log-probs from ``[C', V/tp]``
+* a chunk over that budget is one sequence longer than ``chunk_elements / (V/tp)`` tokens (a chunk never splits
+  a sequence). Up to ``whole_sequence_elements`` logits (default twice a chunk) it is still held whole;
+  beyond, it does not hold its logits: the recomputing head's functions give its log-probs from ``[C', V/tp]``
   tiles of at most ``chunk_elements`` (keeping only ``[C]`` statistics), ``chunk_loss`` runs on them as for
   any chunk, and the recomputing backward forms d hidden and adds d W into the same accumulator from
   recomputed tiles: one extra GEMM, for the over-long sequences only (``HeadLossOutput.recomputed``).
@@ -32,7 +33,8 @@ context-parallel all-reduce of log W) must be made by every rank of their group 
 ``plan_sequence_chunks`` depends only on the per-sequence token counts, which are the same on every CP rank
 (each holds an equal share of every sequence) and on every TP rank.
 
-Memory: one tile of ``chunk_elements`` logits (the over-long sequences' tiles reuse the same buffer), the ``dW``
+Memory: one tile of ``chunk_elements`` logits (up to ``whole_sequence_elements`` for a sequence held whole; the
+over-long sequences' tiles reuse the same buffer), the ``dW``
 accumulator (``V/tp x H``, fp32 unless a single chunk without ``main_grad`` makes d W in one GEMM in the
 weight's dtype; backward scales it in place and casts it), ``d hidden`` (the output's size) and, for an
 over-long sequence, the recomputing backward's fp32 ``d hidden`` block when its vocab is tiled: flat in the
@@ -67,7 +69,7 @@ from vespo_megatron.parallel.fused_lm_head import (
     _grad_in_place,
 )
 
-__all__ = ["ChunkLogProbs", "HeadLossOutput", "plan_sequence_chunks", "fused_lm_head_loss"]
+__all__ = ["ChunkLogProbs", "HeadLossOutput", "plan_sequence_chunks", "plan_head_chunks", "fused_lm_head_loss"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,23 @@ def plan_sequence_chunks(seq_tokens: Sequence[int], max_tokens: int) -> list[tup
     if len(seq_tokens) > start:
         chunks.append((start, len(seq_tokens)))
     return chunks
+
+
+def plan_head_chunks(seq_tokens: Sequence[int], v_local: int, chunk_elements: int | None = None,
+                     whole_sequence_elements: int | None = None) -> tuple[list[tuple[int, int]], tuple[bool, ...]]:
+    """The single pass's plan for a shard of `v_local` vocabulary rows: the chunks of whole sequences
+    (`plan_sequence_chunks` at chunk_elements / v_local tokens) and, per chunk, whether it goes through the
+    recomputing tiles: one sequence whose logits exceed whole_sequence_elements (None: 2 x chunk_elements)."""
+    elements = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    whole = 2 * elements if whole_sequence_elements is None else whole_sequence_elements
+    if not isinstance(whole, int) or isinstance(whole, bool) or whole < elements:
+        raise ValueError(f"whole_sequence_elements: expected an int >= chunk_elements ({elements}) or None, "
+                         f"got {whole_sequence_elements!r}")
+    budget = max(1, elements // v_local)
+    plan = plan_sequence_chunks(seq_tokens, budget)
+    # a chunk over the budget is one sequence longer than it (plus empty ones): held whole up to `whole`
+    # elements, otherwise its logits are never held whole
+    return plan, tuple(sum(seq_tokens[a:b]) > max(budget, whole // v_local) for a, b in plan)
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -169,6 +188,7 @@ def fused_lm_head_loss(
     chunk_elements: int | None = None,
     backend: str = "auto",
     into_main_grad: bool = True,
+    whole_sequence_elements: int | None = None,
 ) -> HeadLossOutput:
     """The loss ``sum over chunks of chunk_loss(log-probs of the chunk)`` from the final hidden states and this
     rank's output-layer shard, with the gradients formed while each chunk's logits are alive.
@@ -188,6 +208,11 @@ def fused_lm_head_loss(
         into_main_grad: add d W into ``weight.main_grad`` when the weight carries megatron DDP's attributes
             (module docstring). Pass False for a weight with other uses in the graph (embeddings tied to the
             output layer): autograd would sum their gradient with the dummy, and DDP's hook would skip the sum.
+        whole_sequence_elements: a sequence over the chunk budget whose logits have at most this many elements
+            is still held whole, in a chunk of its own (three GEMMs); only longer ones take the recomputing
+            tiles (four). None: 2 x chunk_elements, so the logits held never exceed twice a chunk while a
+            sequence a little over the budget (4096 tokens of Qwen3's 151936 vocabulary against 2**29: 1.16x)
+            keeps the single pass. Set it to chunk_elements for a hard cap at one chunk.
 
     Gradients are formed only when grad mode is on and ``hidden`` or ``weight`` requires grad; otherwise the
     chunk losses run without autograd (an evaluation pass).
@@ -210,10 +235,7 @@ def fused_lm_head_loss(
     tgt = targets.reshape(-1).to(torch.int64) - vocab_start
     local_tgt = torch.where((tgt >= 0) & (tgt < v_local), tgt, torch.full_like(tgt, -1)).contiguous()
     elements = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    budget = max(1, elements // v_local)
-    plan = plan_sequence_chunks(seq_tokens, budget)
-    # a chunk over the budget is one sequence longer than it (plus empty ones): its logits are never held whole
-    recompute = tuple(sum(seq_tokens[a:b]) > budget for a, b in plan)
+    plan, recompute = plan_head_chunks(seq_tokens, v_local, elements, whole_sequence_elements)
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     grads = _run(h2d.detach(), weight.detach(), local_tgt, chunk_loss, plan, seq_tokens, tp_group, world,
                  float(temperature), compute_entropy, use_triton, want_grad,
