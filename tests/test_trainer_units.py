@@ -259,3 +259,33 @@ def test_evaluation_with_k_samples_per_prompt_against_a_loop():
     assert out["eval/pass@5"] == pytest.approx(sum(max(r) for r in right) / 6)
     assert "eval/pass@2" not in out
     assert evaluate(fake, 4)["eval/k"] == 2  # default: EvalConfig.k
+
+
+def test_lm_head_whole_sequence_elements_is_checked_and_reaches_the_head(monkeypatch):
+    """--lm-head-whole-sequence-elements: only with the single pass, at least the chunk; the training step hands
+    it to the single-pass head (`fused_lm_head_loss`'s whole_sequence_elements)."""
+    import torch
+
+    import vespo_megatron.parallel.fused_lm_head_loss as flhl
+    from vespo_megatron.megatron.model import LMHeadInput, lm_head_loss
+
+    with pytest.raises(ValueError, match=r"PerformanceConfig.lm_head_whole_sequence_elements: expected None unless "
+                                         r"lm_head_single_pass .*, got 1024"):
+        PerformanceConfig(fused_lm_head=True, lm_head_whole_sequence_elements=1024)
+    with pytest.raises(ValueError, match=r"PerformanceConfig.lm_head_whole_sequence_elements: expected an int >= "
+                                         r"lm_head_chunk_elements \(2048\), got 1024"):
+        PerformanceConfig(fused_lm_head=True, lm_head_single_pass=True, lm_head_chunk_elements=2048,
+                          lm_head_whole_sequence_elements=1024)
+    assert PerformanceConfig(fused_lm_head=True, lm_head_single_pass=True,
+                             lm_head_whole_sequence_elements=2**30).lm_head_whole_sequence_elements == 2**30
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return "out"
+
+    monkeypatch.setattr(flhl, "fused_lm_head_loss", fake)
+    head = LMHeadInput(hidden=torch.zeros(1, 4, 8), weight=torch.zeros(16, 8), sequence_parallel=False)
+    assert lm_head_loss(head, torch.zeros(1, 4, dtype=torch.long), None, [4], tp_group=None, temperature=1.0,
+                        compute_entropy=False, chunk_elements=64, whole_sequence_elements=96) == "out"
+    assert seen["whole_sequence_elements"] == 96 and seen["chunk_elements"] == 64

@@ -440,7 +440,8 @@ def lm_head_token_logprobs(head: LMHeadInput, labels: torch.Tensor, *, tp_group,
 
 
 def lm_head_loss(head: LMHeadInput, labels: torch.Tensor, chunk_loss, seq_tokens, *, tp_group, temperature: float,
-                 compute_entropy: bool, chunk_elements: int | None = None):
+                 compute_entropy: bool, chunk_elements: int | None = None,
+                 whole_sequence_elements: int | None = None):
     """The single-pass head (`fused_lm_head_loss`): the loss of chunks of whole sequences with its gradients
     formed while each chunk's logits are alive. Tokens go in the [b, s] order of `labels` (under SP the
     gathered [s, b, h] states are transposed back: sequences must be contiguous); `seq_tokens` counts each
@@ -452,4 +453,5 @@ def lm_head_loss(head: LMHeadInput, labels: torch.Tensor, chunk_loss, seq_tokens
         hidden = hidden.transpose(0, 1)  # [b, s, h]: a copy of the states when b > 1, never of the logits
     return fused_lm_head_loss(hidden, head.weight, labels, chunk_loss, seq_tokens=seq_tokens, tp_group=tp_group,
                               temperature=temperature, compute_entropy=compute_entropy,
-                              chunk_elements=chunk_elements, into_main_grad=not head.tied)
+                              chunk_elements=chunk_elements, into_main_grad=not head.tied,
+                              whole_sequence_elements=whole_sequence_elements)

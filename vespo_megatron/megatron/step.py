@@ -48,7 +48,9 @@ class RLStepConfig:
     False keeps the logits path; lm_head_chunk_elements: the fused head's logits tile (None: 2**29);
     lm_head_single_pass: with fused_lm_head, run the loss inside the head on chunks of whole sequences and form
     the gradients while each chunk's logits are alive (`parallel.fused_lm_head_loss`: three GEMMs per token
-    instead of four; same loss, metrics and gradients; a chunk holds at least one whole sequence)."""
+    instead of four; same loss, metrics and gradients; a chunk holds at least one whole sequence);
+    lm_head_whole_sequence_elements: with the single pass, the most logits one over-long sequence may hold
+    whole (None: twice the chunk; longer ones take the recomputing tiles: `fused_lm_head_loss`)."""
 
     loss_name: str = "vespo"
     loss_config: Any = None
@@ -58,6 +60,7 @@ class RLStepConfig:
     fused_lm_head: bool = False
     lm_head_chunk_elements: int | None = None
     lm_head_single_pass: bool = False
+    lm_head_whole_sequence_elements: int | None = None
 
     def __post_init__(self) -> None:
         loss = resolve_policy_loss(self.loss_name)  # ValueError for unknown names
@@ -73,6 +76,9 @@ class RLStepConfig:
         if self.lm_head_single_pass and not self.fused_lm_head:
             raise ValueError("RLStepConfig.lm_head_single_pass: expected fused_lm_head=True with it (the single "
                              "pass is a mode of the fused head), got fused_lm_head=False")
+        if self.lm_head_whole_sequence_elements is not None and not self.lm_head_single_pass:
+            raise ValueError("RLStepConfig.lm_head_whole_sequence_elements: expected None without "
+                             f"lm_head_single_pass, got {self.lm_head_whole_sequence_elements!r}")
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,8 @@ class RLStep:
 
         res = lm_head_loss(head, batch.labels, chunk_loss, seq_tokens, tp_group=self.groups.tp,
                            temperature=self.cfg.temperature, compute_entropy=self.cfg.compute_entropy,
-                           chunk_elements=self.cfg.lm_head_chunk_elements)
+                           chunk_elements=self.cfg.lm_head_chunk_elements,
+                           whole_sequence_elements=self.cfg.lm_head_whole_sequence_elements)
         return self._report(batch, res.loss, parts, res.logprobs, res.entropy)
 
     @staticmethod

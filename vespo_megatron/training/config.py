@@ -15,6 +15,7 @@ from vespo_megatron.data.math_task import MathTaskConfig
 from vespo_megatron.losses import LossConfig, resolve_policy_loss
 from vespo_megatron.megatron.model_config import TinyMoEConfig
 from vespo_megatron.megatron.parallel_config import ParallelConfig
+from vespo_megatron.parallel.fused_lm_head import DEFAULT_CHUNK_ELEMENTS as DEFAULT_LM_HEAD_CHUNK_ELEMENTS
 from vespo_megatron.rollout.embedded_config import EmbeddedEngineConfig
 from vespo_megatron.rollout.factory import ENGINES
 from vespo_megatron.rollout.sglang.engine import SGLangEngineConfig
@@ -174,12 +175,15 @@ class PerformanceConfig:
     has the memory and time on an H200). lm_head_chunk_elements: logits per tile of the fused head (None:
     2**29, 1 GiB in bf16). lm_head_single_pass: with fused_lm_head, evaluate the loss inside the head on chunks
     of whole sequences and form the gradients while each chunk's logits are alive (three GEMMs instead of four;
-    a chunk holds at least one whole sequence, so its memory grows with the longest sequence;
-    `parallel/fused_lm_head_loss.py`)."""
+    `parallel/fused_lm_head_loss.py`). lm_head_whole_sequence_elements: with the single pass, the most logits a
+    sequence over the chunk may hold whole (None: twice the chunk); a longer sequence takes the recomputing
+    head's tiles (one more GEMM for it), so memory stays flat in the sequence length; set it to the chunk for a
+    hard cap."""
 
     fused_lm_head: bool = False
     lm_head_chunk_elements: int | None = None
     lm_head_single_pass: bool = False
+    lm_head_whole_sequence_elements: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.fused_lm_head, bool):
@@ -191,6 +195,16 @@ class PerformanceConfig:
                               "single pass is a mode of the fused head: add --fused-lm-head)", self.lm_head_single_pass)
         if self.lm_head_chunk_elements is not None:
             check_int("PerformanceConfig", "lm_head_chunk_elements", self.lm_head_chunk_elements, low=1)
+        if self.lm_head_whole_sequence_elements is not None:
+            if not self.lm_head_single_pass:
+                raise ConfigError("PerformanceConfig", "lm_head_whole_sequence_elements", "None unless "
+                                  "lm_head_single_pass (only the single pass holds whole sequences: add "
+                                  "--lm-head-single-pass)", self.lm_head_whole_sequence_elements)
+            chunk = self.lm_head_chunk_elements or DEFAULT_LM_HEAD_CHUNK_ELEMENTS
+            whole = self.lm_head_whole_sequence_elements
+            if not isinstance(whole, int) or isinstance(whole, bool) or whole < chunk:
+                raise ConfigError("PerformanceConfig", "lm_head_whole_sequence_elements",
+                                  f"an int >= lm_head_chunk_elements ({chunk})", whole)
 
 
 @dataclass(frozen=True, kw_only=True)
