@@ -3,7 +3,7 @@
 #   0. with ENGINE_BENCH=1: bench/engine_bench.py --size testbed, batched experts and megatron's per-expert loop
 #      (tables in logs.tar: engine/);
 #   1. the SFT base: unpacked from .gpubase/ when a previous call brought one back (carry it), else trained
-#      (examples/testbed_sft.py $SFT_FLAGS) and sent back as tar pieces sft_base.tar.part-* (a fresh machine
+#      (examples/testbed_sft.py $SFT_FLAGS) and sent back as pieces sft_base.planes.gz.part-* (a fresh machine
 #      each call: nothing survives on the device). SFT_FLAGS may hold several flag sets separated by ';': they
 #      train at once (MPS) and bench/choose_sft_base.py picks the base (every sft.json comes back in logs.tar);
 #   2. a slice of a sweep from that base: examples/sweep.py $SWEEP_ARGS, $JOBS runs at once (MPS on), cut at
@@ -11,8 +11,8 @@
 #      runs.tar (the jsonl and config of each run), logs in logs.tar.
 # From the repository root, here:
 #   device run, carry [".gpuwhl"]:              bash bench/run_gpu_testbed.sh        (trains the base)
-#   mkdir -p .gpubase && cat /work/.device/N/sft_base.tar.part-* | gzip | split -b 15M - .gpubase/sft_base.tar.gz.part-
-#     (ignored: echo /.gpubase/ >> .git/info/exclude; gzipped, the round-8 base is 47 MiB instead of 51)
+#   mkdir -p .gpubase && cp /work/.device/N/sft_base.planes.gz.part-* .gpubase/   (ignored: echo /.gpubase/ >>
+#     .git/info/exclude; bench/base_pieces.py: fp32 byte planes, gzipped, the round-8 base in 43.6 MiB, not 51)
 #   device run, carry [".gpuwhl", ".gpubase"]:  SWEEP_ARGS="--preset testbed --only 'n1-*-s0'" bash bench/run_gpu_testbed.sh
 #   then: mkdir -p runs/sweeps/testbed && tar xf /work/.device/N/runs.tar -C runs/sweeps/testbed --strip-components 1
 #         python examples/sweep.py --preset testbed --report-only --results-dir docs/results/testbed/<slice>
@@ -62,10 +62,13 @@ if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   tail -n 4 $W/logs/engine/loop.log
 fi
 BASE_PIECES=${BASE_PIECES_DIR:-.gpubase}
-# the pieces as the device sent them (sft_base.tar.part-*) or gzipped here to fit the 64 MiB a call carries
-# (cat sft_base.tar.part-* | gzip | split -b 15M - sft_base.tar.gz.part-)
+# the pieces: byte planes (bench/base_pieces.py, what this script sends back since round 10); or, from earlier
+# rounds, a plain tar (sft_base.tar.part-*) or that tar gzipped (sft_base.tar.gz.part-*)
 base_from() { echo "base from $BASE_PIECES: $($PY -c "import json; r=json.load(open('$W/base/sft.json')); print(r['eval/pass@1'], r['sft_steps'], r['flags'])")"; }
-if ls "$BASE_PIECES"/sft_base.tar.gz.part-* >/dev/null 2>&1; then
+if ls "$BASE_PIECES"/sft_base.planes.gz.part-* >/dev/null 2>&1; then
+  $PY bench/base_pieces.py unpack "$BASE_PIECES" $W/base || exit 1
+  base_from
+elif ls "$BASE_PIECES"/sft_base.tar.gz.part-* >/dev/null 2>&1; then
   cat "$BASE_PIECES"/sft_base.tar.gz.part-* | tar xzf - -C $W/base || exit 1
   base_from
 elif ls "$BASE_PIECES"/sft_base.tar.part-* >/dev/null 2>&1; then
@@ -85,7 +88,7 @@ else
   for i in "${!SFT_SETS[@]}"; do echo "SFT $i:"; grep -E '^\{"sft_step|^base' "$W/logs/sft$i.log" | cut -c1-200; done
   chosen=$($PY bench/choose_sft_base.py "${dirs[@]}") || { echo "no base"; exit 1; }
   echo "chosen base: $chosen"; rm -rf $W/base; cp -r "$chosen" $W/base
-  (cd $W/base && tar cf - hf sft.json | split -b 15M - "$OUT/sft_base.tar.part-")
+  $PY bench/base_pieces.py pack $W/base "$OUT" >/dev/null || exit 1
 fi
 left=$(( BUDGET_S - $(el) )); echo "[$(el) s] sweep ($SWEEP_ARGS), $JOBS at once, $left s"
 [ "$left" -gt 60 ] || exit 0

@@ -109,34 +109,49 @@ def test_gpu_testbed_script_on_cpu_two_sft_attempts(tmp_path):
     from vespo_megatron.experiments.testbed import choose_base
 
     assert chosen == choose_base(records)
-    pieces = sorted(out.glob("sft_base.tar.part-*"))
-    assert pieces
-    with tarfile.open(fileobj=__import__("io").BytesIO(b"".join(p.read_bytes() for p in pieces))) as t:
-        assert {"hf/config.json", "hf/model.safetensors", "sft.json"} <= set(t.getnames())
+    assert sorted(out.glob("sft_base.planes.gz.part-*"))  # bench/base_pieces.py's pieces: they unpack to the base
+    sys.path.insert(0, str(ROOT / "bench"))
+    from base_pieces import unpack
+
+    unpack(str(out), str(tmp_path / "back"))
+    for name in ("hf/config.json", "hf/model.safetensors", "sft.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (Path(chosen) / name).read_bytes()
 
 
-@pytest.mark.parametrize("gzipped", [False, True])
-def test_gpu_testbed_script_takes_a_carried_base_in_pieces(tmp_path, gzipped):
-    """bench/run_gpu_testbed.sh with a base carried in pieces, as the device sent them (tar) or gzipped here (what
-    fits the 64 MiB a device call carries): the base is unpacked and named, no SFT runs (budget spent: no sweep)."""
+@pytest.mark.parametrize("form", ["tar", "tar.gz", "planes"])
+def test_gpu_testbed_script_takes_a_carried_base_in_pieces(tmp_path, form):
+    """bench/run_gpu_testbed.sh with a base carried in pieces: byte planes (`bench/base_pieces.py`, what it sends
+    back now), or a plain or gzipped tar (earlier rounds): the base is unpacked and named, no SFT runs (budget
+    spent: no sweep)."""
     import gzip
     import io
     import tarfile
 
     record = {"eval/pass@1": 0.3125, "sft_steps": 140, "flags": ["--levels", "3,4,5,6"]}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, data in (("sft.json", json.dumps(record).encode()), ("hf/config.json", b"{}")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    blob = gzip.compress(buf.getvalue()) if gzipped else buf.getvalue()
     pieces = tmp_path / "base"
     pieces.mkdir()
-    stem = "sft_base.tar.gz.part-" if gzipped else "sft_base.tar.part-"
-    half = len(blob) // 2
-    (pieces / f"{stem}aa").write_bytes(blob[:half])
-    (pieces / f"{stem}ab").write_bytes(blob[half:])
+    if form == "planes":
+        src = tmp_path / "src"
+        (src / "hf").mkdir(parents=True)
+        (src / "sft.json").write_text(json.dumps(record))
+        (src / "hf" / "config.json").write_text("{}")
+        sys.path.insert(0, str(ROOT / "bench"))
+        from base_pieces import PIECE_BYTES, pack
+
+        paths = pack(str(src), str(pieces))
+        assert len(paths) == 1 and os.path.getsize(paths[0]) < PIECE_BYTES
+    else:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as t:
+            for name, data in (("sft.json", json.dumps(record).encode()), ("hf/config.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        blob = gzip.compress(buf.getvalue()) if form == "tar.gz" else buf.getvalue()
+        stem = f"sft_base.{form}.part-"
+        half = len(blob) // 2
+        (pieces / f"{stem}aa").write_bytes(blob[:half])
+        (pieces / f"{stem}ab").write_bytes(blob[half:])
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, OUT=str(out), WORK_DIR=str(tmp_path / "w"), WHEELS_DIR=str(tmp_path / "no_wheels"),
@@ -145,5 +160,52 @@ def test_gpu_testbed_script_takes_a_carried_base_in_pieces(tmp_path, gzipped):
                           timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert f"base from {pieces}: 0.3125 140 ['--levels', '3,4,5,6']" in proc.stdout
-    assert "SFT 0" not in proc.stdout and not list(out.glob("sft_base.tar.part-*"))
+    assert "SFT 0" not in proc.stdout and not list(out.glob("sft_base.*"))
     assert json.loads((tmp_path / "w" / "base" / "sft.json").read_text()) == record
+
+
+def test_base_pieces_round_trip_bitwise_and_in_pieces(tmp_path, monkeypatch):
+    """bench/base_pieces.py: byte planes of fp32 weights gzip smaller than the plain tar gzipped, and unpack gives
+    every file back bit for bit, also across several pieces; a lengths mismatch is refused by name."""
+    import gzip
+    import io
+    import tarfile
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import base_pieces
+
+    src = tmp_path / "src"
+    (src / "hf").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    weights = (rng.standard_normal(200_003) * 0.02).astype(np.float32).tobytes()  # not a multiple of 4 in all
+    (src / "hf" / "model.safetensors").write_bytes(struct_header() + weights + b"xyz")
+    (src / "sft.json").write_text('{"eval/pass@1": 0.3}')
+    monkeypatch.setattr(base_pieces, "PIECE_BYTES", 300_000)
+    paths = base_pieces.pack(str(src), str(tmp_path / "pieces"))
+    assert len(paths) >= 2
+    packed = sum(os.path.getsize(p) for p in paths)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+        t.add(src / "hf", arcname="hf")
+        t.add(src / "sft.json", arcname="sft.json")
+    assert packed < 0.95 * len(gzip.compress(buf.getvalue(), compresslevel=6))
+    base_pieces.unpack(str(tmp_path / "pieces"), str(tmp_path / "back"))
+    for name in ("hf/model.safetensors", "sft.json"):
+        assert (tmp_path / "back" / name).read_bytes() == (src / name).read_bytes()
+    blob = base_pieces.to_planes(b"abcdefg")
+    assert base_pieces.from_planes(blob) == b"abcdefg"
+    with pytest.raises(ValueError, match=r"base pieces: expected the magic b'VBPLANES' at the start"):
+        base_pieces.from_planes(b"NOTMAGIC" + blob[8:])
+    with pytest.raises(ValueError, match=r"pieces_dir: expected sft_base.planes.gz.part-\* files in"):
+        base_pieces.unpack(str(tmp_path / "src"), str(tmp_path / "x"))
+
+
+def struct_header() -> bytes:
+    """A safetensors-like header: 8-byte length, then JSON padded to a multiple of 8 (as safetensors pads it)."""
+    import struct
+
+    meta = b'{"w": {"dtype": "F32"}}'
+    meta += b" " * ((-len(meta)) % 8)
+    return struct.pack("<Q", len(meta)) + meta
