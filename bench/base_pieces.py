@@ -9,6 +9,7 @@ tar puts each file at a multiple of 512 and safetensors pads its header to a mul
 
     python bench/base_pieces.py pack <base dir> <out dir>     # <out dir>/sft_base.planes.gz.part-aa, -ab, ...
     python bench/base_pieces.py unpack <pieces dir> <base dir>
+    python bench/base_pieces.py carried .gpuwhl .gpubase      # MiB a device call carries: tracked tree + these
 
 `bench/run_gpu_testbed.sh` unpacks `.gpubase/sft_base.planes.gz.part-*` this way (and the older plain or gzipped
 tar pieces as they are).
@@ -21,6 +22,7 @@ import gzip
 import io
 import os
 import struct
+import subprocess
 import sys
 import tarfile
 
@@ -80,7 +82,30 @@ def unpack(pieces_dir: str, base_dir: str) -> None:
         t.extractall(base_dir, filter="data")
 
 
+def carried_bytes(repo: str, carry: list[str]) -> dict[str, int]:
+    """Bytes a device call carries from `repo`: its tracked files (`git ls-files`; untracked files that git does
+    not ignore travel too, and are counted) and each carried path (a file or a folder, walked)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            check=True, capture_output=True).stdout.split(b"\0")
+    tree = sum(os.path.getsize(os.path.join(repo, f.decode())) for f in listed
+               if f and os.path.isfile(os.path.join(repo, f.decode())))
+    sizes = {"tree": tree}
+    for path in carry:
+        full = os.path.join(repo, path)
+        if os.path.isfile(full):
+            sizes[path] = os.path.getsize(full)
+        else:
+            sizes[path] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(full) for f in fs)
+    return sizes
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["carried"]:
+        sizes = carried_bytes(os.getcwd(), argv[1:])
+        for name, n in sizes.items():
+            print(f"{name}: {n / 2**20:.1f} MiB")
+        print(f"total: {sum(sizes.values()) / 2**20:.1f} MiB (a call carries at most 64 MiB)")
+        return 0
     if len(argv) != 3 or argv[0] not in ("pack", "unpack"):
         print(__doc__, file=sys.stderr)
         return 2

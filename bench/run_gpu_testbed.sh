@@ -12,7 +12,8 @@
 # From the repository root, here:
 #   device run, carry [".gpuwhl"]:              bash bench/run_gpu_testbed.sh        (trains the base)
 #   mkdir -p .gpubase && cp /work/.device/N/sft_base.planes.gz.part-* .gpubase/   (ignored: echo /.gpubase/ >>
-#     .git/info/exclude; bench/base_pieces.py: fp32 byte planes, gzipped, the round-8 base in 43.6 MiB, not 51)
+#     .git/info/exclude; bench/base_pieces.py: fp32 byte planes, gzipped, the round-8 base in 43.6 MiB, not 51;
+#     `python bench/base_pieces.py carried .gpuwhl .gpubase` says what a call carries, at most 64 MiB)
 #   device run, carry [".gpuwhl", ".gpubase"]:  SWEEP_ARGS="--preset testbed --only 'n1-*-s0'" bash bench/run_gpu_testbed.sh
 #   then: mkdir -p runs/sweeps/testbed && tar xf /work/.device/N/runs.tar -C runs/sweeps/testbed --strip-components 1
 #         python examples/sweep.py --preset testbed --report-only --results-dir docs/results/testbed/<slice>

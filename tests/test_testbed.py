@@ -209,3 +209,23 @@ def struct_header() -> bytes:
     meta = b'{"w": {"dtype": "F32"}}'
     meta += b" " * ((-len(meta)) % 8)
     return struct.pack("<Q", len(meta)) + meta
+
+
+def test_carried_bytes_counts_the_tree_and_the_carried_paths(tmp_path):
+    """bench/base_pieces.py carried: tracked and untracked-not-ignored files, not ignored ones, plus each carried
+    path (a folder walked, or a file), as a device call counts them against its 64 MiB."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from base_pieces import carried_bytes
+
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "a.txt").write_bytes(b"x" * 100)
+    (repo / "sub" / "b.txt").write_bytes(b"y" * 30)
+    (repo / ".gitignore").write_text("/big/\n")
+    (repo / "big").mkdir()
+    (repo / "big" / "w.bin").write_bytes(b"z" * 1000)
+    (repo / "big" / "v.bin").write_bytes(b"z" * 24)
+    subprocess.run(["git", "-C", str(repo), "add", "a.txt"], check=True)
+    sizes = carried_bytes(str(repo), ["big", "big/v.bin"])
+    assert sizes == {"tree": 100 + 30 + len("/big/\n"), "big": 1024, "big/v.bin": 24}
