@@ -79,7 +79,8 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, sca
     """The same attention through torch's fused kernels (flash / memory-efficient): no [sq, sk] scores in
     memory. query [b, np, sq, hn], key/value [b, np, sk, hn], visible [b or 1, 1, sq, sk] bool or None: then
     causal with sq == sk, or (causal=False) every key visible to every query (a one-token decode step over its
-    cached keys). Softmax accumulates in fp32 inside the kernels, as in the reference."""
+    cached keys, or its rep query heads of one K/V group: `_attend_decode`). Softmax accumulates in fp32 inside
+    the kernels, as in the reference."""
     if visible is None:
         return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=scale)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
@@ -244,8 +245,9 @@ class ReferenceAttention(MegatronModule):
         elif fused and cp_size == 1 and attention_mask is None and (query.size(0) == 1 or key.size(0) == query.size(0)):
             # No mask to build (and no index tensors to copy to the device, a stream sync each): plain causal
             # attention, or a decode step, whose one query at the end of the cached keys sees all of them.
-            return self._attend_sbhd(query, self._repeat_kv(key), self._repeat_kv(value), None, fused=True,
-                                     causal=key.size(0) == query.size(0))
+            if key.size(0) != query.size(0):
+                return self._attend_decode(query, key, value)
+            return self._attend_sbhd(query, self._repeat_kv(key), self._repeat_kv(value), None, fused=True)
         elif key.size(0) != query.size(0):
             # KV cache: sk cached + new keys, sq new queries at the end of the sequence
             if cp_size > 1 or key.size(0) < query.size(0):
@@ -285,12 +287,24 @@ class ReferenceAttention(MegatronModule):
         out = self._attend_sbhd(query, key, value, visible, fused=fused)
         return out.squeeze(1) if thd else out  # THD: [t, np*hn]
 
-    def _attend_sbhd(self, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, *, fused: bool,
-                     causal: bool = True) -> Tensor:
+    def _attend_decode(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """A decode step, [1, b, np, hn] query over [sk, b, ng, hn] cached key / value -> [1, b, np*hn], without
+        repeating K/V to the query heads: the rep query heads of a K/V group (heads g*rep .. g*rep + rep - 1, as
+        `_repeat_kv` pairs them) become rep queries of that group, each seeing every key (no mask). The cache
+        is then read once per group instead of copied rep times, in every layer and every step."""
+        _, b, heads, hn = query.shape
+        groups = key.size(2)
+        q = query.permute(1, 2, 0, 3).reshape(b, groups, heads // groups, hn)  # [b, ng, rep, hn]
+        k, v = (x.permute(1, 2, 0, 3) for x in (key, value))  # [b, ng, sk, hn]
+        out = _sdpa(q, k, v, None, self.softmax_scale, causal=False)  # [b, ng, rep, hn]
+        return out.reshape(1, b, heads * hn)
+
+    def _attend_sbhd(self, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, *,
+                     fused: bool) -> Tensor:
         """[s, b, n, hn] query / key / value (K/V heads repeated) -> [sq, b, np*hn]; `visible` as `_sdpa`'s."""
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, hn]
         if fused:
-            out = _sdpa(q, k, v, visible, self.softmax_scale, causal=causal)
+            out = _sdpa(q, k, v, visible, self.softmax_scale)
         else:
             out = attention_probs_reference(q, k, v, visible, self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
