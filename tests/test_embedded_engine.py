@@ -96,6 +96,13 @@ def _single(rank, world):
     out["router_calls"] = calls
     out["prompt_lens"] = [len(r.prompt_ids) for r in reqs]
     out["recompute"] = _summary(_engine(model, groups, kv_cache=False).generate(reqs, seed=11))
+    from vespo_megatron.megatron import reference_attention as ra
+
+    ra.FUSED_KERNELS = True  # the CUDA path on CPU: mask-free prefill, decode steps with GQA unrepeated
+    try:
+        out["kv_fused"] = _summary(_engine(model, groups).generate(reqs, seed=11))
+    finally:
+        ra.FUSED_KERNELS = None
     out["teacher"] = [_teacher_forced(model, r.prompt_ids, g[0]) for r, g in zip(reqs, out["kv"], strict=True)]
     out["uses_cache"] = (kv_engine.uses_kv_cache, _engine(model, groups, kv_cache=False).recompute_reason)
     # 2. bf16: a mismatch against fp32, on the same path
@@ -138,6 +145,15 @@ def test_kv_cache_matches_recompute_per_row(single):
         torch.testing.assert_close(lp, lp_r, atol=1e-5, rtol=0)
         torch.testing.assert_close(lp, teacher, atol=1e-5, rtol=0)
         assert torch.equal(route, route_r)  # fp32: decode-time routing equals the full recompute's
+
+
+def test_kv_cache_on_the_fused_attention_path_matches(single):
+    """The fused attention path (what CUDA takes; its decode step attends the K/V groups unrepeated) makes the
+    same tokens, routing and log-probs (fp32 tolerance) as the reference path of the same cached engine."""
+    for (ids, lp, reason, route), (ids_f, lp_f, reason_f, route_f) in zip(single["kv"], single["kv_fused"],
+                                                                          strict=True):
+        assert ids == ids_f and reason == reason_f and torch.equal(route, route_f)
+        torch.testing.assert_close(lp_f, lp, atol=1e-5, rtol=0)
 
 
 def test_r3_routing_is_the_decode_time_routing(single):
