@@ -119,10 +119,7 @@ def _forward_stats(hidden, weight, local_tgt, tp_group, world, temperature, entr
         e = min(s + c, t)
         z = buf[: (e - s) * v_local].view(e - s, v_local)
         torch.mm(hidden[s:e], weight.t(), out=z)
-        if use_triton:
-            stats = vp._local_stats_triton(z, local_tgt[s:e], temperature, entropy)
-        else:
-            stats = vp._local_stats_torch(z, local_tgt[s:e], temperature, entropy, vp._chunk_tokens(None, v_local))
+        stats = vp._local_stats(z, local_tgt[s:e], temperature, entropy, use_triton, vp._chunk_tokens(None, v_local))
         for lst, x in zip(parts, stats, strict=True):
             lst.append(x)
     del buf

@@ -295,11 +295,8 @@ def _run(h2d, weight, local_tgt, chunk_loss, plan, seq_tokens, tp_group, world, 
         else:
             z = buf[: (e - s) * v_local].view(e - s, v_local)
             torch.mm(h2d[s:e], weight.t(), out=z)
-            if use_triton:
-                stats = vp._local_stats_triton(z, local_tgt[s:e], temperature, entropy)
-            else:
-                stats = vp._local_stats_torch(z, local_tgt[s:e], temperature, entropy,
-                                              vp._chunk_tokens(None, v_local))
+            stats = vp._local_stats(z, local_tgt[s:e], temperature, entropy, use_triton,
+                                    vp._chunk_tokens(None, v_local))
             lse, logp, ent = vp._combine(*stats, tp_group, world)
         logps.append(logp)
         ents.append(ent)

@@ -270,13 +270,17 @@ def _combine(m_l, s_l, a_l, tgt_l, tp_group, world: int):
     return lse, logp, ent
 
 
+def _local_stats(z2d: Tensor, local_tgt: Tensor, temperature: float, entropy: bool, use_triton: bool, chunk: int):
+    """The shard statistics of `_local_stats_torch` from the Triton kernel or torch (`chunk` tokens at a time)."""
+    if use_triton:
+        return _local_stats_triton(z2d, local_tgt, temperature, entropy)
+    return _local_stats_torch(z2d, local_tgt, temperature, entropy, chunk)
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z2d, local_tgt, tp_group, world, temperature, entropy, chunk, use_triton):
-        if use_triton:
-            stats = _local_stats_triton(z2d, local_tgt, temperature, entropy)
-        else:
-            stats = _local_stats_torch(z2d, local_tgt, temperature, entropy, chunk)
+        stats = _local_stats(z2d, local_tgt, temperature, entropy, use_triton, chunk)
         lse, logp, ent = _combine(*stats, tp_group, world)
         ctx.save_for_backward(z2d, local_tgt, lse, ent)
         ctx.cfg = (temperature, chunk, use_triton)
