@@ -63,14 +63,11 @@ if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   tail -n 4 $W/logs/engine/loop.log
 fi
 BASE_PIECES=${BASE_PIECES_DIR:-.gpubase}
-# the pieces: byte planes (bench/base_pieces.py, what this script sends back since round 10); or, from earlier
-# rounds, a plain tar (sft_base.tar.part-*) or that tar gzipped (sft_base.tar.gz.part-*)
+# the pieces: byte planes (bench/base_pieces.py, what this script sends back since round 10), or a plain tar
+# (sft_base.tar.part-*, what earlier rounds sent back)
 base_from() { echo "base from $BASE_PIECES: $($PY -c "import json; r=json.load(open('$W/base/sft.json')); print(r['eval/pass@1'], r['sft_steps'], r['flags'])")"; }
 if ls "$BASE_PIECES"/sft_base.planes.gz.part-* >/dev/null 2>&1; then
   $PY bench/base_pieces.py unpack "$BASE_PIECES" $W/base || exit 1
-  base_from
-elif ls "$BASE_PIECES"/sft_base.tar.gz.part-* >/dev/null 2>&1; then
-  cat "$BASE_PIECES"/sft_base.tar.gz.part-* | tar xzf - -C $W/base || exit 1
   base_from
 elif ls "$BASE_PIECES"/sft_base.tar.part-* >/dev/null 2>&1; then
   cat "$BASE_PIECES"/sft_base.tar.part-* | tar xf - -C $W/base || exit 1

@@ -118,12 +118,11 @@ def test_gpu_testbed_script_on_cpu_two_sft_attempts(tmp_path):
         assert (tmp_path / "back" / name).read_bytes() == (Path(chosen) / name).read_bytes()
 
 
-@pytest.mark.parametrize("form", ["tar", "tar.gz", "planes"])
+@pytest.mark.parametrize("form", ["tar", "planes"])
 def test_gpu_testbed_script_takes_a_carried_base_in_pieces(tmp_path, form):
     """bench/run_gpu_testbed.sh with a base carried in pieces: byte planes (`bench/base_pieces.py`, what it sends
-    back now), or a plain or gzipped tar (earlier rounds): the base is unpacked and named, no SFT runs (budget
+    back now), or a plain tar (earlier rounds): the base is unpacked and named, no SFT runs (budget
     spent: no sweep)."""
-    import gzip
     import io
     import tarfile
 
@@ -147,8 +146,8 @@ def test_gpu_testbed_script_takes_a_carried_base_in_pieces(tmp_path, form):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 t.addfile(info, io.BytesIO(data))
-        blob = gzip.compress(buf.getvalue()) if form == "tar.gz" else buf.getvalue()
-        stem = f"sft_base.{form}.part-"
+        blob = buf.getvalue()
+        stem = "sft_base.tar.part-"
         half = len(blob) // 2
         (pieces / f"{stem}aa").write_bytes(blob[:half])
         (pieces / f"{stem}ab").write_bytes(blob[half:])
