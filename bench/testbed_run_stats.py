@@ -1,11 +1,14 @@
 """Per-run numbers of a testbed sweep that its table does not show, from the run records (`<runs-dir>/<run>/
 <run>.jsonl`): median step and rollout seconds, wall seconds, steps; how far the data went off-policy (mean and max
-token log-ratio, VESPO's sequence log-weight range and smallest phi); and, at N = 1, whether losses of one seed made
-the same run (the first step where their rewards differ, the largest difference of their grad norms). Not a test: it prints a table.
+token log-ratio, VESPO's sequence log-weight range and smallest phi); for each setting and seed, whether its losses
+made the same run (the first step where their rewards differ, the largest difference of their grad norms); and
+with --against, the same for each run and the run of that name in another directory (another round's code).
+Not a test: it prints a table.
 
     mkdir -p runs/sweeps && tar xzf docs/results/testbed/round8/runs.tar.gz -C runs/sweeps
     python bench/testbed_run_stats.py runs/sweeps/testbed            # every run
     python bench/testbed_run_stats.py runs/sweeps/lr_sweep --no-pairs
+    python bench/testbed_run_stats.py runs/round10/testbed --no-pairs --against runs/round9/testbed
 """
 
 from __future__ import annotations
@@ -43,29 +46,35 @@ def run_row(name: str, rows: list[dict]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def compare(a: list[dict], b: list[dict]) -> str:
+    """Two runs' records step by step (over the steps both have): the first step whose reward differs."""
+    diff = next((x["step"] for x, y in zip(a, b, strict=False) if x["reward/mean"] != y["reward/mean"]), None)
+    gap = max(abs(x["grad_norm_mean"] - y["grad_norm_mean"]) for x, y in zip(a, b, strict=False))
+    both = min(len(a), len(b))
+    return (f"same reward at every step of {both}" if diff is None else f"rewards differ from step {diff} of {both}") \
+        + f"; largest grad-norm difference {gap:.2g}"
+
+
 def same_run_pairs(runs: dict[str, list[dict]]) -> list[str]:
-    """At N = 1: for each seed, each loss against the seed's first loss: the first step whose reward differs."""
-    by_seed: dict[str, list[str]] = {}
+    """For each setting and seed (`<setting>-<loss>-s<seed>`), each loss against the first one: on-policy (N = 1)
+    every loss is the same estimator, and a loss whose weights are exactly 1 (TIS without mismatch) too."""
+    groups: dict[tuple[str, str], list[str]] = {}
     for name in sorted(runs):
-        if name.startswith("n1-"):
-            by_seed.setdefault(name.rsplit("-", 1)[1], []).append(name)
+        parts = name.split("-")
+        if len(parts) >= 3:
+            groups.setdefault((parts[0], parts[-1]), []).append(name)
     lines = []
-    for seed, names in sorted(by_seed.items()):
-        ref = runs[names[0]]
+    for (_, seed), names in sorted(groups.items()):
         for other in names[1:]:
-            diff = next((a["step"] for a, b in zip(ref, runs[other], strict=False)
-                         if a["reward/mean"] != b["reward/mean"]), None)
-            gap = max(abs(a["grad_norm_mean"] - b["grad_norm_mean"]) for a, b in zip(ref, runs[other], strict=False))
-            lines.append(f"{seed}: {names[0]} vs {other}: " + ("same reward at every step" if diff is None
-                                                                 else f"rewards differ from step {diff}")
-                         + f"; largest grad-norm difference {gap:.2g}")
+            lines.append(f"{seed}: {names[0]} vs {other}: {compare(runs[names[0]], runs[other])}")
     return lines
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs_dir")
-    p.add_argument("--no-pairs", action="store_true", help="skip the N = 1 same-run check")
+    p.add_argument("--no-pairs", action="store_true", help="skip the same-run check between a setting's losses")
+    p.add_argument("--against", help="another runs directory: each run against the run of the same name there")
     args = p.parse_args(argv)
     runs = {d.name: rows for d in sorted(Path(args.runs_dir).iterdir()) if d.is_dir() and (rows := _records(d))}
     if not runs:
@@ -80,6 +89,11 @@ def main(argv=None) -> int:
         print()
         for line in same_run_pairs(runs):
             print(line)
+    if args.against:
+        other = {d.name: rows for d in sorted(Path(args.against).iterdir()) if d.is_dir() and (rows := _records(d))}
+        print()
+        for name in sorted(set(runs) & set(other)):
+            print(f"{name} vs {args.against}: {compare(runs[name], other[name])}")
     return 0
 
 

@@ -228,3 +228,26 @@ def test_carried_bytes_counts_the_tree_and_the_carried_paths(tmp_path):
     subprocess.run(["git", "-C", str(repo), "add", "a.txt"], check=True)
     sizes = carried_bytes(str(repo), ["big", "big/v.bin"])
     assert sizes == {"tree": 100 + 30 + len("/big/\n"), "big": 1024, "big/v.bin": 24}
+
+
+def test_run_stats_compares_runs_within_a_setting_and_across_directories(tmp_path):
+    """bench/testbed_run_stats.py: losses of one setting and seed against the first, and --against: each run
+    against the run of that name in another directory; the first step whose reward differs is named."""
+    def write(root, name, rewards):
+        d = root / name
+        d.mkdir(parents=True)
+        rows = [{"step": i + 1, "reward/mean": r, "grad_norm_mean": 1.0 + i, "time": 10.0 * i, "time/step_s": 1.0}
+                for i, r in enumerate(rewards)]
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a, "n4-grpo-s0", [0.1, 0.2, 0.3])
+    write(a, "n4-grpo_tis-s0", [0.1, 0.2, 0.3])
+    write(a, "n4-vespo-s0", [0.1, 0.25, 0.3])
+    write(b, "n4-vespo-s0", [0.1, 0.25])
+    proc = subprocess.run([sys.executable, "bench/testbed_run_stats.py", str(a), "--against", str(b)], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    lines = proc.stdout.splitlines()
+    assert "s0: n4-grpo-s0 vs n4-grpo_tis-s0: same reward at every step of 3; largest grad-norm difference 0" in lines
+    assert "s0: n4-grpo-s0 vs n4-vespo-s0: rewards differ from step 2 of 3; largest grad-norm difference 0" in lines
+    assert f"n4-vespo-s0 vs {b}: same reward at every step of 2; largest grad-norm difference 0" in lines
