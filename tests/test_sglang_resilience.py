@@ -64,7 +64,10 @@ def test_retries_in_a_batch_give_one_summary_line(caplog):
     with FakeSGLangServer() as server:
         client = SGLangClient(SGLangClientConfig(base_url=server.url, backoff_s=0.01, max_backoff_s=0.02))
         client.check_server()
-        server.fail_next(5, 503)
+        # One failure for each of five distinct prompts: a plain fail_next(5) can hit the retry of a sample
+        # whose first attempt already failed (the requests run concurrently), which makes the count racy.
+        for i in range(5):
+            server.fail_next(1, 503, match=lambda req, p=(1, 2, 3 + i): tuple(req.input_ids) == p)
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger=LOGGER):
             results = client.generate_results(_requests(16))
