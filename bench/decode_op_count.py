@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--dense-moe-rows", type=int, default=0,
+                   help="EmbeddedEngineConfig.dense_moe_rows (0: megatron's dispatcher in every MoE layer)")
     p.add_argument("--out", default="bench/results/decode_op_count_cpu.md")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     layout = ParallelConfig()
     groups = initialize_parallel(layout)
     model = build_gpt_model(cfg, layout, groups)
-    engine = EmbeddedEngine(EmbeddedEngineConfig(), model, groups, vocab_size=cfg.vocab_size, eos_id=-1)
+    engine = EmbeddedEngine(EmbeddedEngineConfig(dense_moe_rows=args.dense_moe_rows), model, groups,
+                            vocab_size=cfg.vocab_size, eos_id=-1)
     engine.generate(engine_bench._requests(4, 2, (prompt, prompt), cfg.vocab_size, seed=2), seed=0)  # warm-up
     requests = engine_bench._requests(args.rows, args.steps + 1, (prompt, prompt), cfg.vocab_size, seed=4)
     counter = OpCounter()
@@ -57,16 +60,23 @@ def main(argv=None) -> int:
         engine.generate(requests, seed=1)
     forwards = args.steps + 1  # the prefill and the decode steps: one forward each
     total, reads = sum(counter.by_source.values()), sum(counter.syncs.values())
+    sized = sum(counter.data_sized.values())
+    command = f"python bench/decode_op_count.py --rows {args.rows} --steps {args.steps}" + (
+        f" --dense-moe-rows {args.dense_moe_rows}" if args.dense_moe_rows else "")
     lines = [f"# Ops of one decode step of the embedded engine on CPU (testbed model, {args.rows} rows)", "",
-             f"`python bench/decode_op_count.py --rows {args.rows} --steps {args.steps}` (torch {torch.__version__}, "
+             f"`{command}` (torch {torch.__version__}, "
              "random weights, KV cache, fused attention path forced; counts over one generation of one prefill and "
              f"{args.steps} decode steps, divided by its {forwards} forward calls).", "",
              f"- ops dispatched per step: **{total / forwards:.0f}**",
              f"- host reads of a tensor value per step (a device sync each on CUDA unless the tensor lives on the "
-             f"host there too): **{reads / forwards:.1f}**", "",
-             "| ops / step | issued by (nearest two frames) | reads / step |", "| ---: | --- | ---: |"]
+             f"host there too): **{reads / forwards:.1f}**",
+             f"- ops whose output size comes from tensor data (`masked_select`, `nonzero`, `repeat_interleave` by a "
+             f"tensor, ...: a sync each on CUDA, none a read on CPU) per step: **{sized / forwards:.1f}**", "",
+             "| ops / step | issued by (nearest two frames) | reads / step | data-sized / step |",
+             "| ---: | --- | ---: | ---: |"]
     for source, count in counter.by_source.most_common(args.top):
-        lines.append(f"| {count / forwards:.1f} | `{source}` | {counter.syncs.get(source, 0) / forwards:.2f} |")
+        lines.append(f"| {count / forwards:.1f} | `{source}` | {counter.syncs.get(source, 0) / forwards:.2f} | "
+                     f"{counter.data_sized.get(source, 0) / forwards:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (one H200) of the issue-17 testbed, reusable across sessions (rounds 5-7 were one-offs):
-#   0. with ENGINE_BENCH=1: bench/engine_bench.py --size testbed, batched experts and megatron's per-expert loop
-#      (tables in logs.tar: engine/);
+#   0. with ENGINE_BENCH=1: bench/engine_bench.py --size testbed, batched experts, megatron's per-expert loop and
+#      the dispatcher-free decode steps (--dense-moe-rows 8192) (tables in logs.tar: engine/);
 #   1. the SFT base: unpacked from .gpubase/ when a previous call brought one back (carry it), else trained
 #      (examples/testbed_sft.py $SFT_FLAGS) and sent back as pieces sft_base.planes.gz.part-* (a fresh machine
 #      each call: nothing survives on the device). SFT_FLAGS may hold several flag sets separated by ';': they
@@ -55,12 +55,16 @@ finish() {
 trap finish EXIT
 if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   mkdir -p $W/logs/engine
-  echo "[$(el) s] engine bench: batched experts, then the per-expert loop"
+  echo "[$(el) s] engine bench: batched experts, the per-expert loop, dense decode MoE"
   $PY bench/engine_bench.py --size testbed --out $W/logs/engine > $W/logs/engine/batched.log 2>&1
   tail -n 6 $W/logs/engine/batched.log
   $PY bench/engine_bench.py --size testbed --sequential-experts --no-baseline --out $W/logs/engine/loop \
     > $W/logs/engine/loop.log 2>&1
   tail -n 4 $W/logs/engine/loop.log
+  # the dispatcher-free decode steps (megatron/small_batch_moe.py): 512 rows x 16 experts = 8192 expert rows
+  $PY bench/engine_bench.py --size testbed --dense-moe-rows 8192 --no-baseline --out $W/logs/engine/dense \
+    > $W/logs/engine/dense.log 2>&1
+  tail -n 4 $W/logs/engine/dense.log
 fi
 BASE_PIECES=${BASE_PIECES_DIR:-.gpubase}
 # the pieces: byte planes (bench/base_pieces.py, what this script sends back since round 10), or a plain tar

@@ -29,6 +29,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # A tensor value read on the host (`.item()`, `float(t)`, `bool(t)`, `.tolist()` of small tensors): a device sync on
 # CUDA. Copies to the host (`.cpu()`) are not seen on CPU, where they are no ops: the count is a lower bound.
 SCALAR_READS = ("_local_scalar_dense",)
+# Ops whose output size comes from tensor data: on CUDA each waits for the device to learn the size (a sync),
+# on CPU none reads a scalar, so they are counted apart (`OpCounter.data_sized`).
+DATA_SIZED = ("masked_select", "nonzero", "repeat_interleave", "unique", "_unique2", "unique_consecutive")
+
+
+def _host_sized(func, kwargs) -> bool:
+    """repeat_interleave given its output_size sizes its output on the host: no sync (int repeats never reach
+    the op: they decompose into expand and clone)."""
+    return func.overloadpacket.__name__ == "repeat_interleave" and (kwargs or {}).get("output_size") is not None
 
 
 class OpCounter(TorchDispatchMode):
@@ -39,6 +48,7 @@ class OpCounter(TorchDispatchMode):
         self.by_source = collections.Counter()
         self.syncs = collections.Counter()
         self.host_reads = collections.Counter()
+        self.data_sized = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         frame, chain = sys._getframe(1), []
@@ -53,6 +63,8 @@ class OpCounter(TorchDispatchMode):
             # the training step's checks of the micro-batch's host copy (`step.host_facts`) read CPU tensors on
             # CUDA too: no sync
             (self.host_reads if "host_facts" in source else self.syncs)[source] += 1
+        elif func.overloadpacket.__name__ in DATA_SIZED and not _host_sized(func, kwargs):
+            self.data_sized[source] += 1
         return func(*args, **(kwargs or {}))
 
 

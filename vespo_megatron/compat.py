@@ -42,9 +42,10 @@ def static_inference_context(max_batch_size: int, max_sequence_length: int):
     return StaticInferenceContext(max_batch_size, max_sequence_length)
 
 
-def with_experts_module(moe_spec, experts_cls):
+def with_experts_module(moe_spec, experts_cls, moe_layer_cls=None):
     """The MoE layer spec `moe_spec` (from megatron's local layer spec) with `experts_cls` building its routed
-    experts in place of `SequentialMLP`, same submodules and constructor arguments.
+    experts in place of `SequentialMLP`, same submodules and constructor arguments; `moe_layer_cls` (a
+    `MoELayer` subclass with the same constructor) builds the layer itself when given.
 
     0.16: ModuleSpec(module=MoELayer, submodules=MoESubmodules(experts=ModuleSpec(module=SequentialMLP,
     submodules=MLPSubmodules(...)))). 0.19: the same as builders, functools.partial(MoELayer,
@@ -71,7 +72,12 @@ def with_experts_module(moe_spec, experts_cls):
         new_experts = functools.partial(experts_cls, *experts.args, **experts.keywords)
     else:
         new_experts = dataclasses.replace(experts, module=experts_cls)
-    return replaced(moe_spec, submodules=dataclasses.replace(submodules, experts=new_experts))
+    changes = dict(submodules=dataclasses.replace(submodules, experts=new_experts))
+    if moe_layer_cls is not None:
+        if is_partial:
+            return functools.partial(moe_layer_cls, *moe_spec.args, **{**moe_spec.keywords, **changes})
+        changes["module"] = moe_layer_cls
+    return replaced(moe_spec, **changes)
 
 
 def transformer_engine_available() -> bool:

@@ -158,19 +158,45 @@ class BatchedSequentialMLP(SequentialMLP):
         # nothing to any output or gradient (and nothing to an amax a quantising hook takes).
         rows = x.new_zeros(E * C, H).index_copy(0, flat, x).view(E, C, H)
         scale = probs.new_zeros(E * C).index_copy(0, flat, probs).view(E, C, 1)  # [E, C, 1]
+        out = self._expert_gemms(rows, scale, experts, transforms)  # [E, C, H]
+        return out.view(E * C, H).index_select(0, flat), None  # [T, H]; no bias (see unbatched_reason)
+
+    def dense_forward(self, x: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output for un-permuted tokens, every local expert over every token, without a
+        host read: x [T, H], the router's probs [T, E] (0 where not routed) and routing_map [T, E] -> [T, H]
+        (`small_batch_moe.SmallBatchMoELayer`'s decode path; only where `unbatched_reason()` is None, i.e.
+        the batched GEMMs are the parent's computation). A token's rows of the experts it was not routed to are zero
+        (masked inputs, probs 0), so they add exact zeros to its sum and raise no amax in a quantising hook: with
+        top-2 the sum equals the dispatcher's scatter-add bit for bit; the GEMMs equal the permuted path's up
+        to GEMM rounding. Costs E / top-k times the routed FLOPs: for small batches (decode steps) only."""
+        reason, transforms = self._plan()
+        if reason is not None:
+            raise RuntimeError(f"dense_forward: the experts run megatron's loop here ({reason})")
+        mask = routing_map.t().unsqueeze(-1)  # [E, T, 1]
+        if self.config.moe_apply_probs_on_input:
+            # As the parent: each routed row scaled by its prob in the input's dtype, the outputs by 1.
+            rows = (probs.t().unsqueeze(-1) * x).to(x.dtype)  # [E, T, H] (unrouted rows: prob 0)
+            scale = mask.to(probs.dtype)
+        else:
+            rows = x * mask.to(x.dtype)  # [E, T, H]
+            scale = probs.t().unsqueeze(-1)  # [E, T, 1]
+        return self._expert_gemms(rows, scale, list(self.local_experts), transforms).sum(0)  # [T, H]
+
+    def _expert_gemms(self, rows: torch.Tensor, scale: torch.Tensor, experts: list, transforms) -> torch.Tensor:
+        """rows [E, R, H] of inputs per expert, scale [E, R, 1] their probs -> [E, R, H]: fc1, activation, probs,
+        fc2 as `MLP.forward` does per expert, with the hooks' batched forms on the GEMM inputs."""
         fc1_hooks, fc2_hooks = transforms
         for hook in fc1_hooks:
             rows = hook(rows)
         w1 = torch.stack([e.linear_fc1.weight for e in experts])  # [E, 2F, H]
-        h = torch.bmm(rows, w1.transpose(1, 2))  # [E, C, 2F]
-        h = self._activation(h)  # [E, C, F]
+        h = torch.bmm(rows, w1.transpose(1, 2))  # [E, R, 2F]
+        h = self._activation(h)  # [E, R, F]
         # MLP.forward's per_token_scale: multiply in the promoted dtype, back to the activation's dtype.
         h = (h * scale).to(h.dtype)
         for hook in fc2_hooks:
             h = hook(h)
         w2 = torch.stack([e.linear_fc2.weight for e in experts])  # [E, H, F]
-        out = torch.bmm(h, w2.transpose(1, 2))  # [E, C, H]
-        return out.view(E * C, H).index_select(0, flat), None  # [T, H]; no bias (see unbatched_reason)
+        return torch.bmm(h, w2.transpose(1, 2))  # [E, R, H]
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
         """MLP.forward's unfused activation (row-wise, so the padded layout changes nothing)."""

@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from vespo_megatron import patches
 from vespo_megatron.compat import RouterReplay, transformer_engine_available, with_experts_module
 from vespo_megatron.megatron.batched_experts import BatchedSequentialMLP
+from vespo_megatron.megatron.small_batch_moe import SmallBatchMoELayer
 from vespo_megatron.megatron.cpu_shim import install_cpu_shim
 from vespo_megatron.megatron.model_config import TinyMoEConfig
 from vespo_megatron.megatron.norms import Norm
@@ -139,7 +140,7 @@ def _local_layer_spec(num_experts: int | None, qk_layernorm: bool, batched_exper
         self_attention=dataclasses.replace(attn, submodules=attn_sub),
     )
     if num_experts and batched_experts:
-        layer = dataclasses.replace(layer, mlp=with_experts_module(layer.mlp, BatchedSequentialMLP))
+        layer = dataclasses.replace(layer, mlp=with_experts_module(layer.mlp, BatchedSequentialMLP, SmallBatchMoELayer))
     return dataclasses.replace(spec, submodules=layer)
 
 

@@ -14,6 +14,9 @@ recomputed for every position (the reference the cache is tested against). Both 
 sampler: row b's k-th new token is the inverse-CDF draw of a uniform u[b, k] pre-drawn from `seed`, so equal
 probabilities give equal tokens whatever the batching.
 
+`dense_moe_rows` > 0 lets the MoE layers skip megatron's dispatcher on the cached path's small forwards (decode
+steps): every expert on every token, masked, no host read (`megatron.small_batch_moe`).
+
 A real train/inference mismatch can be switched on: `precision="bf16"` runs the engine's forward under bf16
 autocast while the trainer stays in fp32; `fp8` fake-quantises the attention and expert GEMMs (e4m3, per
 tensor or per row) and `router_noise` perturbs the router logits (`rollout.mismatch`), only inside the
@@ -46,6 +49,7 @@ from vespo_megatron.compat import (
     unwrap_model,
 )
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
+from vespo_megatron.megatron.small_batch_moe import dense_small_batches
 from vespo_megatron.parallel.cp_split import round_up, zigzag_indices
 from vespo_megatron.parallel.sequence import comm_device
 from vespo_megatron.routing import RoutingRecord
@@ -227,7 +231,8 @@ class EmbeddedEngine:
                     RouterReplay.clear_global_indices()
                     RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
                 if self.uses_kv_cache:
-                    with sequence_parallel_off(self.model, unwrapped.config):
+                    with sequence_parallel_off(self.model, unwrapped.config), \
+                            dense_small_batches(self.model, self.cfg.dense_moe_rows):
                         rows, lengths, out_lp, n_new, routes = self._decode(requests, seed, temperature, True, record)
                 else:
                     rows, lengths, out_lp, n_new, routes = self._decode(requests, seed, temperature, False, record)

@@ -19,13 +19,16 @@ class EmbeddedEngineConfig:
     kv_cache: KV-cached batched decoding (False: recompute the prefix every token; layouts the cache cannot
     serve fall back to it). fp8: off | per_tensor | per_row: fake-quantise the attention and expert GEMMs
     (weights and inputs) to e4m3 in the engine only. router_noise: std of Gaussian noise added to the router
-    logits in the engine only (0: off)."""
+    logits in the engine only (0: off). dense_moe_rows: MoE layers compute every expert on every token, without
+    the dispatcher and its host reads, for forwards of at most this many expert rows (experts x tokens: 8192 is
+    a decode step of 512 rows at 16 experts; `megatron.small_batch_moe`); 0: megatron's dispatcher always."""
 
     precision: str = "fp32"
     lag: int = 0
     kv_cache: bool = True
     fp8: str = "off"
     router_noise: float = 0.0
+    dense_moe_rows: int = 0
 
     def __post_init__(self) -> None:
         check_choice("EmbeddedEngineConfig", "precision", self.precision, ("fp32", "bf16"))
@@ -34,3 +37,4 @@ class EmbeddedEngineConfig:
             raise ConfigError("EmbeddedEngineConfig", "kv_cache", "a bool", self.kv_cache)
         check_choice("EmbeddedEngineConfig", "fp8", self.fp8, FP8_MODES)
         check_float("EmbeddedEngineConfig", "router_noise", self.router_noise, nonnegative=True)
+        check_int("EmbeddedEngineConfig", "dense_moe_rows", self.dense_moe_rows, low=0)

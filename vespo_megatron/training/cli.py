@@ -59,6 +59,7 @@ FLAGS = {
     "rollout.embedded.kv_cache": "--rollout-kv-cache",
     "rollout.embedded.fp8": "--rollout-fp8",
     "rollout.embedded.router_noise": "--rollout-router-noise",
+    "rollout.embedded.dense_moe_rows": "--rollout-dense-moe-rows",
     "algorithm.loss_config.rollout_correction.mode": "--rollout-correction",
     "algorithm.loss_config.rollout_correction.level": "--rollout-correction-level",
     "algorithm.loss_config.rollout_correction.upper": "--rollout-correction-upper",
@@ -97,6 +98,9 @@ HELPS = {
     "algorithm.logprob_micro_batch_size": "samples per micro-batch of the forward-only old-log-prob pass "
                                           "(--old-logprobs recompute; default: --micro-batch-size; needs --cp 1)",
     "rollout.embedded.lag": "rollouts by weights this many syncs old (asynchronous RL)",
+    "rollout.embedded.dense_moe_rows": "embedded engine: MoE forwards of at most this many experts x tokens "
+                                       "compute every expert densely, without the dispatcher's host syncs "
+                                       "(decode steps); 0: off",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
     "algorithm.routing_replay": "r3: replay the engine's routing; r2: the trainer's own recorded routing",
     "eval.final_k": "samples per held-out prompt of the evaluation after the last step (default: --eval-k); "
