@@ -144,6 +144,18 @@ def test_summarize_table_and_plots(tmp_path):
     collapsed_col = 1 + TABLE_COLUMNS.index("collapsed")
     async_row = next(line for line in table.splitlines() if line.startswith("| async_lag4 | vespo |"))
     assert "| async_lag4 | vespo | 2 | 5/10 |" in table and async_row.split("|")[collapsed_col].strip() == "0/1"
+    # a third seed recorded for n1 only (a seed added to some settings): the others count their 2 recorded seeds
+    cfg3 = SweepConfig(name="t", losses=("vespo", "gspo"), staleness=(1, 8), seeds=(0, 1, 2), steps=10,
+                       extras=("async",), async_losses=("vespo",))
+    for r in expand(cfg3):
+        if r.setting == "n1" and r.seed == 2:
+            _write(r.jsonl(tmp_path), _records([0.3 + 0.02 * i for i in range(10)]))
+    table3 = markdown_table(summarize(cfg3, tmp_path))
+    assert "| n1 | vespo | 3 | 10/10 |" in table3
+    assert "| n8 | gspo | 2 of 3 | 10/10 | 0.000 ± 0.000 |" in table3
+    assert "| async_lag4 | vespo | 2 of 3 | 5/10 |" in table3
+    n8 = next(line for line in table3.splitlines() if line.startswith("| n8 | vespo |"))
+    assert n8.split("|")[collapsed_col].strip() == "0/2" and "s2: missing" in n8
     written = write_report(cfg, tmp_path, tmp_path / "out", command="python examples/sweep.py --name t")
     names = {p.name for p in written}
     assert {"table.md", "summary.json", "staleness.png", "async.png"} <= names

@@ -457,7 +457,8 @@ TABLE_COLUMNS = ("setting", "loss", "seeds", "steps", "final reward", "best rewa
 def markdown_table(summaries: Sequence[RunSummary]) -> str:
     """One row per (setting, label): held-out pass@1 (last and best evaluation), final / best reward and the
     other final-window metrics as mean ± 95 % CI over seeds, grad-norm spikes (total over seeds), collapsed
-    seeds / judged seeds, and the reasons."""
+    seeds / judged seeds, and the reasons. A seed without a run record (a slice of a sweep, or a seed added for
+    some settings only) counts nowhere: "seeds" says "3 of 4" and "steps" is the least over recorded seeds."""
     groups: dict[tuple[str, str], list[RunSummary]] = {}
     for s in summaries:
         groups.setdefault((s.setting, s.label), []).append(s)
@@ -465,10 +466,12 @@ def markdown_table(summaries: Sequence[RunSummary]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for (setting, label), group in groups.items():
         done = [s for s in group if s.reason not in ("partial", "missing")]
-        steps = f"{min(s.steps_done for s in group)}/{group[0].steps}"
+        recorded = [s for s in group if s.reason != "missing"]
+        steps = f"{min((s.steps_done for s in recorded), default=0)}/{group[0].steps}"
+        seeds = str(len(group)) if len(recorded) == len(group) else f"{len(recorded)} of {len(group)}"
         notes = "; ".join(sorted({f"s{s.seed}: {s.reason}" for s in group if s.reason}))
         lines.append("| " + " | ".join([
-            setting, label, str(len(group)), steps, _fmt([s.final_reward for s in group]),
+            setting, label, seeds, steps, _fmt([s.final_reward for s in group]),
             _fmt([s.best_reward for s in group]), _fmt([s.final_eval for s in group]),
             _fmt([s.best_eval for s in group]), _fmt([s.final["response_length"] for s in group], 2),
             _fmt([s.final["kl"] for s in group]), _fmt([s.final["grad_norm"] for s in group]),
