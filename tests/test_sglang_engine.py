@@ -127,8 +127,9 @@ def test_timeout_raises_after_max_retries_with_backoff(server):
     with pytest.raises(EngineError, match=r"/generate for sample 's0' failed after 3 attempts.*timeout"):
         engine.generate([req(0)])
     elapsed = time.monotonic() - start
-    # 3 timeouts of 0.2 s plus backoffs of 0.025..0.05 s and 0.05..0.1 s; far below 3 x 2 s of delay.
-    assert 0.6 + 0.075 <= elapsed < 1.8
+    # 3 timeouts of 0.2 s plus backoffs of 0.025..0.05 s and 0.05..0.1 s; far below 3 x 2 s of delay (the upper
+    # bound leaves a loaded CI machine room).
+    assert 0.6 + 0.075 <= elapsed < 3.0
     assert len(server.bodies("/generate")) == 3
     # Each timed-out attempt was aborted on the server by its rid.
     assert sorted(server.aborted) == sorted(b["rid"] for b in server.bodies("/generate"))
