@@ -18,10 +18,11 @@ the two [T]-sized all-reduces), T = B x S response tokens, B = 8 sequences. Vari
 the returned d hidden and d W. Every variant that runs the project's loss or head is timed as the training step
 runs it (`megatron/step.py`): inside `checked_on_host(token_seq=True, targets=(lo, hi))` with the facts read
 once on the host before timing, so the argument checks read no device value (a sync on CUDA, once per chunk
-of the single pass). "host reads" counts the tensor values a call still reads on the host (one extra call
-under a dispatch-mode counter, `update_op_count.OpCounter`). "fwd" is the forward-only (no grad) log-prob
-pass: the old-log-prob pass. Correctness: every variant's loss and gradients against the logits path at full size, and the fused head and
-the logits path against float64 on a small T with the full vocab (entropy gradient included).
+of the single pass). "host reads" counts the tensor values a call still reads on the host, "ops" the torch ops
+it dispatches, views included (one extra call under a dispatch-mode counter, `update_op_count.OpCounter`). "fwd"
+is the forward-only (no grad) log-prob pass: the old-log-prob pass. Correctness: every variant's loss and
+gradients against the logits path at full size, and the fused head and the logits path against float64 on a
+small T with the full vocab (entropy gradient included).
 
     python bench/lm_head_bench.py --out OUT [--tokens 16384,32768] [--quick]
 """
@@ -151,12 +152,13 @@ def host_checked(fn, facts: dict):
     return run
 
 
-def host_reads(fn) -> int:
-    """Tensor values one call of `fn` reads on the host (`.item()`, `int(t)`: each a device sync on CUDA)."""
+def host_reads(fn) -> tuple[int, int]:
+    """(tensor values one call of `fn` reads on the host (`.item()`, `int(t)`: each a device sync on CUDA), torch
+    ops it dispatches (views included): what a launch-bound call's host time goes with)."""
     counter = OpCounter()
     with counter:
         fn()
-    return sum(counter.syncs.values())
+    return sum(counter.syncs.values()), sum(counter.by_source.values())
 
 
 def variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: bool, single_exps=()):
@@ -370,7 +372,7 @@ def main():
                         row["fwd_ms"] = cuda_ms(fwd, 2, repeats)
                         row["fwd_extra_gib"] = extra_gib(fwd)
                     if name != "liger":  # (dispatch mode under torch.compile: not tried)
-                        row["host_reads"] = host_reads(bwd)
+                        row["host_reads"], row["ops"] = host_reads(bwd)
                     if name not in ("gemm_floor", "vespo_only"):
                         results[name] = bwd()
                 except Exception as exc:  # noqa: BLE001 - a failing variant is recorded, the rest still run
@@ -437,13 +439,13 @@ def render(res) -> str:
              f"{env['repeats']} (liger: 3); fp32 accumulation path: {res['accumulate_path']}; "
              f"command: `{env['command']}`", "",
              "| shard | tokens | variant | fwd+bwd ms | / GEMM floor | fwd+bwd extra GiB | fwd (old-logp) ms "
-             "| fwd extra GiB | fwd+bwd host reads |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| fwd extra GiB | fwd+bwd host reads | fwd+bwd ops |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         name = r["variant"] + (f" ({r['error'][:60]})" if "error" in r else "")
         lines.append(f"| {r['shard']} (V={r['V_shard']}) | {r['tokens']} | {name} | {f(r.get('fwd_bwd_ms'))} "
                      f"| {f(r.get('over_floor'), '{:.3f}')} | {f(r.get('fwd_bwd_extra_gib'), '{:.2f}')} "
                      f"| {f(r.get('fwd_ms'))} | {f(r.get('fwd_extra_gib'), '{:.2f}')} "
-                     f"| {f(r.get('host_reads'), '{:d}')} |")
+                     f"| {f(r.get('host_reads'), '{:d}')} | {f(r.get('ops'), '{:d}')} |")
     lines += ["", "Fused head and single pass (2**n elements a tile / chunk: the variant's suffix), TP = 1, memory "
               "against T (the outputs d hidden and d W are part of 'extra'; 'over budget': sequences of more than twice "
               "the single pass's chunk, which go through the recomputing head's tiles):", "",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from vespo_megatron.base.metric import Metric
+from vespo_megatron.base.metric import Metric, Reduce, masked_metrics
 
-from .common import finish, sequence_stats, token_log_ratio
+from .common import finish, stats_requests, token_log_ratio
 from .config import GSPOConfig, PPOClipConfig, ReinforceConfig, SAPOConfig
 from .types import LossInputs, LossNormalizer, LossOutput
 
@@ -28,13 +28,15 @@ def grpo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: PPOClipConfig
     clipped = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high) * adv
     loss = -torch.minimum(unclipped, clipped)
     mask = inputs.mask
-    metrics["grpo/clip_frac_high"] = Metric.mean((mask & (adv > 0) & (ratio > 1.0 + cfg.eps_high)).double(), mask)
-    metrics["grpo/clip_frac_low"] = Metric.mean((mask & (adv < 0) & (ratio < 1.0 - cfg.eps_low)).double(), mask)
+    # (masked_metrics selects `mask`: the fractions need no `mask &` of their own)
+    requests = [("grpo/clip_frac_high", (adv > 0) & (ratio > 1.0 + cfg.eps_high), Reduce.MEAN),
+                ("grpo/clip_frac_low", (adv < 0) & (ratio < 1.0 - cfg.eps_low), Reduce.MEAN)]
     if cfg.dual_clip is not None:
         bound = -cfg.dual_clip * adv  # positive where adv < 0
         dual = (adv < 0) & (loss > bound)
         loss = torch.where(dual, bound, loss)
-        metrics["grpo/dual_clip_frac"] = Metric.mean((dual & mask).double(), mask)
+        requests.append(("grpo/dual_clip_frac", dual, Reduce.MEAN))
+    metrics.update(masked_metrics(mask, requests))
     return finish(loss, inputs, cfg, normalizer, metrics)
 
 
@@ -73,9 +75,10 @@ def gspo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: GSPOConfig | 
     a_b = adv.to(s_b.dtype)
     has_tokens = inputs.seq_num_tokens > 0
     clip = ((a_b > 0) & (s_b > 1.0 + cfg.eps_high)) | ((a_b < 0) & (s_b < 1.0 - cfg.eps_low))
-    metrics["gspo/seq_clip_frac"] = Metric.mean(clip.double(), has_tokens)
-    metrics["gspo/log_ratio_clamped_frac"] = Metric.mean((raw.detach() > cfg.log_ratio_max).double(), has_tokens)
-    sequence_stats("gspo/seq_ratio", s_b, has_tokens, metrics)
+    metrics.update(masked_metrics(has_tokens, [
+        ("gspo/seq_clip_frac", clip, Reduce.MEAN),
+        ("gspo/log_ratio_clamped_frac", raw.detach() > cfg.log_ratio_max, Reduce.MEAN),
+        *stats_requests("gspo/seq_ratio", s_b)]))
     return finish(token_loss.to(inputs.logp.dtype), inputs, cfg, normalizer, metrics)
 
 

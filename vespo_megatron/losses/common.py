@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vespo_megatron.base.metric import Metric
+from vespo_megatron.base.metric import Metric, Reduce, masked_metrics
 
 from .aggregation import aggregate
 from .config import _LossConfigBase
@@ -16,16 +16,16 @@ from .rollout_correction import rollout_correction
 from .rollout_terms import TOKEN_LOG_RATIO_CLAMP
 from .types import LossInputs, LossNormalizer, LossOutput
 
-__all__ = ["TOKEN_LOG_RATIO_CLAMP", "token_log_ratio", "finish", "sequence_stats"]
+__all__ = ["TOKEN_LOG_RATIO_CLAMP", "token_log_ratio", "finish", "sequence_stats", "stats_requests"]
 
 
 def token_log_ratio(inputs: LossInputs, metrics: dict[str, Metric]) -> Tensor:
     """[T] log(pi/mu) per token, zero where masked out, clamped to +-20 (counted in the metrics)."""
     raw = torch.where(inputs.mask, inputs.logp - inputs.old_logp.detach(), torch.zeros_like(inputs.logp))
     clamped = raw.clamp(-TOKEN_LOG_RATIO_CLAMP, TOKEN_LOG_RATIO_CLAMP)
-    metrics["ratio/log_ratio_clamped_frac"] = Metric.mean((clamped != raw).double(), inputs.mask)
-    metrics["ratio/log_ratio_abs_mean"] = Metric.mean(clamped.abs(), inputs.mask)
-    metrics["ratio/log_ratio_max"] = Metric.max(clamped, inputs.mask)
+    metrics.update(masked_metrics(inputs.mask, [("ratio/log_ratio_clamped_frac", clamped != raw, Reduce.MEAN),
+                                                 ("ratio/log_ratio_abs_mean", clamped.abs(), Reduce.MEAN),
+                                                 ("ratio/log_ratio_max", clamped, Reduce.MAX)]))
     return clamped
 
 
@@ -49,8 +49,12 @@ def finish(
     return LossOutput(loss=loss, metrics=metrics, **extra)
 
 
+def stats_requests(prefix: str, values: Tensor, where: Tensor | None = None) -> list[tuple]:
+    """`masked_metrics` requests for mean / max / min of `values` over `where` (prefix_mean, _max, _min)."""
+    return [(f"{prefix}_mean", values, Reduce.MEAN, where), (f"{prefix}_max", values, Reduce.MAX, where),
+            (f"{prefix}_min", values, Reduce.MIN, where)]
+
+
 def sequence_stats(prefix: str, values: Tensor, where: Tensor, metrics: dict[str, Metric]) -> None:
     """mean / max / min of a [B] tensor over the sequences in `where`."""
-    metrics[f"{prefix}_mean"] = Metric.mean(values, where)
-    metrics[f"{prefix}_max"] = Metric.max(values, where)
-    metrics[f"{prefix}_min"] = Metric.min(values, where)
+    metrics.update(masked_metrics(where, stats_requests(prefix, values, where)))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vespo_megatron.base.metric import Metric
+from vespo_megatron.base.metric import Metric, Reduce, masked_metrics
 
 from .config import RolloutCorrectionConfig
 from .types import LossInputs
@@ -77,15 +77,14 @@ def rollout_correction(inputs: LossInputs, cfg: RolloutCorrectionConfig) -> Roll
         )
     token_log, level_log = _log_rho(inputs, cfg.level)
     mask = inputs.mask
-    metrics: dict[str, Metric] = {
-        "rollout_corr/log_rho_abs_mean": Metric.mean(token_log.abs(), mask),
-    }
+    metrics: dict[str, Metric] = {}
+    requests = [("rollout_corr/log_rho_abs_mean", token_log.abs(), Reduce.MEAN)]  # over `mask`, below
     log_upper = math.log(cfg.upper)
     if cfg.mode == "tis":
         clipped = mask & (level_log > log_upper)
         weight = torch.exp(torch.clamp(level_log, max=log_upper)).to(ones.dtype)
         weight = torch.where(mask, weight, ones)
-        metrics["rollout_corr/tis_clip_frac"] = Metric.mean(clipped.double(), mask)
+        requests.append(("rollout_corr/tis_clip_frac", clipped, Reduce.MEAN))
         keep = mask
     else:
         # Rejected upstream: `mask` holds the kept tokens, `rejected` the dropped ones.
@@ -99,6 +98,6 @@ def rollout_correction(inputs: LossInputs, cfg: RolloutCorrectionConfig) -> Roll
     # ESS = E[w]^2 / E[w^2] after reduction (log ratio capped at 300 so that w^2 stays finite in float64; a
     # cap that fires drives ESS to ~0).
     w = torch.exp(level_log.double().clamp(max=300.0))
-    metrics["rollout_corr/is_weight_mean"] = Metric.mean(w, mask)
-    metrics["rollout_corr/is_weight_sq_mean"] = Metric.mean(w * w, mask)
+    requests += [("rollout_corr/is_weight_mean", w, Reduce.MEAN), ("rollout_corr/is_weight_sq_mean", w * w, Reduce.MEAN)]
+    metrics.update(masked_metrics(mask, requests))
     return RolloutCorrection(weight.detach(), keep, metrics)

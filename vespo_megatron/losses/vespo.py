@@ -22,9 +22,9 @@ import math
 import torch
 from torch import Tensor
 
-from vespo_megatron.base.metric import Metric
+from vespo_megatron.base.metric import Metric, Reduce, masked_metrics
 
-from .common import finish, sequence_stats, token_log_ratio
+from .common import finish, stats_requests, token_log_ratio
 from .config import FOLD_MODES, VespoConfig
 from .rollout_terms import FOLD_TIS_FLOOR, TOKEN_LOG_RATIO_CLAMP
 from .types import LossInputs, LossNormalizer, LossOutput
@@ -97,13 +97,12 @@ def vespo_loss(inputs: LossInputs, normalizer: LossNormalizer, cfg: VespoConfig 
 
     has_tokens = seq_len > 0
     pos, neg = has_tokens & (adv >= 0), has_tokens & (adv < 0)
-    sequence_stats("vespo/phi_pos", phi, pos, metrics)
-    sequence_stats("vespo/phi_neg", phi, neg, metrics)
-    sequence_stats("vespo/log_w_pos", log_w, pos, metrics)
-    sequence_stats("vespo/log_w_neg", log_w, neg, metrics)
-    metrics["vespo/log_w_clamped_frac"] = Metric.mean((log_w.abs() > cfg.log_w_clamp).double(), has_tokens)
     floored = log_w.clamp(-cfg.log_w_clamp, cfg.log_w_clamp) < (math.log(cfg.w_floor) if cfg.w_floor > 0 else -math.inf)
-    metrics["vespo/w_floored_frac"] = Metric.mean(floored.double(), has_tokens)
+    metrics.update(masked_metrics(has_tokens, [  # one stacked reduction for all the sequence-level metrics
+        *stats_requests("vespo/phi_pos", phi, pos), *stats_requests("vespo/phi_neg", phi, neg),
+        *stats_requests("vespo/log_w_pos", log_w, pos), *stats_requests("vespo/log_w_neg", log_w, neg),
+        ("vespo/log_w_clamped_frac", log_w.abs() > cfg.log_w_clamp, Reduce.MEAN),
+        ("vespo/w_floored_frac", floored, Reduce.MEAN)]))
 
     seq = inputs.token_seq.long()
     coeff = (phi * adv.to(phi.dtype))[seq].to(inputs.logp.dtype)

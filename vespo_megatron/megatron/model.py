@@ -42,12 +42,12 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from vespo_megatron import patches
 from vespo_megatron.compat import RouterReplay, transformer_engine_available, with_experts_module
 from vespo_megatron.megatron.batched_experts import BatchedSequentialMLP
-from vespo_megatron.megatron.small_batch_moe import SmallBatchMoELayer
 from vespo_megatron.megatron.cpu_shim import install_cpu_shim
 from vespo_megatron.megatron.model_config import TinyMoEConfig
 from vespo_megatron.megatron.norms import Norm
 from vespo_megatron.megatron.parallel_setup import ParallelConfig, ParallelGroups
 from vespo_megatron.megatron.reference_attention import ReferenceAttention
+from vespo_megatron.megatron.small_batch_moe import SmallBatchMoELayer
 
 
 def transformer_config(cfg: TinyMoEConfig, pcfg: ParallelConfig) -> TransformerConfig:

@@ -118,7 +118,7 @@ def cached_thd_layout(packed_seq_params: PackedSeqParams, device: torch.device) 
     cu_real = packed_seq_params.cu_seqlens_q
     key = (cu_padded, cu_real, device)
     hit = getattr(packed_seq_params, "_vespo_thd_layout", None)
-    if hit is not None and all(a is b for a, b in zip(hit[0][:2], key[:2])) and hit[0][2] == device:
+    if hit is not None and all(a is b for a, b in zip(hit[0][:2], key[:2], strict=True)) and hit[0][2] == device:
         return hit[1]
     # the lengths on the host: the micro-batch's host copy when it kept one (no read-back), else a device read
     host = getattr(packed_seq_params, "_vespo_host_params", packed_seq_params)
