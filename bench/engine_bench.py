@@ -112,6 +112,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dense-moe-rows", type=int, default=0,
                    help="EmbeddedEngineConfig.dense_moe_rows: MoE forwards of at most this many experts x tokens "
                         "skip megatron's dispatcher (decode steps; 0: off)")
+    p.add_argument("--stop-check-every", type=int, default=1,
+                   help="EmbeddedEngineConfig.stop_check_every: read 'all rows stopped?' every this many steps")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                    help="also profile one cached generation of this many new tokens (torch.profiler; the top ops "
@@ -138,7 +140,7 @@ def main(argv=None) -> dict:
 
     def engine(**kw):
         ecfg = EmbeddedEngineConfig(precision=args.precision, fp8=args.fp8, router_noise=args.router_noise,
-                                    dense_moe_rows=args.dense_moe_rows, **kw)
+                                    dense_moe_rows=args.dense_moe_rows, stop_check_every=args.stop_check_every, **kw)
         return EmbeddedEngine(ecfg, model, groups, vocab_size=V, eos_id=-1)  # EOS off: every row makes every token
 
     # 1. correctness on a small batch
@@ -180,6 +182,7 @@ def main(argv=None) -> dict:
     result = dict(size=args.size, device=device, model=size["model"], precision=args.precision, fp8=args.fp8,
                   router_noise=args.router_noise, attention_backend=args.attention_backend,
                   batched_experts=not args.sequential_experts, dense_moe_rows=args.dense_moe_rows,
+                  stop_check_every=args.stop_check_every,
                   check=dict(rows=8, new_tokens=args.check_tokens, identical_token_share=same / max(total, 1),
                              max_abs_dlogp_common_prefix=max_dlp),
                   runs=rows, command="python bench/engine_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
@@ -188,7 +191,7 @@ def main(argv=None) -> dict:
     lines = [f"# Embedded engine throughput ({args.size}, {device})", "", f"`{result['command']}`", "",
              f"model {size['model']}, precision {args.precision}, fp8 {args.fp8}, router noise {args.router_noise}, "
              f"experts {'sequential (megatron loop)' if args.sequential_experts else 'batched'}, "
-             f"dense MoE rows {args.dense_moe_rows or 'off'}",
+             f"dense MoE rows {args.dense_moe_rows or 'off'}, stop check every {args.stop_check_every} steps",
              "", f"Correctness (8 rows x {args.check_tokens} tokens, cached vs recompute, same seed): "
              f"identical tokens {same}/{total}, max |d logp| on the common prefix {max_dlp:.2e}", "",
              "| path | samples | new tokens | tokens | seconds | new tokens/s |", "|---|---:|---:|---:|---:|---:|"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call (one H200) of the issue-17 testbed, reusable across sessions (rounds 5-7 were one-offs):
 #   0. with ENGINE_BENCH=1: bench/engine_bench.py --size testbed, batched experts, megatron's per-expert loop and
-#      the dispatcher-free decode steps (--dense-moe-rows 8192) (tables in logs.tar: engine/);
+#      the dispatcher-free decode steps (--dense-moe-rows 8192), with and without the per-step stop check
+#      (--stop-check-every 8) (tables in logs.tar: engine/);
 #   1. the SFT base: unpacked from .gpubase/ when a previous call brought one back (carry it), else trained
 #      (examples/testbed_sft.py $SFT_FLAGS) and sent back as pieces sft_base.planes.gz.part-* (a fresh machine
 #      each call: nothing survives on the device). SFT_FLAGS may hold several flag sets separated by ';': they
@@ -65,6 +66,10 @@ if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   $PY bench/engine_bench.py --size testbed --dense-moe-rows 8192 --no-baseline --out $W/logs/engine/dense \
     > $W/logs/engine/dense.log 2>&1
   tail -n 4 $W/logs/engine/dense.log
+  # ... and without the loop's per-step sync either (the only one left in a decode step)
+  $PY bench/engine_bench.py --size testbed --dense-moe-rows 8192 --stop-check-every 8 --no-baseline \
+    --out $W/logs/engine/dense_check8 > $W/logs/engine/dense_check8.log 2>&1
+  tail -n 4 $W/logs/engine/dense_check8.log
 fi
 BASE_PIECES=${BASE_PIECES_DIR:-.gpubase}
 # the pieces: byte planes (bench/base_pieces.py, what this script sends back since round 10), or a plain tar

@@ -95,6 +95,16 @@ def _single(rank, world):
         h.remove()
     out["router_calls"] = calls
     out["prompt_lens"] = [len(r.prompt_ids) for r in reqs]
+    # the host checks "all rows stopped?" every 3 / 64 steps: the same generations, more forwards at the end
+    for every in (3, 64):
+        calls_k, handles = _router_hooks(model)
+        out[f"kv_every{every}"] = _summary(_engine(model, groups, stop_check_every=every).generate(reqs, seed=11))
+        for h in handles:
+            h.remove()
+        out[f"forwards_every{every}"] = len(calls_k[min(calls_k)])
+    out["forwards_every1"] = len(calls[min(calls)])
+    P = out["prompt_lens"]
+    out["forward_cap"] = max(P) + max(r.max_new_tokens for r in reqs) - min(P)  # positions p_min .. S - 1
     out["recompute"] = _summary(_engine(model, groups, kv_cache=False).generate(reqs, seed=11))
     from vespo_megatron.megatron import reference_attention as ra
 
@@ -145,6 +155,17 @@ def test_kv_cache_matches_recompute_per_row(single):
         torch.testing.assert_close(lp, lp_r, atol=1e-5, rtol=0)
         torch.testing.assert_close(lp, teacher, atol=1e-5, rtol=0)
         assert torch.equal(route, route_r)  # fp32: decode-time routing equals the full recompute's
+
+
+def test_stop_check_every_k_steps_gives_the_same_generations(single):
+    """Reading `done` every 3 or 64 steps instead of every step: the same tokens, log-probs, finish reasons and
+    R3 routing, bit for bit (stopped rows ride along unchanged); the extra forwards run after the last row
+    stopped, and never past the last position a row can fill."""
+    for every in (3, 64):
+        for a, b in zip(single["kv"], single[f"kv_every{every}"], strict=True):
+            assert a[0] == b[0] and a[2] == b[2] and torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
+    f1, f3, f64 = single["forwards_every1"], single["forwards_every3"], single["forwards_every64"]
+    assert f1 <= f3 < f1 + 3 and f1 < f64 <= single["forward_cap"]
 
 
 def test_kv_cache_on_the_fused_attention_path_matches(single):
@@ -289,3 +310,5 @@ def test_config_validation_names_the_field():
         EmbeddedEngineConfig(router_noise=-0.1)
     with pytest.raises(ValueError, match="EmbeddedEngineConfig.kv_cache"):
         EmbeddedEngineConfig(kv_cache="yes")
+    with pytest.raises(ValueError, match="EmbeddedEngineConfig.stop_check_every"):
+        EmbeddedEngineConfig(stop_check_every=0)

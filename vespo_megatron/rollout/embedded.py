@@ -15,7 +15,8 @@ sampler: row b's k-th new token is the inverse-CDF draw of a uniform u[b, k] pre
 probabilities give equal tokens whatever the batching.
 
 `dense_moe_rows` > 0 lets the MoE layers skip megatron's dispatcher on the cached path's small forwards (decode
-steps): every expert on every token, masked, no host read (`megatron.small_batch_moe`).
+steps): every expert on every token, masked, no host read (`megatron.small_batch_moe`); `stop_check_every` > 1
+reads the loop's "all rows stopped?" on the host only every that many steps (stopped rows ride along, unchanged).
 
 A real train/inference mismatch can be switched on: `precision="bf16"` runs the engine's forward under bf16
 autocast while the trainer stays in fp32; `fp8` fake-quantises the attention and expert GEMMs (e4m3, per
@@ -321,7 +322,9 @@ class EmbeddedEngine:
             n_new += sampling.long()
             hit = (tok[:, None] == stop).any(dim=1)
             done |= sampling & (hit | (n_new >= max_new))
-            if bool(done.all()):
+            # Every row has stopped by position S - 1 (its prompt plus its max_new_tokens), so the loop ends
+            # there at the latest; in between, the host reads `done` every stop_check_every steps only.
+            if (pos + 1 >= S or (pos - p_min + 1) % self.cfg.stop_check_every == 0) and bool(done.all()):
                 break
             pos += 1
         lengths = prompt_len + n_new

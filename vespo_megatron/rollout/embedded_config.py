@@ -21,7 +21,10 @@ class EmbeddedEngineConfig:
     (weights and inputs) to e4m3 in the engine only. router_noise: std of Gaussian noise added to the router
     logits in the engine only (0: off). dense_moe_rows: MoE layers compute every expert on every token, without
     the dispatcher and its host reads, for forwards of at most this many expert rows (experts x tokens: 8192 is
-    a decode step of 512 rows at 16 experts; `megatron.small_batch_moe`); 0: megatron's dispatcher always."""
+    a decode step of 512 rows at 16 experts; `megatron.small_batch_moe`); 0: megatron's dispatcher always.
+    stop_check_every: read "have all rows stopped?" to the host every this many decode steps (1: every step;
+    a device sync each on CUDA). Rows that stopped only ride along, so the tokens are the same; up to this many
+    - 1 steps run after the last row stopped."""
 
     precision: str = "fp32"
     lag: int = 0
@@ -29,6 +32,7 @@ class EmbeddedEngineConfig:
     fp8: str = "off"
     router_noise: float = 0.0
     dense_moe_rows: int = 0
+    stop_check_every: int = 1
 
     def __post_init__(self) -> None:
         check_choice("EmbeddedEngineConfig", "precision", self.precision, ("fp32", "bf16"))
@@ -38,3 +42,4 @@ class EmbeddedEngineConfig:
         check_choice("EmbeddedEngineConfig", "fp8", self.fp8, FP8_MODES)
         check_float("EmbeddedEngineConfig", "router_noise", self.router_noise, nonnegative=True)
         check_int("EmbeddedEngineConfig", "dense_moe_rows", self.dense_moe_rows, low=0)
+        check_int("EmbeddedEngineConfig", "stop_check_every", self.stop_check_every, low=1, high=1024)

@@ -60,6 +60,7 @@ FLAGS = {
     "rollout.embedded.fp8": "--rollout-fp8",
     "rollout.embedded.router_noise": "--rollout-router-noise",
     "rollout.embedded.dense_moe_rows": "--rollout-dense-moe-rows",
+    "rollout.embedded.stop_check_every": "--rollout-stop-check-every",
     "algorithm.loss_config.rollout_correction.mode": "--rollout-correction",
     "algorithm.loss_config.rollout_correction.level": "--rollout-correction-level",
     "algorithm.loss_config.rollout_correction.upper": "--rollout-correction-upper",
@@ -101,6 +102,8 @@ HELPS = {
     "rollout.embedded.dense_moe_rows": "embedded engine: MoE forwards of at most this many experts x tokens "
                                        "compute every expert densely, without the dispatcher's host syncs "
                                        "(decode steps); 0: off",
+    "rollout.embedded.stop_check_every": "embedded engine: check whether every row has stopped every this many "
+                                         "decode steps (a device sync each; stopped rows ride along unchanged)",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
     "algorithm.routing_replay": "r3: replay the engine's routing; r2: the trainer's own recorded routing",
     "eval.final_k": "samples per held-out prompt of the evaluation after the last step (default: --eval-k); "
