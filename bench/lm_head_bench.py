@@ -152,6 +152,25 @@ def host_checked(fn, facts: dict):
     return run
 
 
+def profile_to(fn, path: str) -> None:
+    """torch.profiler over two calls of `fn` (after the timing's warm-up): where a variant's time goes, by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            fn()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    text = []
+    if DEV == "cuda":
+        text += ["# by device time (2 calls)", table.table(sort_by="device_time_total", row_limit=30)]
+    text += ["# by host time (2 calls)", table.table(sort_by="cpu_time_total", row_limit=30)]
+    with open(path, "w") as f:
+        f.write("\n".join(text) + "\n")
+
+
 def host_reads(fn) -> tuple[int, int]:
     """(tensor values one call of `fn` reads on the host (`.item()`, `int(t)`: each a device sync on CUDA), torch
     ops it dispatches (views included): what a launch-bound call's host time goes with)."""
@@ -316,6 +335,9 @@ def main():
                     help="extra token counts at which only the fused head's memory is measured (TP = 1)")
     ap.add_argument("--flat-chunk", type=int, default=29,
                     help="log2 of the tile / chunk size of the memory-against-T table")
+    ap.add_argument("--profile", default="",
+                    help="comma-separated variants (e.g. logits,single_30) whose fwd+bwd torch.profiler table (top ops "
+                         "by device time, then by host time) is written to OUT/profile_<shard>_<tokens>_<variant>.txt")
     ap.add_argument("--quick", action="store_true", help="T=2048 only, 2 repeats (a smoke run)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
     args = ap.parse_args()
@@ -333,6 +355,7 @@ def main():
     repeats = 2 if args.quick else args.repeats
     chunk_exps = [int(x) for x in args.chunks.split(",") if x]
     single_exps = [int(x) for x in args.single_chunks.split(",") if x]
+    profiled = {x for x in args.profile.split(",") if x}
     try:
         import liger_kernel  # noqa: F401
 
@@ -375,6 +398,8 @@ def main():
                         row["host_reads"], row["ops"] = host_reads(bwd)
                     if name not in ("gemm_floor", "vespo_only"):
                         results[name] = bwd()
+                    if name in profiled:
+                        profile_to(bwd, os.path.join(args.out, f"profile_{shard.replace('/', '')}_{t}_{name}.txt"))
                 except Exception as exc:  # noqa: BLE001 - a failing variant is recorded, the rest still run
                     row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 rows.append(row)
