@@ -113,7 +113,8 @@ def masked_metrics(where: Tensor | None, requests: Iterable[tuple]) -> dict[str,
         if key not in rows:
             rows[key] = len(pairs)
             pairs.append((values, sel))
-    stacked = torch.stack([v.detach().reshape(-1) for v, _ in pairs]).double()  # [k, n] (promotes bool, fp32)
+    with torch.no_grad():  # (no detach op per tensor: each op is host time in a launch-bound loss call)
+        stacked = torch.stack([v if v.dim() == 1 else v.reshape(-1) for v, _ in pairs]).double()  # [k, n]
     selections = {id(sel): sel for _, sel in pairs}
     if len(selections) == 1:  # the common case: one selection for all, broadcast over the rows
         (sel,) = selections.values()

@@ -59,11 +59,13 @@ def vespo_phi(
         raise ValueError(f"vespo_phi: log_w_clamp must be positive, got {log_w_clamp}")
     log_w = seq_log_ratio.detach().double().clamp(-log_w_clamp, log_w_clamp)
     positive = seq_advantage.detach() >= 0
-    c1 = torch.where(positive, torch.full_like(log_w, c_pos[0]), torch.full_like(log_w, c_neg[0]))
-    c2 = torch.where(positive, torch.full_like(log_w, c_pos[1]), torch.full_like(log_w, c_neg[1])).clamp(min=c2_floor)
+    # (one float64 tensor and a python scalar per where: the scalar stays float64, as a second full_like would;
+    # the c2 floor is applied to the scalars, the same as clamping the result)
+    c1 = torch.where(positive, torch.full_like(log_w, c_pos[0]), c_neg[0])
+    c2 = torch.where(positive, torch.full_like(log_w, max(c_pos[1], c2_floor)), max(c_neg[1], c2_floor))
     # The floor acts on the c1 term only (authors: log(W.clamp(min=1e-8))); 1 - W uses the clamped W.
     log_w_c1 = log_w.clamp(min=math.log(w_floor)) if w_floor > 0 else log_w
-    log_phi = c1 * log_w_c1 + c2 * (-torch.expm1(log_w))  # 1 - W = -(e^{log W} - 1), exact near W = 1
+    log_phi = c1 * log_w_c1 - c2 * torch.expm1(log_w)  # 1 - W = -(e^{log W} - 1), exact near W = 1
     out_dtype = seq_log_ratio.dtype if seq_log_ratio.is_floating_point() else torch.float32
     phi = torch.exp(log_phi).to(out_dtype)
     return (phi, log_phi.to(out_dtype)) if return_log else phi
