@@ -16,7 +16,7 @@ from .rollout_correction import rollout_correction
 from .rollout_terms import TOKEN_LOG_RATIO_CLAMP
 from .types import LossInputs, LossNormalizer, LossOutput
 
-__all__ = ["TOKEN_LOG_RATIO_CLAMP", "token_log_ratio", "finish", "sequence_stats", "stats_requests"]
+__all__ = ["TOKEN_LOG_RATIO_CLAMP", "token_log_ratio", "finish", "stats_requests"]
 
 
 def token_log_ratio(inputs: LossInputs, metrics: dict[str, Metric]) -> Tensor:
@@ -53,8 +53,3 @@ def stats_requests(prefix: str, values: Tensor, where: Tensor | None = None) -> 
     """`masked_metrics` requests for mean / max / min of `values` over `where` (prefix_mean, _max, _min)."""
     return [(f"{prefix}_mean", values, Reduce.MEAN, where), (f"{prefix}_max", values, Reduce.MAX, where),
             (f"{prefix}_min", values, Reduce.MIN, where)]
-
-
-def sequence_stats(prefix: str, values: Tensor, where: Tensor, metrics: dict[str, Metric]) -> None:
-    """mean / max / min of a [B] tensor over the sequences in `where`."""
-    metrics.update(masked_metrics(where, stats_requests(prefix, values, where)))
