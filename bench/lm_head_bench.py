@@ -249,7 +249,7 @@ def _variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: boo
     for n in single_exps:
         def single_bwd(n=n):
             res = fused_lm_head_loss(h_leaf, w_leaf, targets, vespo.chunk_loss, seq_tokens=vespo.seq_tokens,
-                                     compute_entropy=True, chunk_elements=1 << n)
+                                     compute_entropy=True, chunk_elements=int(2**n))
             return (res.loss.detach(), *torch.autograd.grad(res.loss, (h_leaf, w_leaf)))
 
         if w_main is None:  # a parameter as megatron's DDP leaves it: fp32 main_grad, grad_added_to_main_grad
@@ -261,7 +261,7 @@ def _variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: boo
             w_main.main_grad.zero_()
             w_main.grad_added_to_main_grad = False
             res = fused_lm_head_loss(h_leaf, w_main, targets, vespo.chunk_loss, seq_tokens=vespo.seq_tokens,
-                                     compute_entropy=True, chunk_elements=1 << n)
+                                     compute_entropy=True, chunk_elements=int(2**n))
             res.loss.backward()  # as megatron's schedule: d W lands in main_grad, autograd gets a dummy
             dh, h_leaf.grad = h_leaf.grad, None
             w_main.grad = None  # the dummy megatron's hook would drop
@@ -329,7 +329,8 @@ def main():
     ap.add_argument("--tokens", default="16384,32768")
     ap.add_argument("--chunks", default="28,29,30", help="log2 of the fused head's tile sizes to measure")
     ap.add_argument("--single-chunks", default="29,30",
-                    help="log2 of the single-pass head's chunk sizes to measure ('' for none)")
+                    help="log2 of the single-pass head's chunk sizes to measure, fractions allowed ('' for none; "
+                         "29.25: two 2048-token sequences of the full vocabulary per chunk)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--flat-tokens", default="8192,65536,131072",
                     help="extra token counts at which only the fused head's memory is measured (TP = 1)")
@@ -349,12 +350,12 @@ def main():
         # 2**13 elements = 8 tokens of V = 1024: the smoke's sequences (32, 64 tokens) are over the single pass's
         # chunk budget, so its recomputing path for over-long sequences runs too
         args.flat_chunk = 13
-        args.single_chunks = "13,29"
+        args.single_chunks = "13,13.5,29"  # (a fractional exponent too)
     os.makedirs(args.out, exist_ok=True)
     tokens = [256 if args.cpu_smoke else 2048] if args.quick else [int(x) for x in args.tokens.split(",")]
     repeats = 2 if args.quick else args.repeats
     chunk_exps = [int(x) for x in args.chunks.split(",") if x]
-    single_exps = [int(x) for x in args.single_chunks.split(",") if x]
+    single_exps = [float(x) if "." in x else int(x) for x in args.single_chunks.split(",") if x]
     profiled = {x for x in args.profile.split(",") if x}
     try:
         import liger_kernel  # noqa: F401
