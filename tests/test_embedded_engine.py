@@ -222,6 +222,10 @@ def _layouts(rank, world):
         eng = _engine(model, groups, record=False)
         out[name] = (eng.uses_kv_cache, eng.recompute_reason, _summary(eng.generate(_requests(), seed=11)),
                      model.config.sequence_parallel)
+        if name != "cp2":  # the host-read-free decode options under the layout (dense MoE: not under EP)
+            fast = _engine(model, groups, record=False, dense_moe_rows=64, stop_check_every=3)
+            moe = [m.mlp for m in model.decoder.layers if hasattr(m.mlp, "dense_reason")]
+            out[f"{name}_fast"] = (_summary(fast.generate(_requests(), seed=11)), [m.dense_reason() for m in moe])
         destroy_parallel()
     return out
 
@@ -234,6 +238,8 @@ def _single_plain(rank, world):
 
 
 def test_layouts_match_single_process():
+    """TP2+SP, EP2 and PP2 decode with the KV cache (CP2 falls back) and make the single process's tokens, also
+    with the dense MoE decode (taken under TP2 and PP2, not under EP2) and the stop check every 3 steps."""
     ref = run_distributed(_single_plain, 1)[0]
     ranks = run_distributed(_layouts, 2)
     for name in ("tp2_sp", "ep2", "pp2", "cp2"):
@@ -245,6 +251,13 @@ def test_layouts_match_single_process():
             if name == "tp2_sp":
                 assert sp_after  # sequence parallelism restored for the trainer
             for (ids, lp, _, _), (ids_r, lp_r, _, _) in zip(gens, ref, strict=True):
+                assert ids == ids_r, name
+                torch.testing.assert_close(lp, lp_r, atol=1e-5, rtol=0)
+            if name == "cp2":
+                continue
+            fast, reasons = r[f"{name}_fast"]
+            assert reasons and all((x is not None) == (name == "ep2") for x in reasons), (name, reasons)
+            for (ids, lp, _, _), (ids_r, lp_r, _, _) in zip(fast, ref, strict=True):
                 assert ids == ids_r, name
                 torch.testing.assert_close(lp, lp_r, atol=1e-5, rtol=0)
 
