@@ -447,12 +447,21 @@ def main():
             r["over_floor"] = r["fwd_bwd_ms"] / f
     result = dict(env=env, accumulate_path=flh.ACCUMULATE_PATH, float64_check=small, agreement=agreement, rows=rows,
                   flat=flat)
-    with open(os.path.join(args.out, "lm_head_h200.json"), "w") as fh:
+    # named by the card (lm_head_h100.md, lm_head_h200.md, lm_head_cpu.md): numbers of two cards never share a file
+    stem = "lm_head_" + card_tag(env["device"])
+    with open(os.path.join(args.out, stem + ".json"), "w") as fh:
         json.dump(result, fh, indent=1)
     md = render(result)
-    with open(os.path.join(args.out, "lm_head_h200.md"), "w") as fh:
+    with open(os.path.join(args.out, stem + ".md"), "w") as fh:
         fh.write(md)
     print(md)
+
+
+def card_tag(device_name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100', 'cpu' -> 'cpu'; other cards: their name's first word
+    with a digit, lowercased."""
+    words = [w.lower() for w in device_name.replace("-", " ").split()]
+    return next((w for w in words if any(c.isdigit() for c in w)), words[0] if words else "unknown")
 
 
 def render(res) -> str:

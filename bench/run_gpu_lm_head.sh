@@ -8,7 +8,7 @@
 #   1. bench/lm_head_bench.py: GEMM floor, logits path, the recomputing fused head (2**29 tiles), the single
 #      pass (2**29, 2**29.25 and 2**30 chunks: 1, 2 and 3 sequences of 2048 tokens a chunk at the full vocabulary,
 #      with and without megatron's main_grad) and Liger, at TP = 1 and on a V/4
-#      shard, 16k and 32k tokens -> $OUT/lm_head/lm_head_h200.{md,json}, with a torch.profiler table of the
+#      shard, 16k and 32k tokens -> $OUT/lm_head/lm_head_<card>.{md,json}, with a torch.profiler table of the
 #      logits path and the single pass at each shape (profile_*.txt: where the time over the floor goes)
 #   2. bench/lm_head_step_memory.py on the Qwen3-30B-A3B slice, short rows (64 x (32 + 224) tokens): logits
 #      path, fused head, single pass -> $OUT/lm_head/lm_head_step_memory.jsonl
@@ -32,7 +32,7 @@ T0=$(date +%s)
 $PY bench/lm_head_bench.py --out "$OUT/lm_head" ${LM_HEAD_ARGS:---chunks 29 --single-chunks 29,29.25,30 --profile logits,single_29,single_30} \
   > "$OUT/lm_head/bench.log" 2>&1
 echo "[$(( $(date +%s) - T0 )) s] lm_head_bench rc=$?"
-grep -E "^\| " "$OUT/lm_head/lm_head_h200.md" 2>/dev/null | head -60
+grep -hE "^\| " "$OUT"/lm_head/lm_head_*.md 2>/dev/null | head -60
 for mode in "--fused 0" "--fused 1" "--fused 1 --single-pass"; do
   # shellcheck disable=SC2086
   $PY -m torch.distributed.run --nproc-per-node 1 bench/lm_head_step_memory.py $mode \
