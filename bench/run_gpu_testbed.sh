@@ -51,15 +51,15 @@ finish() {
   # the last lines of every run's train.log (a failed run's traceback is there; the whole logs are too big)
   for f in $W/sw/*/train.log; do [ -f "$f" ] && mkdir -p $W/logs/train && tail -n 40 "$f" > "$W/logs/train/$(basename "$(dirname "$f")").log"; done
   (cd "$W" && tar cf "$OUT/logs.tar" logs base/sft.json $(ls sft/*/sft.json 2>/dev/null) 2>/dev/null)
-  (cd "$W" && find sw \( -name '*.jsonl' -o -name 'config.json' \) 2>/dev/null | tar cf "$OUT/runs.tar" -T - 2>/dev/null)
+  (cd "$W" && find sw \( -name '*.jsonl' -o -name 'config.json' -o -name 'init_checkpoint.json' \) 2>/dev/null | tar cf "$OUT/runs.tar" -T - 2>/dev/null)
 }
 trap finish EXIT
 if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   mkdir -p $W/logs/engine
   echo "[$(el) s] engine bench: batched experts, the per-expert loop, dense decode MoE"
-  $PY bench/engine_bench.py --size testbed --out $W/logs/engine > $W/logs/engine/batched.log 2>&1
+  $PY bench/engine_bench.py --size testbed --dense-moe-rows 0 --out $W/logs/engine > $W/logs/engine/batched.log 2>&1
   tail -n 6 $W/logs/engine/batched.log
-  $PY bench/engine_bench.py --size testbed --sequential-experts --no-baseline --out $W/logs/engine/loop \
+  $PY bench/engine_bench.py --size testbed --dense-moe-rows 0 --sequential-experts --no-baseline --out $W/logs/engine/loop \
     > $W/logs/engine/loop.log 2>&1
   tail -n 4 $W/logs/engine/loop.log
   # the dispatcher-free decode steps (megatron/small_batch_moe.py): 512 rows x 16 experts = 8192 expert rows

@@ -145,3 +145,55 @@ def test_runs_in_one_out_dir_never_mix(tmp_path):
     assert "resumed from step 2" in longer.stderr
     assert _steps(toy / "toy.jsonl") == [0, 1, 2, 3]
     assert "(4 steps)" in longer.stderr.split("reward:")[1]
+
+
+def _fake_checkpoint(path: Path, seed: int, n: int = 64) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    save_file({"w": torch.randn(n, generator=g)}, str(path / "model.safetensors"))
+    (path / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    return path
+
+
+def test_init_checkpoint_fingerprint_records_refuses_another_base_and_allows(tmp_path, monkeypatch):
+    """Every device call unpacks its SFT base to the same path: a run resumed over another base is refused by
+    content (sha256), not by path; --allow-config-change records the new one and keeps the old record."""
+    import hashlib
+
+    base = _fake_checkpoint(tmp_path / "base", seed=0)
+    fp = rd.checkpoint_fingerprint(base)
+    h = hashlib.sha256()  # independent: name, size, bytes of each file in name order
+    for p in sorted(base.iterdir()):
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode() + p.read_bytes())
+    assert fp["sha256"] == h.hexdigest() and fp["method"] == "full"
+    assert fp["files"] == ["config.json", "model.safetensors"]
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert rd.read_init_checkpoint(run) is None
+    first = rd.check_init_checkpoint(str(run), base)
+    assert rd.read_init_checkpoint(run) == first and first["path"] == str(base)
+    assert rd.check_init_checkpoint(str(run), base) == first  # the same base again: fine
+
+    _fake_checkpoint(base, seed=1)  # another base at the same path (same shapes, same sizes)
+    with pytest.raises(rd.ConfigMismatchError, match=r"--hf-checkpoint: this run was .*sha256 "
+                                                     + first["sha256"] + ".*, now .*sha256 [0-9a-f]{64}"):
+        rd.check_init_checkpoint(str(run), base)
+    assert rd.read_init_checkpoint(run) == first  # refused: the record is untouched
+    said = []
+    new = rd.check_init_checkpoint(str(run), base, allow_change=True, log=said.append)
+    assert new["sha256"] != first["sha256"] and rd.read_init_checkpoint(run) == new and said
+    assert json.loads((run / "init_checkpoint.previous.json").read_text()) == first
+    with pytest.raises(ValueError, match="hf.load: expected a checkpoint directory with \\*.safetensors"):
+        rd.checkpoint_fingerprint(tmp_path / "run")
+
+    # large shards are sampled: still tells two trainings apart, reads a bounded amount
+    monkeypatch.setattr(rd, "FINGERPRINT_WHOLE_BYTES", 1024)
+    monkeypatch.setattr(rd, "_BLOCK", 64)
+    a = rd.checkpoint_fingerprint(_fake_checkpoint(tmp_path / "a", seed=0, n=4096))
+    b = rd.checkpoint_fingerprint(_fake_checkpoint(tmp_path / "b", seed=1, n=4096))
+    assert a["method"] == b["method"] == "sampled" and a["sha256"] != b["sha256"]
+    assert a == rd.checkpoint_fingerprint(_fake_checkpoint(tmp_path / "a2", seed=0, n=4096))

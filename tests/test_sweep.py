@@ -298,3 +298,29 @@ def test_report_at_a_common_horizon_reads_only_the_first_steps(tmp_path):
         assert (s.steps_done, s.reason) == (20, "")
         assert s.final_reward == pytest.approx(sum(0.01 * i for i in range(20 - w, 20)) / w)
         assert s.final_eval == pytest.approx(0.2) and s.best_eval == pytest.approx(0.2)
+
+
+def test_report_of_a_slice_and_runs_of_two_start_checkpoints(tmp_path, capsys):
+    """`--only` with `--report-only`: the table holds the slice's rows, not the sweep's other settings as
+    "missing". Runs whose init_checkpoint.json name two different bases make no table: an error names them."""
+    cfg = SweepConfig(**sweep_cli.PRESETS["testbed"])
+    runs = {r.name: r for r in expand(cfg)}
+    for name in ("n1-vespo-s0", "n1-grpo_tis-s0", "n64-grpo_tis-s0"):
+        _write(runs[name].jsonl(tmp_path), _records([0.3 + 0.01 * i for i in range(100)]))
+        (runs[name].out_dir(tmp_path) / "init_checkpoint.json").write_text(json.dumps({"sha256": "a" * 64}))
+    out = tmp_path / "out"
+    argv = ["--preset", "testbed", "--report-only", "--runs-dir", str(tmp_path), "--results-dir", str(out)]
+    assert sweep_cli.main([*argv, "--only", "n1-*-s0"]) == 0
+    table = (out / "table.md").read_text()
+    rows = [line for line in table.split("Paired by seed")[0].splitlines() if line.startswith("| n")]
+    assert [r.split("|")[1:3] for r in rows] == [[" n1 ", f" {lab} "] for lab in
+                                                 ("vespo", "grpo+tis", "gspo", "sapo", "vespo_sqrt", "vespo_lin", "grpo")]
+    assert "n64" not in table and "mismatch" not in table and f"sha256 {'a' * 16} (2 runs)" in table
+    assert "n64-grpo_tis-s0" not in (out / "command.md").read_text()
+
+    (runs["n64-grpo_tis-s0"].out_dir(tmp_path) / "init_checkpoint.json").write_text(json.dumps({"sha256": "b" * 64}))
+    capsys.readouterr()
+    assert sweep_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "2 different start checkpoints" in err and f"sha256 {'b' * 12}: 1 runs (n64-grpo_tis-s0)" in err
+    assert sweep_cli.main([*argv, "--only", "n1-*"]) == 0  # each base apart

@@ -82,6 +82,10 @@ def test_hf_checkpoint_math_data_eval_and_save(tmp_path):
         assert values["eval/mean@2"] == pytest.approx(values["eval/pass@1"])  # binary rewards
         assert values["data/skipped/missing_answer"] == 1 and values["data/skipped/prompt_too_long"] == 1
         assert torch.isfinite(torch.tensor(values["loss"]))
+    from vespo_megatron.training.run_dir import checkpoint_fingerprint, read_init_checkpoint
+
+    start = read_init_checkpoint(os.path.join(out, "toy"))  # which base this run came from, by content
+    assert start["path"] == ckpt and start["sha256"] == checkpoint_fingerprint(ckpt)["sha256"]
     saved = os.path.join(out, "toy", "hf", "step_0000002")  # <out-dir>/<run-name>/hf
     original, final = CheckpointReader(ckpt), CheckpointReader(saved)
     assert final.names() == original.names()

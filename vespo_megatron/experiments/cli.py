@@ -154,7 +154,7 @@ def parse_args(argv):
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (one GPU holds many toy runs)")
     p.add_argument("--only", nargs="+", default=None, metavar="GLOB",
                    help="run only the runs whose name matches one of these globs (e.g. 'n64-*' '*-s0'), "
-                        "started in the order of the globs")
+                        "started in the order of the globs; the report (table, plots) covers only these runs")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their commands, start nothing")
     p.add_argument("--status", action="store_true",
                    help="which runs under --runs-dir are done / partial / new (in start order), then an --only "
@@ -217,12 +217,16 @@ def main(argv=None) -> int:
         if failed:
             print(f"failed runs: {failed}", file=sys.stderr)
     command = shlex.join(["python", "examples/sweep.py", *[a for a in argv if a != "--report-only"]])
-    written = write_report(cfg, runs_dir, results_dir, command=command)
+    try:
+        written = write_report(cfg, runs_dir, results_dir, command=command, only=only)  # a slice: its rows only
+    except ValueError as e:  # runs of two start checkpoints
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     (results_dir / "command.md").write_text(
         f"From the repository root:\n\n```bash\n{command}\n```\n\nTable and plots only, from existing runs:\n\n"
         f"```bash\n{command} --report-only\n```\n\nRuns (one trainer process each):\n\n```bash\n"
         + "\n".join(shlex.join(["python", *r.command(Path('runs/sweeps') / cfg.name, python='')[1:]])
-                    for r in expand(cfg))
+                    for r in expand(cfg) if only is None or only(r))
         + "\n```\n", encoding="utf-8")
     for path in written:
         print(path)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from vespo_megatron.base.validation import ConfigError
 from vespo_megatron.metrics.plot import DEFAULT_PANELS, read_jsonl
+from vespo_megatron.training.run_dir import read_init_checkpoint
 
 __all__ = ["SweepConfig", "Run", "RunSummary", "CollapseRule", "SpikeRule", "expand", "ordered", "run_status",
            "run_sweep",
@@ -342,6 +343,7 @@ class RunSummary:
     final_eval: float = math.nan  # held-out pass@1 at the last evaluation (nan: none logged)
     best_eval: float = math.nan  # the best evaluation's pass@1
     grad_spikes: int = 0  # steps flagged by SpikeRule
+    base: str | None = None  # sha256 of the checkpoint the run started from (init_checkpoint.json); None: unrecorded
 
 
 def _value(record: dict, candidates: Sequence[str]) -> float | None:
@@ -389,12 +391,13 @@ EVAL_KEY = "eval/pass@1"
 
 
 def summarize(cfg: SweepConfig, runs_dir: str | os.PathLike, rule: CollapseRule = CollapseRule(),
-              spikes: SpikeRule = SpikeRule()) -> list[RunSummary]:
-    """One summary per run of the sweep, in `expand` order. Only a run's first `cfg.steps` steps are read: a
+              spikes: SpikeRule = SpikeRule(), only: Callable[[Run], bool] | None = None) -> list[RunSummary]:
+    """One summary per run of the sweep, in `expand` order (with `only`: the runs it accepts, the slice that
+    `--only` names). Only a run's first `cfg.steps` steps are read: a
     report with fewer steps than the runs made (`--steps H --report-only`) compares every run at the common
     horizon H, e.g. runs that a device call cut at different steps."""
     out = []
-    for run in expand(cfg):
+    for run in (r for r in expand(cfg) if only is None or only(r)):
         path = run.jsonl(runs_dir)
         records = [r for r in read_jsonl(path) if r["step"] < run.steps] if path.is_file() else []
         w = min(rule.window_for(run.steps), max(len(records), 1))
@@ -418,8 +421,30 @@ def summarize(cfg: SweepConfig, runs_dir: str | os.PathLike, rule: CollapseRule 
         out.append(RunSummary(run.name, run.setting, run.label, run.seed, done, run.steps,
                               _mean(rewards[-w:]), best, final, collapsed, reason,
                               final_eval=evals[-1] if evals else math.nan,
-                              best_eval=max(evals) if evals else math.nan, grad_spikes=spikes.count(norms)))
+                              best_eval=max(evals) if evals else math.nan, grad_spikes=spikes.count(norms),
+                              base=(read_init_checkpoint(path.parent) or {}).get("sha256")))
     return out
+
+
+def base_line(summaries: Sequence[RunSummary]) -> str:
+    """The report's line on the start checkpoint, or ValueError when its runs started from different ones: their
+    rewards and pass rates measure different models, and a paired difference between them means nothing."""
+    recorded = [s for s in summaries if s.steps_done]
+    bases: dict[str, list[str]] = {}
+    for s in recorded:
+        if s.base is not None:
+            bases.setdefault(s.base, []).append(s.name)
+    if len(bases) > 1:
+        groups = "; ".join(f"sha256 {sha[:12]}: {len(names)} runs ({', '.join(names[:4])}"
+                           + (", ..." if len(names) > 4 else "") + ")" for sha, names in bases.items())
+        raise ValueError(f"runs from {len(bases)} different start checkpoints ({groups}): report each apart "
+                         "(--only, or its own --runs-dir)")
+    if not bases:
+        return "Start checkpoint: not recorded (runs from before init_checkpoint.json, or without --init-checkpoint)."
+    (sha, names), = bases.items()
+    unrecorded = len(recorded) - len(names)
+    return (f"Start checkpoint: sha256 {sha[:16]} ({len(names)} runs"
+            + (f"; {unrecorded} recorded none" if unrecorded else "") + ").")
 
 
 # Student t quantiles t_{0.975, df} for df = 1..30 (larger df: the normal's 1.96).
@@ -489,7 +514,8 @@ def _is_staleness(setting: str) -> bool:
     return setting[:1] == "n" and setting[1:2].isdigit()
 
 
-def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  only: Callable[[Run], bool] | None = None) -> list[Path]:
     """Paper-style figures: `staleness.png` (one column per N, rows reward / length / KL k3 / grad norm /
     entropy, one line per loss; the mean over seeds with the min-max band), and one figure per extra setting.
     A setting with no run record yet gets no column (a figure with none is not written); a column with fewer
@@ -499,7 +525,7 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = expand(cfg)
+    runs = [r for r in expand(cfg) if only is None or only(r)]
     # Partial sweeps (a budget cut, a slice per device call) leave settings without records: no empty columns.
     recorded = {r.name for r in runs if r.jsonl(runs_dir).is_file()}
     with_data = [s for s in dict.fromkeys(r.setting for r in runs)
@@ -562,11 +588,13 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
 
 def write_report(cfg: SweepConfig, runs_dir: str | os.PathLike, results_dir: str | os.PathLike, *,
                  command: str, rule: CollapseRule = CollapseRule(), spikes: SpikeRule = SpikeRule(),
-                 plots: bool = True) -> list[Path]:
-    """Write `<results_dir>/table.md` (with the command and the collapse rule), `summary.json` and the plots."""
+                 plots: bool = True, only: Callable[[Run], bool] | None = None) -> list[Path]:
+    """Write `<results_dir>/table.md` (with the command and the collapse rule), `summary.json` and the plots;
+    with `only`, of that slice of the sweep (the table has no rows of runs outside it)."""
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = summarize(cfg, runs_dir, rule, spikes)
+    summaries = summarize(cfg, runs_dir, rule, spikes, only=only)
+    base = base_line(summaries)  # raises before anything is written when the runs mix start checkpoints
     w = rule.window_for(cfg.steps)
     text = (f"# Sweep `{cfg.name}`\n\nCommand (from the repository root):\n\n```bash\n{command}\n```\n\n"
             f"Final = mean over the last {w} steps; best = best {w}-step window. Collapsed: non-finite loss / "
@@ -575,7 +603,7 @@ def write_report(cfg: SweepConfig, runs_dir: str | os.PathLike, results_dir: str
             f"{rule.length_reward} (docs/results/README.md). Eval pass@1: held-out, at the last evaluation (final) "
             f"and the best one. Grad spikes: steps with grad norm > {spikes.factor:g}x the median of the previous "
             f"{spikes.window}, summed over seeds. Values: mean ± 95 % CI half-width over seeds (Student t; one "
-            "seed: the value).\n\n"
+            f"seed: the value). {base}\n\n"
             + markdown_table(summaries))
     from .paired import DEFAULT_REFERENCE, paired_table  # paired.py imports this module
 
@@ -590,5 +618,5 @@ def write_report(cfg: SweepConfig, runs_dir: str | os.PathLike, results_dir: str
     summary.write_text(json.dumps([s.__dict__ for s in summaries], indent=1, default=str) + "\n", encoding="utf-8")
     written = [table, summary]
     if plots:
-        written += plot_settings(cfg, runs_dir, out)
+        written += plot_settings(cfg, runs_dir, out, only=only)
     return written

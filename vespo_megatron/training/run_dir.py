@@ -6,6 +6,10 @@ out-dir and name resumes that run only when its config matches the record, up to
 another experiment). Otherwise it is refused with the differing flags, so two experiments never share
 checkpoints or metrics by accident; `--allow-config-change` resumes anyway and records the new config.
 
+`<run_dir>/init_checkpoint.json` fingerprints the checkpoint the run started from (`--hf-checkpoint`, e.g. an
+SFT base): the path alone says nothing, since every device call unpacks its base to the same path. A resume from
+another base is refused like a config change, and a sweep report refuses to put runs of two bases in one table.
+
 The history helpers read the run's JSONL, so the end-of-run summary covers every step of the run, not
 only the steps of the process that resumed it.
 """
@@ -13,6 +17,7 @@ only the steps of the process that resumed it.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -20,10 +25,17 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["CONFIG_FILE", "MAY_DIFFER", "ConfigMismatchError", "config_record", "config_differences",
-           "check_run_config", "read_history", "reward_summary"]
+__all__ = ["CONFIG_FILE", "INIT_CHECKPOINT_FILE", "MAY_DIFFER", "ConfigMismatchError", "config_record",
+           "config_differences", "check_run_config", "checkpoint_fingerprint", "check_init_checkpoint",
+           "read_init_checkpoint", "read_history", "reward_summary"]
 
 CONFIG_FILE = "config.json"
+INIT_CHECKPOINT_FILE = "init_checkpoint.json"
+# Files up to this size are hashed whole; larger ones (a real model's shards) by their size and FINGERPRINT_BLOCKS
+# evenly spaced blocks, so that fingerprinting a 60 GB checkpoint reads ~1 MiB a shard, not the shard.
+FINGERPRINT_WHOLE_BYTES = 256 << 20
+FINGERPRINT_BLOCKS = 16
+_BLOCK = 64 << 10
 
 # Dotted paths (fnmatch patterns) that a resumed run may change: they decide how long it runs, how it logs,
 # checkpoints and exports, where the server is and how long to wait for it; not what is trained.
@@ -126,6 +138,74 @@ def check_run_config(run_dir: str, cfg, *, rank: int = 0, flags: Mapping[str, st
         tmp = path.with_name(f".{CONFIG_FILE}.tmp")
         tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, path)
+
+
+def checkpoint_fingerprint(hf_dir: str | os.PathLike) -> dict:
+    """{'sha256', 'method', 'bytes', 'files'} of a Hugging Face checkpoint directory: its config.json, the
+    safetensors index and every *.safetensors file, in name order, each as its name and size, then its bytes
+    (whole up to FINGERPRINT_WHOLE_BYTES; else FINGERPRINT_BLOCKS blocks at evenly spaced offsets: method
+    'sampled'). Two trainings of one shape differ in every block, so sampling tells two bases apart."""
+    root = Path(hf_dir)
+    files = sorted(p for p in root.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name in (
+        "config.json", "model.safetensors.index.json")))
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ValueError(f"hf.load: expected a checkpoint directory with *.safetensors files, got {str(root)!r} "
+                         f"(holding {sorted(p.name for p in root.iterdir())})")
+    digest, method, total = hashlib.sha256(), "full", 0
+    for p in files:
+        size = p.stat().st_size
+        total += size
+        digest.update(f"{p.name}\0{size}\0".encode())
+        with p.open("rb") as fh:
+            if size <= FINGERPRINT_WHOLE_BYTES:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            else:
+                method = "sampled"
+                for i in range(FINGERPRINT_BLOCKS):
+                    fh.seek((size - _BLOCK) * i // (FINGERPRINT_BLOCKS - 1))
+                    digest.update(fh.read(_BLOCK))
+    return {"sha256": digest.hexdigest(), "method": method, "bytes": total, "files": [p.name for p in files]}
+
+
+def read_init_checkpoint(run_dir: str | os.PathLike) -> dict | None:
+    """The run's recorded start checkpoint ({'path', 'sha256', ...}), or None (no file: a run from scratch or
+    one started before the record existed)."""
+    path = Path(run_dir) / INIT_CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: cannot read the run's start-checkpoint record ({e})") from e
+
+
+def check_init_checkpoint(run_dir: str, hf_dir: str | os.PathLike, *, rank: int = 0,
+                          allow_change: bool = False, log=None) -> dict:
+    """At start, with --hf-checkpoint: record the checkpoint's fingerprint in <run_dir>/init_checkpoint.json,
+    or compare it with the record and raise ConfigMismatchError when the run started from another checkpoint
+    (allow_change: record the new one, keep the old as init_checkpoint.previous.json). Every rank fingerprints
+    (the same answer everywhere, so all raise together); rank 0 writes. Returns the current record."""
+    current = {"path": str(hf_dir), **checkpoint_fingerprint(hf_dir)}
+    path = Path(run_dir) / INIT_CHECKPOINT_FILE
+    recorded = read_init_checkpoint(run_dir)
+    if recorded is not None:
+        if recorded.get("sha256") == current["sha256"]:
+            return current
+        diff = [("hf.load (sha256 of the checkpoint)", f"{recorded.get('path')} sha256 {recorded.get('sha256')}",
+                 f"{current['path']} sha256 {current['sha256']}")]
+        if not allow_change:
+            raise ConfigMismatchError(run_dir, diff, {"hf.load (sha256 of the checkpoint)": "--hf-checkpoint"})
+        if log is not None:
+            log(f"--allow-config-change: resuming {run_dir!r} from another start checkpoint ({current['path']}, "
+                f"sha256 {current['sha256'][:12]}); the old record is kept as init_checkpoint.previous.json")
+        if rank == 0:
+            os.replace(path, path.with_name("init_checkpoint.previous.json"))
+    if rank == 0:
+        tmp = path.with_name(f".{INIT_CHECKPOINT_FILE}.tmp")
+        tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    return current
 
 
 def read_history(jsonl: str | os.PathLike, steps: int | None = None) -> list[dict]:

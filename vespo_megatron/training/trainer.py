@@ -51,7 +51,7 @@ from .config import TrainerConfig
 from .evaluation import evaluate
 from .optim import clip_and_step, wrap_ddp_and_optimizer
 from .rewards import RewardScorer, make_task, rollout_metrics, task_counters
-from .run_dir import check_run_config
+from .run_dir import check_init_checkpoint, check_run_config
 from .samples import Rejections, build_samples, sampling_seed
 from .sft import sft_warm_start
 
@@ -255,6 +255,9 @@ class Trainer:
         run = self.cfg.run
         check_writable(run.run_dir, self.checkpoint_bytes_estimate())  # creates the directory, or says why not
         check_run_config(run.run_dir, self.cfg, rank=self.rank, log=self.say)
+        if self.cfg.hf.load:  # the same path can hold another base (each device call unpacks its own there)
+            check_init_checkpoint(run.run_dir, self.cfg.hf.load, rank=self.rank,
+                                  allow_change=run.allow_config_change, log=self.say)
         resumed = load_latest_checkpoint(self.ckpt_dir, model=self.model, optimizer=self.optimizer, rank=self.rank,
                                          world_size=self.world_size)
         if resumed is not None:
