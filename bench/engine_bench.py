@@ -95,6 +95,8 @@ def _profile(engine, requests, args) -> None:
 
 
 def main(argv=None) -> dict:
+    from vespo_megatron.rollout.embedded_config import EmbeddedEngineConfig
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--samples", type=int)
@@ -109,9 +111,9 @@ def main(argv=None) -> dict:
     p.add_argument("--attention-backend", choices=("auto", "te", "reference"), default="auto")
     p.add_argument("--sequential-experts", action="store_true",
                    help="megatron's per-expert SequentialMLP loop instead of the batched experts (local spec)")
-    p.add_argument("--dense-moe-rows", type=int, default=0,
+    p.add_argument("--dense-moe-rows", type=int, default=EmbeddedEngineConfig().dense_moe_rows,
                    help="EmbeddedEngineConfig.dense_moe_rows: MoE forwards of at most this many experts x tokens "
-                        "skip megatron's dispatcher (decode steps; 0: off)")
+                        "skip megatron's dispatcher (decode steps; default: the engine's; 0: the dispatcher)")
     p.add_argument("--stop-check-every", type=int, default=1,
                    help="EmbeddedEngineConfig.stop_check_every: read 'all rows stopped?' every this many steps")
     p.add_argument("--out", default=os.path.join(HERE, "results"))

@@ -268,7 +268,7 @@ def test_config_and_context_validation():
     from vespo_megatron.rollout.embedded_config import EmbeddedEngineConfig
     from vespo_megatron.training.cli import config_from_argv
 
-    assert EmbeddedEngineConfig().dense_moe_rows == 0
+    assert EmbeddedEngineConfig().dense_moe_rows == 8192  # on by default (timed on an H100)
     for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="dense_moe_rows"):
             EmbeddedEngineConfig(dense_moe_rows=bad)

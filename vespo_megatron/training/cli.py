@@ -101,7 +101,7 @@ HELPS = {
     "rollout.embedded.lag": "rollouts by weights this many syncs old (asynchronous RL)",
     "rollout.embedded.dense_moe_rows": "embedded engine: MoE forwards of at most this many experts x tokens "
                                        "compute every expert densely, without the dispatcher's host syncs "
-                                       "(decode steps); 0: off",
+                                       "(decode steps; default 8192: 512 rows at 16 experts); 0: off",
     "rollout.embedded.stop_check_every": "embedded engine: check whether every row has stopped every this many "
                                          "decode steps (a device sync each; stopped rows ride along unchanged)",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
