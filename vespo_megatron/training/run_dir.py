@@ -144,7 +144,8 @@ def checkpoint_fingerprint(hf_dir: str | os.PathLike) -> dict:
     """{'sha256', 'method', 'bytes', 'files'} of a Hugging Face checkpoint directory: its config.json, the
     safetensors index and every *.safetensors file, in name order, each as its name and size, then its bytes
     (whole up to FINGERPRINT_WHOLE_BYTES; else FINGERPRINT_BLOCKS blocks at evenly spaced offsets: method
-    'sampled'). Two trainings of one shape differ in every block, so sampling tells two bases apart."""
+    'sampled'). Two trainings of one shape differ in nearly every block (1 MiB a shard, 16 places), so
+    sampling tells two bases apart."""
     root = Path(hf_dir)
     files = sorted(p for p in root.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.name in (
         "config.json", "model.safetensors.index.json")))
