@@ -251,3 +251,87 @@ def test_run_stats_compares_runs_within_a_setting_and_across_directories(tmp_pat
     assert "s0: n4-grpo-s0 vs n4-grpo_tis-s0: same reward at every step of 3; largest grad-norm difference 0" in lines
     assert "s0: n4-grpo-s0 vs n4-vespo-s0: rewards differ from step 2 of 3; largest grad-norm difference 0" in lines
     assert f"n4-vespo-s0 vs {b}: same reward at every step of 2; largest grad-norm difference 0" in lines
+
+
+class _FakeSFT:
+    """A trainer stand-in for train_base: each SFT step adds 1 to a weight; evaluate returns scripted pass rates."""
+
+    def __init__(self, passes):
+        import torch
+
+        self.model = torch.nn.Linear(2, 1, bias=False)
+        torch.nn.init.zeros_(self.model.weight)
+        self.passes, self.evals = list(passes), []
+        self.engine = type("E", (), {"sync_weights": lambda *a: None})()
+        self.policy = None
+
+    def evaluate(self, step):
+        self.evals.append((step, float(self.model.weight[0, 0])))
+        return {"eval/pass@1": self.passes[len(self.evals) - 1], "eval/k": 4.0}
+
+
+def test_sft_base_goes_back_to_the_last_evaluation_inside_the_band(monkeypatch):
+    """Round 11's base: 0.21 at step 120, 0.50 at 140 (past the 20-40 % band between two evaluations): the base
+    is step 120's weights, not the overshoot's; inside the band, or with no earlier evaluation in it, no rollback."""
+    import torch
+
+    from vespo_megatron.experiments import testbed
+
+    def fake_steps(trainer, start, n):
+        with torch.no_grad():
+            trainer.model.weight += n
+
+    monkeypatch.setattr(testbed, "sft_steps", fake_steps)
+    kw = dict(target=0.25, max_steps=200, eval_every=20, time_limit_s=1e9, log=lambda s: None)
+    t = _FakeSFT([0.0, 0.09, 0.21, 0.50])
+    rec = testbed.train_base(t, **kw)
+    assert rec["stopped"] == "target" and rec["sft_steps"] == 60 and rec["eval/pass@1"] == 0.21
+    assert rec["rolled_back"] == {"from_sft_step": 80, "from_pass@1": 0.5, "pass_range": [0.2, 0.4]}
+    assert float(t.model.weight[0, 0]) == 60.0 == dict(t.evals)[60]  # step 60's weights, not step 80's
+    assert [h["sft_step"] for h in rec["history"]] == [20, 40, 60, 80]  # the whole history stays
+
+    t = _FakeSFT([0.0, 0.24, 0.32])  # round 8's base: stops inside the band
+    rec = testbed.train_base(t, **kw)
+    assert rec["sft_steps"] == 60 and rec["eval/pass@1"] == 0.32 and "rolled_back" not in rec
+    assert float(t.model.weight[0, 0]) == 60.0
+    t = _FakeSFT([0.0, 0.1, 0.76])  # nothing inside the band before the jump: the overshoot is the base
+    rec = testbed.train_base(t, **kw)
+    assert rec["sft_steps"] == 60 and rec["eval/pass@1"] == 0.76 and "rolled_back" not in rec
+    assert float(t.model.weight[0, 0]) == 60.0
+
+
+def _rollback_on_megatron(rank, world_size, out_dir):
+    import torch
+
+    from vespo_megatron.experiments import testbed
+    from vespo_megatron.megatron.parallel_setup import destroy_parallel
+    from vespo_megatron.training import cli as train_cli
+    from vespo_megatron.training.trainer import Trainer
+
+    cfg = train_cli.config_from_argv(["--base", "testbed", *testbed.TINY_MODEL_FLAGS, *testbed.TINY_RUN_FLAGS,
+                                      "--sft-steps", "0", "--sft-lr", "1e-3", "--no-console", "--out-dir", out_dir])
+    trainer = Trainer(cfg)
+    try:
+        passes, seen = iter([0.21, 0.5]), []
+
+        def evaluate(step):  # scripted pass rates; the weights each evaluation saw
+            seen.append([p.detach().clone() for p in trainer.model.parameters()])
+            return {"eval/pass@1": next(passes)}
+
+        trainer.evaluate = evaluate
+        rec = testbed.train_base(trainer, target=0.25, max_steps=4, eval_every=2, time_limit_s=1e9, log=lambda s: None)
+        now = list(trainer.model.parameters())
+        return (rec["sft_steps"], rec["eval/pass@1"], all(torch.equal(a, b) for a, b in zip(now, seen[0])),
+                any(not torch.equal(a, b) for a, b in zip(seen[0], seen[1])))
+    finally:
+        destroy_parallel()
+
+
+@pytest.mark.distributed
+def test_sft_base_rollback_restores_the_megatron_model(tmp_path):
+    """The rollback on the real (DDP-wrapped megatron) model: after stopping above the band, every parameter is
+    bitwise the one the in-band evaluation saw, though SFT had changed them since."""
+    from dist_harness import run_distributed
+
+    steps, passed, restored, changed_since = run_distributed(_rollback_on_megatron, 1, str(tmp_path))[0]
+    assert (steps, passed) == (2, 0.21) and changed_since and restored
