@@ -106,6 +106,67 @@ def test_run_sweep_skips_done_and_restarts_partial(tmp_path):
     assert failing == {"n1-sapo-s0": "failed (rc 3)"}
 
 
+def test_runs_out_of_device_memory_start_once_more_at_half_the_jobs(tmp_path):
+    """Round 11: 18 runs at once (an H200's count) on an H100; 5 died out of GPU memory. They now start once more
+    after the others, half as many at a time, and resume from their checkpoints; other failures are not retried,
+    and an old out-of-memory line from an earlier attempt in the same log does not count."""
+    import threading
+
+    cfg = SweepConfig(name="t", losses=("vespo", "grpo", "gspo", "sapo"), staleness=(1,), seeds=(0, 1), steps=4)
+    runs = expand(cfg)
+    oom_once = {runs[0].name, runs[3].name, runs[5].name}
+    broken = runs[1].name
+    old_oom = runs[2].name  # its log holds an out-of-memory line from before this sweep
+    (runs[2].out_dir(tmp_path)).mkdir(parents=True)
+    (runs[2].out_dir(tmp_path) / "train.log").write_text("torch.OutOfMemoryError: CUDA out of memory (old)\n")
+    lock, active, peak, calls = threading.Lock(), [0], [], []
+
+    def fake(cmd, log_path):
+        name = cmd[cmd.index("--run-name") + 1]
+        with lock:
+            calls.append(name)
+            active[0] += 1
+            peak.append((len(calls), active[0]))
+        try:
+            import time
+
+            time.sleep(0.05)
+            with open(log_path, "a") as fh:
+                if name in oom_once and calls.count(name) == 1:
+                    _write(tmp_path / name / f"{name}.jsonl", _records([0.1] * 2))  # cut: resumes from here
+                    fh.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 54.00 MiB\n")
+                    return 1
+                if name in (broken, old_oom):
+                    fh.write("ValueError: something else\n")
+                    return 2
+                _write(tmp_path / name / f"{name}.jsonl", _records([0.1] * 4))
+                return 0
+        finally:
+            with lock:
+                active[0] -= 1
+
+    said = []
+    outcome = run_sweep(cfg, tmp_path, runner=fake, log=said.append, jobs=4)
+    assert outcome == {r.name: "failed (rc 2)" if r.name in (broken, old_oom) else "ok" for r in runs}
+    assert sorted(calls[len(runs):]) == sorted(oom_once)  # retried once each, after the first round
+    assert max(a for i, a in peak if i > len(runs)) <= 2 and max(a for _, a in peak) <= 4
+    assert any("3 runs ran out of device memory with 4 at a time: once more, 2 at a time" in m for m in said)
+    assert sum("resuming" in m for m in said) == 3  # the retries resume (their records are partial)
+
+    def oom(cmd, log_path):  # every attempt runs out of memory
+        calls.append(cmd)
+        with open(log_path, "a") as fh:
+            fh.write("torch.OutOfMemoryError: CUDA out of memory\n")
+        return 1
+
+    calls.clear()
+    left = run_sweep(cfg, tmp_path, runner=oom, log=lambda _: None, jobs=4, oom_retry=False)
+    assert len(calls) == 2 and left[broken] == left[old_oom] == "failed (rc 1)"  # no second attempt
+    calls.clear()
+    run_sweep(cfg, tmp_path, runner=oom, log=lambda _: None, jobs=4)
+    assert len(calls) == 4  # one retry each, not more
+
+
 def test_collapse_rule():
     rule = CollapseRule()
     assert judge(_records([0.3, 0.4, 0.5, 0.6, 0.6, 0.7, 0.7, 0.8, 0.8, 0.8]), rule) == (False, "")

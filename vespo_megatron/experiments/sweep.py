@@ -259,11 +259,14 @@ def _subprocess_runner(cmd: list[str], log_path: Path) -> int:
 def run_sweep(cfg: SweepConfig, runs_dir: str | os.PathLike, *,
               runner: Callable[[list[str], Path], int] = _subprocess_runner,
               python: str = sys.executable, log: Callable[[str], None] = print, jobs: int = 1,
-              only: Callable[[Run], bool] | None = None) -> dict[str, str]:
+              only: Callable[[Run], bool] | None = None, oom_retry: bool = True) -> dict[str, str]:
     """Run every unfinished run (`jobs` at a time); returns name -> "skipped" | "ok" | "failed (rc N)".
     A partial run is started again with the same command: the trainer resumes from its checkpoint.
     `only(run)` selects a subset (a GPU lease runs a slice of the sweep). `runner(cmd, log_path) ->
-    returncode` is the process launcher (tests pass a fake). Runs start in `cfg.priority` order."""
+    returncode` is the process launcher (tests pass a fake). Runs start in `cfg.priority` order.
+    With `oom_retry`, the runs that failed out of device memory (their log's new lines say so: too many runs
+    on one GPU, e.g. an H200's count on an H100) start once more after the others, half as many at a time,
+    resuming from their checkpoints."""
     if not (isinstance(jobs, int) and jobs >= 1):
         raise ValueError(f"jobs: expected an int >= 1, got {jobs!r}")
     outcome = {}
@@ -277,22 +280,48 @@ def run_sweep(cfg: SweepConfig, runs_dir: str | os.PathLike, *,
         else:
             todo.append((i, run, status))
 
-    def one(item) -> tuple[str, int]:
+    def one(item) -> tuple[str, int, bool]:
         i, run, status = item
         out = run.out_dir(runs_dir)
         out.mkdir(parents=True, exist_ok=True)
         cmd = run.command(runs_dir, python=python)
         log(f"[{i + 1}/{len(runs)}] {run.name}: {'resuming' if status == 'partial' else 'starting'}: "
             f"{shlex.join(cmd)}")
-        rc = runner(cmd, out / "train.log")
+        log_path = out / "train.log"
+        offset = log_path.stat().st_size if log_path.is_file() else 0
+        rc = runner(cmd, log_path)
+        oom = bool(rc) and _out_of_memory(log_path, offset)
         if rc:
-            log(f"  {run.name} failed with rc {rc}; see {out / 'train.log'}")
-        return run.name, rc
+            log(f"  {run.name} failed with rc {rc}{' (out of device memory)' if oom else ''}; see {log_path}")
+        return run.name, rc, oom
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads only wait on subprocesses
-        for name, rc in pool.map(one, todo):
+    def run_all(items, workers) -> list:
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # threads only wait on subprocesses
+            results = list(pool.map(one, items))
+        for name, rc, _ in results:
             outcome[name] = "ok" if rc == 0 else f"failed (rc {rc})"
+        return [item for item, (_, _, oom) in zip(items, results) if oom]
+
+    again = run_all(todo, jobs)
+    if again and oom_retry:
+        workers = max(1, jobs // 2)
+        log(f"{len(again)} runs ran out of device memory with {jobs} at a time: once more, {workers} at a time")
+        run_all([(i, run, run_status(run, runs_dir)) for i, run, _ in again], workers)
     return outcome
+
+
+OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory")
+
+
+def _out_of_memory(log_path: Path, offset: int) -> bool:
+    """Whether the log's lines after `offset` (this attempt's) say the process ran out of device memory."""
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return any(marker in text for marker in OOM_MARKERS)
 
 
 @dataclass(frozen=True)
