@@ -247,6 +247,31 @@ def test_plots_leave_out_settings_without_records(tmp_path, monkeypatch):
     assert width < height  # one column (3.6 in + margin wide, 13 in tall); two would be wider than tall
 
 
+def test_plot_colors_follow_the_loss_across_columns(tmp_path, monkeypatch):
+    """Round 11's figure: N = 1 had vespo, grpo+tis, gspo and N = 64 grpo+tis and gspo only; the axes' own color
+    cycles gave N = 64's grpo+tis vespo's color under a legend of the first column. One color per loss, and a
+    legend of every loss drawn anywhere."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    cfg = SweepConfig(name="t", losses=("vespo", "grpo+tis", "gspo"), staleness=(1, 64), seeds=(0,), steps=4)
+    recorded = {("n1", "vespo"), ("n1", "grpo+tis"), ("n64", "grpo+tis"), ("n64", "gspo")}
+    for r in expand(cfg):
+        if (r.setting, r.label) in recorded:
+            _write(r.jsonl(tmp_path), _records([0.3, 0.4, 0.5, 0.6]))
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    plot_settings(cfg, tmp_path, tmp_path / "out")
+    (fig,) = figures
+    n1, n64 = fig.axes[0], fig.axes[1]  # the reward row's two columns
+    color = {(ax.get_title(), line.get_label()): line.get_color() for ax in (n1, n64) for line in ax.get_lines()}
+    assert color[("N = 1 (2/3 runs)", "grpo+tis")] == color[("N = 64 (2/3 runs)", "grpo+tis")]
+    assert len({color[k] for k in color if k[1] != "grpo+tis"} | {color[("N = 1 (2/3 runs)", "grpo+tis")]}) == 3
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["vespo", "grpo+tis", "gspo"]
+
+
 def test_testbed_preset_runs_and_priority_order():
     cfg = SweepConfig(**sweep_cli.PRESETS["testbed"])
     runs = ordered(expand(cfg), cfg.priority)

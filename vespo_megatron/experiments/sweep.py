@@ -566,6 +566,11 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fig_name, settings in ((k, v) for k, v in figures.items() if v):
+        # One color per loss for the whole figure (not the axes' own cycle, which shifts when a column lacks a
+        # loss), and a legend of every loss drawn in any column.
+        shown = [r for r in runs if r.setting in settings and r.name in recorded]
+        colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(r.label for r in shown))}
+        legend: dict[str, object] = {}
         fig, axes = plt.subplots(len(_PLOT_ROWS), len(settings), figsize=(3.6 * len(settings) + 1.2, 13),
                                  squeeze=False, sharex=True)
         for col, setting in enumerate(settings):
@@ -585,7 +590,9 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
                     if not per_step:
                         continue
                     xs = sorted(per_step)
-                    line, = ax.plot(xs, [_mean(per_step[x]) for x in xs], label=label, linewidth=1.3)
+                    line, = ax.plot(xs, [_mean(per_step[x]) for x in xs], label=label, linewidth=1.3,
+                                    color=colors[label])
+                    legend.setdefault(label, line)
                     if len(seed_records) > 1:
                         ax.fill_between(xs, [min(per_step[x]) for x in xs], [max(per_step[x]) for x in xs],
                                         color=line.get_color(), alpha=0.15)
@@ -601,7 +608,8 @@ def plot_settings(cfg: SweepConfig, runs_dir: str | os.PathLike, out_dir: str | 
                     ax.set_ylabel(title)
                 if row == len(_PLOT_ROWS) - 1:
                     ax.set_xlabel("step")
-        handles, labels = axes[0][0].get_legend_handles_labels()
+        labels = [label for label in colors if label in legend]
+        handles = [legend[label] for label in labels]
         legend_rows = 0
         if handles:  # as many columns as the figure's width holds (~1.6 in per entry), rows below
             ncol = max(1, min(len(labels), int(fig.get_figwidth() / 1.6)))
