@@ -14,7 +14,8 @@
 # round 8's timings, docs/results/testbed/README.md). Table (with each loss
 # minus grpo+tis paired by seed) and figures in $OUT/results. Run it again after an interruption: finished runs
 # are skipped, the others resume from their checkpoints. GPU memory: an N = 1 run peaks at ~5 GiB, an N = 16 run
-# at ~1 GiB (round 9); on an 80 GB card use JOBS=8. Expandable segments are on so that freed memory goes back.
+# at ~1 GiB (round 9); on an 80 GB card use JOBS=8 (a run that still runs out of device memory starts once more
+# after the others, half as many at a time). Expandable segments are on so that freed memory goes back.
 #   bash examples/compare_losses.sh --preset gpu [sweep flags, e.g. --only 'n16-*']
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
