@@ -132,12 +132,17 @@ def check_run_config(run_dir: str, cfg, *, rank: int = 0, flags: Mapping[str, st
         if log is not None:
             log(f"--allow-config-change: resuming {run_dir!r} with a changed config ("
                 + ", ".join(flags.get(p, p) for p, _, _ in diffs) + "); the old one is kept as config.previous.json")
-        if rank == 0:
-            os.replace(path, path.with_name("config.previous.json"))
     if rank == 0:
-        tmp = path.with_name(f".{CONFIG_FILE}.tmp")
-        tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        _write_record(path, current)
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """Write a run's JSON record atomically; an existing one is kept beside it as <stem>.previous.json."""
+    if path.is_file():
+        os.replace(path, path.with_name(f"{path.stem}.previous{path.suffix}"))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def checkpoint_fingerprint(hf_dir: str | os.PathLike) -> dict:
@@ -200,12 +205,8 @@ def check_init_checkpoint(run_dir: str, hf_dir: str | os.PathLike, *, rank: int 
         if log is not None:
             log(f"--allow-config-change: resuming {run_dir!r} from another start checkpoint ({current['path']}, "
                 f"sha256 {current['sha256'][:12]}); the old record is kept as init_checkpoint.previous.json")
-        if rank == 0:
-            os.replace(path, path.with_name("init_checkpoint.previous.json"))
     if rank == 0:
-        tmp = path.with_name(f".{INIT_CHECKPOINT_FILE}.tmp")
-        tmp.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        _write_record(path, current)
     return current
 
 
