@@ -321,8 +321,8 @@ def _rollback_on_megatron(rank, world_size, out_dir):
         trainer.evaluate = evaluate
         rec = testbed.train_base(trainer, target=0.25, max_steps=4, eval_every=2, time_limit_s=1e9, log=lambda s: None)
         now = list(trainer.model.parameters())
-        return (rec["sft_steps"], rec["eval/pass@1"], all(torch.equal(a, b) for a, b in zip(now, seen[0])),
-                any(not torch.equal(a, b) for a, b in zip(seen[0], seen[1])))
+        return (rec["sft_steps"], rec["eval/pass@1"], all(torch.equal(a, b) for a, b in zip(now, seen[0], strict=True)),
+                any(not torch.equal(a, b) for a, b in zip(seen[0], seen[1], strict=True)))
     finally:
         destroy_parallel()
 

@@ -300,7 +300,7 @@ def run_sweep(cfg: SweepConfig, runs_dir: str | os.PathLike, *,
             results = list(pool.map(one, items))
         for name, rc, _ in results:
             outcome[name] = "ok" if rc == 0 else f"failed (rc {rc})"
-        return [item for item, (_, _, oom) in zip(items, results) if oom]
+        return [item for item, (_, _, oom) in zip(items, results, strict=True) if oom]
 
     again = run_all(todo, jobs)
     if again and oom_retry:

@@ -11,9 +11,10 @@ schedule, grad clip) in chunks of `--eval-every`; after each chunk pass@1 on the
 pass@1 >= `--target` (a base with room to improve: 20-40 %), after `--max-steps`, or when `--time-limit-s`
 is spent. The pass rate jumps by 0.1-0.4 within 20 steps once the model reads the digits, so an evaluation can
 land above the band (round 11: 0.21 at step 120, 0.50 at 140); the weights of the latest evaluation inside the
-band are kept (a CPU copy), and a run that stops above the band goes back to them. Then it writes `<out>/hf` (float32 by default, so RL starts from the exact weights) and
-`<out>/sft.json` (steps, pass@1 per evaluation, seconds, flags). A finished base is not trained again: the
-same command prints the cached result (`--force` retrains).
+band are kept (a CPU copy), and a run that stops above the band goes back to them. Then it writes `<out>/hf`
+(float32 by default, so RL starts from the exact weights) and `<out>/sft.json` (steps, pass@1 per evaluation,
+seconds, flags). A finished base is not trained again: the same command prints the cached result (`--force`
+retrains).
 
 The SFT steps are the warm start's own (`training/sft.py: sft_steps`), called chunk by chunk with one optimizer
 state, so that the run can stop at a pass rate.

@@ -22,7 +22,7 @@ class EmbeddedEngineConfig:
     logits in the engine only (0: off). dense_moe_rows: MoE layers compute every expert on every token, without
     the dispatcher and its host reads, for forwards of at most this many expert rows (experts x tokens: 8192 is
     a decode step of 512 rows at 16 experts; `megatron.small_batch_moe`); 0: megatron's dispatcher always. On by
-    default since an H100 timed it: 46,500-54,300 new tokens/s against 29,100-34,100 with the dispatcher (testbed
+    default since an H100 timed it: 46,000-54,300 new tokens/s against 29,100-34,100 with the dispatcher (testbed
     model, 512 x 256 tokens; bench/results/engine_testbed_dense_moe_h100.md); the same tokens and routing.
     stop_check_every: read "have all rows stopped?" to the host every this many decode steps (1: every step;
     a device sync each on CUDA). Rows that stopped only ride along, so the tokens are the same; up to this many
