@@ -12,8 +12,10 @@
 #      logits path and the single pass at each shape (profile_*.txt: where the time over the floor goes)
 #   2. bench/lm_head_step_memory.py on the Qwen3-30B-A3B slice, short rows (64 x (32 + 224) tokens): logits
 #      path, fused head, single pass -> $OUT/lm_head/lm_head_step_memory.jsonl
+#   3. bench/lm_head_on_policy_check.py: the single pass's old-log-prob pass against its training pass at these
+#      shapes (bitwise?), and the recomputing head's tiles against it -> $OUT/lm_head/on_policy_check.json
 # LM_HEAD_ARGS / STEP_ARGS replace the two scripts' arguments (defaults below; on CPU: LM_HEAD_ARGS="--cpu-smoke"
-# STEP_ARGS="--cpu-smoke" PYTHON=.venv/bin/python WHEELS_DIR=none OUT=/tmp/x checks this script). Logs: $OUT/lm_head/.
+# STEP_ARGS="--cpu-smoke" CHECK_ARGS="--cpu-smoke" PYTHON=.venv/bin/python WHEELS_DIR=none OUT=/tmp/x checks this script). Logs: $OUT/lm_head/.
 set -uo pipefail
 W=${WORK_DIR:-/tmp}
 PY=${PYTHON:-python3}
@@ -40,3 +42,8 @@ for mode in "--fused 0" "--fused 1" "--fused 1 --single-pass"; do
   echo "[$(( $(date +%s) - T0 )) s] step memory $mode rc=$?"
 done
 cat "$OUT/lm_head/lm_head_step_memory.jsonl" 2>/dev/null
+# shellcheck disable=SC2086
+$PY bench/lm_head_on_policy_check.py --out "$OUT/lm_head/on_policy_check.json" ${CHECK_ARGS:-} \
+  > "$OUT/lm_head/on_policy_check.log" 2>&1
+echo "[$(( $(date +%s) - T0 )) s] on-policy check rc=$?"
+grep -E "^\| " "$OUT/lm_head/on_policy_check.log"

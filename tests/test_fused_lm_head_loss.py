@@ -5,7 +5,12 @@ the recomputing head's tiles: `HeadLossOutput.recomputed`; no tensor larger than
 their length); with a loss that has a detached sequence weight (VESPO-like), a differentiable sequence term
 (GSPO-like) and an entropy bonus; temperature; the upstream gradient scale; megatron's main_grad contract; bf16
 against the logits path (and backward's in-place scaling of the fp32 d W accumulator); the no-grad pass; bad
-inputs; and a real gloo TP group of 2 with replicated hidden states and an over-long sequence."""
+inputs; and a real gloo TP group of 2 with replicated hidden states and an over-long sequence.
+
+`fused_lm_head_chunked_logprobs` (the single pass's forward-only pass, RL's old-log-prob pass) gives bitwise the
+single pass's log-probs and entropies (fp32 and bf16, whole chunks, sequences held whole over the budget and
+over-long ones through the recomputing tiles, TP2), runs the same GEMMs (shapes recorded at dispatch, unlike the
+recomputing head's token tiles) and stores nothing for backward."""
 
 from __future__ import annotations
 
@@ -16,9 +21,15 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 from dist_harness import run_distributed
+from gemm_shapes import GemmShapes
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss, plan_sequence_chunks
+from vespo_megatron.parallel.fused_lm_head import fused_lm_head_logprobs
+from vespo_megatron.parallel.fused_lm_head_loss import (
+    fused_lm_head_chunked_logprobs,
+    fused_lm_head_loss,
+    plan_sequence_chunks,
+)
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
 
 SEQ_TOKENS = [7, 12, 0, 5, 9, 4]  # one empty sequence: it joins a neighbour's chunk
@@ -256,14 +267,22 @@ def _tp_worker(rank, world_size, hidden, weight, targets, old, adv):
                              temperature=0.8, compute_entropy=True, chunk_elements=10 * V // 2)
     dh, dw = torch.autograd.grad(out.loss, (h, w))
     dist.all_reduce(dh, group=group)  # what megatron's region functions do with each rank's partial d hidden
-    return out.loss, out.logprobs, out.entropy, dh, dw, out.recomputed
+    fwd = fused_lm_head_chunked_logprobs(h, w, targets, seq_tokens=SEQ_TOKENS, tp_group=group, temperature=0.8,
+                                         compute_entropy=True, chunk_elements=10 * V // 2,
+                                         whole_sequence_elements=10 * V // 2)
+    return out.loss, out.logprobs, out.entropy, dh, dw, out.recomputed, fwd.logprobs, fwd.entropy
 
 
-def test_tp2_matches_reference():
+@pytest.fixture(scope="module")
+def tp2_results():
     hidden, weight, targets, old, adv = make_inputs(seed=7)
-    results = run_distributed(_tp_worker, 2, hidden, weight, targets, old, adv)
+    return (hidden, weight, targets, old, adv), run_distributed(_tp_worker, 2, hidden, weight, targets, old, adv)
+
+
+def test_tp2_matches_reference(tp2_results):
+    (hidden, weight, targets, old, adv), results = tp2_results
     ref_loss, ref_lp, ref_ent, ref_dh, ref_dw = reference(hidden, weight, targets, old, adv, 0.8, True)
-    for rank, (loss, lp, ent, dh, dw, recomputed) in enumerate(results):
+    for rank, (loss, lp, ent, dh, dw, recomputed, _, _) in enumerate(results):
         # 10 tokens per chunk on a V/2 shard: the 12-token sequence goes through the recomputing head's tiles
         # (its statistics' TP all-reduces made by both ranks for the same chunk)
         assert recomputed == (False, True, False, False, False)
@@ -273,6 +292,14 @@ def test_tp2_matches_reference():
         torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(dw.double(), ref_dw[rank * V // 2 : (rank + 1) * V // 2], rtol=1e-4, atol=1e-6)
 
+
+
+def test_tp2_chunked_logprobs_are_the_single_pass_logprobs_bitwise(tp2_results):
+    """Under gloo TP2 (the statistics' all-reduces, the 12-token sequence through the recomputing tiles) the
+    forward-only pass gives each rank bitwise the single pass's log-probs and entropies."""
+    for _, lp, ent, _, _, recomputed, fwd_lp, fwd_ent in tp2_results[1]:
+        assert any(recomputed)
+        assert torch.equal(fwd_lp, lp) and torch.equal(fwd_ent, ent)
 
 class _Created(TorchDispatchMode):
     """Records (dtype, shape) of the tensors that ops create (outputs sharing no input's storage): what a call
@@ -382,3 +409,72 @@ def test_long_sequences_with_vocab_tiles_match_float64():
     torch.testing.assert_close(out.entropy.double(), ref_ent, rtol=0.0, atol=2e-5)
     torch.testing.assert_close(dh.double(), ref_dh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(dw.double(), ref_dw, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the forward-only pass (the old-log-prob pass)
+
+# (seq_tokens, chunk_elements, whole_sequence_elements or None for the default, the plan's recomputed flags):
+# 2 chunks of whole sequences; sequences of 12 and 9 tokens over an 8-token budget through the recomputing
+# tiles; the default holding those whole and taking the 20-token one through the tiles; an 80-token sequence
+# between short ones. In every case the recomputing head's tiles (chunk_elements / V tokens) cut sequences.
+FORWARD_CASES = [
+    (SEQ_TOKENS, 20 * V, 20 * V, (False, False)),
+    (SEQ_TOKENS, 8 * V, 8 * V, (False, True, False, True, False)),
+    ([7, 12, 0, 5, 9, 4, 20], 8 * V, None, (False, False, False, False, False, True)),
+    ([3, 80, 2, 6], 8 * V, None, (False, True, False)),
+]
+
+
+@pytest.mark.parametrize(("seq_tokens", "elements", "whole", "recomputed"), FORWARD_CASES)
+@pytest.mark.parametrize(("dtype", "temperature", "entropy"),
+                         [(torch.float32, 0.7, True), (torch.bfloat16, 1.0, True), (torch.bfloat16, 0.9, False)])
+def test_chunked_logprobs_are_the_single_pass_logprobs_bitwise(seq_tokens, elements, whole, recomputed, dtype,
+                                                                temperature, entropy):
+    hidden, weight, targets, old, adv = make_inputs(dtype, seed=len(seq_tokens) + elements % 97, seq_tokens=seq_tokens)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    kw = dict(seq_tokens=seq_tokens, temperature=temperature, compute_entropy=entropy, chunk_elements=elements,
+              whole_sequence_elements=whole)
+    train = fused_lm_head_loss(h, w, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens), **kw)
+    assert train.recomputed == recomputed and train.loss.requires_grad  # the training pass, gradients formed
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fwd = fused_lm_head_chunked_logprobs(h, w, targets, **kw)  # grad mode on, inputs requiring grad
+    assert not saved and not fwd.logprobs.requires_grad and fwd.logprobs.grad_fn is None  # nothing for backward
+    assert fwd.logprobs.dtype == torch.float32 and fwd.logprobs.shape == targets.shape
+    assert torch.equal(fwd.logprobs, train.logprobs)
+    if entropy:
+        assert not fwd.entropy.requires_grad and torch.equal(fwd.entropy, train.entropy)
+    else:
+        assert fwd.entropy is None and train.entropy is None
+    with torch.no_grad():  # the evaluation pass of the single pass too
+        evaluated = fused_lm_head_loss(hidden, weight, targets, chunk_loss_of(old, adv, seq_tokens=seq_tokens), **kw)
+    assert torch.equal(fwd.logprobs, evaluated.logprobs)
+    # the batch's shape is kept: [b, s] with the sequences in row-major order
+    as_rows = fused_lm_head_chunked_logprobs(hidden.view(1, -1, H), weight, targets.view(1, -1), **kw)
+    assert as_rows.logprobs.shape == (1, targets.numel()) and torch.equal(as_rows.logprobs.view(-1), fwd.logprobs)
+
+
+
+
+def gemm_shapes(fn) -> list:
+    rec = GemmShapes()
+    with rec:
+        fn()
+    return rec.shapes
+
+
+@pytest.mark.parametrize(("seq_tokens", "elements", "whole", "recomputed"), FORWARD_CASES)
+def test_chunked_logprobs_run_the_single_pass_gemms(seq_tokens, elements, whole, recomputed):
+    """The same GEMMs, in the same order and of the same row counts, as the single pass's forward (its no-grad
+    evaluation: forward GEMMs only); the recomputing head's token tiles would run others (they cut sequences)."""
+    hidden, weight, targets, old, adv = make_inputs(torch.bfloat16, seed=1, seq_tokens=seq_tokens)
+    kw = dict(seq_tokens=seq_tokens, compute_entropy=True, chunk_elements=elements, whole_sequence_elements=whole)
+    with torch.no_grad():
+        single = gemm_shapes(lambda: fused_lm_head_loss(hidden, weight, targets,
+                                                        chunk_loss_of(old, adv, seq_tokens=seq_tokens), **kw))
+        recomputing = gemm_shapes(lambda: fused_lm_head_logprobs(hidden, weight, targets, compute_entropy=True,
+                                                                 chunk_elements=elements))
+    forward_only = gemm_shapes(lambda: fused_lm_head_chunked_logprobs(hidden, weight, targets, **kw))
+    assert len(single) >= len(recomputed) and all(b == (H, V) for _, b in single)
+    assert forward_only == single
+    assert recomputing != single  # what the old-log-prob pass ran before: other row counts

@@ -2,6 +2,9 @@
 metrics, per-sequence log W / phi and full gradients (the output layer's included), under TP2 + SP, PP2 and CP2 (the fused head only on the last stage), through megatron's schedules; and the
 forward-only old-log-prob pass gives the same log-probs and entropies. `lm_head_token_logprobs` (megatron's
 region functions around the fused head) is checked alone under gloo TP2 with and without SP against float64.
+With the single pass the old-log-prob pass runs the single pass's own forward (`lm_head_chunked_logprobs`): its
+log-probs are bitwise the training pass's (TP2 + SP, over-long sequences through the recomputing tiles), it
+stores no autograd graph, and it runs the training pass's GEMMs, not the recomputing head's token tiles.
 
 Tolerances (fp32 model; the fused head only changes the order of fp32 sums): loss and metrics rel 1e-5,
 log W abs 2e-5, gradients rel 1e-4 / abs 1e-7 (as tests/test_rl_layouts.py).
@@ -14,6 +17,7 @@ import dataclasses
 import pytest
 import torch
 from dist_harness import run_distributed
+from gemm_shapes import GemmShapes
 
 pytestmark = [pytest.mark.distributed, pytest.mark.megatron]
 
@@ -71,6 +75,67 @@ def _old_logprobs(layout, model_cfg, mbs):
         destroy_parallel()
 
 
+def _on_policy(layout, model_cfg, mbs):
+    """The single pass's old-log-prob pass as the trainer runs it (eval mode, no grad), again with grad mode on
+    (megatron's forward-only schedule leaves it on), then its training pass on the same weights: per local
+    micro-batch (old logp, old logp with grad on, training logp), and per call of the forward-only head
+    (`lm_head_chunked_logprobs`) the tensors autograd saved during it and whether its outputs require grad."""
+    from vespo_megatron.compat import get_forward_backward_func
+    from vespo_megatron.megatron import model as model_mod
+    from vespo_megatron.megatron.cpu_shim import cpu_device_context
+    from vespo_megatron.megatron.model import build_gpt_model
+    from vespo_megatron.megatron.parallel_setup import destroy_parallel, initialize_parallel
+    from vespo_megatron.megatron.rl_batch import build_rl_microbatch, common_seq_len
+    from vespo_megatron.megatron.step import RLStep, StepGroups
+
+    real, calls = model_mod.lm_head_chunked_logprobs, []
+
+    def spy(*args, **kwargs):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = real(*args, **kwargs)
+        calls.append((len(saved), out.logprobs.requires_grad or out.entropy.requires_grad))
+        return out
+
+    groups = initialize_parallel(layout)
+    model_mod.lm_head_chunked_logprobs = spy
+    try:
+        model = build_gpt_model(model_cfg, layout, groups, attention_backend="reference")
+        seq_len = common_seq_len(mbs, pad_multiple=8)
+        local = [build_rl_microbatch(m, cp_size=groups.cp_size, cp_rank=groups.cp_rank, pad_multiple=8,
+                                     seq_len=seq_len) for m in mbs[groups.dp_rank::groups.dp_size]]
+        # 512 elements: 8 tokens on a TP2 shard, held whole up to 8 (the hard cap): sequences of 16 padded
+        # tokens take the recomputing tiles
+        cfg = dataclasses.replace(_step_cfg(True, True), lm_head_chunk_elements=512,
+                                  lm_head_whole_sequence_elements=512)
+        step = RLStep(cfg, StepGroups(tp=groups.tp, cp=groups.cp))
+        shapes = dict(num_microbatches=len(local), seq_length=local[0].tokens.size(1) * groups.cp_size,
+                      micro_batch_size=local[0].tokens.size(0))
+
+        def old_pass():
+            with cpu_device_context():
+                return get_forward_backward_func()(forward_step_func=step.logprob_forward_step(),
+                                                   data_iterator=iter(local), model=[model], forward_only=True,
+                                                   **shapes)
+
+        model.eval()
+        with torch.no_grad():
+            old = old_pass()
+        with_grad = old_pass()
+        model.train()
+        normalizer = step.normalizer(local, dp_group=groups.dp)
+        with cpu_device_context():
+            train = get_forward_backward_func()(forward_step_func=step.forward_step(normalizer),
+                                                data_iterator=iter(local), model=[model], forward_only=False,
+                                                **shapes)
+        if not groups.is_last_stage:
+            return [], calls
+        return [(o["logp"], g["logp"], t["logp"]) for o, g, t in zip(old, with_grad, train, strict=True)], calls
+    finally:
+        model_mod.lm_head_chunked_logprobs = real
+        destroy_parallel()
+
+
 def _run(rank, world_size):
     from vespo_megatron.megatron.parallel_setup import ParallelConfig
     from vespo_megatron.testing.layouts import random_rl_micro_batches, run_rl_layout
@@ -91,6 +156,7 @@ def _run(rank, world_size):
     old = _old_logprobs(layouts["tp2_sp"], cfg, mbs)
     for fused in (False, True):
         out[("old_logp", fused)] = old[fused]
+    out["on_policy"] = _on_policy(layouts["tp2_sp"], cfg, mbs)
     return out
 
 
@@ -129,6 +195,77 @@ def test_old_logprob_pass_matches(results):
         assert lp1.shape == lp0.shape
         torch.testing.assert_close(lp1, lp0, rtol=0.0, atol=2e-5)
         torch.testing.assert_close(h1, h0, rtol=0.0, atol=2e-5)
+
+
+def test_single_pass_old_logprob_pass_is_the_training_pass_bitwise(results):
+    """TP2 + SP, the single pass: the old-log-prob pass (no grad, and with grad mode on) gives bitwise the
+    training pass's log-probs on the same weights (pi / pi_old exactly 1 on policy), through the forward-only
+    head of the single pass (called once per micro-batch and pass), which saves nothing for backward; and they
+    agree with the logits path's old-log-prob pass."""
+    per_mb, calls = results["on_policy"]
+    assert len(per_mb) == 2 and len(calls) == 4 and all(c == (0, False) for c in calls), calls
+    for (old, with_grad, train), (logits_lp, _) in zip(per_mb, results[("old_logp", False)], strict=True):
+        assert not old.requires_grad and not with_grad.requires_grad
+        assert torch.equal(old, train) and torch.equal(with_grad, train)
+        torch.testing.assert_close(old, logits_lp, rtol=0.0, atol=2e-5)
+
+
+
+
+def test_old_logprob_head_runs_the_training_pass_gemms(monkeypatch):
+    """RLStep with the single pass on a model's `LMHeadInput` (no TP, bf16): every GEMM of the old-log-prob head
+    (`forward_only_logprobs`) is, in order and shape, one of the training pass's forward GEMMs (those run inside
+    its forward, `_forward_chunks`, between the chunks' losses and gradients), and its log-probs are bitwise the
+    training pass's; the recomputing head (the old-log-prob pass before) runs token tiles of other row counts.
+    Sequences of 5-22 tokens against a 14-token budget, held whole up to 20: a chunk of two sequences, one held
+    whole over the budget and one (22 tokens) through the recomputing tiles."""
+    import vespo_megatron.parallel.fused_lm_head_loss as flhl
+    from vespo_megatron.megatron.model import LMHeadInput, lm_head_token_logprobs
+    from vespo_megatron.megatron.rl_batch import build_rl_microbatch
+    from vespo_megatron.megatron.step import RLStep, StepGroups, sequence_token_counts
+    from vespo_megatron.testing.layouts import random_rl_micro_batches
+
+    v, h, elements, whole = 500, 24, 14 * 500, 20 * 500
+    batch = build_rl_microbatch(random_rl_micro_batches(v, num_micro=1, per_micro=10, max_prompt=6, max_response=20,
+                                                        seed=3)[0])
+    seq_tokens = sequence_token_counts(batch.token_seq, batch.num_seqs)
+    assert seq_tokens == [14, 8, 5, 8, 16, 10, 11, 22, 9, 20]
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(*batch.labels.shape, h, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(v, h, generator=g) * (3.0 / h**0.5)).to(torch.bfloat16)
+    cfg = dataclasses.replace(_step_cfg(True, True), lm_head_chunk_elements=elements,
+                              lm_head_whole_sequence_elements=whole)
+    step = RLStep(cfg, StepGroups())
+
+    def head():
+        return LMHeadInput(hidden=hidden.clone().requires_grad_(), weight=weight.clone().requires_grad_(),
+                           sequence_parallel=False)
+
+    training, real = GemmShapes(), flhl._forward_chunks
+
+    def recorded_forward(*args):  # the training pass's forward: its GEMMs recorded, not its gradients'
+        chunks = real(*args)
+        while True:
+            with training:
+                chunk = next(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+
+    with monkeypatch.context() as m:
+        m.setattr(flhl, "_forward_chunks", recorded_forward)
+        loss, _, reported = step.loss_func(batch, step.normalizer([batch]), head(), seq_tokens)
+    assert loss.requires_grad and len(training.shapes) == 9 + 1  # 9 chunks, the 22-token one in 2 tiles
+    old, recomputing = GemmShapes(), GemmShapes()
+    with torch.no_grad():
+        with old:
+            lp = step.forward_only_logprobs(head(), batch, seq_tokens)
+        with recomputing:
+            lm_head_token_logprobs(head(), batch.labels, tp_group=None, temperature=0.9, compute_entropy=True,
+                                   chunk_elements=elements)
+    assert old.shapes == training.shapes
+    assert recomputing.shapes != training.shapes
+    assert lp.logprobs.shape == batch.labels.shape and torch.equal(lp.logprobs, reported["logp"])
 
 
 def test_config_rejects_non_bool():
@@ -201,6 +338,8 @@ def _toy_history(rank, world_size, out_dir, mode):
              "--out-dir", out_dir, "--run-name", mode, "--fused-lm-head" if fused else "--no-fused-lm-head"]
     if single_pass:
         flags += ["--lm-head-single-pass", "--lm-head-chunk-elements", "4096"]  # several chunks per micro-batch
+    else:
+        flags += ["--no-lm-head-single-pass"]  # (the default follows --fused-lm-head)
     trainer = Trainer(train_cli.config_from_argv(flags))
     # the flags reach the loss head
     assert (trainer.step_fn.cfg.fused_lm_head, trainer.step_fn.cfg.lm_head_single_pass) == (fused, single_pass)

@@ -440,19 +440,40 @@ def lm_head_token_logprobs(head: LMHeadInput, labels: torch.Tensor, *, tp_group,
     return TokenLogProbs(out.logprobs.transpose(0, 1), None if out.entropy is None else out.entropy.transpose(0, 1))
 
 
+def _head_hidden_bsh(head: LMHeadInput, tp_group) -> torch.Tensor:
+    """`_head_hidden` in the [b, s, h] order of the labels, whatever the layout: the single pass needs every
+    sequence's tokens contiguous (under SP the gathered [s, b, h] states are transposed back: a copy of the
+    states when b > 1, never of the logits)."""
+    hidden, seq_major = _head_hidden(head, tp_group)
+    return hidden.transpose(0, 1) if seq_major else hidden
+
+
 def lm_head_loss(head: LMHeadInput, labels: torch.Tensor, chunk_loss, seq_tokens, *, tp_group, temperature: float,
                  compute_entropy: bool, chunk_elements: int | None = None,
                  whole_sequence_elements: int | None = None):
     """The single-pass head (`fused_lm_head_loss`): the loss of chunks of whole sequences with its gradients
-    formed while each chunk's logits are alive. Tokens go in the [b, s] order of `labels` (under SP the
-    gathered [s, b, h] states are transposed back: sequences must be contiguous); `seq_tokens` counts each
-    sequence's tokens in that order. Returns `HeadLossOutput` with log-probs / entropies shaped [b, s]."""
+    formed while each chunk's logits are alive. Tokens go in the [b, s] order of `labels` (`_head_hidden_bsh`);
+    `seq_tokens` counts each sequence's tokens in that order. Returns `HeadLossOutput` with log-probs /
+    entropies shaped [b, s]."""
     from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_loss
 
-    hidden, seq_major = _head_hidden(head, tp_group)
-    if seq_major:
-        hidden = hidden.transpose(0, 1)  # [b, s, h]: a copy of the states when b > 1, never of the logits
-    return fused_lm_head_loss(hidden, head.weight, labels, chunk_loss, seq_tokens=seq_tokens, tp_group=tp_group,
-                              temperature=temperature, compute_entropy=compute_entropy,
-                              chunk_elements=chunk_elements, into_main_grad=not head.tied,
-                              whole_sequence_elements=whole_sequence_elements)
+    return fused_lm_head_loss(_head_hidden_bsh(head, tp_group), head.weight, labels, chunk_loss,
+                              seq_tokens=seq_tokens, tp_group=tp_group, temperature=temperature,
+                              compute_entropy=compute_entropy, chunk_elements=chunk_elements,
+                              into_main_grad=not head.tied, whole_sequence_elements=whole_sequence_elements)
+
+
+def lm_head_chunked_logprobs(head: LMHeadInput, labels: torch.Tensor, seq_tokens, *, tp_group, temperature: float,
+                             compute_entropy: bool, chunk_elements: int | None = None,
+                             whole_sequence_elements: int | None = None):
+    """The forward-only pass of the single-pass head (`fused_lm_head_chunked_logprobs`): per-token log-probs
+    [b, s] (and entropies) from the same chunks of whole sequences, GEMMs and kernels as `lm_head_loss` with the
+    same arguments, so bitwise its log-probs (the old-log-prob pass of a run training with it). The hidden states
+    reach it exactly as they reach `lm_head_loss` (`_head_hidden_bsh`); nothing is stored for backward."""
+    from vespo_megatron.parallel.fused_lm_head_loss import fused_lm_head_chunked_logprobs
+
+    with torch.no_grad():  # the region functions and the [b, s, h] copy record nothing for autograd either
+        return fused_lm_head_chunked_logprobs(_head_hidden_bsh(head, tp_group), head.weight, labels,
+                                              seq_tokens=seq_tokens, tp_group=tp_group, temperature=temperature,
+                                              compute_entropy=compute_entropy, chunk_elements=chunk_elements,
+                                              whole_sequence_elements=whole_sequence_elements)

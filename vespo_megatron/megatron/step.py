@@ -50,7 +50,13 @@ class RLStepConfig:
     the gradients while each chunk's logits are alive (`parallel.fused_lm_head_loss`: three GEMMs per token
     instead of four; same loss, metrics and gradients; a chunk holds at least one whole sequence);
     lm_head_whole_sequence_elements: with the single pass, the most logits one over-long sequence may hold
-    whole (None: twice the chunk; longer ones take the recomputing tiles: `fused_lm_head_loss`)."""
+    whole (None: twice the chunk; longer ones take the recomputing tiles: `fused_lm_head_loss`).
+    With the single pass the forward-only old-log-prob pass (`logprob_forward_step`) follows the single pass's
+    chunk plan too (`fused_lm_head_chunked_logprobs`: the same chunks of whole sequences, GEMMs of the same row
+    counts, the same kernels), not the recomputing head's token tiles: a GEMM of another row count may round
+    differently on a GPU, and the on-policy ratio pi / pi_old of the first update must be exactly 1. (Bitwise
+    for the same micro-batches: packs of another size, the trainer's `logprob_micro_batch_size`, group the
+    sequences into other chunks.)"""
 
     loss_name: str = "vespo"
     loss_config: Any = None
@@ -212,17 +218,35 @@ class RLStep:
                                                                                    seq_tokens),
                                   chunk_plan=self.cfg.lm_head_single_pass)
 
+    def forward_only_logprobs(self, logits, batch: RLMicroBatch, seq_tokens=None):
+        """The old-log-prob pass's log-probs: exactly what the training pass's head computes for the same
+        outputs. With `lm_head_single_pass` that is the single pass's own forward on its chunks of whole
+        sequences (`model.lm_head_chunked_logprobs`: same GEMMs, so bitwise the same log-probs and pi / pi_old
+        exactly 1 on policy; `seq_tokens` as for `loss_func`); else `token_logprobs`."""
+        if not self.cfg.lm_head_single_pass:
+            return self.token_logprobs(logits, batch)
+        from vespo_megatron.megatron.model import lm_head_chunked_logprobs
+
+        if seq_tokens is None:
+            seq_tokens = sequence_token_counts(batch.token_seq, batch.num_seqs)
+        return lm_head_chunked_logprobs(
+            logits, batch.labels, seq_tokens, tp_group=self.groups.tp, temperature=self.cfg.temperature,
+            compute_entropy=self.cfg.compute_entropy, chunk_elements=self.cfg.lm_head_chunk_elements,
+            whole_sequence_elements=self.cfg.lm_head_whole_sequence_elements,
+        )
+
     def logprob_forward_step(self):
         """A forward-only `forward_step_func` whose outputs (last pipeline stage) are
-        {"logp": [b, s] fp32, "entropy": [b, s] or None} per micro-batch: the old-log-prob pass."""
+        {"logp": [b, s] fp32, "entropy": [b, s] or None} per micro-batch: the old-log-prob pass
+        (`forward_only_logprobs`: the training pass's head, chunk plan included)."""
 
         def logprob_func(batch: RLMicroBatch, logits: Tensor, seq_tokens=None):
-            lp = self.token_logprobs(logits, batch)
+            lp = self.forward_only_logprobs(logits, batch, seq_tokens)
             zero = (logits.hidden if self.cfg.fused_lm_head else logits).sum() * 0.0
             return zero, batch.loss_mask.sum().to(torch.int), {"logp": lp.logprobs.detach(), "entropy": (
                 None if lp.entropy is None else lp.entropy.detach())}
 
-        return self._forward_step(logprob_func)
+        return self._forward_step(logprob_func, chunk_plan=self.cfg.lm_head_single_pass)
 
     def _forward_step(self, on_output, chunk_plan: bool = False):
         def forward_step(data_iterator, model):

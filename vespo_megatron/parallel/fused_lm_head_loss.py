@@ -33,6 +33,15 @@ context-parallel all-reduce of log W) must be made by every rank of their group 
 ``plan_sequence_chunks`` depends only on the per-sequence token counts, which are the same on every CP rank
 (each holds an equal share of every sequence) and on every TP rank.
 
+The forward-only pass (``fused_lm_head_chunked_logprobs``, RL's old-log-prob pass when the training pass is
+this head): the same plan and the same per-chunk forward (`_forward_chunks`: the chunk GEMMs with the same row
+counts, the statistics kernel, the recomputing tiles of an over-long sequence, the TP combine), without
+``chunk_loss`` and storing nothing for backward. Its log-probs are bitwise those of the training pass for the
+same hidden states and weights, so that pi / pi_old is exactly 1 at the first update on a rollout batch. The
+recomputing head's forward gives the same values only up to rounding: its tiles of ``chunk_elements / (V/tp)``
+tokens cut sequences elsewhere, and a GEMM of another row count may round differently on a GPU (cuBLAS picks
+its kernel, and its reduction order, by shape).
+
 Memory: one tile of ``chunk_elements`` logits (up to ``whole_sequence_elements`` for a sequence held whole; the
 over-long sequences' tiles reuse the same buffer), the ``dW``
 accumulator (``V/tp x H``, fp32 unless a single chunk without ``main_grad`` makes d W in one GEMM in the
@@ -53,7 +62,7 @@ recomputing head. This module imports without megatron-core and takes its proces
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +77,10 @@ from vespo_megatron.parallel.fused_lm_head import (
     _forward_stats,
     _grad_in_place,
 )
+from vespo_megatron.parallel.vocab_parallel import TokenLogProbs
 
-__all__ = ["ChunkLogProbs", "HeadLossOutput", "plan_sequence_chunks", "plan_head_chunks", "fused_lm_head_loss"]
+__all__ = ["ChunkLogProbs", "HeadLossOutput", "plan_sequence_chunks", "plan_head_chunks", "fused_lm_head_loss",
+           "fused_lm_head_chunked_logprobs"]
 
 
 @dataclass(frozen=True)
@@ -217,6 +228,87 @@ def fused_lm_head_loss(
     Gradients are formed only when grad mode is on and ``hidden`` or ``weight`` requires grad; otherwise the
     chunk losses run without autograd (an evaluation pass).
     """
+    plan = _plan(hidden, weight, targets, seq_tokens, tp_group=tp_group, temperature=temperature,
+                 compute_entropy=compute_entropy, chunk_elements=chunk_elements, backend=backend,
+                 whole_sequence_elements=whole_sequence_elements)
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grads = _run(plan, weight.detach(), chunk_loss, want_grad, need_h=hidden.requires_grad,
+                 need_w=weight.requires_grad,
+                 fp32_weight_grad=((into_main_grad and _into_main_grad(weight)) or len(plan.chunks) > 1
+                                   or any(plan.recompute)))
+    logp, ent = grads.pop("logprobs"), grads.pop("entropy")
+    if want_grad:
+        grads["weight"], grads["into_main_grad"] = weight, into_main_grad and _into_main_grad(weight)
+        loss = _HeadLoss.apply(plan.h2d, weight, grads)
+    else:
+        loss = grads.pop("loss")
+    return HeadLossOutput(loss=loss, logprobs=logp.view(targets.shape),
+                          entropy=None if ent is None else ent.view(targets.shape), chunks=plan.chunks,
+                          recomputed=plan.recompute)
+
+
+def fused_lm_head_chunked_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    seq_tokens: Sequence[int],
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    chunk_elements: int | None = None,
+    backend: str = "auto",
+    whole_sequence_elements: int | None = None,
+) -> TokenLogProbs:
+    """The single pass's log-probs (and entropies) without its loss: the forward-only pass (the old-log-prob
+    pass) of a run that trains with ``fused_lm_head_loss``.
+
+    It runs that function's own forward (`_forward_chunks`) on the same plan: the same chunks of whole sequences
+    (`plan_head_chunks`), the same GEMM per chunk (same row counts), the same statistics kernel, the same
+    recomputing tiles for an over-long sequence and the same TP combine. The values are therefore bitwise those
+    that ``fused_lm_head_loss(...).logprobs`` / ``.entropy`` give for the same arguments, on any device: a GEMM
+    of another row count (the recomputing head's token tiles cut sequences elsewhere) may round differently on
+    a GPU, and pi / pi_old must be exactly 1 at the first update on a rollout batch.
+
+    Arguments as for ``fused_lm_head_loss`` (no ``chunk_loss``, no ``into_main_grad``). Nothing is stored for
+    backward: the inputs are detached and the work runs under ``torch.no_grad``; the outputs never require grad.
+
+    Returns:
+        TokenLogProbs (fp32, shaped like ``targets``; entropy None unless ``compute_entropy``).
+    """
+    plan = _plan(hidden, weight, targets, seq_tokens, tp_group=tp_group, temperature=temperature,
+                 compute_entropy=compute_entropy, chunk_elements=chunk_elements, backend=backend,
+                 whole_sequence_elements=whole_sequence_elements)
+    logps, ents = [], []
+    with torch.no_grad():
+        for c in _forward_chunks(plan, weight.detach()):
+            logps.append(c.logp)
+            ents.append(c.ent)
+        logp, ent = _cat_tokens(plan, logps, ents)
+    return TokenLogProbs(logp.view(targets.shape), None if ent is None else ent.view(targets.shape))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the single pass runs on, checked and flattened (`_plan`): the training pass (`_run`) and the
+    forward-only pass (`fused_lm_head_chunked_logprobs`) both give it to `_forward_chunks`."""
+
+    h2d: Tensor  # [T, H] the caller's hidden states, flattened (still attached to the caller's graph)
+    local_tgt: Tensor  # [T] int64 ids local to this shard, -1 where the target lies in another rank's shard
+    offsets: tuple[int, ...]  # [B + 1] each sequence's first token, then T
+    chunks: tuple[tuple[int, int], ...]  # (seq_start, seq_end) per chunk (`plan_head_chunks`)
+    recompute: tuple[bool, ...]  # per chunk: an over-long sequence, through the recomputing head's tiles
+    tp_group: dist.ProcessGroup | None
+    world: int
+    temperature: float
+    entropy: bool
+    chunk_elements: int
+    use_triton: bool
+
+
+def _plan(hidden, weight, targets, seq_tokens, *, tp_group, temperature, compute_entropy, chunk_elements, backend,
+          whole_sequence_elements) -> _Plan:
+    """The arguments of the single pass (either of its entry points) checked, and its chunk plan."""
     if not isinstance(hidden, Tensor) or not hidden.is_floating_point() or hidden.dim() < 1:
         raise ValueError(f"hidden: expected a floating-point tensor [..., H], got {vp._describe(hidden)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -231,26 +323,71 @@ def fused_lm_head_loss(
     world, vocab_start, use_triton = vp.check_head_args(
         hidden, "hidden", targets, v_local, temperature=temperature, chunk_name="chunk_elements",
         chunk=chunk_elements, backend=backend, tp_group=tp_group)
-    h2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
     tgt = targets.reshape(-1).to(torch.int64) - vocab_start
     local_tgt = torch.where((tgt >= 0) & (tgt < v_local), tgt, torch.full_like(tgt, -1)).contiguous()
     elements = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    plan, recompute = plan_head_chunks(seq_tokens, v_local, elements, whole_sequence_elements)
-    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    grads = _run(h2d.detach(), weight.detach(), local_tgt, chunk_loss, plan, seq_tokens, tp_group, world,
-                 float(temperature), compute_entropy, use_triton, want_grad,
-                 need_h=hidden.requires_grad, need_w=weight.requires_grad,
-                 fp32_weight_grad=(into_main_grad and _into_main_grad(weight)) or len(plan) > 1 or any(recompute),
-                 recompute=recompute, chunk_elements=elements)
-    logp, ent = grads.pop("logprobs"), grads.pop("entropy")
-    if want_grad:
-        grads["weight"], grads["into_main_grad"] = weight, into_main_grad and _into_main_grad(weight)
-        loss = _HeadLoss.apply(h2d, weight, grads)
-    else:
-        loss = grads.pop("loss")
-    return HeadLossOutput(loss=loss, logprobs=logp.view(targets.shape),
-                          entropy=None if ent is None else ent.view(targets.shape), chunks=tuple(plan),
-                          recomputed=recompute)
+    chunks, recompute = plan_head_chunks(seq_tokens, v_local, elements, whole_sequence_elements)
+    offsets = [0]
+    for n in seq_tokens:
+        offsets.append(offsets[-1] + n)
+    return _Plan(h2d=hidden.reshape(-1, hidden.shape[-1]), local_tgt=local_tgt, offsets=tuple(offsets),
+                 chunks=tuple(chunks), recompute=recompute, tp_group=tp_group, world=world,
+                 temperature=float(temperature), entropy=compute_entropy, chunk_elements=elements,
+                 use_triton=use_triton)
+
+
+@dataclass(frozen=True)
+class _ChunkForward:
+    """One chunk's forward (`_forward_chunks`): tokens [start, end) = sequences [seq_start, seq_end); lse, logp
+    and ent (None without entropy) are its [C] fp32 statistics, TP-combined. z: its [C, V/tp] logits, a view of
+    `buf` that the next chunk overwrites; None for an over-long sequence (`long`), whose logits were only ever
+    the recomputing head's tiles (in `buf`, which its recomputing backward reuses)."""
+
+    seq_start: int
+    seq_end: int
+    start: int
+    end: int
+    long: bool
+    z: Tensor | None
+    lse: Tensor
+    logp: Tensor
+    ent: Tensor | None
+    buf: Tensor
+
+
+def _forward_chunks(plan: _Plan, weight: Tensor) -> Iterator[_ChunkForward]:
+    """The single pass's forward, one chunk at a time (the one implementation of both of its passes): per chunk
+    of whole sequences the GEMM ``hidden[C] @ W.T -> [C, V/tp]`` into one shared buffer, the statistics kernel and
+    the TP combine; an over-long sequence through the recomputing head's `_forward_stats` tiles instead. `weight`
+    [V/tp, H] must be detached (as the hidden states are here): nothing is recorded for autograd."""
+    h2d = plan.h2d.detach()
+    v_local = weight.shape[0]
+    max_rows = max((plan.offsets[b] - plan.offsets[a] for (a, b), r in zip(plan.chunks, plan.recompute, strict=True)
+                    if not r), default=0)
+    # one [C, V/tp] tile; the recomputing head's tiles (at most chunk_elements each) reuse it
+    buf = torch.empty(max(max_rows * v_local, plan.chunk_elements if any(plan.recompute) else 0), dtype=h2d.dtype,
+                      device=h2d.device)
+    for (seq_start, seq_end), long in zip(plan.chunks, plan.recompute, strict=True):
+        s, e = plan.offsets[seq_start], plan.offsets[seq_end]
+        tgt = plan.local_tgt[s:e]
+        if long:  # one sequence over the budget: its logits are never whole, only tiles of the recomputing head
+            z = None
+            lse, logp, ent = _forward_stats(h2d[s:e], weight, tgt, plan.tp_group, plan.world, plan.temperature,
+                                            plan.entropy, plan.chunk_elements, plan.use_triton, buf=buf)
+        else:
+            z = buf[: (e - s) * v_local].view(e - s, v_local)
+            torch.mm(h2d[s:e], weight.t(), out=z)
+            stats = vp._local_stats(z, tgt, plan.temperature, plan.entropy, plan.use_triton,
+                                    vp._chunk_tokens(None, v_local))
+            lse, logp, ent = vp._combine(*stats, plan.tp_group, plan.world)
+        yield _ChunkForward(seq_start, seq_end, s, e, long, z, lse, logp, ent, buf)
+
+
+def _cat_tokens(plan: _Plan, logps: list[Tensor], ents: list[Tensor | None]) -> tuple[Tensor, Tensor | None]:
+    """The chunks' [C] log-probs (and entropies) as [T] fp32 tensors, in token order."""
+    empty = plan.h2d.new_zeros(0, dtype=torch.float32)
+    logp = torch.cat(logps) if logps else empty
+    return logp, ((torch.cat(ents) if ents else empty) if plan.entropy else None)
 
 
 def _chunk_loss_grads(chunk_loss, chunk: ChunkLogProbs, want_grad: bool):
@@ -268,40 +405,26 @@ def _chunk_loss_grads(chunk_loss, chunk: ChunkLogProbs, want_grad: bool):
     return loss.detach().reshape(()), g_lp, g_h
 
 
-def _run(h2d, weight, local_tgt, chunk_loss, plan, seq_tokens, tp_group, world, temperature, entropy, use_triton,
-         want_grad, *, need_h, need_w, fp32_weight_grad, recompute, chunk_elements) -> dict:
+def _run(plan: _Plan, weight: Tensor, chunk_loss, want_grad: bool, *, need_h: bool, need_w: bool,
+         fp32_weight_grad: bool) -> dict:
+    """`_forward_chunks`, and per chunk its loss and (with `want_grad`) its gradients while its logits are alive.
+    `weight` [V/tp, H] detached."""
+    h2d = plan.h2d.detach()
     t, h = h2d.shape
     v_local = weight.shape[0]
-    offsets = [0]
-    for n in seq_tokens:
-        offsets.append(offsets[-1] + n)
     # dW: one chunk without main_grad is a single GEMM in the weight's dtype (as the logits path); otherwise
     # the chunks' products accumulate in fp32 (no rounding to bf16 in between).
     low = h2d.dtype in (torch.bfloat16, torch.float16)
     acc_dtype = torch.float32 if low and fp32_weight_grad else h2d.dtype
     d_hidden = torch.empty_like(h2d) if want_grad and need_h else None
     dw_acc = torch.zeros(v_local, h, dtype=acc_dtype, device=weight.device) if want_grad and need_w else None
-    max_rows = max((offsets[b] - offsets[a] for (a, b), r in zip(plan, recompute, strict=True) if not r), default=0)
-    # one [C, V/tp] tile; the recomputing head's tiles (at most chunk_elements each) reuse it
-    buf = torch.empty(max(max_rows * v_local, chunk_elements if any(recompute) else 0), dtype=h2d.dtype,
-                      device=h2d.device)
     logps, ents, losses = [], [], []
-    for (seq_start, seq_end), long in zip(plan, recompute, strict=True):
-        s, e = offsets[seq_start], offsets[seq_end]
-        if long:  # one sequence over the budget: its logits are never whole, only tiles of the recomputing head
-            z = None
-            lse, logp, ent = _forward_stats(h2d[s:e], weight, local_tgt[s:e], tp_group, world, temperature,
-                                            entropy, chunk_elements, use_triton, buf=buf)
-        else:
-            z = buf[: (e - s) * v_local].view(e - s, v_local)
-            torch.mm(h2d[s:e], weight.t(), out=z)
-            stats = vp._local_stats(z, local_tgt[s:e], temperature, entropy, use_triton,
-                                    vp._chunk_tokens(None, v_local))
-            lse, logp, ent = vp._combine(*stats, tp_group, world)
-        logps.append(logp)
-        ents.append(ent)
-        chunk = ChunkLogProbs(seq_start, seq_end, s, e, logp.detach().requires_grad_(want_grad),
-                              None if ent is None else ent.detach().requires_grad_(want_grad))
+    for c in _forward_chunks(plan, weight):
+        s, e = c.start, c.end
+        logps.append(c.logp)
+        ents.append(c.ent)
+        chunk = ChunkLogProbs(c.seq_start, c.seq_end, s, e, c.logp.detach().requires_grad_(want_grad),
+                              None if c.ent is None else c.ent.detach().requires_grad_(want_grad))
         loss, g_lp, g_h = _chunk_loss_grads(chunk_loss, chunk, want_grad)
         losses.append(loss)
         if not want_grad:
@@ -310,27 +433,24 @@ def _run(h2d, weight, local_tgt, chunk_loss, plan, seq_tokens, tp_group, world, 
             if d_hidden is not None:
                 d_hidden[s:e].zero_()
             continue
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_lp = torch.zeros_like(c.lse) if g_lp is None else g_lp.float().contiguous()
         g_h = None if g_h is None else g_h.float().contiguous()
-        if long:  # the fourth GEMM, for this sequence only: d hidden rows written, d W added into the accumulator
-            _backward_tiles(h2d[s:e], weight, local_tgt[s:e], lse, ent, g_lp, g_h, temperature, chunk_elements,
-                            use_triton, need_h=d_hidden is not None, need_w=dw_acc is not None, dw_acc=dw_acc,
-                            d_hidden=None if d_hidden is None else d_hidden[s:e], buf=buf)
+        tgt = plan.local_tgt[s:e]
+        if c.long:  # the fourth GEMM, for this sequence only: d hidden rows written, d W added into the accumulator
+            _backward_tiles(h2d[s:e], weight, tgt, c.lse, c.ent, g_lp, g_h, plan.temperature, plan.chunk_elements,
+                            plan.use_triton, need_h=d_hidden is not None, need_w=dw_acc is not None, dw_acc=dw_acc,
+                            d_hidden=None if d_hidden is None else d_hidden[s:e], buf=c.buf)
             continue
-        _grad_in_place(z, local_tgt[s:e], lse, ent, g_lp, g_h, temperature, use_triton)  # z: d loss / d logits
+        z = c.z
+        _grad_in_place(z, tgt, c.lse, c.ent, g_lp, g_h, plan.temperature, plan.use_triton)  # z: d loss / d logits
         if d_hidden is not None:
             torch.mm(z, weight, out=d_hidden[s:e])  # every vocab row in one GEMM: no accumulation
         if dw_acc is not None:
-            if len(plan) == 1 and dw_acc.dtype == z.dtype:
+            if len(plan.chunks) == 1 and dw_acc.dtype == z.dtype:
                 torch.mm(z.t(), h2d[s:e], out=dw_acc)  # all tokens in one GEMM, exactly as the logits path
             else:
                 _accumulate(dw_acc, z.t(), h2d[s:e])
-    del buf
+    c = z = chunk = None  # the last chunk's views: the buffer is freed here
     total = torch.stack(losses).sum() if losses else h2d.new_zeros((), dtype=torch.float32)
-    return {
-        "loss": total,
-        "logprobs": torch.cat(logps) if logps else h2d.new_zeros(0, dtype=torch.float32),
-        "entropy": (torch.cat(ents) if ents else h2d.new_zeros(0, dtype=torch.float32)) if entropy else None,
-        "hidden": d_hidden,
-        "weight_acc": dw_acc,
-    }
+    logp, ent = _cat_tokens(plan, logps, ents)
+    return {"loss": total, "logprobs": logp, "entropy": ent, "hidden": d_hidden, "weight_acc": dw_acc}
