@@ -10,7 +10,11 @@ One process (world size 1; gloo on CPU, NCCL on CUDA). Steps:
      |delta log-prob| over the common prefix of each row;
   2. cached: --samples rows x --new-tokens tokens (EOS disabled, so every row makes every token), timed after
      a warm-up call; with --precision bf16 / --fp8 / --router-noise the engine's mismatch options are on;
-  3. recompute (today's engine) at --baseline-samples x --baseline-tokens, unless --no-baseline.
+  3. recompute (today's engine) at --baseline-samples x --baseline-tokens, unless --no-baseline;
+  4. with --cuda-graphs: the cached path again with CUDA graphs of the decode steps (`rollout.decode_graphs`),
+     timed twice on the shape of step 2: the first call captures every position (what a run pays once per
+     batch shape), the second replays (every later rollout); its check: the graph engine's tokens on the
+     batch of step 1, twice (capture, replay), against the eager cached path's.
 Prints a table and writes engine_<size>_<device>.json / .md under --out (default bench/results).
 
 Shape legend: [B] rows, N new tokens per row.
@@ -105,6 +109,7 @@ def main(argv=None) -> dict:
     p.add_argument("--baseline-tokens", type=int)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--check-tokens", type=int, default=32)
+    p.add_argument("--check-rows", type=int, default=8, help="rows of the correctness batch (step 1)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--fp8", choices=("off", "per_tensor", "per_row"), default="off")
     p.add_argument("--router-noise", type=float, default=0.0)
@@ -116,6 +121,8 @@ def main(argv=None) -> dict:
                         "skip megatron's dispatcher (decode steps; default: the engine's; 0: the dispatcher)")
     p.add_argument("--stop-check-every", type=int, default=1,
                    help="EmbeddedEngineConfig.stop_check_every: read 'all rows stopped?' every this many steps")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time the cached path with CUDA graphs of the decode steps (needs CUDA)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                    help="also profile one cached generation of this many new tokens (torch.profiler; the top ops "
@@ -146,7 +153,7 @@ def main(argv=None) -> dict:
         return EmbeddedEngine(ecfg, model, groups, vocab_size=V, eos_id=-1)  # EOS off: every row makes every token
 
     # 1. correctness on a small batch
-    check = _requests(8, args.check_tokens, size["prompt"], V, seed=1)
+    check = _requests(args.check_rows, args.check_tokens, size["prompt"], V, seed=1)
     kv_gens = engine().generate(check, seed=3)
     re_gens = engine(kv_cache=False).generate(check, seed=3)
     same = total = 0
@@ -177,6 +184,18 @@ def main(argv=None) -> dict:
         rows.append(dict(path="recompute", samples=b_samples, new_tokens=b_tokens, seconds=re_s, tokens=re_tok,
                          tokens_per_s=re_tok / re_s))
 
+    graph_check = None
+    if args.cuda_graphs:
+        gr = engine(cuda_graphs=True)
+        twice = [gr.generate(check, seed=3) for _ in range(2)]  # the first call captures, the second replays
+        graph_check = dict(graph_reason=gr.graph_reason, identical_generations=all(
+            [(g.output_ids, g.output_logprobs) for g in gens] == [(g.output_ids, g.output_logprobs) for g in kv_gens]
+            for gens in twice))
+        for label, seed in (("kv_cache+graphs (first call: captures)", 4), ("kv_cache+graphs", 6)):
+            _, g_s, g_tok = _timed(gr, _requests(samples, new_tokens, size["prompt"], V, seed=seed))
+            rows.append(dict(path=label, samples=samples, new_tokens=new_tokens, seconds=g_s, tokens=g_tok,
+                             tokens_per_s=g_tok / g_s))
+
     if args.profile:
         _profile(kv, _requests(samples, args.profile, size["prompt"], V, seed=5), args)
 
@@ -185,16 +204,16 @@ def main(argv=None) -> dict:
                   router_noise=args.router_noise, attention_backend=args.attention_backend,
                   batched_experts=not args.sequential_experts, dense_moe_rows=args.dense_moe_rows,
                   stop_check_every=args.stop_check_every,
-                  check=dict(rows=8, new_tokens=args.check_tokens, identical_token_share=same / max(total, 1),
+                  check=dict(rows=args.check_rows, new_tokens=args.check_tokens, identical_token_share=same / max(total, 1),
                              max_abs_dlogp_common_prefix=max_dlp),
-                  runs=rows, command="python bench/engine_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    if len(rows) == 2:
+                  graph_check=graph_check, runs=rows, command="python bench/engine_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if len(rows) >= 2 and rows[1]["path"] == "recompute":
         result["speedup_tokens_per_s"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     lines = [f"# Embedded engine throughput ({args.size}, {device})", "", f"`{result['command']}`", "",
              f"model {size['model']}, precision {args.precision}, fp8 {args.fp8}, router noise {args.router_noise}, "
              f"experts {'sequential (megatron loop)' if args.sequential_experts else 'batched'}, "
              f"dense MoE rows {args.dense_moe_rows or 'off'}, stop check every {args.stop_check_every} steps",
-             "", f"Correctness (8 rows x {args.check_tokens} tokens, cached vs recompute, same seed): "
+             "", f"Correctness ({args.check_rows} rows x {args.check_tokens} tokens, cached vs recompute, same seed): "
              f"identical tokens {same}/{total}, max |d logp| on the common prefix {max_dlp:.2e}", "",
              "| path | samples | new tokens | tokens | seconds | new tokens/s |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -202,6 +221,10 @@ def main(argv=None) -> dict:
                      f"{r['tokens_per_s']:,.0f} |")
     if "speedup_tokens_per_s" in result:
         lines += ["", f"Speed-up in new tokens/s: {result['speedup_tokens_per_s']:.1f}x"]
+    if graph_check is not None:
+        lines += ["", f"CUDA graphs: engine reason {graph_check['graph_reason'] or 'none (graphs used)'}; the check "
+                  f"batch's generations (capture call, replay call) identical to the eager cached path's: "
+                  f"{graph_check['identical_generations']}"]
     md = "\n".join(lines) + "\n"
     print(md)
     os.makedirs(args.out, exist_ok=True)

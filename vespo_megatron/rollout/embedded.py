@@ -17,6 +17,9 @@ probabilities give equal tokens whatever the batching.
 `dense_moe_rows` > 0 lets the MoE layers skip megatron's dispatcher on the cached path's small forwards (decode
 steps): every expert on every token, masked, no host read (`megatron.small_batch_moe`); `stop_check_every` > 1
 reads the loop's "all rows stopped?" on the host only every that many steps (stopped rows ride along, unchanged).
+`cuda_graphs` (the default) replays each decode step as a CUDA graph captured once per position and batch shape
+(`rollout.decode_graphs`: the same kernels, so the same tokens; CPU runs and layouts it cannot serve decode
+eagerly, with the reason in `graph_reason`; a capture that fails turns graphs off for the engine, with a warning).
 
 A real train/inference mismatch can be switched on: `precision="bf16"` runs the engine's forward under bf16
 autocast while the trainer stays in fp32; `fp8` fake-quantises the attention and expert GEMMs (e4m3, per
@@ -56,6 +59,7 @@ from vespo_megatron.parallel.sequence import comm_device
 from vespo_megatron.routing import RoutingRecord
 from vespo_megatron.routing.record import compact_dtype
 
+from .decode_graphs import DecodeGraphs, graph_unsupported_reason
 from .embedded_config import EmbeddedEngineConfig
 from .engine import Generation, GenerationRequest, PolicyWeights, SampleError
 from .kv_cache import inverse_cdf_sample, kv_cache_unsupported_reason, sequence_parallel_off
@@ -93,6 +97,10 @@ class EmbeddedEngine:
         if cfg.kv_cache and layout_reason is not None:
             logger.warning("embedded engine: no KV cache for this layout (%s); recomputing the prefix every "
                            "token", layout_reason)
+        # CUDA graphs of the decode steps (cuda_graphs): kept across generations; `graph_reason` says why the
+        # last generation decoded eagerly (None: it replayed graphs, or cuda_graphs is off).
+        self._graphs = DecodeGraphs(model, static_inference_context) if cfg.cuda_graphs else None
+        self.graph_reason: str | None = None
 
     @property
     def uses_kv_cache(self) -> bool:
@@ -148,8 +156,9 @@ class EmbeddedEngine:
         extra = {} if context is None else {"inference_context": context, "runtime_gather_output": True}
 
         def autocast(device):
-            return (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if self.cfg.precision == "bf16"
-                    else contextlib.nullcontext())
+            # No cast cache: a CUDA graph must recast the weights in every replay (values are the same)
+            return (torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
+                    if self.cfg.precision == "bf16" else contextlib.nullcontext())
 
         if self.groups.pp_size == 1:
             # one stage: the model directly, as megatron's own inference engines call it (the schedule's
@@ -285,7 +294,15 @@ class EmbeddedEngine:
         done = torch.zeros(B, dtype=torch.bool, device=device)
         arange = torch.arange(B, device=device)
         routes = None
-        context = static_inference_context(B, S) if cached else None
+        graphs = self._graph_set(B, S, record, device) if cached else None
+        context = graphs.context if graphs is not None else static_inference_context(B, S) if cached else None
+
+        def forward(tokens: torch.Tensor, positions: torch.Tensor):
+            """The cached forward of positions[0] .. : ([B, V] logits of the last one or None, [L, s*B, K]
+            routing (s-major) or None)."""
+            local = self._run_forward(tokens, positions, context)
+            step = torch.stack([r.to(device) for r in RouterReplay.get_recorded_data()]) if record else None
+            return None if local is None else local[:, -1, : self.vocab_size], step
 
         def logits_at(pos: int) -> torch.Tensor | None:
             """[B, V] logits predicting position `pos` of every row (runs the forward for it)."""
@@ -293,16 +310,17 @@ class EmbeddedEngine:
             if not cached:
                 return self._recompute_logits(rows, pos - 1)
             start = 0 if context.sequence_len_offset == 0 else pos - 1
-            positions = torch.arange(start, pos, device=device).expand(B, -1)
-            local = self._run_forward(rows[:, start:pos], positions, context)
+            if graphs is not None and start > 0:  # a decode step: replayed (captured the first time)
+                logits, step = graphs.step(pos, rows[:, start:pos], forward)
+            else:
+                logits, step = forward(rows[:, start:pos], torch.arange(start, pos, device=device).expand(B, -1))
             context.increment_sequence_len_offset(pos - start)
             context.enable_decode_mode()
             if record:
-                step = torch.stack([r.to(device) for r in RouterReplay.get_recorded_data()])  # [L, s*B, K], s-major
                 if routes is None:
                     routes = torch.zeros(step.size(0), S, B, step.size(-1), dtype=step.dtype, device=device)
                 routes[:, start:pos] = step.reshape(step.size(0), pos - start, B, -1)
-            return None if local is None else local[:, -1, : self.vocab_size]
+            return logits
 
         pos = p_min
         while True:
@@ -327,8 +345,35 @@ class EmbeddedEngine:
             if (pos + 1 >= S or (pos - p_min + 1) % self.cfg.stop_check_every == 0) and bool(done.all()):
                 break
             pos += 1
+        self._check_graph_capture(graphs)
         lengths = prompt_len + n_new
         return rows, lengths, out_lp, n_new, routes
+
+    def _graph_set(self, rows: int, positions: int, record: bool, device: torch.device):
+        """The CUDA-graph set for this generation's shape, or None (graphs off, or the layout cannot capture
+        its decode step: `graph_reason`, logged once per reason)."""
+        if self._graphs is None:
+            return None
+        g = self.groups
+        reason = graph_unsupported_reason(
+            device=device, model_parallel_size=g.tp_size * g.cp_size * g.pp_size * g.ep_size,
+            router_noise=self.cfg.router_noise, dense_moe_rows=self.cfg.dense_moe_rows,
+            moe_rows_per_step=rows * (self.num_experts or 0) if self.moe_layers else 0,
+            uses_kv_cache=self.uses_kv_cache)
+        if reason is not None and reason != self.graph_reason:
+            # on by default: a CPU run is told once, quietly; anything else that rules graphs out is a warning
+            log = logger.info if device.type != "cuda" else logger.warning
+            log("embedded engine: decoding without CUDA graphs (%s)", reason)
+        self.graph_reason = reason
+        return None if reason is not None else self._graphs.get(rows, positions, record, device)
+
+    def _check_graph_capture(self, graphs) -> None:
+        """After a generation: a failed capture turns graphs off for this engine (the generation itself
+        finished eagerly, with the same results), with a warning and the reason in `graph_reason`."""
+        if graphs is not None and graphs.failed is not None:
+            logger.warning("embedded engine: %s; decoding without CUDA graphs from now on", graphs.failed)
+            self._graphs = None
+            self.graph_reason = graphs.failed
 
     def _recompute_routing(self, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Recompute path: routing of every position from one more recorded forward over the final

@@ -61,6 +61,7 @@ FLAGS = {
     "rollout.embedded.router_noise": "--rollout-router-noise",
     "rollout.embedded.dense_moe_rows": "--rollout-dense-moe-rows",
     "rollout.embedded.stop_check_every": "--rollout-stop-check-every",
+    "rollout.embedded.cuda_graphs": "--rollout-cuda-graphs",
     "algorithm.loss_config.rollout_correction.mode": "--rollout-correction",
     "algorithm.loss_config.rollout_correction.level": "--rollout-correction-level",
     "algorithm.loss_config.rollout_correction.upper": "--rollout-correction-upper",
@@ -104,6 +105,9 @@ HELPS = {
                                        "(decode steps; default 8192: 512 rows at 16 experts); 0: off",
     "rollout.embedded.stop_check_every": "embedded engine: check whether every row has stopped every this many "
                                          "decode steps (a device sync each; stopped rows ride along unchanged)",
+    "rollout.embedded.cuda_graphs": "embedded engine: replay each decode step as a CUDA graph (captured once per "
+                                    "position and batch shape; CUDA, one model-parallel rank, no router noise, "
+                                    "else eager with the reason logged); --no-rollout-cuda-graphs: always eager",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
     "algorithm.routing_replay": "r3: replay the engine's routing; r2: the trainer's own recorded routing",
     "eval.final_k": "samples per held-out prompt of the evaluation after the last step (default: --eval-k); "

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One device call: the engine's CUDA graphs and the fused loss head in the testbed's N = 1 step (issues 16, 17).
+# Device `run` from the repository root, carry [".gpuwhl", ".gpubase"] (megatron-core's wheel and the testbed's
+# SFT base in pieces: bench/run_gpu_testbed.sh says how both are made), then:  bash bench/run_gpu_step_variants.sh
+#   1. bench/engine_bench.py --size testbed --cuda-graphs: 512 x 256 new tokens, eager decode vs replayed graphs
+#      (first call with the captures, then steady state) and whether the graphs make the eager tokens;
+#   2. the testbed's N = 1 run (grpo+tis, seed 0, from the base) for $STEPS steps, alone on the GPU, once per
+#      variant: the eager engine (the sweep's setting), CUDA graphs, CUDA graphs with the stop check every 8
+#      steps, and the fused head in its single pass (`--fused-lm-head --lm-head-single-pass`);
+#   3. bench/step_variants.py over the four: s / step, the rollout's share, whether pi / pi_old stays exactly 1
+#      and whether each variant makes the eager run step for step -> $OUT/step_variants.{md,json}.
+# VARIANTS picks the runs (default: all four; the first is the reference); ENGINE_BENCH=0 skips step 1 and
+# ENGINE_ARGS replaces its size arguments.
+# On CPU at toy size (tests/test_testbed.py style): WORK_DIR, PYTHON, WHEELS_DIR=none, BASE_DIR=<an HF base dir>,
+# ENGINE_ARGS="--size tiny", STEPS=2.
+set -uo pipefail
+W=${WORK_DIR:-/tmp}
+PY=${PYTHON:-python3}
+STEPS=${STEPS:-12}
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+WHEELS=${WHEELS_DIR:-.gpuwhl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" "$WHEELS"/*.whl || exit 1
+fi
+export PYTHONPATH=$W/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+[ -e vespo_megatron/patches ] || ln -s ../patches vespo_megatron/patches
+mkdir -p "$OUT/engine" "$W/variants"
+BASE=${BASE_DIR:-}
+if [ -z "$BASE" ]; then
+  $PY bench/base_pieces.py unpack "${BASE_PIECES_DIR:-.gpubase}" "$W/base" || exit 1
+  BASE=$W/base/hf
+fi
+if [ "${ENGINE_BENCH:-1}" = 1 ]; then
+  echo "[$(el) s] engine bench"
+  # shellcheck disable=SC2086
+  $PY bench/engine_bench.py ${ENGINE_ARGS:---size testbed} --cuda-graphs --no-baseline --out "$OUT/engine" \
+    > "$OUT/engine/engine.log" 2>&1
+  echo "rc=$?"; grep -E "^\||CUDA graphs|^Correctness" "$OUT/engine/engine.log"
+fi
+RUN=(--loss grpo --rollout-correction tis --staleness 1 --micro-batch-size 128 --seed 0 --steps "$STEPS"
+     --prompts-per-step 32 --group-size 8 --checkpoint-every 0 --threads 1 --no-console --hf-checkpoint "$BASE"
+     --sft-steps 0 --base testbed --logprob-micro-batch-size 128 --eval-every 0 --eval-final-k 1
+     --eval-max-problems 8 --out-dir "$W/variants")
+variant() {
+  local name=$1; shift
+  echo "[$(el) s] run $name: $*"
+  $PY -m vespo_megatron.training.cli "${RUN[@]}" --run-name "$name" "$@" > "$OUT/$name.log" 2>&1
+  echo "rc=$?"; tail -n 3 "$OUT/$name.log" | cut -c1-200
+}
+flags_of() {
+  case $1 in
+    eager*) echo "" ;;
+    graphs_check8*) echo "--rollout-cuda-graphs --rollout-stop-check-every 8" ;;
+    graphs*) echo "--rollout-cuda-graphs" ;;
+    fused_single*) echo "--fused-lm-head --lm-head-single-pass" ;;
+    *) echo "unknown variant $1" >&2; return 1 ;;
+  esac
+}
+read -ra NAMES <<< "${VARIANTS:-eager graphs graphs_check8 fused_single}"
+dirs=()
+for name in "${NAMES[@]}"; do
+  flags=$(flags_of "$name") || exit 1
+  # shellcheck disable=SC2086
+  variant "$name" $flags
+  dirs+=("$W/variants/$name")
+  cp "$W/variants/$name/$name.jsonl" "$OUT/" 2>/dev/null
+done
+$PY bench/step_variants.py "${dirs[@]}" --reference "${NAMES[0]}" --out "$OUT/step_variants"
+echo "[$(el) s] done"
