@@ -141,8 +141,25 @@ def test_config_field_errors():
     assert AlgorithmConfig(loss="vespo_sqrt").loss_config == VespoConfig(length_norm="sqrt")
     with pytest.raises(ValueError, match=r"PerformanceConfig.lm_head_single_pass: expected False while "
                                          r"fused_lm_head is False .*add --fused-lm-head\), got True"):
-        PerformanceConfig(lm_head_single_pass=True)
+        PerformanceConfig(fused_lm_head=False, lm_head_single_pass=True)
     assert PerformanceConfig(fused_lm_head=True, lm_head_single_pass=True).lm_head_single_pass
+
+
+def test_the_trainer_runs_the_fused_single_pass_by_default():
+    """Round 12: the fused head's single pass is the trainer's default; --no-fused-lm-head alone gives the logits
+    path, --no-lm-head-single-pass the recomputing fused head (the single-pass switch follows the fused one
+    unless given)."""
+    from vespo_megatron.training.cli import config_from_argv
+
+    def head(argv):
+        perf = config_from_argv(argv).perf
+        return perf.fused_lm_head, perf.single_pass
+
+    assert head([]) == (True, True)
+    assert head(["--no-fused-lm-head"]) == (False, False)
+    assert head(["--no-lm-head-single-pass"]) == (True, False)
+    assert head(["--fused-lm-head", "--lm-head-single-pass"]) == (True, True)
+    assert PerformanceConfig().single_pass and not PerformanceConfig(fused_lm_head=False).single_pass
 
 
 def test_toy_task_is_deterministic_and_verifiable():
@@ -249,7 +266,7 @@ def test_evaluation_with_k_samples_per_prompt_against_a_loop():
                                  engine=Engine())
     problems = task.eval_problems()[:6]
     fake.rewards = lambda probs, outs: [float(task.tok.decode([t for t in o if t != task.tok.EOS]) == str(p.answer))
-                                        for p, o in zip(probs, outs)]
+                                        for p, o in zip(probs, outs, strict=True)]
     fake.requests = types.MethodType(Trainer.requests, fake)
     out = evaluate(fake, 3, k=5)
     assert len(made) == 6 * 5 and out["eval/k"] == 5 and out["eval/num_problems"] == 6
@@ -271,7 +288,7 @@ def test_lm_head_whole_sequence_elements_is_checked_and_reaches_the_head(monkeyp
 
     with pytest.raises(ValueError, match=r"PerformanceConfig.lm_head_whole_sequence_elements: expected None unless "
                                          r"lm_head_single_pass .*, got 1024"):
-        PerformanceConfig(fused_lm_head=True, lm_head_whole_sequence_elements=1024)
+        PerformanceConfig(fused_lm_head=True, lm_head_single_pass=False, lm_head_whole_sequence_elements=1024)
     with pytest.raises(ValueError, match=r"PerformanceConfig.lm_head_whole_sequence_elements: expected an int >= "
                                          r"lm_head_chunk_elements \(2048\), got 1024"):
         PerformanceConfig(fused_lm_head=True, lm_head_single_pass=True, lm_head_chunk_elements=2048,

@@ -123,7 +123,8 @@ class ConfigCLI:
             if dataclasses.is_dataclass(tp):
                 self._walk(tp, current if current is not _MISSING else None, path + ".", member_of)
                 continue
-            if path not in self._converters and _scalar_parser(tp)[0] is None and tp is not bool:
+            optional_bool = typing.get_args(tp) == (bool, type(None))  # --x / --no-x, None when neither is given
+            if path not in self._converters and _scalar_parser(tp)[0] is None and tp is not bool and not optional_bool:
                 continue  # not a command-line type (a mapping, a spec object): set it in the run's config
             if path in self.leaves and member_of is not None:  # a field several union members share
                 self.leaves[path].member_of[1].add(member_of[1])

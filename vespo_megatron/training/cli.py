@@ -109,6 +109,10 @@ HELPS = {
                                     "position and batch shape; CUDA, one model-parallel rank, no router noise, "
                                     "else eager with the reason logged); --no-rollout-cuda-graphs: always eager",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
+    "perf.fused_lm_head": "the output layer, log-probs and entropy fused, a chunk at a time (the [T, V/tp] logits "
+                          "are never held); --no-fused-lm-head: the logits path",
+    "perf.lm_head_single_pass": "with the fused head, the loss inside the head on chunks of whole sequences (3 GEMMs "
+                                "instead of 4); not given: on with --fused-lm-head",
     "algorithm.routing_replay": "r3: replay the engine's routing; r2: the trainer's own recorded routing",
     "eval.final_k": "samples per held-out prompt of the evaluation after the last step (default: --eval-k); "
                     "that evaluation runs even off the --eval-every grid",

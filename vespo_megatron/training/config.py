@@ -172,31 +172,41 @@ class PerformanceConfig:
     """How the loss head runs; the numbers do not depend on it. fused_lm_head: stop the model at its final
     hidden states and compute log-probs and entropy with the output layer fused in, a token chunk at a time,
     so the [T, V/tp] logits and their gradient are never held (`parallel/fused_lm_head.py`; bench/README.md
-    has the memory and time on an H200). lm_head_chunk_elements: logits per tile of the fused head (None:
-    2**29, 1 GiB in bf16). lm_head_single_pass: with fused_lm_head, evaluate the loss inside the head on chunks
-    of whole sequences and form the gradients while each chunk's logits are alive (three GEMMs instead of four;
-    `parallel/fused_lm_head_loss.py`). lm_head_whole_sequence_elements: with the single pass, the most logits a
-    sequence over the chunk may hold whole (None: twice the chunk); a longer sequence takes the recomputing
-    head's tiles (one more GEMM for it), so memory stays flat in the sequence length; set it to the chunk for a
-    hard cap."""
+    has the memory and time on an H200 and an H100). On by default since round 12 (the single pass below: within
+    1.15-1.34x of the GEMM floor at <= 2.45 GiB extra on an H100, where the logits path holds 9-19 GiB, and its
+    on-policy ratio exactly 1); False: the logits path. lm_head_chunk_elements: logits per tile of the fused head
+    (None: 2**29, 1 GiB in bf16). lm_head_single_pass: with fused_lm_head, evaluate the loss inside the head on
+    chunks of whole sequences and form the gradients while each chunk's logits are alive (three GEMMs instead of
+    four; `parallel/fused_lm_head_loss.py`; the old-log-prob pass then runs the single pass's forward on the same
+    chunks of whole sequences, so that its log-probs are bitwise the training pass's on the same micro-batches);
+    None (the default): on exactly when fused_lm_head is (`single_pass` is the resolved value), so
+    `--no-fused-lm-head` alone gives the logits path and `--no-lm-head-single-pass` the recomputing fused head.
+    lm_head_whole_sequence_elements: with the single pass, the most logits a sequence over the chunk may hold
+    whole (None: twice the chunk); a longer sequence takes the recomputing head's tiles (one more GEMM for it),
+    so memory stays flat in the sequence length; set it to the chunk for a hard cap."""
 
-    fused_lm_head: bool = False
+    fused_lm_head: bool = True
     lm_head_chunk_elements: int | None = None
-    lm_head_single_pass: bool = False
+    lm_head_single_pass: bool | None = None
     lm_head_whole_sequence_elements: int | None = None
+
+    @property
+    def single_pass(self) -> bool:
+        """Whether the fused head runs its single pass (`lm_head_single_pass`, None resolved)."""
+        return self.fused_lm_head if self.lm_head_single_pass is None else self.lm_head_single_pass
 
     def __post_init__(self) -> None:
         if not isinstance(self.fused_lm_head, bool):
             raise ConfigError("PerformanceConfig", "fused_lm_head", "a bool", self.fused_lm_head)
-        if not isinstance(self.lm_head_single_pass, bool):
-            raise ConfigError("PerformanceConfig", "lm_head_single_pass", "a bool", self.lm_head_single_pass)
+        if self.lm_head_single_pass is not None and not isinstance(self.lm_head_single_pass, bool):
+            raise ConfigError("PerformanceConfig", "lm_head_single_pass", "a bool or None", self.lm_head_single_pass)
         if self.lm_head_single_pass and not self.fused_lm_head:
             raise ConfigError("PerformanceConfig", "lm_head_single_pass", "False while fused_lm_head is False (the "
                               "single pass is a mode of the fused head: add --fused-lm-head)", self.lm_head_single_pass)
         if self.lm_head_chunk_elements is not None:
             check_int("PerformanceConfig", "lm_head_chunk_elements", self.lm_head_chunk_elements, low=1)
         if self.lm_head_whole_sequence_elements is not None:
-            if not self.lm_head_single_pass:
+            if not self.single_pass:
                 raise ConfigError("PerformanceConfig", "lm_head_whole_sequence_elements", "None unless "
                                   "lm_head_single_pass (only the single pass holds whole sequences: add "
                                   "--lm-head-single-pass)", self.lm_head_whole_sequence_elements)

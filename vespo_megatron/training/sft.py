@@ -58,7 +58,7 @@ def sft_steps(trainer, start: int, count: int, *, on_step=None) -> None:
     cfg, g = trainer.cfg, trainer.groups
     sft_step = RLStep(RLStepConfig(loss_name="reinforce", compute_entropy=False, fused_lm_head=cfg.perf.fused_lm_head,
                                    lm_head_chunk_elements=cfg.perf.lm_head_chunk_elements,
-                                   lm_head_single_pass=cfg.perf.lm_head_single_pass,
+                                   lm_head_single_pass=cfg.perf.single_pass,
                                    lm_head_whole_sequence_elements=cfg.perf.lm_head_whole_sequence_elements),
                       StepGroups(tp=g.tp, cp=g.cp))
     n = cfg.rollout.samples_per_step // g.dp_size

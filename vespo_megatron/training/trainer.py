@@ -85,7 +85,7 @@ class Trainer:
                                            temperature=cfg.rollout.temperature,
                                            fused_lm_head=cfg.perf.fused_lm_head,
                                            lm_head_chunk_elements=cfg.perf.lm_head_chunk_elements,
-                                           lm_head_single_pass=cfg.perf.lm_head_single_pass,
+                                           lm_head_single_pass=cfg.perf.single_pass,
                                            lm_head_whole_sequence_elements=cfg.perf.lm_head_whole_sequence_elements),
                               StepGroups(tp=g.tp, cp=g.cp))
         # Routing replay (megatron's RouterReplay): R3 replays the engine's routing, R2 the trainer's own
