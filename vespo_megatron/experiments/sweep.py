@@ -310,7 +310,9 @@ def run_sweep(cfg: SweepConfig, runs_dir: str | os.PathLike, *,
     return outcome
 
 
-OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory")
+# How a process that found no device memory dies: torch's allocator, cuBLAS creating its handle, NCCL allocating
+# its buffers (round 12: 20 runs starting at once on an H100 died all three ways).
+OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "Failed to CUDA calloc")
 
 
 def _out_of_memory(log_path: Path, offset: int) -> bool:
