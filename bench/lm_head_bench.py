@@ -257,7 +257,7 @@ def _variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: boo
             w_main.main_grad = torch.zeros(w_main.shape, dtype=torch.float32, device=DEV)
             w_main.grad_added_to_main_grad = False
 
-        def single_main_grad_bwd(n=n):
+        def single_main_grad_bwd(n=n, w_main=w_main):
             w_main.main_grad.zero_()
             w_main.grad_added_to_main_grad = False
             res = fused_lm_head_loss(h_leaf, w_main, targets, vespo.chunk_loss, seq_tokens=vespo.seq_tokens,

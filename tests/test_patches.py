@@ -41,6 +41,7 @@ def test_router_gating_fails_without_patch_and_works_with_it():
 
 def test_apply_is_idempotent_and_reports_changes(monkeypatch):
     from megatron.core.transformer.moe import moe_utils
+
     from vespo_megatron.patches import te_general_gemm
 
     monkeypatch.delattr(moe_utils, "te_general_gemm", raising=False)
@@ -53,6 +54,7 @@ def test_apply_is_idempotent_and_reports_changes(monkeypatch):
 
 def test_existing_attribute_is_left_alone(monkeypatch):
     from megatron.core.transformer.moe import moe_utils
+
     from vespo_megatron.patches import te_general_gemm
 
     sentinel = object()
@@ -77,6 +79,7 @@ class _FakeCP:
 def _loop_rope():
     """megatron-core's own per-sequence THD RoPE (whatever apply() did in this process)."""
     from megatron.core.models.common.embeddings import rope_utils
+
     from vespo_megatron.patches import thd_rope
 
     thd_rope.apply()
@@ -133,6 +136,7 @@ def test_thd_rope_positions_against_a_plain_loop():
 
 def test_thd_rope_apply_is_idempotent():
     from megatron.core.models.common.embeddings import rope_utils
+
     from vespo_megatron.patches import thd_rope
 
     thd_rope.apply()
@@ -149,6 +153,7 @@ def test_foreach_grad_norm_and_scale_are_the_local_fallbacks_bitwise():
     """On CPU (foreach = the per-tensor loop) the foreach norm gives megatron's fallback value exactly, and the
     foreach scale gives `dst.copy_(src * scale)` exactly, in place (clipping) and into other tensors and dtypes."""
     from megatron.core.utils import local_multi_tensor_scale
+
     from vespo_megatron.patches.local_multi_tensor import foreach_l2_norm, foreach_scale
 
     gen = torch.Generator().manual_seed(3)
@@ -176,6 +181,7 @@ def test_foreach_grad_norm_and_scale_are_the_local_fallbacks_bitwise():
 def test_local_multi_tensor_patch_replaces_only_the_fallbacks(monkeypatch):
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
+
     from vespo_megatron.patches import local_multi_tensor as patch
 
     monkeypatch.setattr(clip_grads, "l2_norm_impl", utils.local_multi_tensor_l2_norm)
