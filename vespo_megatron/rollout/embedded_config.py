@@ -30,7 +30,7 @@ class EmbeddedEngineConfig:
     from its run-to-run spread. cuda_graphs: replay each KV-cached decode step as a CUDA graph, captured the
     first time a position is decoded for a batch shape and kept for later generations (`rollout.decode_graphs`:
     the same kernels, without the host's launch cost). On by default since an H100 timed it: 80,900-81,800 new
-    tokens/s against 45,100-48,600 eager (testbed model, 512 x 256), the testbed's N = 1 step 0.96 -> 0.32-0.38 s,
+    tokens/s against 45,100-48,600 eager (testbed model, 512 x 256), the testbed's N = 1 step 0.94-1.19 -> 0.31-0.38 s,
     and its generations bitwise the eager engine's under bf16 + fp8, R3 and lag (bench/results/
     engine_graphs_h100.md). It needs CUDA, one model-parallel rank, the dispatcher-free MoE path and no router
     noise; otherwise the engine decodes eagerly and says why (`EmbeddedEngine.graph_reason`)."""
