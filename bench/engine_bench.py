@@ -148,6 +148,7 @@ def main(argv=None) -> dict:
     V = cfg.vocab_size
 
     def engine(**kw):
+        kw.setdefault("cuda_graphs", False)  # the rows without graphs: the eager cached path (the default replays)
         ecfg = EmbeddedEngineConfig(precision=args.precision, fp8=args.fp8, router_noise=args.router_noise,
                                     dense_moe_rows=args.dense_moe_rows, stop_check_every=args.stop_check_every, **kw)
         return EmbeddedEngine(ecfg, model, groups, vocab_size=V, eos_id=-1)  # EOS off: every row makes every token

@@ -5,11 +5,12 @@
 #   1. bench/engine_bench.py --size testbed --cuda-graphs: 512 x 256 new tokens, eager decode vs replayed graphs
 #      (first call with the captures, then steady state) and whether the graphs make the eager tokens;
 #   2. the testbed's N = 1 run (grpo+tis, seed 0, from the base) for $STEPS steps, alone on the GPU, once per
-#      variant: the eager engine (the sweep's setting), CUDA graphs, CUDA graphs with the stop check every 8
-#      steps, and the fused head in its single pass (`--fused-lm-head --lm-head-single-pass`);
+#      variant: the eager engine and the logits path (the sweeps' setting until round 12), CUDA graphs, CUDA
+#      graphs with the stop check every 8 steps, the fused head in its single pass, and `defaults` (the
+#      trainer's defaults: graphs and the fused single pass);
 #   3. bench/step_variants.py over the four: s / step, the rollout's share, whether pi / pi_old stays exactly 1
 #      and whether each variant makes the eager run step for step -> $OUT/step_variants.{md,json}.
-# VARIANTS picks the runs (default: all four; the first is the reference); ENGINE_BENCH=0 skips step 1 and
+# VARIANTS picks the runs (default: the first four; the first is the reference); ENGINE_BENCH=0 skips step 1 and
 # ENGINE_ARGS replaces its size arguments.
 # On CPU at toy size (tests/test_testbed.py style): WORK_DIR, PYTHON, WHEELS_DIR=none, BASE_DIR=<an HF base dir>,
 # ENGINE_ARGS="--size tiny", STEPS=2.
@@ -47,12 +48,14 @@ variant() {
   $PY -m vespo_megatron.training.cli "${RUN[@]}" --run-name "$name" "$@" > "$OUT/$name.log" 2>&1
   echo "rc=$?"; tail -n 3 "$OUT/$name.log" | cut -c1-200
 }
+# (since round 12 the trainer's defaults are graphs and the fused single pass: each variant names both)
 flags_of() {
   case $1 in
-    eager*) echo "" ;;
-    graphs_check8*) echo "--rollout-cuda-graphs --rollout-stop-check-every 8" ;;
-    graphs*) echo "--rollout-cuda-graphs" ;;
-    fused_single*) echo "--fused-lm-head --lm-head-single-pass" ;;
+    defaults*) echo "" ;;
+    eager*) echo "--no-rollout-cuda-graphs --no-fused-lm-head" ;;
+    graphs_check8*) echo "--rollout-cuda-graphs --rollout-stop-check-every 8 --no-fused-lm-head" ;;
+    graphs*) echo "--rollout-cuda-graphs --no-fused-lm-head" ;;
+    fused_single*) echo "--no-rollout-cuda-graphs --fused-lm-head --lm-head-single-pass" ;;
     *) echo "unknown variant $1" >&2; return 1 ;;
   esac
 }
