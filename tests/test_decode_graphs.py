@@ -48,7 +48,9 @@ def _graphs(rank, world):
         return replay
 
     eng = _engine(model, groups, dense_moe_rows=64, cuda_graphs=True)
-    out = {"cpu_reason": None}
+    # which decode steps the MoE layers would take the dispatcher in (4 experts: up to 16 rows at 64), from the model
+    out = {"cpu_reason": None, "moe_reasons": [eng._moe_dispatcher_reason(n) for n in (16, 17)],
+           "moe_reason_off": _engine(model, groups, dense_moe_rows=0)._moe_dispatcher_reason(1)}
     eng.generate(batches[0][0], seed=1)
     out["cpu_reason"] = eng.graph_reason  # on CPU the engine decodes eagerly and says why
     eng._graphs = DecodeGraphs(model, static_inference_context, capture=capture)
@@ -125,14 +127,21 @@ def test_cpu_engine_decodes_eagerly_and_says_why(graphs):
     assert "CUDA graphs need a CUDA device" in graphs["cpu_reason"]
 
 
+def test_the_moe_layers_say_when_a_decode_step_needs_the_dispatcher(graphs):
+    at16, at17 = graphs["moe_reasons"]
+    assert at16 is None
+    assert "experts x rows = 4 x 17 > dense_moe_rows = 64" in at17
+    assert "dense_moe_rows = 0" in graphs["moe_reason_off"]
+
+
 def test_unsupported_reasons():
     from vespo_megatron.rollout.decode_graphs import context_length, graph_unsupported_reason
 
-    ok = dict(device=torch.device("cuda"), model_parallel_size=1, router_noise=0.0, dense_moe_rows=8192,
-              moe_rows_per_step=4096, uses_kv_cache=True)
+    ok = dict(device=torch.device("cuda"), model_parallel_size=1, router_noise=0.0, moe_reason=None,
+              uses_kv_cache=True)
     assert graph_unsupported_reason(**ok) is None
     for change, words in (({"uses_kv_cache": False}, "no KV cache"), ({"model_parallel_size": 2}, "model parallelism"),
-                          ({"router_noise": 0.1}, "router noise"), ({"moe_rows_per_step": 8193}, "dispatcher"),
+                          ({"router_noise": 0.1}, "router noise"), ({"moe_reason": "layer 1: x"}, "dispatcher"),
                           ({"device": torch.device("cpu")}, "CUDA device")):
         assert words in graph_unsupported_reason(**{**ok, **change})
     assert [context_length(n) for n in (1, 128, 129, 300)] == [128, 128, 256, 384]

@@ -45,8 +45,9 @@ def context_length(positions: int) -> int:
 
 
 def graph_unsupported_reason(*, device: torch.device, model_parallel_size: int, router_noise: float,
-                             dense_moe_rows: int, moe_rows_per_step: int, uses_kv_cache: bool) -> str | None:
-    """None when the decode step can be captured, else why not (the engine then decodes eagerly)."""
+                             moe_reason: str | None, uses_kv_cache: bool) -> str | None:
+    """None when the decode step can be captured, else why not (the engine then decodes eagerly). `moe_reason`:
+    why some MoE layer would take megatron's dispatcher in a decode step (None: none would)."""
     if not uses_kv_cache:
         return "no KV cache for this engine (the recompute path's forwards change shape every token)"
     if device.type != "cuda":
@@ -55,9 +56,8 @@ def graph_unsupported_reason(*, device: torch.device, model_parallel_size: int, 
         return f"model parallelism of {model_parallel_size} ranks (collectives inside the step)"
     if router_noise > 0:
         return "router noise (its random numbers are drawn per generation inside the forward)"
-    if moe_rows_per_step > dense_moe_rows:
-        return (f"the MoE layers' decode steps take megatron's dispatcher (experts x rows = {moe_rows_per_step} > "
-                f"dense_moe_rows = {dense_moe_rows}), whose token counts are read on the host")
+    if moe_reason is not None:
+        return f"the MoE layers' decode steps take megatron's dispatcher, whose token counts are read on the host: {moe_reason}"
     return None
 
 

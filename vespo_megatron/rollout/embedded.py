@@ -44,6 +44,7 @@ import logging
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from vespo_megatron.compat import (
     RouterReplay,
@@ -53,7 +54,7 @@ from vespo_megatron.compat import (
     unwrap_model,
 )
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
-from vespo_megatron.megatron.small_batch_moe import dense_small_batches
+from vespo_megatron.megatron.small_batch_moe import SmallBatchMoELayer, dense_small_batches
 from vespo_megatron.parallel.cp_split import round_up, zigzag_indices
 from vespo_megatron.parallel.sequence import comm_device
 from vespo_megatron.routing import RoutingRecord
@@ -357,8 +358,7 @@ class EmbeddedEngine:
         g = self.groups
         reason = graph_unsupported_reason(
             device=device, model_parallel_size=g.tp_size * g.cp_size * g.pp_size * g.ep_size,
-            router_noise=self.cfg.router_noise, dense_moe_rows=self.cfg.dense_moe_rows,
-            moe_rows_per_step=rows * (self.num_experts or 0) if self.moe_layers else 0,
+            router_noise=self.cfg.router_noise, moe_reason=self._moe_dispatcher_reason(rows),
             uses_kv_cache=self.uses_kv_cache)
         if reason is not None and reason != self.graph_reason:
             # on by default: a CPU run is told once, quietly; anything else that rules graphs out is a warning
@@ -366,6 +366,23 @@ class EmbeddedEngine:
             log("embedded engine: decoding without CUDA graphs (%s)", reason)
         self.graph_reason = reason
         return None if reason is not None else self._graphs.get(rows, positions, record, device)
+
+    def _moe_dispatcher_reason(self, rows: int) -> str | None:
+        """Why some MoE layer of the model would take megatron's dispatcher in a decode step of `rows` rows
+        (None: every one takes the dispatcher-free path, `megatron.small_batch_moe`). Asked of the model itself,
+        not of the engine's arguments."""
+        for name, m in self.model.named_modules():
+            if not isinstance(m, MoELayer):
+                continue
+            if not isinstance(m, SmallBatchMoELayer):
+                return f"{name} is a {type(m).__name__}, without the dispatcher-free path"
+            why = m.dense_reason()
+            if why is not None:
+                return f"{name}: {why}"
+            if rows * m.num_local_experts > self.cfg.dense_moe_rows:
+                return (f"{name}: experts x rows = {m.num_local_experts} x {rows} > dense_moe_rows = "
+                        f"{self.cfg.dense_moe_rows}")
+        return None
 
     def _check_graph_capture(self, graphs) -> None:
         """After a generation: a failed capture turns graphs off for this engine (the generation itself
