@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--no-distributed-optimizer", action="store_true")
     run.add_argument("--attention", choices=["flash", "unfused"], default="flash")
     run.add_argument("--routing-replay", choices=["off", "r2", "r3"], default="off")
+    run.add_argument("--loss-head", choices=["fused", "logits"], default="fused",
+                     help="fused: the trainer's default (--fused-lm-head, its single pass); logits: --no-fused-lm-head")
     run.add_argument("--gpu-memory-gib", type=float, nargs="+", default=[80.0], help="GPU sizes to check")
     run.add_argument("--headroom", type=float, default=0.10,
                      help="fraction of each GPU kept free for the CUDA context, NCCL and fragmentation")
@@ -140,7 +142,7 @@ def render(plan: MemoryPlan, name: str, command: str, search=None, variants=None
           f"{setup.micro_batches_per_step} micro-batches per DP rank and step",
           f"- {setup.params_dtype} parameters, fp32 main grads, Adam, distributed optimizer "
           f"{'on' if setup.distributed_optimizer else 'off'}, {setup.attention} attention, routing replay "
-          f"{setup.routing_replay}", "",
+          f"{setup.routing_replay}, {setup.loss_head} loss head", "",
           "## Memory per GPU", "", *_table([plan]), ""]
     if variants:
         L += ["### Precision and optimizer variants of this layout", "",
@@ -217,9 +219,12 @@ ASSUMPTIONS = [
     "Pipeline 1F1B (no interleaving): stage i holds min(pp - i, micro-batches per step) micro-batches in "
     "flight, so the first stage holds pp micro-batches of L / pp layers; the last stage holds one plus the "
     "loss.",
-    "Loss (last stage): logits [tokens / cp, vocab / tp] in the parameter dtype saved for the chunked "
-    "log-prob backward plus their gradient of the same size (= 4 B per logit for bf16, the size of fp32 "
-    "logits), one fp32 chunk of about 2^25 logits, fp32 per-token statistics.",
+    "Loss (last stage), `--loss-head fused` (the trainer's default, the fused head's single pass): one tile of "
+    "2^29 logits in the parameter dtype (a chunk of whole sequences; a sequence up to twice that held whole), "
+    "d W of the output-layer shard in fp32, d hidden [tokens / cp, h] held from the forward to the backward "
+    "pass, fp32 per-token statistics. `--loss-head logits`: logits [tokens / cp, vocab / tp] in the "
+    "parameter dtype saved for the chunked log-prob backward plus their gradient of the same size (= 4 B per "
+    "logit for bf16, the size of fp32 logits), one fp32 chunk of about 2^25 logits, fp32 per-token statistics.",
     "RL extras: the micro-batch tensors (int64 tokens / positions / labels / sequence ids / token index, "
     "bool loss mask, fp32 old and rollout log-probs) per in-flight micro-batch; with routing replay the "
     "int64 [tokens / (cp x tp), topk] ids per MoE layer of the stage for every micro-batch of the step (R2: "
@@ -245,7 +250,8 @@ def main(argv=None) -> int:
                      seq_length=args.seq_length or args.micro_batch_tokens,
                      micro_batches_per_step=args.micro_batches_per_step, params_dtype=args.params_dtype,
                      distributed_optimizer=not args.no_distributed_optimizer, attention=args.attention,
-                     routing_replay=args.routing_replay, gpu_memory_gib=tuple(args.gpu_memory_gib),
+                     routing_replay=args.routing_replay, loss_head=args.loss_head,
+                     gpu_memory_gib=tuple(args.gpu_memory_gib),
                      headroom=args.headroom)
     plan = plan_memory(shape, layout, setup)
     search = None

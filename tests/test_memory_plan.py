@@ -333,6 +333,30 @@ def test_activation_scaling_laws():
     assert cp2.activation_parts["experts"] * 2 == base.activation_parts["experts"]
 
 
+def test_loss_head_fused_or_logits():
+    """The last stage's loss head: the logits path holds [T/cp, V/tp] logits and their gradient; the fused
+    single pass (the trainer's default) one tile of 2**29 logits (a sequence up to twice that held whole), d W in
+    fp32 and d hidden. Reference numbers from the shapes, computed here."""
+    lay = Layout.from_gpus(32, tp=4, ep=8)
+    v, h, b = QWEN3_30B.vocab_size // 4, QWEN3_30B.hidden_size, 2
+    stats = 9 * 4
+    for tokens, seq in ((32768, 4096), (32768, 32768), (8192, 8192), (2048, 512)):
+        setup = dataclasses.replace(SETUP, micro_batch_tokens=tokens, seq_length=seq)
+        logits = plan_memory(QWEN3_30B, lay, dataclasses.replace(setup, loss_head="logits")).stages[0].logits
+        chunk_rows = min(tokens, (1 << 25) // v)
+        assert logits == 2 * tokens * v * b + chunk_rows * v * 4 + tokens * stats
+        fused = plan_memory(QWEN3_30B, lay, setup).stages[0].logits  # the default
+        tile = 2**29 // v  # tokens of one tile at V/4
+        rows = min(tokens, tile if seq <= tile else min(seq, 2 * tile))
+        assert fused == rows * v * b + v * h * 4 + tokens * h * b + tokens * stats, (tokens, seq)
+        assert fused < logits or tokens <= tile
+    # the bench's shape (TP = 1, V = 151936, 32k tokens of 4096): 2.29 GiB here; bench/README measured 2.45 GiB
+    one = plan_memory(QWEN3_30B, Layout.from_gpus(8, ep=8), SETUP).stages[0].logits / GIB
+    assert 2.2 < one < 2.5
+    with pytest.raises(ValueError, match=r"RunSetup.loss_head: expected one of \('fused', 'logits'\), got 'chunked'"):
+        dataclasses.replace(SETUP, loss_head="chunked")
+
+
 def test_routing_replay_ids_and_fits():
     layout = Layout.from_gpus(128, tp=4, ep=8)
     plan = plan_memory(QWEN3_30B, layout, SETUP)

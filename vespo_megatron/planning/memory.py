@@ -55,6 +55,9 @@ BATCH_BYTES_PER_TOKEN = 5 * 8 + 1 + 2 * 4
 # Per token of the loss: new log-prob, entropy, and the log-prob path's fp32 statistics (max, sum-exp,
 # target logit, entropy sum, log-sum-exp) plus the per-token loss and its gradient.
 LOSS_BYTES_PER_TOKEN = 9 * 4
+# The fused head's logits tile (vespo_megatron.parallel.fused_lm_head.DEFAULT_CHUNK_ELEMENTS; not imported: the
+# planner runs without torch): one chunk of whole sequences, a sequence up to twice this held whole.
+FUSED_CHUNK_ELEMENTS = 1 << 29
 
 
 
@@ -269,6 +272,8 @@ class RunSetup:
     params_dtype: "bf16" (mixed precision: fp32 master weights in the optimizer) or "fp32";
     attention: "flash" (fused kernels: no [s, s] tensor) or "unfused" (softmax probabilities saved);
     routing_replay: "off" | "r2" | "r3";
+    loss_head: "fused" (the trainer's default: the fused head's single pass, `--fused-lm-head`) or "logits"
+      (`--no-fused-lm-head`: the [tokens, V/tp] logits and their gradient held);
     gpu_memory_gib: the GPU sizes to check; headroom: fraction of each kept free (CUDA context, NCCL,
       fragmentation).
     """
@@ -280,6 +285,7 @@ class RunSetup:
     distributed_optimizer: bool = True
     attention: Literal["flash", "unfused"] = "flash"
     routing_replay: Literal["off", "r2", "r3"] = "r2"
+    loss_head: Literal["fused", "logits"] = "fused"
     gpu_memory_gib: tuple[float, ...] = (80.0,)
     headroom: float = 0.10
 
@@ -290,7 +296,7 @@ class RunSetup:
         if self.seq_length > self.micro_batch_tokens:
             raise ConfigError(c, "seq_length", f"<= micro_batch_tokens={self.micro_batch_tokens}", self.seq_length)
         for name, allowed in (("params_dtype", ("bf16", "fp32")), ("attention", ("flash", "unfused")),
-                              ("routing_replay", ("off", "r2", "r3"))):
+                              ("routing_replay", ("off", "r2", "r3")), ("loss_head", ("fused", "logits"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(c, name, f"one of {allowed}", getattr(self, name))
         if not isinstance(self.distributed_optimizer, bool):
@@ -443,11 +449,7 @@ def _stage_memory(m: ModelShape, lay: Layout, setup: RunSetup, stage: int) -> St
     if last:
         # final-norm input and the output layer's SP-shard input
         output_parts = 2 * b * m.hidden_size * tokens_sp
-        v_local = m.vocab_size // lay.tp
-        # Logits [tokens/cp, V/tp] in the model dtype, saved for the chunked log-prob backward, and their
-        # gradient of the same size at the start of the backward pass; one fp32 chunk of the log-prob path.
-        chunk = min(tokens_cp, max(1, LOGPROB_CHUNK_ELEMENTS // v_local)) * v_local * 4
-        logits = 2 * tokens_cp * v_local * b + chunk + tokens_cp * LOSS_BYTES_PER_TOKEN
+        logits = _loss_head_bytes(m, lay, setup, tokens_cp)
         parts["output_layer_inputs"] = output_parts
         parts["logits"] = logits
     activations = {
@@ -469,6 +471,24 @@ def _stage_memory(m: ModelShape, lay: Layout, setup: RunSetup, stage: int) -> St
     return StageMemory(stage=stage, layers=(layers.start, layers.stop - 1), in_flight=in_flight, params=params,
                        weights=weights, grads=grads, optimizer=optimizer, activations=activations,
                        activation_parts=parts, logits=logits, rl_extras=extras)
+
+
+def _loss_head_bytes(m: ModelShape, lay: Layout, setup: RunSetup, tokens_cp: int) -> int:
+    """The loss head's memory on the last stage for one micro-batch of `tokens_cp` tokens (the `logits` entry)."""
+    b = setup.param_bytes
+    v_local = m.vocab_size // lay.tp
+    stats = tokens_cp * LOSS_BYTES_PER_TOKEN
+    if setup.loss_head == "logits":
+        # Logits [tokens/cp, V/tp] in the model dtype, saved for the chunked log-prob backward, and their
+        # gradient of the same size at the start of the backward pass; one fp32 chunk of the log-prob path.
+        chunk = min(tokens_cp, max(1, LOGPROB_CHUNK_ELEMENTS // v_local)) * v_local * 4
+        return 2 * tokens_cp * v_local * b + chunk + stats
+    # The single pass (parallel/fused_lm_head_loss.py): one tile of logits, whose chunk holds whole sequences (a
+    # sequence up to twice the tile held whole), d W accumulated in fp32 (megatron's main_grad path), and
+    # d hidden [tokens/cp, H], formed in the forward pass and held until the backward.
+    seq_cp = setup.seq_length // lay.cp
+    rows = min(tokens_cp, max(FUSED_CHUNK_ELEMENTS // v_local, min(seq_cp, 2 * FUSED_CHUNK_ELEMENTS // v_local), 1))
+    return rows * v_local * b + v_local * m.hidden_size * 4 + tokens_cp * m.hidden_size * b + stats
 
 
 def routing_record_host_bytes(m: ModelShape, lay: Layout, setup: RunSetup) -> int:
