@@ -58,21 +58,27 @@ class SmallBatchMoELayer(MoELayer):
             return "shared-expert overlap (the dispatcher computes the shared experts)"
         return None
 
-    def _dense_ok(self, hidden_states: torch.Tensor, intermediate_tensors, padding_mask) -> bool:
-        limit = self.dense_rows_limit
-        if not limit or intermediate_tensors is not None or padding_mask is not None:
-            return False
-        if self.training or torch.is_grad_enabled():
-            return False
-        tokens = hidden_states.numel() // hidden_states.size(-1)
+    def dense_path_reason(self, tokens: int, limit: int) -> str | None:
+        """Why a no-grad, eval-mode forward of `tokens` tokens under the rows limit `limit` would take megatron's
+        dispatcher (None: the dense path). The embedded engine asks it before capturing a decode step."""
+        if not limit:
+            return "the dense path is off (dense_moe_rows = 0)"
         if tokens * self.num_local_experts > limit:
-            return False
+            return f"experts x rows = {self.num_local_experts} x {tokens} > dense_moe_rows = {limit}"
         reason = self.__dict__.get("_dense_reason", False)  # the configuration part, computed once
         if reason is False:
             reason = self.__dict__["_dense_reason"] = self.dense_reason()
         # Hooks come and go (the engine's fp8 knob): asked before routing, which must run once per forward
         # (R3 records every router call).
-        return reason is None and self.experts.unbatched_reason() is None
+        return reason if reason is not None else self.experts.unbatched_reason()
+
+    def _dense_ok(self, hidden_states: torch.Tensor, intermediate_tensors, padding_mask) -> bool:
+        if not self.dense_rows_limit or intermediate_tensors is not None or padding_mask is not None:
+            return False
+        if self.training or torch.is_grad_enabled():
+            return False
+        tokens = hidden_states.numel() // hidden_states.size(-1)
+        return self.dense_path_reason(tokens, self.dense_rows_limit) is None
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         if self._dense_ok(hidden_states, intermediate_tensors, padding_mask):

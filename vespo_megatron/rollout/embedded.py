@@ -376,12 +376,9 @@ class EmbeddedEngine:
                 continue
             if not isinstance(m, SmallBatchMoELayer):
                 return f"{name} is a {type(m).__name__}, without the dispatcher-free path"
-            why = m.dense_reason()
+            why = m.dense_path_reason(rows, self.cfg.dense_moe_rows)
             if why is not None:
                 return f"{name}: {why}"
-            if rows * m.num_local_experts > self.cfg.dense_moe_rows:
-                return (f"{name}: experts x rows = {m.num_local_experts} x {rows} > dense_moe_rows = "
-                        f"{self.cfg.dense_moe_rows}")
         return None
 
     def _check_graph_capture(self, graphs) -> None:
