@@ -10,8 +10,11 @@
 #      trainer's defaults: graphs and the fused single pass);
 #   3. bench/step_variants.py over the four: s / step, the rollout's share, whether pi / pi_old stays exactly 1
 #      and whether each variant makes the eager run step for step -> $OUT/step_variants.{md,json}.
-# VARIANTS picks the runs (default: the first four; the first is the reference); ENGINE_BENCH=0 skips step 1 and
-# ENGINE_ARGS replaces its size arguments.
+# VARIANTS picks the runs (default: the first four; the first is the reference; graphs_lag0: graphs with the
+# "all stopped?" flag read each step, as before round 13); ENGINE_BENCH=0 skips step 1 and ENGINE_ARGS replaces
+# its size arguments (one bench per line; "new: " first: this tree only). BASELINE_TREE=<dir with an older vespo_megatron/ and bench/> (e.g.
+# `git archive <commit> vespo_megatron bench | tar -x -C <dir>`): each engine bench runs with that code too, and a
+# variant named base_<variant> is <variant> run by that code (the same call, so the same card).
 # On CPU at toy size (tests/test_testbed.py style): WORK_DIR, PYTHON, WHEELS_DIR=none, BASE_DIR=<an HF base dir>,
 # ENGINE_ARGS="--size tiny", STEPS=2.
 set -uo pipefail
@@ -31,29 +34,49 @@ if [ -z "$BASE" ]; then
   $PY bench/base_pieces.py unpack "${BASE_PIECES_DIR:-.gpubase}" "$W/base" || exit 1
   BASE=$W/base/hf
 fi
+BT=${BASELINE_TREE:-}
+[ -z "$BT" ] || BT=$(cd "$BT" && pwd)
+if [ -n "$BT" ] && [ ! -e "$BT/vespo_megatron/patches" ]; then ln -s "$PWD/patches" "$BT/vespo_megatron/patches"; fi
 if [ "${ENGINE_BENCH:-1}" = 1 ]; then
-  echo "[$(el) s] engine bench"
-  # shellcheck disable=SC2086
-  $PY bench/engine_bench.py ${ENGINE_ARGS:---size testbed} --cuda-graphs --no-baseline --out "$OUT/engine" \
-    > "$OUT/engine/engine.log" 2>&1
-  echo "rc=$?"; grep -E "^\||CUDA graphs|^Correctness" "$OUT/engine/engine.log"
+  # one line of ENGINE_ARGS per bench (default: the issue's 512 x 256 shape), each run by this tree and, with
+  # BASELINE_TREE, by that one too (its own bench/engine_bench.py) unless the line starts with "new: "
+  k=0
+  while IFS= read -r args; do
+    [ -n "$args" ] || continue
+    k=$((k + 1))
+    trees=("$PWD")
+    if [ "${args#new: }" != "$args" ]; then args=${args#new: }; elif [ -n "$BT" ]; then trees+=("$BT"); fi
+    for tree in "${trees[@]}"; do
+      tag=$([ "$tree" = "$PWD" ] && echo new || echo base)
+      mkdir -p "$OUT/engine/$tag$k"
+      echo "[$(el) s] engine bench $tag $k: $args"
+      # shellcheck disable=SC2086
+      (cd "$tree" && PYTHONPATH=$W/site:$tree $PY bench/engine_bench.py $args --cuda-graphs --no-baseline \
+        --out "$OUT/engine/$tag$k" > "$OUT/engine/$tag$k/engine.log" 2>&1)
+      echo "rc=$?"; grep -E "^\||CUDA graphs|^Correctness|^# .*engine, " "$OUT/engine/$tag$k/engine.log"
+    done
+  done <<< "${ENGINE_ARGS:---size testbed}"
 fi
 RUN=(--loss grpo --rollout-correction tis --staleness 1 --micro-batch-size 128 --seed 0 --steps "$STEPS"
      --prompts-per-step 32 --group-size 8 --checkpoint-every 0 --threads 1 --no-console --hf-checkpoint "$BASE"
      --sft-steps 0 --base testbed --logprob-micro-batch-size 128 --eval-every 0 --eval-final-k 1
      --eval-max-problems 8 --out-dir "$W/variants")
-variant() {
+variant() {  # base_<variant>: the same variant run by BASELINE_TREE's code
   local name=$1; shift
-  echo "[$(el) s] run $name: $*"
-  $PY -m vespo_megatron.training.cli "${RUN[@]}" --run-name "$name" "$@" > "$OUT/$name.log" 2>&1
+  local tree=$PWD
+  if [ "${name#base_}" != "$name" ]; then tree=${BT:?base_ variants need BASELINE_TREE}; fi
+  echo "[$(el) s] run $name ($tree): $*"
+  (cd "$tree" && PYTHONPATH=$W/site:$tree $PY -m vespo_megatron.training.cli "${RUN[@]}" --run-name "$name" "$@" \
+    > "$OUT/$name.log" 2>&1)
   echo "rc=$?"; tail -n 3 "$OUT/$name.log" | cut -c1-200
 }
 # (since round 12 the trainer's defaults are graphs and the fused single pass: each variant names both)
 flags_of() {
-  case $1 in
+  case ${1#base_} in
     defaults*) echo "" ;;
     eager*) echo "--no-rollout-cuda-graphs --no-fused-lm-head" ;;
     graphs_check8*) echo "--rollout-cuda-graphs --rollout-stop-check-every 8 --no-fused-lm-head" ;;
+    graphs_lag0*) echo "--rollout-cuda-graphs --rollout-stop-read-lag 0 --no-fused-lm-head" ;;
     graphs*) echo "--rollout-cuda-graphs --no-fused-lm-head" ;;
     fused_single*) echo "--no-rollout-cuda-graphs --fused-lm-head --lm-head-single-pass" ;;
     *) echo "unknown variant $1" >&2; return 1 ;;

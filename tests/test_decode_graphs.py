@@ -9,6 +9,8 @@ Shape legend: [B] requests, [n] new tokens of one row.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -62,6 +64,13 @@ def _graphs(rank, world):
             events.clear()
             got.append(_summary(eng.generate(reqs, seed=s)))
             counts.append((events.count("capture"), events.count("replay")))
+        # the temperature and the number of stop ids per row are baked into a captured sampler: other values
+        # get their own graph set (and the eager results)
+        hot = [dataclasses.replace(r, temperature=0.5) for r in batches[0][0]]
+        stopping = [dataclasses.replace(r, stop_token_ids=(7, 9)) for r in batches[0][0]]
+        out["other_keys"] = [_summary(eng.generate(reqs, seed=15)) for reqs in (hot, stopping, batches[0][0])]
+        out["other_keys_ref"] = [_summary(eager.generate(reqs, seed=15)) for reqs in (hot, stopping, batches[0][0])]
+        out["sets"] = len(eng._graphs._sets)
         # a moved parameter drops the graphs; the next generation captures again and still decodes right
         p = next(model.parameters())
         p.data = p.data.clone()
@@ -98,6 +107,12 @@ def _assert_same(got, ref):
 def test_graph_replays_make_the_eager_generations(graphs):
     for got, ref in zip(graphs["got"], graphs["ref"], strict=True):
         _assert_same(got, ref)
+
+
+def test_temperature_and_stop_ids_get_their_own_graphs(graphs):
+    for got, ref in zip(graphs["other_keys"], graphs["other_keys_ref"], strict=True):
+        _assert_same(got, ref)
+    assert graphs["sets"] == 3  # the LRU keeps 3: (T = 0.5), (2 stop ids), (the first shape again)
 
 
 def test_each_position_is_captured_once_per_shape(graphs):
@@ -169,3 +184,24 @@ def test_a_run_may_resume_with_other_decoding_settings():
     now = config_record(config_from_argv(["--rollout-stop-check-every", "8"]))
     assert config_differences(old, now) == []
     assert config_differences(old, config_record(config_from_argv(["--async-lag", "2"])))  # what is trained: refused
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+@pytest.mark.parametrize("every", [1, 2])
+def test_stop_reader_reads_the_flag_of_lag_steps_ago(lag, every):
+    """`StopReader.poll` against a plain loop: it stops at the first step j (counted from 0) that is a read step
+    ((j + 1) % every == 0) with j >= lag and the flag of step j - lag set, or at the last position."""
+    from vespo_megatron.rollout.decode_state import StopReader
+
+    for first_done in (0, 2, 5, 40):
+        last = 20
+        reader = StopReader(every=every, lag=lag, last=last, device=torch.device("cpu"))
+        stopped_at = None
+        for j, pos in enumerate(range(3, last + 1)):
+            done = torch.tensor([j >= first_done, j >= first_done])
+            if reader.poll(pos, done):
+                stopped_at = j
+                break
+        want = next((j for j in range(last - 3 + 1) if (j + 1) % every == 0 and j >= lag and j - lag >= first_done),
+                    last - 3)
+        assert stopped_at == min(want, last - 3), (first_done, stopped_at, want)

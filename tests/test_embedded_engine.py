@@ -103,6 +103,22 @@ def _single(rank, world):
             h.remove()
         out[f"forwards_every{every}"] = len(calls_k[min(calls_k)])
     out["forwards_every1"] = len(calls[min(calls)])
+    # the flag read 2 steps late (what CUDA does by default, stop_read_lag): forced here on CPU
+    import vespo_megatron.rollout.embedded as embedded
+
+    class LateReader(embedded.StopReader):
+        def __init__(self, **kw):
+            super().__init__(**{**kw, "lag": 2})
+
+    real, embedded.StopReader = embedded.StopReader, LateReader
+    try:
+        calls_k, handles = _router_hooks(model)
+        out["kv_lag2"] = _summary(_engine(model, groups).generate(reqs, seed=11))
+        for h in handles:
+            h.remove()
+        out["forwards_lag2"] = len(calls_k[min(calls_k)])
+    finally:
+        embedded.StopReader = real
     P = out["prompt_lens"]
     out["forward_cap"] = max(P) + max(r.max_new_tokens for r in reqs) - min(P)  # positions p_min .. S - 1
     out["recompute"] = _summary(_engine(model, groups, kv_cache=False).generate(reqs, seed=11))
@@ -166,6 +182,16 @@ def test_stop_check_every_k_steps_gives_the_same_generations(single):
             assert a[0] == b[0] and a[2] == b[2] and torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
     f1, f3, f64 = single["forwards_every1"], single["forwards_every3"], single["forwards_every64"]
     assert f1 <= f3 < f1 + 3 and f1 < f64 <= single["forward_cap"]
+
+
+def test_a_late_stop_flag_gives_the_same_generations(single):
+    """The host reading "all rows stopped?" 2 steps late (CUDA's default, `stop_read_lag`): the same generations
+    bit for bit, and exactly 2 more forwards (the last row stopped before the last position a row can fill)."""
+    for a, b in zip(single["kv"], single["kv_lag2"], strict=True):
+        assert a[0] == b[0] and a[2] == b[2] and torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
+    f1 = single["forwards_every1"]
+    assert f1 + 2 <= single["forward_cap"]  # the check below can see the lag
+    assert single["forwards_lag2"] == f1 + 2
 
 
 def test_kv_cache_on_the_fused_attention_path_matches(single):

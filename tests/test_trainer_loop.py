@@ -60,6 +60,8 @@ def test_single_process_async_and_mismatch(tmp_path):
         assert "rollout_corr/tis_clip_frac" in values
         assert values["mismatch/kl_k3"] > 0 and values["mismatch/ppl_ratio"] > 0
         assert values["staleness/lag_1_plus" if step else "staleness/lag_0"] == 16  # every sample of the step
+        # the engine's share of the rollout's time, inside the step's
+        assert 0 < values["time/generate_s"] <= values["time/rollout_s"] <= values["time/step_s"]
 
 
 def test_old_logprob_pass_in_larger_micro_batches_changes_nothing(tmp_path):

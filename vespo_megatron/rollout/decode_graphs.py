@@ -4,26 +4,31 @@ Why: a KV-cached decode step of the testbed model is a few hundred small kernels
 Python costs more than running them (bench/results/engine_testbed_profile_cuda.txt: 1.77 s of host time
 against 0.24 s on the GPU). Replaying a captured graph launches the whole step at once.
 
+What a graph holds: the whole decode step, the model's forward and the sampler after it (softmax, the
+inverse-CDF draw, writing the token and its log-prob, counting, marking stopped rows; `decode_state`), so the
+host launches one graph per token and reads nothing back (the "all stopped?" flag is read late, without
+blocking: `decode_state.StopReader`). The sampler in the graph was measured against the forward alone in it
+(bench/results/engine_graphs_*.md).
+
 Why one graph per position: megatron's static inference context (`StaticInferenceContext`) writes a step's key
 and value at `sequence_len_offset` and attends over `[:offset + 1]` of the cache, both Python ints; a graph
-bakes them in, so the step at position p is its own graph. The set of graphs (and the KV cache they write)
-belongs to one batch shape (rows B, cache length S_ctx, whether routing is recorded) and is reused by every
+bakes them in (and the sampler's position too), so the step at position p is its own graph. The set of graphs
+(and the KV cache and decode state they read and write) belongs to one batch shape (rows B, cache length
+S_ctx, whether routing is recorded, the temperature and the number of stop ids per row) and is reused by every
 later generation of that shape, as long as the model's parameters stay where they are (the optimizer and the
 engine's weight swaps for `lag` write them in place; a moved parameter drops the graphs).
 
 How a position gets its graph: the first generation that reaches it runs the step eagerly (that result is
-the step's result: the warm-up capture needs), then captures the same step; later generations copy their
-token column into the static input and replay. Inputs and outputs live in buffers allocated outside the
-graphs (tokens [B, 1], positions [B, 1], logits [B, V], routing [L, B, K]); a graph's own tensors are freed
-after its capture, so all graphs share one memory pool of about one step's temporaries (replays run one at a
-time, in the decode loop's order). The decode loop's sampler runs eagerly after each replay.
+the step's result, and the warm-up capture needs), then captures the same step; later generations load their
+prompts, uniforms and limits into the set's `DecodeState` (static buffers allocated outside the graphs) and
+replay. A graph's own tensors are freed after its capture, so all graphs share one memory pool of about one
+step's temporaries (replays run one at a time, in the decode loop's order).
 
 What the step must allow (`graph_unsupported_reason`): no host reads inside the forward (the MoE layers on
 the dispatcher-free path, `dense_moe_rows`; the reference attention's decode step reads nothing), no
 collectives (one rank of model parallelism) and no random numbers drawn inside the forward (router noise).
 
-Shape legend: [B] rows, [B, 1] one decode position's input, [B, V] logits of one position, [L, B, K]
-recorded top-k experts per MoE layer for one position.
+Shape legend: [B] rows, [B, S_ctx] a set's token rows, [B, V] logits of one position.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import collections
 from collections.abc import Callable
 
 import torch
+
+from .decode_state import DecodeState
 
 __all__ = ["DecodeGraphs", "DecodeGraphSet", "graph_unsupported_reason", "context_length"]
 
@@ -70,15 +77,13 @@ def _cuda_capture(fn: Callable[[], None], pool) -> Callable[[], None]:
 
 
 class DecodeGraphSet:
-    """The graphs of one batch shape: their KV-cache context, static inputs / outputs and one graph per
-    position. `capture(fn, pool)` returns a replay of `fn` (CUDA graphs by default; tests pass a stand-in)."""
+    """The graphs of one batch shape: their KV-cache context, the decode state they read and write (static
+    buffers, `DecodeState.buffers`) and one graph per position. `capture(fn, pool)` returns a replay of `fn`
+    (CUDA graphs by default; tests pass a stand-in)."""
 
-    def __init__(self, context, rows: int, device: torch.device, *, capture=_cuda_capture):
+    def __init__(self, context, state: DecodeState, device: torch.device, *, capture=_cuda_capture):
         self.context = context
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [B, 1] static input
-        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)  # [B, 1]
-        self.logits: torch.Tensor | None = None  # [B, V] static output, allocated by the first step
-        self.routes: torch.Tensor | None = None  # [L, B, K] static output when routing is recorded
+        self.state = state
         self._replays: dict[int, Callable[[], None]] = {}
         self._capture = capture
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
@@ -90,41 +95,21 @@ class DecodeGraphSet:
     def num_graphs(self) -> int:
         return len(self._replays)
 
-    def step(self, pos: int, token_column: torch.Tensor,
-             forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]):
-        """The decode step predicting position `pos` from `token_column` [B, 1] (the tokens at pos - 1), with the
-        context's offset at pos - 1. `forward(tokens, positions)` runs the model on the static inputs and
-        returns ([B, V] logits, [L, B, K] routing or None). Returns the static (logits, routing) buffers,
-        valid until the next step."""
-        self.tokens.copy_(token_column)
-        self.positions.fill_(pos - 1)
+    def step(self, pos: int, run: Callable[[], None]) -> None:
+        """The decode step that samples position `pos`: `run()` runs it eagerly on `state` (forward, sampler,
+        update), with the context's offset at pos - 1. Replays its graph when there is one; else runs it (this
+        step's result and the capture's warm-up) and captures it for the next generations."""
         replay = self._replays.get(pos)
         if replay is not None:
             replay()
-            return self.logits, self.routes
+            return
+        run()
         if self.failed is not None:
-            return forward(self.tokens, self.positions)
-
-        def run() -> None:
-            logits, routes = forward(self.tokens, self.positions)
-            self.logits.copy_(logits)
-            if routes is not None:
-                self.routes.copy_(routes)
-
-        logits, routes = forward(self.tokens, self.positions)  # eager: this step's result and the warm-up
-        if self.logits is None:
-            self.logits = torch.empty_like(logits)
-        if routes is not None and self.routes is None:
-            self.routes = torch.empty_like(routes)
-        self.logits.copy_(logits)
-        if routes is not None:
-            self.routes.copy_(routes)
-        del logits, routes
+            return
         try:
-            self._replays[pos] = self._capture(run, self._pool)  # records only: the buffers keep this step's result
+            self._replays[pos] = self._capture(run, self._pool)  # records only: the state keeps this step's result
         except Exception as e:  # an op of this model that cannot be captured (a host read, a collective)
             self.failed = f"capturing the decode step at position {pos} failed: {type(e).__name__}: {e}"
-        return self.logits, self.routes
 
 
 class DecodeGraphs:
@@ -149,17 +134,22 @@ class DecodeGraphs:
     def _parameter_addresses(self) -> tuple[int, ...]:
         return tuple(p.data_ptr() for p in self._model.parameters())
 
-    def get(self, rows: int, positions: int, record: bool, device: torch.device) -> DecodeGraphSet:
-        """The set for `rows` rows of up to `positions` positions (its context reset for a new generation)."""
+    def get(self, rows: int, positions: int, record: bool, device: torch.device, *, temperature: float,
+            stop_width: int) -> DecodeGraphSet:
+        """The set for `rows` rows of up to `positions` positions, sampling at `temperature` with `stop_width`
+        stop ids per row (both are baked into the captured sampler), its context reset for a new generation."""
         where = self._parameter_addresses()
         if where != self._where:
             self._sets.clear()
             self._where = where
             self.dropped += 1
-        key = (rows, context_length(positions), record)
+        length = context_length(positions)
+        key = (rows, length, record, temperature, stop_width)
         graph_set = self._sets.pop(key, None)
         if graph_set is None:
-            graph_set = DecodeGraphSet(self._make_context(rows, key[1]), rows, device, capture=self._capture)
+            graph_set = DecodeGraphSet(self._make_context(rows, length),
+                                       DecodeState.buffers(rows, length, stop_width, device), device,
+                                       capture=self._capture)
             while len(self._sets) >= self._max_sets:
                 self._sets.popitem(last=False)
         self._sets[key] = graph_set  # most recently used last

@@ -14,12 +14,15 @@ recomputed for every position (the reference the cache is tested against). Both 
 sampler: row b's k-th new token is the inverse-CDF draw of a uniform u[b, k] pre-drawn from `seed`, so equal
 probabilities give equal tokens whatever the batching.
 
+The loop's state (rows, uniforms, log-probs, counts, stopped rows) and its sampler are `decode_state`'s.
 `dense_moe_rows` > 0 lets the MoE layers skip megatron's dispatcher on the cached path's small forwards (decode
 steps): every expert on every token, masked, no host read (`megatron.small_batch_moe`); `stop_check_every` > 1
-reads the loop's "all rows stopped?" on the host only every that many steps (stopped rows ride along, unchanged).
-`cuda_graphs` (the default) replays each decode step as a CUDA graph captured once per position and batch shape
-(`rollout.decode_graphs`: the same kernels, so the same tokens; CPU runs and layouts it cannot serve decode
-eagerly, with the reason in `graph_reason`; a capture that fails turns graphs off for the engine, with a warning).
+reads the loop's "all rows stopped?" on the host only every that many steps, and on CUDA the flag read is
+`stop_read_lag` steps old, copied without blocking (stopped rows ride along, unchanged).
+`cuda_graphs` (the default) replays each decode step, forward and sampler, as a CUDA graph captured once per
+position and batch shape (`rollout.decode_graphs`: the same kernels, so the same tokens; CPU runs and layouts it
+cannot serve decode eagerly, with the reason in `graph_reason`; a capture that fails turns graphs off for the
+engine, with a warning).
 
 A real train/inference mismatch can be switched on: `precision="bf16"` runs the engine's forward under bf16
 autocast while the trainer stays in fp32; `fp8` fake-quantises the attention and expert GEMMs (e4m3, per
@@ -61,9 +64,10 @@ from vespo_megatron.routing import RoutingRecord
 from vespo_megatron.routing.record import compact_dtype
 
 from .decode_graphs import DecodeGraphs, graph_unsupported_reason
+from .decode_state import DecodeState, StopReader
 from .embedded_config import EmbeddedEngineConfig
 from .engine import Generation, GenerationRequest, PolicyWeights, SampleError
-from .kv_cache import inverse_cdf_sample, kv_cache_unsupported_reason, sequence_parallel_off
+from .kv_cache import kv_cache_unsupported_reason, sequence_parallel_off
 from .mismatch import engine_mismatch
 
 __all__ = ["EmbeddedEngineConfig", "EmbeddedEngine"]
@@ -255,102 +259,79 @@ class EmbeddedEngine:
                     RouterReplay.clear_global_indices()
                 self.model.train()
         version = self.weight_version
-        rows, lengths, out_lp, n_new = rows.cpu(), lengths.cpu(), out_lp.cpu(), n_new.cpu()
+        # to Python lists once: per-row tensor slices cost a few microseconds each, for every row of every rollout
+        rows, lengths, out_lp, n_new = rows.tolist(), lengths.tolist(), out_lp.tolist(), n_new.tolist()
         routes = routes.cpu() if record else None
         out = []
         for b, r in enumerate(requests):
-            P, n = len(r.prompt_ids), int(n_new[b])
-            ids = tuple(rows[b, P : P + n].tolist())
+            P, n = len(r.prompt_ids), n_new[b]
+            ids = tuple(rows[b][P : P + n])
             out.append(Generation(
                 sample_id=r.sample_id, prompt_ids=tuple(r.prompt_ids), output_ids=ids,
-                output_logprobs=tuple(out_lp[b, :n].tolist()), weight_version=version,
+                output_logprobs=tuple(out_lp[b][:n]), weight_version=version,
                 finish_reason="stop" if ids and ids[-1] == self.eos_id else "length",
-                routing=self._routing_record(r, routes, b, int(lengths[b])) if record else None,
+                routing=self._routing_record(r, routes, b, lengths[b]) if record else None,
             ))
         return out
 
     @torch.no_grad()
     def _decode(self, requests, seed: int, temperature: float, cached: bool, record: bool):
-        """The decode loop shared by both paths. Returns rows [B, S], lengths [B], log-probs [B, N], new-token
-        counts [B] and (cached + record) the recorded routing [L, S, B, K] (else None)."""
+        """The decode loop shared by both paths. Returns rows [B, S'], lengths [B], log-probs [B, N'], new-token
+        counts [B] and (cached + record) the recorded routing [L, S', B, K] (else None); S' >= S, N' >= N."""
         device = self._device()
         B = len(requests)
         N = max(r.max_new_tokens for r in requests)
-        prompt_len = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
-        max_new = torch.tensor([r.max_new_tokens for r in requests], device=device)
-        p_min, p_max = int(prompt_len.min()), int(prompt_len.max())
+        p_min = min(len(r.prompt_ids) for r in requests)
         if p_min < 1:
             raise ValueError("GenerationRequest.prompt_ids: expected at least one token, got an empty prompt")
-        S = p_max + N  # every position a row can fill
-        rows = torch.zeros(B, round_up(S, max(self._pad_multiple, 1)), dtype=torch.long)
-        for b, r in enumerate(requests):
-            rows[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        rows = rows.to(device)  # one copy, not one per row
-        stops = [(self.eos_id, *r.stop_token_ids) for r in requests]
-        width = max(len(x) for x in stops)
-        stop = torch.tensor([x + (x[0],) * (width - len(x)) for x in stops], device=device)  # [B, width]
-        u = torch.rand(B, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
-        out_lp = torch.zeros(B, N, dtype=torch.float64, device=device)
-        n_new = torch.zeros(B, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        arange = torch.arange(B, device=device)
-        routes = None
-        graphs = self._graph_set(B, S, record, device) if cached else None
-        context = graphs.context if graphs is not None else static_inference_context(B, S) if cached else None
+        S = max(len(r.prompt_ids) for r in requests) + N  # every position a row can fill
+        start = DecodeState.new(requests, eos_id=self.eos_id, width=round_up(S, max(self._pad_multiple, 1)),
+                                seed=seed, device=device)
+        graphs = (self._graph_set(B, S, record, device, temperature=temperature, stop_width=start.stop.size(1))
+                  if cached else None)
+        if graphs is not None:  # the set's static buffers: what its graphs read and write
+            state = graphs.state
+            state.load_(start)
+            context = graphs.context
+        else:
+            state = start
+            context = static_inference_context(B, S) if cached else None
 
-        def forward(tokens: torch.Tensor, positions: torch.Tensor):
-            """The cached forward of positions[0] .. : ([B, V] logits of the last one or None, [L, s*B, K]
-            routing (s-major) or None)."""
-            local = self._run_forward(tokens, positions, context)
-            step = torch.stack([r.to(device) for r in RouterReplay.get_recorded_data()]) if record else None
-            return None if local is None else local[:, -1, : self.vocab_size], step
-
-        def logits_at(pos: int) -> torch.Tensor | None:
-            """[B, V] logits predicting position `pos` of every row (runs the forward for it)."""
-            nonlocal routes
-            if not cached:
-                return self._recompute_logits(rows, pos - 1)
-            start = 0 if context.sequence_len_offset == 0 else pos - 1
-            if graphs is not None and start > 0:  # a decode step: replayed (captured the first time)
-                logits, step = graphs.step(pos, rows[:, start:pos], forward)
-            else:
-                logits, step = forward(rows[:, start:pos], torch.arange(start, pos, device=device).expand(B, -1))
-            context.increment_sequence_len_offset(pos - start)
-            context.enable_decode_mode()
+        def step_at(first: int, pos: int) -> None:
+            """Sample position `pos` of every row from a cached forward over positions [first, pos)."""
+            local = self._run_forward(state.rows[:, first:pos], torch.arange(first, pos, device=device).expand(B, -1),
+                                      context)
             if record:
-                if routes is None:
-                    routes = torch.zeros(step.size(0), S, B, step.size(-1), dtype=step.dtype, device=device)
-                routes[:, start:pos] = step.reshape(step.size(0), pos - start, B, -1)
-            return logits
+                state.record(torch.stack([r.to(device) for r in RouterReplay.get_recorded_data()]), first, pos)
+            logits = None if local is None else local[:, -1, : self.vocab_size]
+            state.advance(self._broadcast_from_last_stage(state.sample(logits, temperature)), pos)
 
+        # on CPU reading the flag costs no sync: read each step's own
+        lag = self.cfg.stop_read_lag if device.type == "cuda" else 0
+        stop = StopReader(every=self.cfg.stop_check_every, lag=lag, last=S - 1, device=device)
         pos = p_min
         while True:
-            logits = logits_at(pos)
-            step = torch.zeros(B, 2, dtype=torch.float64, device=device)  # (token, log-prob)
-            if logits is not None:
-                logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-                tok = inverse_cdf_sample(logp, u[arange, n_new.clamp(max=N - 1)])
-                step[:, 0] = tok.double()
-                step[:, 1] = logp.gather(1, tok[:, None]).squeeze(1).double()
-            step = self._broadcast_from_last_stage(step)
-            tok = step[:, 0].long()
-            sampling = ~done & (pos >= prompt_len)  # rows whose position `pos` is a new token
-            rows[:, pos] = torch.where(sampling, tok, rows[:, pos])  # rows inside their prompt keep it
-            slot = n_new.clamp(max=N - 1)
-            out_lp[arange, slot] = torch.where(sampling, step[:, 1], out_lp[arange, slot])
-            n_new += sampling.long()
-            hit = (tok[:, None] == stop).any(dim=1)
-            done |= sampling & (hit | (n_new >= max_new))
-            # Every row has stopped by position S - 1 (its prompt plus its max_new_tokens), so the loop ends
-            # there at the latest; in between, the host reads `done` every stop_check_every steps only.
-            if (pos + 1 >= S or (pos - p_min + 1) % self.cfg.stop_check_every == 0) and bool(done.all()):
+            if not cached:
+                logits = self._recompute_logits(state.rows, pos - 1)
+                state.advance(self._broadcast_from_last_stage(state.sample(logits, temperature)), pos)
+            else:
+                first = 0 if context.sequence_len_offset == 0 else pos - 1  # the prefill, then one position a step
+                if graphs is not None and first > 0:  # a decode step: replayed (captured the first time)
+                    graphs.step(pos, lambda pos=pos: step_at(pos - 1, pos))
+                else:
+                    step_at(first, pos)
+                context.increment_sequence_len_offset(pos - first)
+                context.enable_decode_mode()
+            # Every row has stopped by position S - 1 (its prompt plus its max_new_tokens): the loop ends there
+            # at the latest; before, when the host's (late, non-blocking) read of "all stopped" says so.
+            if stop.poll(pos, state.done):
                 break
             pos += 1
         self._check_graph_capture(graphs)
-        lengths = prompt_len + n_new
-        return rows, lengths, out_lp, n_new, routes
+        lengths = state.prompt_len + state.n_new
+        return state.rows, lengths, state.out_lp, state.n_new, state.routes if record else None
 
-    def _graph_set(self, rows: int, positions: int, record: bool, device: torch.device):
+    def _graph_set(self, rows: int, positions: int, record: bool, device: torch.device, **key):
         """The CUDA-graph set for this generation's shape, or None (graphs off, or the layout cannot capture
         its decode step: `graph_reason`, logged once per reason)."""
         if self._graphs is None:
@@ -365,7 +346,7 @@ class EmbeddedEngine:
             log = logger.info if device.type != "cuda" else logger.warning
             log("embedded engine: decoding without CUDA graphs (%s)", reason)
         self.graph_reason = reason
-        return None if reason is not None else self._graphs.get(rows, positions, record, device)
+        return None if reason is not None else self._graphs.get(rows, positions, record, device, **key)
 
     def _moe_dispatcher_reason(self, rows: int) -> str | None:
         """Why some MoE layer of the model would take megatron's dispatcher in a decode step of `rows` rows

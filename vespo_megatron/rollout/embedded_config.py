@@ -27,7 +27,9 @@ class EmbeddedEngineConfig:
     stop_check_every: read "have all rows stopped?" to the host every this many decode steps (1: every step;
     a device sync each on CUDA). Rows that stopped only ride along, so the tokens are the same; up to this many
     - 1 steps run after the last row stopped. Default 1: every 8 steps made no difference the H100 could tell
-    from its run-to-run spread. cuda_graphs: replay each KV-cached decode step as a CUDA graph, captured the
+    from its run-to-run spread. stop_read_lag: on CUDA the flag the host reads is the one of this many steps
+    before, copied without blocking, so the host keeps queueing steps while the device runs them (0: this step's,
+    a sync each); up to this many steps run after the last row stopped, with the same tokens. cuda_graphs: replay each KV-cached decode step as a CUDA graph, captured the
     first time a position is decoded for a batch shape and kept for later generations (`rollout.decode_graphs`:
     the same kernels, without the host's launch cost). On by default since an H100 timed it: 80,900-81,800 new
     tokens/s against 45,100-48,600 eager (testbed model, 512 x 256), the testbed's N = 1 step 0.94-1.19 -> 0.31-0.38 s,
@@ -42,6 +44,7 @@ class EmbeddedEngineConfig:
     router_noise: float = 0.0
     dense_moe_rows: int = 8192
     stop_check_every: int = 1
+    stop_read_lag: int = 2
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
@@ -53,5 +56,6 @@ class EmbeddedEngineConfig:
         check_float("EmbeddedEngineConfig", "router_noise", self.router_noise, nonnegative=True)
         check_int("EmbeddedEngineConfig", "dense_moe_rows", self.dense_moe_rows, low=0)
         check_int("EmbeddedEngineConfig", "stop_check_every", self.stop_check_every, low=1, high=1024)
+        check_int("EmbeddedEngineConfig", "stop_read_lag", self.stop_read_lag, low=0, high=64)
         if not isinstance(self.cuda_graphs, bool):
             raise ConfigError("EmbeddedEngineConfig", "cuda_graphs", "a bool", self.cuda_graphs)

@@ -61,6 +61,7 @@ FLAGS = {
     "rollout.embedded.router_noise": "--rollout-router-noise",
     "rollout.embedded.dense_moe_rows": "--rollout-dense-moe-rows",
     "rollout.embedded.stop_check_every": "--rollout-stop-check-every",
+    "rollout.embedded.stop_read_lag": "--rollout-stop-read-lag",
     "rollout.embedded.cuda_graphs": "--rollout-cuda-graphs",
     "algorithm.loss_config.rollout_correction.mode": "--rollout-correction",
     "algorithm.loss_config.rollout_correction.level": "--rollout-correction-level",
@@ -105,6 +106,8 @@ HELPS = {
                                        "(decode steps; default 8192: 512 rows at 16 experts); 0: off",
     "rollout.embedded.stop_check_every": "embedded engine: check whether every row has stopped every this many "
                                          "decode steps (a device sync each; stopped rows ride along unchanged)",
+    "rollout.embedded.stop_read_lag": "embedded engine on CUDA: the 'all stopped?' flag read is this many steps "
+                                      "old, copied without blocking (0: each step's own, a sync each)",
     "rollout.embedded.cuda_graphs": "embedded engine: replay each decode step as a CUDA graph (captured once per "
                                     "position and batch shape; CUDA, one model-parallel rank, no router noise, "
                                     "else eager with the reason logged); --no-rollout-cuda-graphs: always eager",

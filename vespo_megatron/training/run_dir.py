@@ -51,6 +51,7 @@ MAY_DIFFER = (
     "algorithm.logprob_micro_batch_size",  # how the old-log-prob pass is packed (the same mu); absent from older runs
     # how the embedded engine decodes (the same tokens; tests/test_decode_graphs.py, test_small_batch_moe.py)
     "rollout.embedded.cuda_graphs", "rollout.embedded.dense_moe_rows", "rollout.embedded.stop_check_every",
+    "rollout.embedded.stop_read_lag",
 )
 
 

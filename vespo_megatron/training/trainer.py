@@ -200,7 +200,9 @@ class Trainer:
                                                                        (g.dp_rank + 1) * per_rank]
         requests = self.requests(str(step), problems, cfg.rollout.group_size, cfg.rollout.temperature, routing=r3)
         groups_of = [i for i in range(len(problems)) for _ in range(cfg.rollout.group_size)]
+        t_generate = time.time()
         gens = self.engine.generate(requests, seed=sampling_seed(cfg.run.seed, step, g.dp_rank))
+        t_generate = time.time() - t_generate
         before = self.rejections.total()
         samples, scored = build_samples(
             gens, groups_of,
@@ -230,7 +232,8 @@ class Trainer:
             metrics.update(all_reduce_metrics(routing, dist.group.WORLD if dist.is_initialized() else None))
         values = derive_mismatch(finalize_metrics(metrics))
         values.update(task_counters(self.rejections, self.rewards, self.task))
-        values.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout, "weight_version": step + 1})
+        values.update({"time/step_s": time.time() - t0, "time/rollout_s": t_rollout, "time/generate_s": t_generate,
+                       "weight_version": step + 1})
         if torch.cuda.is_available():  # this (logging) rank's peak; every rank of a balanced layout is alike
             values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return values
