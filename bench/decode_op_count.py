@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--size", choices=("testbed", "testbed_run"), default="testbed",
+                   help="engine_bench's model size (testbed_run: the model the testbed's runs train)")
     p.add_argument("--dense-moe-rows", type=int, default=0,
                    help="EmbeddedEngineConfig.dense_moe_rows (0: megatron's dispatcher in every MoE layer)")
     p.add_argument("--out", default="bench/results/decode_op_count_cpu.md")
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     from vespo_megatron.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
 
     reference_attention.FUSED_KERNELS = True  # the path CUDA takes
-    size = engine_bench.SIZES["testbed"]
+    size = engine_bench.SIZES[args.size]
     prompt = size["prompt"][0]
     cfg = TinyMoEConfig(**size["model"], seq_length=prompt + args.steps + 8, init_method_std=0.05)
     layout = ParallelConfig()
@@ -61,9 +63,9 @@ def main(argv=None) -> int:
     forwards = args.steps + 1  # the prefill and the decode steps: one forward each
     total, reads = sum(counter.by_source.values()), sum(counter.syncs.values())
     sized = sum(counter.data_sized.values())
-    command = f"python bench/decode_op_count.py --rows {args.rows} --steps {args.steps}" + (
+    command = f"python bench/decode_op_count.py --size {args.size} --rows {args.rows} --steps {args.steps}" + (
         f" --dense-moe-rows {args.dense_moe_rows}" if args.dense_moe_rows else "")
-    lines = [f"# Ops of one decode step of the embedded engine on CPU (testbed model, {args.rows} rows)", "",
+    lines = [f"# Ops of one decode step of the embedded engine on CPU ({args.size} model, {args.rows} rows)", "",
              f"`{command}` (torch {torch.__version__}, "
              "random weights, KV cache, fused attention path forced; counts over one generation of one prefill and "
              f"{args.steps} decode steps, divided by its {forwards} forward calls).", "",

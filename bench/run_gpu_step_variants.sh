@@ -11,7 +11,8 @@
 #   3. bench/step_variants.py over the four: s / step, the rollout's share, whether pi / pi_old stays exactly 1
 #      and whether each variant makes the eager run step for step -> $OUT/step_variants.{md,json}.
 # VARIANTS picks the runs (default: the first four; the first is the reference; graphs_lag0: graphs with the
-# "all stopped?" flag read each step, as before round 13); ENGINE_BENCH=0 skips step 1 and ENGINE_ARGS replaces
+# "all stopped?" flag read each step, as before round 13; a name with _p64 runs 64 prompts x 8, the testbed
+# config's rollout batch, instead of the sweeps' 32 x 8); ENGINE_BENCH=0 skips step 1 and ENGINE_ARGS replaces
 # its size arguments (one bench per line; "new: " first: this tree only). BASELINE_TREE=<dir with an older vespo_megatron/ and bench/> (e.g.
 # `git archive <commit> vespo_megatron bench | tar -x -C <dir>`): each engine bench runs with that code too, and a
 # variant named base_<variant> is <variant> run by that code (the same call, so the same card).
@@ -86,6 +87,7 @@ read -ra NAMES <<< "${VARIANTS:-eager graphs graphs_check8 fused_single}"
 dirs=()
 for name in "${NAMES[@]}"; do
   flags=$(flags_of "$name") || exit 1
+  case $name in *_p64*) flags="$flags --prompts-per-step 64" ;; esac  # the testbed config's 64 x 8 batch
   # shellcheck disable=SC2086
   variant "$name" $flags
   dirs+=("$W/variants/$name")

@@ -8,7 +8,7 @@ What a graph holds: the whole decode step, the model's forward and the sampler a
 inverse-CDF draw, writing the token and its log-prob, counting, marking stopped rows; `decode_state`), so the
 host launches one graph per token and reads nothing back (the "all stopped?" flag is read late, without
 blocking: `decode_state.StopReader`). The sampler in the graph was measured against the forward alone in it
-(bench/results/engine_graphs_*.md).
+(bench/results/engine_round13_h100/: 92,050 new tokens/s against 86,578 at 512 x 256).
 
 Why one graph per position: megatron's static inference context (`StaticInferenceContext`) writes a step's key
 and value at `sequence_len_offset` and attends over `[:offset + 1]` of the cache, both Python ints; a graph

@@ -29,12 +29,16 @@ class EmbeddedEngineConfig:
     - 1 steps run after the last row stopped. Default 1: every 8 steps made no difference the H100 could tell
     from its run-to-run spread. stop_read_lag: on CUDA the flag the host reads is the one of this many steps
     before, copied without blocking, so the host keeps queueing steps while the device runs them (0: this step's,
-    a sync each); up to this many steps run after the last row stopped, with the same tokens. cuda_graphs: replay each KV-cached decode step as a CUDA graph, captured the
-    first time a position is decoded for a batch shape and kept for later generations (`rollout.decode_graphs`:
-    the same kernels, without the host's launch cost). On by default since an H100 timed it: 80,900-81,800 new
-    tokens/s against 45,100-48,600 eager (testbed model, 512 x 256), the testbed's N = 1 step 0.94-1.19 -> 0.31-0.38 s,
-    and its generations bitwise the eager engine's under bf16 + fp8, R3 and lag (bench/results/
-    engine_graphs_h100.md). It needs CUDA, one model-parallel rank, the dispatcher-free MoE path and no router
+    a sync each); up to this many steps run after the last row stopped, with the same tokens. Default 2: on an H100
+    it made no difference in the testbed's N = 1 step (engine 0.115 s both, bench/results/engine_round13_h100/),
+    where the replayed decode is bound by the GPU; it keeps a host that is slower than the GPU from idling it
+    between steps. cuda_graphs: replay each KV-cached decode step, forward and sampler, as a CUDA graph,
+    captured the first time a position is decoded for a batch shape and kept for later generations
+    (`rollout.decode_graphs`: the same kernels, without the host's launch cost). On by default since an H100 timed
+    it: 80,900-81,800 new tokens/s against 45,100-48,600 eager (testbed model, 512 x 256), the testbed's N = 1 step
+    0.94-1.19 -> 0.31-0.38 s, and its generations bitwise the eager engine's under bf16 + fp8, R3 and lag
+    (bench/results/engine_graphs_h100.md); with the sampler in the graph 92,050 against 86,578 for the forward
+    alone, in one call (bench/results/engine_round13_h100/). It needs CUDA, one model-parallel rank, the dispatcher-free MoE path and no router
     noise; otherwise the engine decodes eagerly and says why (`EmbeddedEngine.graph_reason`)."""
 
     precision: str = "fp32"
