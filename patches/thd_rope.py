@@ -79,7 +79,7 @@ def _packed_freqs(cu_seqlens, freqs, num_local: int, cp_group) -> torch.Tensor:
     key = (cu_seqlens, cu_seqlens._version, freqs, freqs._version, num_local, cp_group.size(), cp_group.rank())
     last = _LAST[0]
     if last is not None and len(last) == len(key) and all(a is b or (type(a) is int and a == b)
-                                                            for a, b in zip(last, key)):
+                                                            for a, b in zip(last, key, strict=True)):
         return _LAST[1]
     rows = freqs[packed_positions(cu_seqlens, num_local, cp_group.size(), cp_group.rank(), freqs.size(0))]
     if not freqs.requires_grad:

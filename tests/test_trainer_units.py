@@ -11,6 +11,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from vespo_megatron.base.validation import ConfigError
 from vespo_megatron.losses import VespoConfig
@@ -89,6 +90,12 @@ def test_bad_generations_are_rejected_and_counted():
     assert rej.examples["empty_response"] == "s1"
     assert [s.generation.sample_id for s in scored] == ["s0", "s4"]
     assert len(samples) == 2 and samples[0].response.tolist() == [4, 2]
+    for sample, gen in zip(samples, (gens[0], gens[4]), strict=True):  # each sample its own generation's values
+        assert sample.prompt.tolist() == list(gen.prompt_ids) and sample.response.tolist() == list(gen.output_ids)
+        want = torch.tensor(gen.output_logprobs, dtype=torch.float32)
+        assert torch.equal(sample.old_logp, want) and torch.equal(sample.rollout_logp, want)
+        # the trainer replaces old_logp; the engine's log-probs must not share its storage
+        assert sample.old_logp.untyped_storage().data_ptr() != sample.rollout_logp.untyped_storage().data_ptr()
     # Missing routing when routing replay needs it:
     rej2 = Rejections()
     build_samples(gens[:1], [0], lambda idx, g: [1.0] * len(idx), rej2, vocab_size=64, routing=(2, 2))

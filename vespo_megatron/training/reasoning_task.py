@@ -164,7 +164,7 @@ class ReasoningTask:
 
     def final_answer(self, output_ids) -> str | None:
         """The text after the last `=>` of an output that ended with <eos>; None if it did not."""
-        ids = [int(i) for i in output_ids]
+        ids = list(map(int, output_ids))
         if self.tok.EOS not in ids:
             return None  # cut at max_new_tokens
         text = self.tok.decode(ids[: ids.index(self.tok.EOS)])

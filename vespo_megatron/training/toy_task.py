@@ -35,7 +35,8 @@ class CharTokenizer:
             raise ValueError(f"text: character {e.args[0]!r} is not in the tokenizer's alphabet {self.CHARS!r}") from None
 
     def decode(self, ids) -> str:
-        return "".join(self._to_char.get(int(i), "?") for i in ids if int(i) not in (self.PAD, self.BOS, self.EOS))
+        special, to_char = (self.PAD, self.BOS, self.EOS), self._to_char
+        return "".join([to_char.get(i, "?") for i in map(int, ids) if i not in special])
 
 
 @dataclass(frozen=True, kw_only=True)
