@@ -171,17 +171,22 @@ def test_config_and_flag():
     with pytest.raises(ConfigError, match="cuda_graphs"):
         EmbeddedEngineConfig(cuda_graphs=1)
     assert config_from_argv(["--no-rollout-cuda-graphs"]).rollout.embedded.cuda_graphs is False
+    assert EmbeddedEngineConfig().stop_read_lag == 2
+    assert config_from_argv(["--rollout-stop-read-lag", "0"]).rollout.embedded.stop_read_lag == 0
+    with pytest.raises(ConfigError, match="stop_read_lag"):
+        EmbeddedEngineConfig(stop_read_lag=-1)
 
 
 def test_a_run_may_resume_with_other_decoding_settings():
     """How the engine decodes is not what is trained: a run resumes across cuda_graphs / dense_moe_rows /
-    stop_check_every (and across the default change, from records that lack the field)."""
+    stop_check_every / stop_read_lag (and across the default change, from records that lack the field)."""
     from vespo_megatron.training.cli import config_from_argv
     from vespo_megatron.training.run_dir import config_differences, config_record
 
     old = config_record(config_from_argv(["--no-rollout-cuda-graphs", "--rollout-dense-moe-rows", "0"]))
-    del old["rollout"]["embedded"]["cuda_graphs"]  # a record from before the field
-    now = config_record(config_from_argv(["--rollout-stop-check-every", "8"]))
+    del old["rollout"]["embedded"]["cuda_graphs"]  # a record from before the fields
+    del old["rollout"]["embedded"]["stop_read_lag"]
+    now = config_record(config_from_argv(["--rollout-stop-check-every", "8", "--rollout-stop-read-lag", "0"]))
     assert config_differences(old, now) == []
     assert config_differences(old, config_record(config_from_argv(["--async-lag", "2"])))  # what is trained: refused
 
