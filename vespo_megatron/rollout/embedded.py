@@ -297,14 +297,17 @@ class EmbeddedEngine:
             state = start
             context = static_inference_context(B, S) if cached else None
 
+        def take(logits: torch.Tensor | None, pos: int) -> None:
+            """Sample position `pos` of every row from its [B, V] logits (None off the last pipeline stage)."""
+            state.advance(self._broadcast_from_last_stage(state.sample(logits, temperature)), pos)
+
         def step_at(first: int, pos: int) -> None:
             """Sample position `pos` of every row from a cached forward over positions [first, pos)."""
             local = self._run_forward(state.rows[:, first:pos], torch.arange(first, pos, device=device).expand(B, -1),
                                       context)
             if record:
                 state.record(torch.stack([r.to(device) for r in RouterReplay.get_recorded_data()]), first, pos)
-            logits = None if local is None else local[:, -1, : self.vocab_size]
-            state.advance(self._broadcast_from_last_stage(state.sample(logits, temperature)), pos)
+            take(None if local is None else local[:, -1, : self.vocab_size], pos)
 
         # on CPU reading the flag costs no sync: read each step's own
         lag = self.cfg.stop_read_lag if device.type == "cuda" else 0
@@ -312,8 +315,7 @@ class EmbeddedEngine:
         pos = p_min
         while True:
             if not cached:
-                logits = self._recompute_logits(state.rows, pos - 1)
-                state.advance(self._broadcast_from_last_stage(state.sample(logits, temperature)), pos)
+                take(self._recompute_logits(state.rows, pos - 1), pos)
             else:
                 first = 0 if context.sequence_len_offset == 0 else pos - 1  # the prefill, then one position a step
                 if graphs is not None and first > 0:  # a decode step: replayed (captured the first time)
