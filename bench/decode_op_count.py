@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=20)
-    p.add_argument("--size", choices=("testbed", "testbed_run"), default="testbed",
+    p.add_argument("--size", choices=sorted(engine_bench.SIZES), default="testbed",
                    help="engine_bench's model size (testbed_run: the model the testbed's runs train)")
     p.add_argument("--dense-moe-rows", type=int, default=0,
                    help="EmbeddedEngineConfig.dense_moe_rows (0: megatron's dispatcher in every MoE layer)")

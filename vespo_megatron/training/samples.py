@@ -120,10 +120,10 @@ def build_samples(
     advs = advantages([s.reward for s in kept], [s.group for s in kept], adv_eps)
     scored = [ScoredSample(s.generation, s.reward, s.group, a) for s, a in zip(kept, advs, strict=True)]
     gens = [s.generation for s in scored]
-    prompts = _pieces([g.prompt_ids for g in gens], torch.long)
-    responses = _pieces([g.output_ids for g in gens], torch.long)
-    old_logps = _pieces([g.output_logprobs for g in gens], torch.float32)
-    rollout_logps = _pieces([g.output_logprobs for g in gens], torch.float32)  # its own storage: old_logp is replaced
+    (prompts,) = _pieces([g.prompt_ids for g in gens], torch.long)
+    (responses,) = _pieces([g.output_ids for g in gens], torch.long)
+    # rollout_logp in storage of its own: the trainer replaces old_logp
+    old_logps, rollout_logps = _pieces([g.output_logprobs for g in gens], torch.float32, copies=2)
     samples = [
         RLSample(prompt=p, response=r, old_logp=lo, rollout_logp=lr, advantage=s.advantage,
                  routing=s.generation.routing if routing is not None else None)
@@ -132,10 +132,11 @@ def build_samples(
     return samples, scored
 
 
-def _pieces(seqs: list, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """One tensor per sequence of `seqs`, made as one tensor and split (views): a few hundred small
-    torch.tensor calls per rollout cost milliseconds of the step."""
+def _pieces(seqs: list, dtype: torch.dtype, copies: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    """`copies` times one tensor per sequence of `seqs`, each copy one tensor (its own storage) split into views:
+    a few hundred small torch.tensor calls per rollout cost milliseconds of the step."""
     flat = torch.tensor([x for seq in seqs for x in seq], dtype=dtype)
-    return flat.split([len(seq) for seq in seqs])
+    sizes = [len(seq) for seq in seqs]
+    return [(flat if k == 0 else flat.clone()).split(sizes) for k in range(copies)]
 
 
