@@ -53,6 +53,14 @@ SIZES = {
 }
 
 
+def _dynamo_counts() -> dict:
+    """torch.compile's bookkeeping over this process (compile_decode): graphs compiled, graph breaks by reason."""
+    from torch._dynamo.utils import counters
+
+    return dict(unique_graphs=counters["stats"]["unique_graphs"],
+                graph_breaks={k.split("\n")[0]: v for k, v in counters["graph_break"].items()})
+
+
 def _init_dist() -> None:
     import torch.distributed as dist
 
@@ -143,6 +151,9 @@ def main(argv=None) -> dict:
                         "busy time and the top ops by CPU and by device time go to engine_<size>_profile.txt)")
     p.add_argument("--stop-read-lag", type=int, default=EmbeddedEngineConfig().stop_read_lag,
                    help="EmbeddedEngineConfig.stop_read_lag: on CUDA, the 'all stopped?' flag read this many steps late")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="EmbeddedEngineConfig.compile_decode: the cached engines' decode steps through torch.compile "
+                        "(the first timed call of each engine then includes the compile)")
     args = p.parse_args(argv)
     size = SIZES[args.size]
     samples = args.samples or size["samples"]
@@ -167,7 +178,7 @@ def main(argv=None) -> dict:
         kw.setdefault("cuda_graphs", False)  # the rows without graphs: the eager cached path (the default replays)
         ecfg = EmbeddedEngineConfig(precision=args.precision, fp8=args.fp8, router_noise=args.router_noise,
                                     dense_moe_rows=args.dense_moe_rows, stop_check_every=args.stop_check_every,
-                                    stop_read_lag=args.stop_read_lag, **kw)
+                                    stop_read_lag=args.stop_read_lag, compile_decode=args.compile_decode, **kw)
         return EmbeddedEngine(ecfg, model, groups, vocab_size=V, eos_id=-1)  # EOS off: every row makes every token
 
     # 1. correctness on a small batch
@@ -225,15 +236,20 @@ def main(argv=None) -> dict:
                   router_noise=args.router_noise, attention_backend=args.attention_backend,
                   batched_experts=not args.sequential_experts, dense_moe_rows=args.dense_moe_rows,
                   stop_check_every=args.stop_check_every, stop_read_lag=args.stop_read_lag,
+                  compile_decode=args.compile_decode,
                   check=dict(rows=args.check_rows, new_tokens=args.check_tokens, identical_token_share=same / max(total, 1),
                              max_abs_dlogp_common_prefix=max_dlp),
-                  graph_check=graph_check, runs=rows, command="python bench/engine_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                  graph_check=graph_check, runs=rows, dynamo=_dynamo_counts() if args.compile_decode else None,
+                  command="python bench/engine_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     if len(rows) >= 2 and rows[1]["path"] == "recompute":
         result["speedup_tokens_per_s"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     lines = [f"# Embedded engine throughput ({args.size}, {device})", "", f"`{result['command']}`", "",
              f"model {size['model']}, precision {args.precision}, fp8 {args.fp8}, router noise {args.router_noise}, "
              f"experts {'sequential (megatron loop)' if args.sequential_experts else 'batched'}, "
-             f"dense MoE rows {args.dense_moe_rows or 'off'}, stop check every {args.stop_check_every} steps",
+             f"dense MoE rows {args.dense_moe_rows or 'off'}, stop check every {args.stop_check_every} steps, "
+             f"decode steps compiled: {args.compile_decode}"
+             + (f" (dynamo graphs {result['dynamo']['unique_graphs']}, graph breaks {result['dynamo']['graph_breaks']})"
+                if args.compile_decode else ""),
              "", f"Correctness ({args.check_rows} rows x {args.check_tokens} tokens, cached vs recompute, same seed): "
              f"identical tokens {same}/{total}, max |d logp| on the common prefix {max_dlp:.2e}", "",
              "| path | samples | new tokens | tokens | seconds | new tokens/s |", "|---|---:|---:|---:|---:|---:|"]

@@ -22,7 +22,8 @@ reads the loop's "all rows stopped?" on the host only every that many steps, and
 `cuda_graphs` (the default) replays each decode step, forward and sampler, as a CUDA graph captured once per
 position and batch shape (`rollout.decode_graphs`: the same kernels, so the same tokens; CPU runs and layouts it
 cannot serve decode eagerly, with the reason in `graph_reason`; a capture that fails turns graphs off for the
-engine, with a warning).
+engine, with a warning). `compile_decode` runs the decode steps' forward through torch.compile (fused kernels,
+`rollout.compiled_decode`; off by default: it rounds differently from the trainer's eager forward).
 
 A real train/inference mismatch can be switched on: `precision="bf16"` runs the engine's forward under bf16
 autocast while the trainer stays in fp32; `fp8` fake-quantises the attention and expert GEMMs (e4m3, per
@@ -63,6 +64,7 @@ from vespo_megatron.parallel.sequence import comm_device
 from vespo_megatron.routing import RoutingRecord
 from vespo_megatron.routing.record import compact_dtype
 
+from .compiled_decode import CompiledDecode, compile_unsupported_reason
 from .decode_graphs import DecodeGraphs, graph_unsupported_reason
 from .decode_state import DecodeState, StopReader
 from .embedded_config import EmbeddedEngineConfig
@@ -106,6 +108,15 @@ class EmbeddedEngine:
         # last generation decoded eagerly (None: it replayed graphs, or cuda_graphs is off).
         self._graphs = DecodeGraphs(model, static_inference_context) if cfg.cuda_graphs else None
         self.graph_reason: str | None = None
+        # torch.compile of the decode steps' forward (compile_decode); `compile_reason` says why it is off here.
+        self.compile_reason = None if cfg.compile_decode else "compile_decode=False"
+        if cfg.compile_decode:
+            self.compile_reason = compile_unsupported_reason(
+                model_parallel_size=groups.tp_size * groups.cp_size * groups.ep_size, pipeline=groups.pp_size > 1,
+                fp8=cfg.fp8, router_noise=cfg.router_noise)
+            if self.compile_reason is not None:
+                logger.warning("embedded engine: decode steps not compiled (%s)", self.compile_reason)
+        self._compiled = CompiledDecode(model) if self.compile_reason is None else None
 
     @property
     def uses_kv_cache(self) -> bool:
@@ -169,7 +180,10 @@ class EmbeddedEngine:
             # one stage: the model directly, as megatron's own inference engines call it (the schedule's
             # per-call bookkeeping is host time in every decode step, and there is nothing to send)
             with cpu_device_context(), autocast(tokens.device):
-                out = self.model(input_ids=tokens, position_ids=positions, attention_mask=None, **extra)
+                if self._compiled is not None and context is not None and s == 1:  # a decode step
+                    out = self._compiled(tokens, positions, context)
+                else:
+                    out = self.model(input_ids=tokens, position_ids=positions, attention_mask=None, **extra)
             return out.float()
 
         def forward_step(data_iterator, model):

@@ -39,7 +39,11 @@ class EmbeddedEngineConfig:
     0.94-1.19 -> 0.31-0.38 s, and its generations bitwise the eager engine's under bf16 + fp8, R3 and lag
     (bench/results/engine_graphs_h100.md); with the sampler in the graph 92,050 against 86,578 for the forward
     alone, in one call (bench/results/engine_round13_h100/). It needs CUDA, one model-parallel rank, the dispatcher-free MoE path and no router
-    noise; otherwise the engine decodes eagerly and says why (`EmbeddedEngine.graph_reason`)."""
+    noise; otherwise the engine decodes eagerly and says why (`EmbeddedEngine.graph_reason`). compile_decode: run
+the decode steps' forward through torch.compile with dynamic shapes (`rollout.compiled_decode`: one compile
+for every position; fused elementwise kernels, captured by the CUDA graphs). Off by default: its kernels round
+differently from the trainer's eager forward (~1e-6 on fp32 logits), and the first generation pays the compile.
+Needs one model-parallel rank, fp8 off and no router noise (`EmbeddedEngine.compile_reason` says why not)."""
 
     precision: str = "fp32"
     lag: int = 0
@@ -50,6 +54,7 @@ class EmbeddedEngineConfig:
     stop_check_every: int = 1
     stop_read_lag: int = 2
     cuda_graphs: bool = True
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         check_choice("EmbeddedEngineConfig", "precision", self.precision, ("fp32", "bf16"))
@@ -61,5 +66,6 @@ class EmbeddedEngineConfig:
         check_int("EmbeddedEngineConfig", "dense_moe_rows", self.dense_moe_rows, low=0)
         check_int("EmbeddedEngineConfig", "stop_check_every", self.stop_check_every, low=1, high=1024)
         check_int("EmbeddedEngineConfig", "stop_read_lag", self.stop_read_lag, low=0, high=64)
-        if not isinstance(self.cuda_graphs, bool):
-            raise ConfigError("EmbeddedEngineConfig", "cuda_graphs", "a bool", self.cuda_graphs)
+        for name in ("cuda_graphs", "compile_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError("EmbeddedEngineConfig", name, "a bool", getattr(self, name))

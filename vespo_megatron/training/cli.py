@@ -63,6 +63,7 @@ FLAGS = {
     "rollout.embedded.stop_check_every": "--rollout-stop-check-every",
     "rollout.embedded.stop_read_lag": "--rollout-stop-read-lag",
     "rollout.embedded.cuda_graphs": "--rollout-cuda-graphs",
+    "rollout.embedded.compile_decode": "--rollout-compile-decode",
     "algorithm.loss_config.rollout_correction.mode": "--rollout-correction",
     "algorithm.loss_config.rollout_correction.level": "--rollout-correction-level",
     "algorithm.loss_config.rollout_correction.upper": "--rollout-correction-upper",
@@ -111,6 +112,9 @@ HELPS = {
     "rollout.embedded.cuda_graphs": "embedded engine: replay each decode step as a CUDA graph (captured once per "
                                     "position and batch shape; CUDA, one model-parallel rank, no router noise, "
                                     "else eager with the reason logged); --no-rollout-cuda-graphs: always eager",
+    "rollout.embedded.compile_decode": "embedded engine: torch.compile the decode steps' forward (fused kernels, one "
+                                       "compile for all positions; rounds differently from the trainer's eager "
+                                       "forward; one model-parallel rank, no fp8 / router noise)",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
     "perf.fused_lm_head": "the output layer, log-probs and entropy fused, a chunk at a time (the [T, V/tp] logits "
                           "are never held); --no-fused-lm-head: the logits path",
