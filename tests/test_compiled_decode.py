@@ -88,3 +88,25 @@ def test_compile_reasons():
     assert config_from_argv(["--rollout-compile-decode"]).rollout.embedded.compile_decode is True
     with pytest.raises(ValueError, match="compile_decode"):
         EmbeddedEngineConfig(compile_decode=1)
+
+
+def _stand_ins(rank, world):
+    from megatron.core import utils
+
+    from vespo_megatron.megatron.parallel_setup import ParallelConfig
+    from vespo_megatron.rollout.compiled_decode import tp_group_if_none, viewless_in_inference
+
+    _build(ParallelConfig())
+    groups = [(tp_group_if_none(None, is_expert=e), utils.get_tensor_model_parallel_group_if_none(None, is_expert=e))
+              for e in (False, True)]
+    marker = object()
+    x = torch.arange(6.0).view(2, 3)[0]  # a view
+    return dict(same=[a is b and a is not None for a, b in groups], passthrough=tp_group_if_none(marker) is marker,
+                viewless=viewless_in_inference(x, True, True) is x and torch.equal(utils.make_viewless_tensor(x, True, True), x))
+
+
+def test_the_stand_ins_agree_with_megatron():
+    """The functions dynamo traces in place of megatron's (compiled_decode._register_polyfills) give what
+    megatron's own give."""
+    out = run_distributed(_stand_ins, 1)[0]
+    assert out["same"] == [True, True] and out["passthrough"] and out["viewless"]

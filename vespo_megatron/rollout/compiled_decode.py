@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CompiledDecode", "compile_unsupported_reason"]
+__all__ = ["CompiledDecode", "compile_unsupported_reason", "tp_group_if_none", "viewless_in_inference"]
 
 
 def compile_unsupported_reason(*, model_parallel_size: int, pipeline: bool, fp8: str,
@@ -56,10 +56,28 @@ def _forward(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tens
 _compiled_forward = None  # one compiled function for the process: dynamo's cache is per code object anyway
 
 
+def tp_group_if_none(tp_group, is_expert=False, check_initialized=True):
+    """megatron's `utils.get_tensor_model_parallel_group_if_none` less its deprecation warning: the same group
+    (dynamo traces this one in its place; tests/test_compiled_decode.py checks the two agree)."""
+    from megatron.core import parallel_state
+
+    if tp_group is not None or not torch.distributed.is_initialized() or not parallel_state.is_initialized():
+        return tp_group
+    if is_expert:
+        return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+    return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+
+def viewless_in_inference(inp, requires_grad, keep_graph):
+    """megatron's `utils.make_viewless_tensor` for a forward without autograd: the tensor itself (nothing keeps
+    a view's base alive past the step, so no viewless copy is needed)."""
+    return inp
+
+
 def _register_polyfills() -> None:
     """Traceable stand-ins for megatron's two graph breaks (module docstring), registered once, where the
     installed megatron-core has the functions."""
-    from megatron.core import parallel_state, utils
+    from megatron.core import utils
 
     from vespo_megatron.megatron import cpu_shim
 
@@ -71,23 +89,11 @@ def _register_polyfills() -> None:
         folded = getattr(dynamo_torch, "constant_fold_functions", None)
         if isinstance(folded, dict):
             folded[cpu_shim._cpu_device] = None
-    substitute = torch.compiler.substitute_in_graph
-    original = getattr(utils, "get_tensor_model_parallel_group_if_none", None)
-    if original is not None:
-        @substitute(original)
-        def _tp_group_if_none(tp_group, is_expert=False, check_initialized=True):
-            # megatron's function less its deprecation warning: the same group
-            if tp_group is not None or not torch.distributed.is_initialized() or not parallel_state.is_initialized():
-                return tp_group
-            if is_expert:
-                return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
-            return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
-
-    original = getattr(utils, "make_viewless_tensor", None)
-    if original is not None:
-        @substitute(original)
-        def _viewless(inp, requires_grad, keep_graph):
-            return inp  # the decode step runs without autograd: nothing keeps a view's base alive past the step
+    for name, stand_in in (("get_tensor_model_parallel_group_if_none", tp_group_if_none),
+                           ("make_viewless_tensor", viewless_in_inference)):
+        original = getattr(utils, name, None)
+        if original is not None:
+            torch.compiler.substitute_in_graph(original)(stand_in)
 
 
 class CompiledDecode:
