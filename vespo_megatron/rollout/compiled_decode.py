@@ -7,9 +7,12 @@ Inductor fuses those elementwise chains into a few Triton kernels; the GEMMs and
 The compiled forward is what the CUDA graphs capture (`decode_graphs`): the first generation that reaches a
 position runs it (compiling once, see below) and captures it, later generations replay the fused kernels.
 
-One compile for every decode step: `dynamic=True` makes the rows, the cache offset and the key length
-symbolic, so later positions and other batch shapes reuse the graph (`bench/compile_decode_probe.py` on CPU:
-no recompile as the offset moves). The prefill (and the recompute path) stays eager: one forward a generation.
+One compile for every decode step of a batch shape: `dynamic=True` makes the cache offset and the key length
+symbolic, so later positions reuse the graph (`bench/compile_decode_probe.py`: no recompile as the offset
+moves); the number of rows stays specialised (the KV cache's buffers are sized by it), so each batch shape
+compiles once, as each gets its own CUDA-graph set (a training run has two: rollouts and evaluation).
+The prefill (and the recompute path) stays eager: one forward a generation.
+
 megatron-core breaks dynamo's graph in two places: `get_tensor_model_parallel_group_if_none` warns
 (`warnings.warn`, which dynamo cannot trace) when `RowParallelLinear` passes `tp_group=None`, and
 `make_viewless_tensor` assigns `.data`. Each break splits the forward into pieces that dynamo compiles as
