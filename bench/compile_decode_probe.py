@@ -8,6 +8,8 @@ the model's forward (`torch.compile(dynamic=True)`, so the cache offset and posi
 decodes `--steps` positions with it after one eager prefill, beside an eager engine-style forward on its own
 static inference context: compile seconds, whether later positions recompile, dynamo's graph count and graph
 breaks (reason, count), and the largest |logit difference| against eager. Writes a markdown report to --out.
+The engine's dynamo stand-ins for megatron's two graph breaks (`rollout.compiled_decode`) are registered unless
+--without-stand-ins (results/compile_decode_probe_cpu.md is without them: 16 graphs; with them: one).
 
 Shape legend: [B] rows, [B, 1] one decode position, [B, 1, V] its logits.
 """
@@ -35,6 +37,9 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt", type=int, default=6)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", default=None)
+    p.add_argument("--without-stand-ins", action="store_true",
+                   help="plain torch.compile, without the engine's dynamo stand-ins for megatron's two graph breaks "
+                        "(rollout.compiled_decode)")
     args = p.parse_args(argv)
     engine_bench._init_dist()
     import torch._dynamo as dynamo
@@ -58,6 +63,10 @@ def main(argv=None) -> dict:
         return model(input_ids=toks, position_ids=positions, attention_mask=None, inference_context=contexts[name],
                      runtime_gather_output=True)
 
+    if not args.without_stand_ins:
+        from vespo_megatron.rollout.compiled_decode import _register_polyfills
+
+        _register_polyfills()
     compiled = torch.compile(forward, dynamic=True)
     dynamo.reset()
     rows, max_diff = [], 0.0
@@ -88,7 +97,8 @@ def main(argv=None) -> dict:
         breaks[short(reason)] = breaks.get(short(reason), 0) + n
     lines = [f"# torch.compile of the KV-cached decode step ({args.size} model, {B} rows, {torch.__version__}, "
              f"{device.type})", "", f"`python bench/compile_decode_probe.py --size {args.size} --rows {B} "
-             f"--prompt {args.prompt} --steps {args.steps}`", "",
+             f"--prompt {args.prompt} --steps {args.steps}{' --without-stand-ins' if args.without_stand_ins else ''}`",
+             "", f"dynamo stand-ins for megatron's graph breaks (rollout.compiled_decode): {not args.without_stand_ins}", "",
              "| position | seconds | new dynamo graphs | max abs logit diff vs eager |", "|---:|---:|---:|---:|"]
     lines += [f"| {pos} | {s:.2f} | {g} | {d:.2e} |" for pos, s, g, d in rows]
     lines += ["", f"dynamo graphs in all: {dynamo.utils.counters['stats']['unique_graphs']}; graph breaks:", ""]
