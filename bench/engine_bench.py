@@ -154,6 +154,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compile-decode", action="store_true",
                    help="EmbeddedEngineConfig.compile_decode: the cached engines' decode steps through torch.compile "
                         "(the first timed call of each engine then includes the compile)")
+    p.add_argument("--decode-attention", choices=("sdpa", "bmm"), default="sdpa",
+                   help="reference_attention.DECODE_KERNEL: a decode step's attention over the cache on the fused "
+                        "(CUDA) path, torch's SDPA or two batched matmuls")
     args = p.parse_args(argv)
     size = SIZES[args.size]
     samples = args.samples or size["samples"]
@@ -162,6 +165,7 @@ def main(argv=None) -> dict:
     b_tokens = args.baseline_tokens or size["baseline_tokens"]
 
     _init_dist()
+    from vespo_megatron.megatron import reference_attention
     from vespo_megatron.megatron.model import TinyMoEConfig, build_gpt_model
     from vespo_megatron.megatron.parallel_setup import ParallelConfig, initialize_parallel
     from vespo_megatron.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
@@ -171,6 +175,7 @@ def main(argv=None) -> dict:
                         batched_experts=not args.sequential_experts)
     layout = ParallelConfig()
     groups = initialize_parallel(layout)
+    reference_attention.DECODE_KERNEL = args.decode_attention
     model = build_gpt_model(cfg, layout, groups, attention_backend=args.attention_backend)
     V = cfg.vocab_size
 
@@ -236,7 +241,7 @@ def main(argv=None) -> dict:
                   router_noise=args.router_noise, attention_backend=args.attention_backend,
                   batched_experts=not args.sequential_experts, dense_moe_rows=args.dense_moe_rows,
                   stop_check_every=args.stop_check_every, stop_read_lag=args.stop_read_lag,
-                  compile_decode=args.compile_decode,
+                  compile_decode=args.compile_decode, decode_attention=args.decode_attention,
                   check=dict(rows=args.check_rows, new_tokens=args.check_tokens, identical_token_share=same / max(total, 1),
                              max_abs_dlogp_common_prefix=max_dlp),
                   graph_check=graph_check, runs=rows, dynamo=_dynamo_counts() if args.compile_decode else None,
@@ -247,7 +252,7 @@ def main(argv=None) -> dict:
              f"model {size['model']}, precision {args.precision}, fp8 {args.fp8}, router noise {args.router_noise}, "
              f"experts {'sequential (megatron loop)' if args.sequential_experts else 'batched'}, "
              f"dense MoE rows {args.dense_moe_rows or 'off'}, stop check every {args.stop_check_every} steps, "
-             f"decode steps compiled: {args.compile_decode}"
+             f"decode attention {args.decode_attention}, decode steps compiled: {args.compile_decode}"
              + (f" (dynamo graphs {result['dynamo']['unique_graphs']}, graph breaks {result['dynamo']['graph_breaks']})"
                 if args.compile_decode else ""),
              "", f"Correctness ({args.check_rows} rows x {args.check_tokens} tokens, cached vs recompute, same seed): "

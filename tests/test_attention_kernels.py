@@ -4,7 +4,7 @@ CI has no GPU, so the fused path is forced on CPU (`reference_attention.FUSED_KE
 and gradients of q / k / v, with the reference path and with a float64 loop, on every layout the trainer and the
 engine hand it: packed sequences (THD; on real tokens: the fused path gives padding zeros, as transformer-
 engine does, and padding never reaches a loss), a padded causal batch, a padded batch with megatron's attention mask,
-a KV-cache step (sq < sk) and a one-token decode step over its cached keys.
+a KV-cache step (sq < sk) and a one-token decode step over its cached keys (with either decode kernel).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def _both_paths(attn, inputs, real=None, **kwargs):
 def _cases(rank, world_size):
     from megatron.core.transformer.enums import AttnMaskType
 
+    from vespo_megatron.megatron import reference_attention as ra
     from vespo_megatron.megatron.model import TinyMoEConfig, transformer_config
     from vespo_megatron.megatron.parallel_setup import ParallelConfig, destroy_parallel, initialize_parallel
     from vespo_megatron.megatron.reference_attention import ReferenceAttention
@@ -105,6 +106,12 @@ def _cases(rank, world_size):
         q, k, v = qkv(1, 9, 2)
         out["decode"] = (_both_paths(attn, (q, k, v), attention_mask=None),
                          _loop(q.double(), k.double(), v.double(), lambda b, i, j: True, hn**-0.5))
+        # the same step with the fused path's other decode kernel: batched matmuls on the cache's views
+        ra.DECODE_KERNEL = "bmm"
+        try:
+            out["decode_bmm"] = (_both_paths(attn, (q, k, v), attention_mask=None), out["decode"][1])
+        finally:
+            ra.DECODE_KERNEL = "sdpa"
     finally:
         destroy_parallel()
     return out
@@ -115,7 +122,7 @@ def cases():
     return run_distributed(_cases, 1)[0]
 
 
-@pytest.mark.parametrize("case", ["thd", "causal", "masked", "cache", "decode"])
+@pytest.mark.parametrize("case", ["thd", "causal", "masked", "cache", "decode", "decode_bmm"])
 def test_fused_path_matches_reference_and_float64_loop(cases, case):
     paths, loop = cases[case]
     ref_out, ref_grads = paths["reference"]

@@ -46,6 +46,9 @@ from vespo_megatron.parallel.cp_split import thd_zigzag_indices, zigzag_indices
 # Which kernels compute the attention: None = torch's fused SDPA kernels on CUDA and the explicit fp32 reference
 # on CPU (tests compare the two by setting True / False).
 FUSED_KERNELS: bool | None = None
+# How the fused path computes a one-token decode step over cached keys: "sdpa" (torch's SDPA kernel) or "bmm"
+# (two batched matmuls and a softmax on the cache's strided views; bench/decode_attention_probe.py times both).
+DECODE_KERNEL: str = "sdpa"
 
 
 class _AllGatherFirstDim(torch.autograd.Function):
@@ -296,6 +299,13 @@ class ReferenceAttention(MegatronModule):
         groups = key.size(2)
         q = query.permute(1, 2, 0, 3).reshape(b, groups, heads // groups, hn)  # [b, ng, rep, hn]
         k, v = (x.permute(1, 2, 0, 3) for x in (key, value))  # [b, ng, sk, hn]
+        if DECODE_KERNEL == "bmm":
+            # (b, ng) flatten into one batch stride of the [sk, b, ng, hn] cache: views, no copy
+            sk = k.size(2)
+            kf, vf = k.reshape(b * groups, sk, hn), v.reshape(b * groups, sk, hn)
+            scores = torch.bmm(q.reshape(b * groups, heads // groups, hn), kf.transpose(1, 2)) * self.softmax_scale
+            out = torch.bmm(torch.softmax(scores.float(), dim=-1).to(vf.dtype), vf)  # [b*ng, rep, hn]
+            return out.reshape(1, b, heads * hn)
         out = _sdpa(q, k, v, None, self.softmax_scale, causal=False)  # [b, ng, rep, hn]
         return out.reshape(1, b, heads * hn)
 
