@@ -13,7 +13,8 @@
 # VARIANTS picks the runs (default: the first four; the first is the reference; graphs_lag0: graphs with the
 # "all stopped?" flag read each step, as before round 13; dense_prefill: the defaults with the prefill's MoE
 # layers on the dispatcher-free path too, up to 65536 expert rows; compile: the defaults with the decode steps'
-# forward through torch.compile, --rollout-compile-decode; a name with _p64 runs 64 prompts x 8, the testbed
+# forward through torch.compile, --rollout-compile-decode; compile_bmm: that and the decode attention as batched
+# matmuls, --rollout-decode-attention bmm; a name with _p64 runs 64 prompts x 8, the testbed
 # config's rollout batch, instead of the sweeps' 32 x 8); ENGINE_BENCH=0 skips step 1 and ENGINE_ARGS replaces
 # its size arguments (one bench per line; "new: " first: this tree only). BASELINE_TREE=<dir with an older vespo_megatron/ and bench/> (e.g.
 # `git archive <commit> vespo_megatron bench | tar -x -C <dir>`): each engine bench runs with that code too, and a
@@ -80,6 +81,7 @@ flags_of() {
     eager*) echo "--no-rollout-cuda-graphs --no-fused-lm-head" ;;
     graphs_check8*) echo "--rollout-cuda-graphs --rollout-stop-check-every 8 --no-fused-lm-head" ;;
     graphs_lag0*) echo "--rollout-cuda-graphs --rollout-stop-read-lag 0 --no-fused-lm-head" ;;
+    compile_bmm*) echo "--rollout-compile-decode --rollout-decode-attention bmm" ;;
     compile*) echo "--rollout-compile-decode" ;;  # the defaults, the decode steps' forward through torch.compile
     dense_prefill*) echo "--rollout-dense-moe-rows 65536" ;;  # the defaults, the prefill on the dense MoE path too
     graphs*) echo "--rollout-cuda-graphs --no-fused-lm-head" ;;

@@ -189,7 +189,7 @@ def test_a_run_may_resume_with_other_decoding_settings():
     del old["rollout"]["embedded"]["stop_read_lag"]
     del old["rollout"]["embedded"]["compile_decode"]
     now = config_record(config_from_argv(["--rollout-stop-check-every", "8", "--rollout-stop-read-lag", "0",
-                                          "--rollout-compile-decode"]))
+                                          "--rollout-compile-decode", "--rollout-decode-attention", "bmm"]))
     assert config_differences(old, now) == []
     assert config_differences(old, config_record(config_from_argv(["--async-lag", "2"])))  # what is trained: refused
 

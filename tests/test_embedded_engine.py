@@ -127,6 +127,8 @@ def _single(rank, world):
     ra.FUSED_KERNELS = True  # the CUDA path on CPU: mask-free prefill, decode steps with GQA unrepeated
     try:
         out["kv_fused"] = _summary(_engine(model, groups).generate(reqs, seed=11))
+        out["kv_fused_bmm"] = _summary(_engine(model, groups, decode_attention="bmm").generate(reqs, seed=11))
+        out["decode_kernel_after"] = ra.DECODE_KERNEL  # the engine's choice lasts only while it generates
     finally:
         ra.FUSED_KERNELS = None
     out["teacher"] = [_teacher_forced(model, r.prompt_ids, g[0]) for r, g in zip(reqs, out["kv"], strict=True)]
@@ -194,13 +196,16 @@ def test_a_late_stop_flag_gives_the_same_generations(single):
     assert single["forwards_lag2"] == f1 + 2
 
 
-def test_kv_cache_on_the_fused_attention_path_matches(single):
-    """The fused attention path (what CUDA takes; its decode step attends the K/V groups unrepeated) makes the
-    same tokens, routing and log-probs (fp32 tolerance) as the reference path of the same cached engine."""
-    for (ids, lp, reason, route), (ids_f, lp_f, reason_f, route_f) in zip(single["kv"], single["kv_fused"],
+@pytest.mark.parametrize("fused", ["kv_fused", "kv_fused_bmm"])
+def test_kv_cache_on_the_fused_attention_path_matches(single, fused):
+    """The fused attention path (what CUDA takes; its decode step attends the K/V groups unrepeated, with SDPA or,
+    decode_attention="bmm", batched matmuls) makes the same tokens, routing and log-probs (fp32 tolerance) as the
+    reference path of the same cached engine."""
+    for (ids, lp, reason, route), (ids_f, lp_f, reason_f, route_f) in zip(single["kv"], single[fused],
                                                                           strict=True):
         assert ids == ids_f and reason == reason_f and torch.equal(route, route_f)
         torch.testing.assert_close(lp_f, lp, atol=1e-5, rtol=0)
+    assert single["decode_kernel_after"] == "sdpa"
 
 
 def test_r3_routing_is_the_decode_time_routing(single):

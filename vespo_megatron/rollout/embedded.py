@@ -57,6 +57,7 @@ from vespo_megatron.compat import (
     static_inference_context,
     unwrap_model,
 )
+from vespo_megatron.megatron import reference_attention
 from vespo_megatron.megatron.cpu_shim import cpu_device_context
 from vespo_megatron.megatron.small_batch_moe import SmallBatchMoELayer, dense_small_batches
 from vespo_megatron.parallel.cp_split import round_up, zigzag_indices
@@ -75,6 +76,16 @@ from .mismatch import engine_mismatch
 __all__ = ["EmbeddedEngineConfig", "EmbeddedEngine"]
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _decode_kernel(kernel: str):
+    """The reference attention's decode-step kernel (`decode_attention`) while the engine generates."""
+    before, reference_attention.DECODE_KERNEL = reference_attention.DECODE_KERNEL, kernel
+    try:
+        yield
+    finally:
+        reference_attention.DECODE_KERNEL = before
 
 
 class EmbeddedEngine:
@@ -253,7 +264,8 @@ class EmbeddedEngine:
         record = self.record_routing and any(r.return_routing for r in requests)
         unwrapped = unwrap_model(self.model)
         with self._engine_weights(), engine_mismatch(self.model, fp8=self.cfg.fp8,
-                                                     router_noise=self.cfg.router_noise, seed=seed):
+                                                     router_noise=self.cfg.router_noise, seed=seed), \
+                _decode_kernel(self.cfg.decode_attention):
             self.model.eval()
             try:
                 if record:

@@ -9,6 +9,8 @@ from vespo_megatron.base.validation import ConfigError, check_choice, check_floa
 
 from .mismatch import FP8_MODES
 
+DECODE_ATTENTION = ("sdpa", "bmm")  # megatron.reference_attention.DECODE_KERNEL's choices
+
 __all__ = ["EmbeddedEngineConfig"]
 
 
@@ -45,7 +47,12 @@ for every position; fused elementwise kernels, captured by the CUDA graphs). Off
 differently from the trainer's eager forward (~1e-6 on fp32 logits), and the first generation pays the compile.
 Needs one model-parallel rank, fp8 off and no router noise (`EmbeddedEngine.compile_reason` says why not).
 Under precision="bf16" the fused kernels keep their intermediates in fp32, so the bf16 mismatch they inject
-is smaller than the eager engine's (tiny CPU model: max |d log-prob| against fp32 ~7e-4 compiled, ~1.3e-3 eager)."""
+is smaller than the eager engine's (tiny CPU model: max |d log-prob| against fp32 ~7e-4 compiled, ~1.3e-3 eager).
+decode_attention: how the reference attention's fused (CUDA) path attends a decode step's one query over the
+cached keys during generation: "sdpa" (torch's SDPA kernel) or "bmm" (two batched matmuls and a softmax on the
+cache's strided views; `megatron.reference_attention.DECODE_KERNEL`). The same attention up to fp32 rounding
+(~1e-6); training never decodes, so only the engine sees it. On an H100, compiled and replayed, bmm made
+235,900 new tokens/s against 187,500 with SDPA (testbed runs' model, 256 x 64; bench/results/engine_round14_h100/)."""
 
     precision: str = "fp32"
     lag: int = 0
@@ -57,6 +64,7 @@ is smaller than the eager engine's (tiny CPU model: max |d log-prob| against fp3
     stop_read_lag: int = 2
     cuda_graphs: bool = True
     compile_decode: bool = False
+    decode_attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         check_choice("EmbeddedEngineConfig", "precision", self.precision, ("fp32", "bf16"))
@@ -68,6 +76,7 @@ is smaller than the eager engine's (tiny CPU model: max |d log-prob| against fp3
         check_int("EmbeddedEngineConfig", "dense_moe_rows", self.dense_moe_rows, low=0)
         check_int("EmbeddedEngineConfig", "stop_check_every", self.stop_check_every, low=1, high=1024)
         check_int("EmbeddedEngineConfig", "stop_read_lag", self.stop_read_lag, low=0, high=64)
+        check_choice("EmbeddedEngineConfig", "decode_attention", self.decode_attention, DECODE_ATTENTION)
         for name in ("cuda_graphs", "compile_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError("EmbeddedEngineConfig", name, "a bool", getattr(self, name))

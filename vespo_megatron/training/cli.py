@@ -64,6 +64,7 @@ FLAGS = {
     "rollout.embedded.stop_read_lag": "--rollout-stop-read-lag",
     "rollout.embedded.cuda_graphs": "--rollout-cuda-graphs",
     "rollout.embedded.compile_decode": "--rollout-compile-decode",
+    "rollout.embedded.decode_attention": "--rollout-decode-attention",
     "algorithm.loss_config.rollout_correction.mode": "--rollout-correction",
     "algorithm.loss_config.rollout_correction.level": "--rollout-correction-level",
     "algorithm.loss_config.rollout_correction.upper": "--rollout-correction-upper",
@@ -115,6 +116,8 @@ HELPS = {
     "rollout.embedded.compile_decode": "embedded engine: torch.compile the decode steps' forward (fused kernels, one "
                                        "compile for all positions; rounds differently from the trainer's eager "
                                        "forward; one model-parallel rank, no fp8 / router noise)",
+    "rollout.embedded.decode_attention": "embedded engine: a decode step's attention over the KV cache on the fused "
+                                         "(CUDA) path: sdpa (torch's kernel) or bmm (two batched matmuls)",
     "algorithm.staleness": "N = global batch / mini-batch (optimizer updates per rollout batch)",
     "perf.fused_lm_head": "the output layer, log-probs and entropy fused, a chunk at a time (the [T, V/tp] logits "
                           "are never held); --no-fused-lm-head: the logits path",
