@@ -23,7 +23,8 @@ reads the loop's "all rows stopped?" on the host only every that many steps, and
 position and batch shape (`rollout.decode_graphs`: the same kernels, so the same tokens; CPU runs and layouts it
 cannot serve decode eagerly, with the reason in `graph_reason`; a capture that fails turns graphs off for the
 engine, with a warning). `compile_decode` runs the decode steps' forward through torch.compile (fused kernels,
-`rollout.compiled_decode`; off by default: it rounds differently from the trainer's eager forward).
+`rollout.compiled_decode`; off by default: it rounds differently from the trainer's eager forward), and
+`decode_attention="bmm"` attends a decode step's query with batched matmuls instead of SDPA (while generating).
 
 A real train/inference mismatch can be switched on: `precision="bf16"` runs the engine's forward under bf16
 autocast while the trainer stays in fp32; `fp8` fake-quantises the attention and expert GEMMs (e4m3, per
