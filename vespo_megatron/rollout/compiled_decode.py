@@ -20,7 +20,9 @@ separate frames, with their own guards (strides of size-1 dims, a layer's kwargs
 recompiles when the batch shape changes. `_register_polyfills` gives dynamo a traceable stand-in for each
 (`torch.compiler.substitute_in_graph`: used only while dynamo traces, eager calls still run megatron's own):
 the same group without the warning, and the tensor itself (inference builds no autograd graph, so a view
-needs no viewless copy). The whole decode forward is then one graph.
+needs no viewless copy). The whole decode forward is then one graph. The stand-ins hold for every later
+torch.compile of megatron code in the process (the same group; a view instead of its viewless copy, the same
+values), and never for eager calls.
 
 What changes: the fused kernels round differently from eager (~2e-6 on the logits in fp32), so the engine's
 log-probs are no longer bitwise the trainer's at N = 1, as with any real inference engine; a near-tie in the
