@@ -26,8 +26,8 @@ values), and never for eager calls.
 
 What changes: the fused kernels round differently from eager (~2e-6 on the logits in fp32), so the engine's
 log-probs are no longer bitwise the trainer's at N = 1, as with any real inference engine; a near-tie in the
-inverse-CDF draw can flip a token. The first generation pays the compile (tens of seconds; inductor's on-disk
-cache serves later processes of the same code and shapes).
+inverse-CDF draw can flip a token. The first generation pays the compile (8-10 s on an H100 with inductor's
+on-disk cache warm, which serves later processes of the same code and shapes; 20-55 s on a CPU).
 
 What it must not see (`compile_unsupported_reason`): collectives (one model-parallel rank), and the engine's
 mismatch knobs that install new Python objects on the model every generation (fp8's input hooks, the router

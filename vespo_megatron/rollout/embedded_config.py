@@ -42,17 +42,17 @@ class EmbeddedEngineConfig:
     (bench/results/engine_graphs_h100.md); with the sampler in the graph 92,050 against 86,578 for the forward
     alone, in one call (bench/results/engine_round13_h100/). It needs CUDA, one model-parallel rank, the dispatcher-free MoE path and no router
     noise; otherwise the engine decodes eagerly and says why (`EmbeddedEngine.graph_reason`). compile_decode: run
-the decode steps' forward through torch.compile with dynamic shapes (`rollout.compiled_decode`: one compile
-for every position; fused elementwise kernels, captured by the CUDA graphs). Off by default: its kernels round
-differently from the trainer's eager forward (~1e-6 on fp32 logits), and the first generation pays the compile.
-Needs one model-parallel rank, fp8 off and no router noise (`EmbeddedEngine.compile_reason` says why not).
-Under precision="bf16" the fused kernels keep their intermediates in fp32, so the bf16 mismatch they inject
-is smaller than the eager engine's (tiny CPU model: max |d log-prob| against fp32 ~7e-4 compiled, ~1.3e-3 eager).
-decode_attention: how the reference attention's fused (CUDA) path attends a decode step's one query over the
-cached keys during generation: "sdpa" (torch's SDPA kernel) or "bmm" (two batched matmuls and a softmax on the
-cache's strided views; `megatron.reference_attention.DECODE_KERNEL`). The same attention up to fp32 rounding
-(~1e-6); training never decodes, so only the engine sees it. On an H100, compiled and replayed, bmm made
-235,900 new tokens/s against 187,500 with SDPA (testbed runs' model, 256 x 64; bench/results/engine_round14_h100/)."""
+    the decode steps' forward through torch.compile with dynamic shapes (`rollout.compiled_decode`: one compile
+    for every position; fused elementwise kernels, captured by the CUDA graphs). Off by default: its kernels round
+    differently from the trainer's eager forward (~1e-6 on fp32 logits), and the first generation pays the compile.
+    Needs one model-parallel rank, fp8 off and no router noise (`EmbeddedEngine.compile_reason` says why not).
+    Under precision="bf16" the fused kernels keep their intermediates in fp32, so the bf16 mismatch they inject
+    is smaller than the eager engine's (tiny CPU model: max |d log-prob| against fp32 ~7e-4 compiled, ~1.3e-3 eager).
+    decode_attention: how the reference attention's fused (CUDA) path attends a decode step's one query over the
+    cached keys during generation: "sdpa" (torch's SDPA kernel) or "bmm" (two batched matmuls and a softmax on the
+    cache's strided views; `megatron.reference_attention.DECODE_KERNEL`). The same attention up to fp32 rounding
+    (~1e-6); training never decodes, so only the engine sees it. On an H100, compiled and replayed, bmm made
+    235,900 new tokens/s against 187,500 with SDPA (testbed runs' model, 256 x 64; bench/results/engine_round14_h100/)."""
 
     precision: str = "fp32"
     lag: int = 0
