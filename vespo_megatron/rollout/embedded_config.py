@@ -47,7 +47,7 @@ class EmbeddedEngineConfig:
     differently from the trainer's eager forward (~1e-6 on fp32 logits), and the first generation pays the compile.
     Needs one model-parallel rank, fp8 off and no router noise (`EmbeddedEngine.compile_reason` says why not).
     Under precision="bf16" the fused kernels keep their intermediates in fp32, so the bf16 mismatch they inject
-    is smaller than the eager engine's (tiny CPU model: max |d log-prob| against fp32 ~7e-4 compiled, ~1.3e-3 eager).
+    is still there but not the eager engine's (tests/test_compiled_decode.py).
     decode_attention: how the reference attention's fused (CUDA) path attends a decode step's one query over the
     cached keys during generation: "sdpa" (torch's SDPA kernel) or "bmm" (two batched matmuls and a softmax on the
     cache's strided views; `megatron.reference_attention.DECODE_KERNEL`). The same attention up to fp32 rounding
