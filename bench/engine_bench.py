@@ -155,8 +155,8 @@ def main(argv=None) -> dict:
                    help="EmbeddedEngineConfig.compile_decode: the cached engines' decode steps through torch.compile "
                         "(the first timed call of each engine then includes the compile)")
     p.add_argument("--decode-attention", choices=("sdpa", "bmm"), default="sdpa",
-                   help="reference_attention.DECODE_KERNEL: a decode step's attention over the cache on the fused "
-                        "(CUDA) path, torch's SDPA or two batched matmuls")
+                   help="EmbeddedEngineConfig.decode_attention: a decode step's attention over the cache on the "
+                        "fused (CUDA) path, torch's SDPA or two batched matmuls")
     args = p.parse_args(argv)
     size = SIZES[args.size]
     samples = args.samples or size["samples"]
@@ -165,7 +165,6 @@ def main(argv=None) -> dict:
     b_tokens = args.baseline_tokens or size["baseline_tokens"]
 
     _init_dist()
-    from vespo_megatron.megatron import reference_attention
     from vespo_megatron.megatron.model import TinyMoEConfig, build_gpt_model
     from vespo_megatron.megatron.parallel_setup import ParallelConfig, initialize_parallel
     from vespo_megatron.rollout.embedded import EmbeddedEngine, EmbeddedEngineConfig
@@ -175,7 +174,6 @@ def main(argv=None) -> dict:
                         batched_experts=not args.sequential_experts)
     layout = ParallelConfig()
     groups = initialize_parallel(layout)
-    reference_attention.DECODE_KERNEL = args.decode_attention
     model = build_gpt_model(cfg, layout, groups, attention_backend=args.attention_backend)
     V = cfg.vocab_size
 
@@ -183,7 +181,8 @@ def main(argv=None) -> dict:
         kw.setdefault("cuda_graphs", False)  # the rows without graphs: the eager cached path (the default replays)
         ecfg = EmbeddedEngineConfig(precision=args.precision, fp8=args.fp8, router_noise=args.router_noise,
                                     dense_moe_rows=args.dense_moe_rows, stop_check_every=args.stop_check_every,
-                                    stop_read_lag=args.stop_read_lag, compile_decode=args.compile_decode, **kw)
+                                    stop_read_lag=args.stop_read_lag, compile_decode=args.compile_decode,
+                                    decode_attention=args.decode_attention, **kw)
         return EmbeddedEngine(ecfg, model, groups, vocab_size=V, eos_id=-1)  # EOS off: every row makes every token
 
     # 1. correctness on a small batch
