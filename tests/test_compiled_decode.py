@@ -95,10 +95,10 @@ def test_compile_reasons():
     from vespo_megatron.rollout.embedded_config import EmbeddedEngineConfig
     from vespo_megatron.training.cli import config_from_argv
 
-    ok = dict(model_parallel_size=1, pipeline=False, fp8="off", router_noise=0.0)
+    ok = dict(model_parallel_size=1, fp8="off", router_noise=0.0)
     assert compile_unsupported_reason(**ok) is None
-    for change, words in (({"model_parallel_size": 2}, "model parallelism"), ({"pipeline": True}, "model parallelism"),
-                          ({"fp8": "per_row"}, "fp8"), ({"router_noise": 0.1}, "router noise")):
+    for change, words in (({"model_parallel_size": 2}, "model parallelism of 2 ranks"), ({"fp8": "per_row"}, "fp8"),
+                          ({"router_noise": 0.1}, "router noise")):
         assert words in compile_unsupported_reason(**{**ok, **change})
     assert EmbeddedEngineConfig().compile_decode is False
     assert config_from_argv(["--rollout-compile-decode"]).rollout.embedded.compile_decode is True

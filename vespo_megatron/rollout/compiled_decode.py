@@ -41,10 +41,10 @@ import torch
 __all__ = ["CompiledDecode", "compile_unsupported_reason", "tp_group_if_none", "viewless_in_inference"]
 
 
-def compile_unsupported_reason(*, model_parallel_size: int, pipeline: bool, fp8: str,
-                               router_noise: float) -> str | None:
-    """None when the decode step's forward can be compiled, else why not (the engine then runs it eagerly)."""
-    if model_parallel_size != 1 or pipeline:
+def compile_unsupported_reason(*, model_parallel_size: int, fp8: str, router_noise: float) -> str | None:
+    """None when the decode step's forward can be compiled, else why not (the engine then runs it eagerly).
+    `model_parallel_size`: the ranks one generation's forward spans (TP x CP x EP x PP)."""
+    if model_parallel_size != 1:
         return f"model parallelism of {model_parallel_size} ranks (collectives inside the forward)"
     if fp8 != "off":
         return "the fp8 mismatch (its input hooks are new objects every generation: a recompile each)"

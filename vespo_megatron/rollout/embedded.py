@@ -124,8 +124,8 @@ class EmbeddedEngine:
         self.compile_reason = None if cfg.compile_decode else "compile_decode=False"
         if cfg.compile_decode:
             self.compile_reason = compile_unsupported_reason(
-                model_parallel_size=groups.tp_size * groups.cp_size * groups.ep_size, pipeline=groups.pp_size > 1,
-                fp8=cfg.fp8, router_noise=cfg.router_noise)
+                model_parallel_size=groups.tp_size * groups.cp_size * groups.ep_size * groups.pp_size, fp8=cfg.fp8,
+                router_noise=cfg.router_noise)
             if self.compile_reason is not None:
                 logger.warning("embedded engine: decode steps not compiled (%s)", self.compile_reason)
         self._compiled = CompiledDecode(model) if self.compile_reason is None else None
