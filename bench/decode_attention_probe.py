@@ -8,6 +8,7 @@ kernel's 64-row query tile is mostly empty. `ReferenceAttention._attend_decode`'
 queries over [sk, b, ng, hn] cached keys, GQA without repeating K/V) is timed as is, and as bmm -> softmax ->
 bmm on the same strided cache views (no copy: b and ng flatten into one batch stride). Prints and writes a
 markdown table: microseconds a call (CUDA events over 200 calls, after a warm-up) and the largest |difference|.
+Both kernels are the engine's own (`megatron.reference_attention.decode_attention`).
 
 Shape legend: b rows, ng K/V groups, rep query heads per group, hn head dim, sk cached keys.
 """
@@ -16,21 +17,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 
 import torch
-import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def _sdpa(q, k, v, scale):
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
-def _bmm(q, k, v, scale):
-    b, ng, rep, hn = q.shape
-    sk = k.size(2)
-    qf, kf, vf = q.reshape(b * ng, rep, hn), k.reshape(b * ng, sk, hn), v.reshape(b * ng, sk, hn)
-    p = torch.softmax(torch.bmm(qf, kf.transpose(1, 2)) * scale, dim=-1)  # [b*ng, rep, sk]
-    return torch.bmm(p, vf).view(b, ng, rep, hn)
+from vespo_megatron.megatron.reference_attention import decode_attention  # noqa: E402
 
 
 def _time(fn, *args, calls: int = 200) -> float:
@@ -68,9 +62,9 @@ def main(argv=None) -> None:
             cache_v = torch.randn(sk, b, ng, hn, device=dev, generator=g)
             q = torch.randn(b, ng, rep, hn, device=dev, generator=g)
             k, v = (x.permute(1, 2, 0, 3) for x in (cache_k, cache_v))  # [b, ng, sk, hn] strided views
-            diff = float((_sdpa(q, k, v, scale) - _bmm(q, k, v, scale)).abs().max())
-            lines.append(f"| {b} | {sk} | {_time(_sdpa, q, k, v, scale):.1f} | {_time(_bmm, q, k, v, scale):.1f} | "
-                         f"{diff:.1e} |")
+            diff = float((decode_attention(q, k, v, scale, "sdpa") - decode_attention(q, k, v, scale, "bmm")).abs().max())
+            lines.append(f"| {b} | {sk} | {_time(decode_attention, q, k, v, scale, 'sdpa'):.1f} | "
+                         f"{_time(decode_attention, q, k, v, scale, 'bmm'):.1f} | {diff:.1e} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

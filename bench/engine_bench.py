@@ -120,7 +120,7 @@ def _profile(engine, requests, args) -> None:
 
 
 def main(argv=None) -> dict:
-    from vespo_megatron.rollout.embedded_config import EmbeddedEngineConfig
+    from vespo_megatron.rollout.embedded_config import DECODE_ATTENTION, EmbeddedEngineConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     p.add_argument("--compile-decode", action="store_true",
                    help="EmbeddedEngineConfig.compile_decode: the cached engines' decode steps through torch.compile "
                         "(the first timed call of each engine then includes the compile)")
-    p.add_argument("--decode-attention", choices=("sdpa", "bmm"), default="sdpa",
+    p.add_argument("--decode-attention", choices=DECODE_ATTENTION, default=EmbeddedEngineConfig().decode_attention,
                    help="EmbeddedEngineConfig.decode_attention: a decode step's attention over the cache on the "
                         "fused (CUDA) path, torch's SDPA or two batched matmuls")
     args = p.parse_args(argv)

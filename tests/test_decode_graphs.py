@@ -179,7 +179,7 @@ def test_config_and_flag():
 
 def test_a_run_may_resume_with_other_decoding_settings():
     """How the engine decodes is not what is trained: a run resumes across cuda_graphs / dense_moe_rows /
-    stop_check_every / stop_read_lag / compile_decode (and across the default change, from records that lack the
+    stop_check_every / stop_read_lag / compile_decode / decode_attention (and across the default change, from records that lack the
     field)."""
     from vespo_megatron.training.cli import config_from_argv
     from vespo_megatron.training.run_dir import config_differences, config_record
@@ -188,6 +188,7 @@ def test_a_run_may_resume_with_other_decoding_settings():
     del old["rollout"]["embedded"]["cuda_graphs"]  # a record from before the fields
     del old["rollout"]["embedded"]["stop_read_lag"]
     del old["rollout"]["embedded"]["compile_decode"]
+    del old["rollout"]["embedded"]["decode_attention"]
     now = config_record(config_from_argv(["--rollout-stop-check-every", "8", "--rollout-stop-read-lag", "0",
                                           "--rollout-compile-decode", "--rollout-decode-attention", "bmm"]))
     assert config_differences(old, now) == []

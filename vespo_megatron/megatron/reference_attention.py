@@ -89,6 +89,22 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, sca
     return F.scaled_dot_product_attention(query, key, value, attn_mask=visible, scale=scale)
 
 
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, kernel: str) -> Tensor:
+    """A decode step's attention without a mask: q [b, ng, rep, hn] (the rep query heads of each K/V group) over
+    k / v [b, ng, sk, hn] (views of the [sk, b, ng, hn] cache) -> [b, ng, rep, hn]. kernel "sdpa": torch's SDPA;
+    "bmm": two batched matmuls and an fp32 softmax, with (b, ng) flattened into one batch stride of the cache's
+    views (no copy). `DECODE_KERNEL` picks it in `ReferenceAttention`; bench/decode_attention_probe.py times both."""
+    if kernel == "sdpa":
+        return _sdpa(q, k, v, None, scale, causal=False)
+    if kernel != "bmm":
+        raise ValueError(f"kernel: expected 'sdpa' or 'bmm', got {kernel!r}")
+    b, ng, rep, hn = q.shape
+    sk = k.size(2)
+    kf, vf = k.reshape(b * ng, sk, hn), v.reshape(b * ng, sk, hn)
+    scores = torch.bmm(q.reshape(b * ng, rep, hn), kf.transpose(1, 2)) * scale  # [b*ng, rep, sk]
+    return torch.bmm(torch.softmax(scores.float(), dim=-1).to(vf.dtype), vf).view(b, ng, rep, hn)
+
+
 class ThdLayout(NamedTuple):
     """Where each real token of a pack sits in the right-padded batch of its sequences (see `_thd_by_sequence`).
     src / dst [t_real] (on the attention's device): packed index / index in the [n * s_max] padded rows."""
@@ -299,15 +315,7 @@ class ReferenceAttention(MegatronModule):
         groups = key.size(2)
         q = query.permute(1, 2, 0, 3).reshape(b, groups, heads // groups, hn)  # [b, ng, rep, hn]
         k, v = (x.permute(1, 2, 0, 3) for x in (key, value))  # [b, ng, sk, hn]
-        if DECODE_KERNEL == "bmm":
-            # (b, ng) flatten into one batch stride of the [sk, b, ng, hn] cache: views, no copy
-            sk = k.size(2)
-            kf, vf = k.reshape(b * groups, sk, hn), v.reshape(b * groups, sk, hn)
-            scores = torch.bmm(q.reshape(b * groups, heads // groups, hn), kf.transpose(1, 2)) * self.softmax_scale
-            out = torch.bmm(torch.softmax(scores.float(), dim=-1).to(vf.dtype), vf)  # [b*ng, rep, hn]
-            return out.reshape(1, b, heads * hn)
-        out = _sdpa(q, k, v, None, self.softmax_scale, causal=False)  # [b, ng, rep, hn]
-        return out.reshape(1, b, heads * hn)
+        return decode_attention(q, k, v, self.softmax_scale, DECODE_KERNEL).reshape(1, b, heads * hn)
 
     def _attend_sbhd(self, query: Tensor, key: Tensor, value: Tensor, visible: Tensor | None, *,
                      fused: bool) -> Tensor:
