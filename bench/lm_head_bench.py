@@ -235,11 +235,11 @@ def _variants(hidden, weight, targets, vespo: Vespo, chunk_exps, with_liger: boo
     for n in chunk_exps:
         def fused_fwd(n=n):
             with torch.no_grad():
-                lp = flh.fused_lm_head_logprobs(hidden, weight, targets, compute_entropy=True, chunk_elements=1 << n)
+                lp = flh.fused_lm_head_logprobs(hidden, weight, targets, compute_entropy=True, chunk_elements=int(2**n))
                 return lp.logprobs, lp.entropy
 
         def fused_bwd(n=n):
-            lp = flh.fused_lm_head_logprobs(h_leaf, w_leaf, targets, compute_entropy=True, chunk_elements=1 << n)
+            lp = flh.fused_lm_head_logprobs(h_leaf, w_leaf, targets, compute_entropy=True, chunk_elements=int(2**n))
             loss = vespo(lp.logprobs)
             return (loss.detach(), *torch.autograd.grad(loss, (h_leaf, w_leaf)))
 
@@ -334,8 +334,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--flat-tokens", default="8192,65536,131072",
                     help="extra token counts at which only the fused head's memory is measured (TP = 1)")
-    ap.add_argument("--flat-chunk", type=int, default=29,
-                    help="log2 of the tile / chunk size of the memory-against-T table")
+    ap.add_argument("--flat-chunk", type=float, default=29.25,
+                    help="log2 of the tile / chunk size of the memory-against-T table (default: the single pass's "
+                         "default chunk, 2**29.25)")
     ap.add_argument("--profile", default="",
                     help="comma-separated variants (e.g. logits,single_30) whose fwd+bwd torch.profiler table (top ops "
                          "by device time, then by host time) is written to OUT/profile_<shard>_<tokens>_<variant>.txt")
@@ -354,7 +355,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     tokens = [256 if args.cpu_smoke else 2048] if args.quick else [int(x) for x in args.tokens.split(",")]
     repeats = 2 if args.quick else args.repeats
-    chunk_exps = [int(x) for x in args.chunks.split(",") if x]
+    chunk_exps = [float(x) if "." in x else int(x) for x in args.chunks.split(",") if x]
     single_exps = [float(x) if "." in x else int(x) for x in args.single_chunks.split(",") if x]
     profiled = {x for x in args.profile.split(",") if x}
     try:
@@ -419,14 +420,14 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
     flat = []  # memory against T, fused head and single pass (2**flat_chunk elements), TP = 1
-    n = args.flat_chunk
+    n = int(args.flat_chunk) if float(args.flat_chunk).is_integer() else args.flat_chunk
     for t in [int(x) for x in args.flat_tokens.split(",") if x]:
         hidden, weight, targets = make_inputs(t, V)
         old = torch.full((t,), -12.0, device=DEV)
         vespo = Vespo(t, old)
         var = variants(hidden, weight, targets, vespo, [n], False, [n])
         # sequences too long to be held whole (over twice the single pass's chunk): the recomputing head's tiles
-        over = sum(plan_head_chunks(vespo.seq_tokens, V, 1 << n)[1])
+        over = sum(plan_head_chunks(vespo.seq_tokens, V, int(2**n))[1])
         for name in (f"fused_{n}", f"single_{n}"):
             fwd, bwd = var[name]
             row = dict(variant=name, tokens=t, seq_tokens=t // B, seqs_over_budget=over if "single" in name else None,

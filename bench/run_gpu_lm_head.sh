@@ -6,10 +6,11 @@
 # --platform manylinux_2_28_x86_64 megatron-core==0.16.1 -d .gpuwhl; the same with liger-kernel==0.8.5
 # -d .gpuliger), then:  bash bench/run_gpu_lm_head.sh
 #   1. bench/lm_head_bench.py: GEMM floor, logits path, the recomputing fused head (2**29 tiles), the single
-#      pass (2**29, 2**29.25 and 2**30 chunks: 1, 2 and 3 sequences of 2048 tokens a chunk at the full vocabulary,
-#      with and without megatron's main_grad) and Liger, at TP = 1 and on a V/4
-#      shard, 16k and 32k tokens -> $OUT/lm_head/lm_head_<card>.{md,json}, with a torch.profiler table of the
-#      logits path and the single pass at each shape (profile_*.txt: where the time over the floor goes)
+#      pass (2**29, 2**29.25 -- its default since round 15 -- and 2**30 chunks: 1, 2 and 3 sequences of 2048
+#      tokens a chunk at the full vocabulary, with and without megatron's main_grad) and Liger, at TP = 1 and on
+#      a V/4 shard, 16k and 32k tokens, and memory against T at the default chunk -> $OUT/lm_head/lm_head_<card>.
+#      {md,json}, with a torch.profiler table of the logits path and the single pass at 2**29 and 2**29.25 at
+#      each shape (profile_*.txt: where the time over the floor goes)
 #   2. bench/lm_head_step_memory.py on the Qwen3-30B-A3B slice, short rows (64 x (32 + 224) tokens): logits
 #      path, fused head, single pass -> $OUT/lm_head/lm_head_step_memory.jsonl
 #   3. bench/lm_head_on_policy_check.py: the single pass's old-log-prob pass against its training pass at these
@@ -31,7 +32,7 @@ export PYTHONPATH=$W/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$OUT/lm_head"
 T0=$(date +%s)
 # shellcheck disable=SC2086
-$PY bench/lm_head_bench.py --out "$OUT/lm_head" ${LM_HEAD_ARGS:---chunks 29 --single-chunks 29,29.25,30 --profile logits,single_29,single_30} \
+$PY bench/lm_head_bench.py --out "$OUT/lm_head" ${LM_HEAD_ARGS:---chunks 29 --single-chunks 29,29.25,30 --profile logits,single_29,single_29.25} \
   > "$OUT/lm_head/bench.log" 2>&1
 echo "[$(( $(date +%s) - T0 )) s] lm_head_bench rc=$?"
 grep -hE "^\| " "$OUT"/lm_head/lm_head_*.md 2>/dev/null | head -60

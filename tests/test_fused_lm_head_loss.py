@@ -24,10 +24,13 @@ from dist_harness import run_distributed
 from gemm_shapes import GemmShapes
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vespo_megatron.parallel.fused_lm_head import fused_lm_head_logprobs
+from vespo_megatron.parallel.fused_lm_head import DEFAULT_CHUNK_ELEMENTS, fused_lm_head_logprobs
 from vespo_megatron.parallel.fused_lm_head_loss import (
+    DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS,
+    default_whole_sequence_elements,
     fused_lm_head_chunked_logprobs,
     fused_lm_head_loss,
+    plan_head_chunks,
     plan_sequence_chunks,
 )
 from vespo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs
@@ -478,3 +481,34 @@ def test_chunked_logprobs_run_the_single_pass_gemms(seq_tokens, elements, whole,
     assert len(single) >= len(recomputed) and all(b == (H, V) for _, b in single)
     assert forward_only == single
     assert recomputing != single  # what the old-log-prob pass ran before: other row counts
+
+
+# --------------------------------------------------------------------------------------- the default chunk plan
+
+
+@pytest.mark.parametrize(("v_local", "seq_tokens", "chunks", "recomputed"), [
+    # the bench's shapes (bench/README.md): Qwen3's vocabulary at TP = 1 and on a V/4 shard
+    (151936, [2048] * 8, [(0, 2), (2, 4), (4, 6), (6, 8)], (False,) * 4),  # two sequences a chunk, not one
+    (151936, [4096] * 8, [(i, i + 1) for i in range(8)], (False,) * 8),
+    (37984, [2048] * 8, [(0, 8)], (False,)),  # the whole micro-batch in one chunk (2**29: two)
+    (37984, [4096] * 8, [(0, 4), (4, 8)], (False, False)),
+    # over the chunk: held whole up to 2**30 logits (7,067 tokens at TP = 1), beyond through the tiles
+    (151936, [100, 7067, 100], [(0, 1), (1, 2), (2, 3)], (False, False, False)),
+    (151936, [100, 7068, 100], [(0, 1), (1, 2), (2, 3)], (False, True, False)),
+])
+def test_default_chunk_is_the_single_pass_chunk_and_whole_sequences_stop_at_2_gib(v_local, seq_tokens, chunks,
+                                                                                   recomputed):
+    """The single pass's defaults: chunks of 2**29.25 logits (not the recomputing head's 2**29 tiles), a sequence
+    over the chunk held whole up to twice the chunk but at most 2**30 logits. Expected plans counted by hand."""
+    assert DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS == int(2**29.25) > DEFAULT_CHUNK_ELEMENTS
+    plan, rec = plan_head_chunks(seq_tokens, v_local)
+    assert (plan, rec) == (chunks, recomputed)
+    assert plan_head_chunks(seq_tokens, v_local, DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS, 1 << 30) == (plan, rec)
+
+
+def test_default_whole_sequence_elements():
+    """Twice the chunk, capped at 2**30 logits, never below the chunk itself."""
+    assert default_whole_sequence_elements(8 * V) == 16 * V
+    assert default_whole_sequence_elements(1 << 29) == 1 << 30
+    assert default_whole_sequence_elements(DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS) == 1 << 30
+    assert default_whole_sequence_elements(1 << 31) == 1 << 31

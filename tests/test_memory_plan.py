@@ -335,8 +335,14 @@ def test_activation_scaling_laws():
 
 def test_loss_head_fused_or_logits():
     """The last stage's loss head: the logits path holds [T/cp, V/tp] logits and their gradient; the fused
-    single pass (the trainer's default) one tile of 2**29 logits (a sequence up to twice that held whole), d W in
-    fp32 and d hidden. Reference numbers from the shapes, computed here."""
+    single pass (the trainer's default) one chunk of 2**29.25 logits (a sequence up to twice that, at most 2**30,
+    held whole), d W in fp32 and d hidden. Reference numbers from the shapes, computed here; the planner's
+    constants are the head's own."""
+    from vespo_megatron.parallel import fused_lm_head_loss as flhl
+    from vespo_megatron.planning import memory
+
+    assert memory.FUSED_CHUNK_ELEMENTS == flhl.DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS
+    assert memory.FUSED_WHOLE_CAP_ELEMENTS == flhl.WHOLE_SEQUENCE_CAP_ELEMENTS
     lay = Layout.from_gpus(32, tp=4, ep=8)
     v, h, b = QWEN3_30B.vocab_size // 4, QWEN3_30B.hidden_size, 2
     stats = 9 * 4
@@ -346,8 +352,8 @@ def test_loss_head_fused_or_logits():
         chunk_rows = min(tokens, (1 << 25) // v)
         assert logits == 2 * tokens * v * b + chunk_rows * v * 4 + tokens * stats
         fused = plan_memory(QWEN3_30B, lay, setup).stages[0].logits  # the default
-        tile = 2**29 // v  # tokens of one tile at V/4
-        rows = min(tokens, tile if seq <= tile else min(seq, 2 * tile))
+        tile = int(2**29.25) // v  # tokens of one chunk at V/4
+        rows = min(tokens, tile if seq <= tile else min(seq, 2**30 // v))
         assert fused == rows * v * b + v * h * 4 + tokens * h * b + tokens * stats, (tokens, seq)
         assert fused < logits or tokens <= tile
     # the bench's shape (TP = 1, V = 151936, 32k tokens of 4096): 2.29 GiB here; bench/README measured 2.45 GiB

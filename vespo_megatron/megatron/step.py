@@ -45,12 +45,13 @@ class RLStepConfig:
     temperature: the rollout engine's sampling temperature (log-probs are of softmax(logits / T));
     fused_lm_head: stop the model at its final hidden states and compute the log-probs with the output layer
     fused in (`parallel.fused_lm_head`: the [T, V/tp] logits are never held; same values and gradients);
-    False keeps the logits path; lm_head_chunk_elements: the fused head's logits tile (None: 2**29);
+    False keeps the logits path; lm_head_chunk_elements: the fused head's logits tile (None: 2**29; the
+    single pass's chunk 2**29.25);
     lm_head_single_pass: with fused_lm_head, run the loss inside the head on chunks of whole sequences and form
     the gradients while each chunk's logits are alive (`parallel.fused_lm_head_loss`: three GEMMs per token
     instead of four; same loss, metrics and gradients; a chunk holds at least one whole sequence);
     lm_head_whole_sequence_elements: with the single pass, the most logits one over-long sequence may hold
-    whole (None: twice the chunk; longer ones take the recomputing tiles: `fused_lm_head_loss`).
+    whole (None: twice the chunk, at most 2**30; longer ones take the recomputing tiles: `fused_lm_head_loss`).
     With the single pass the forward-only old-log-prob pass (`logprob_forward_step`) follows the single pass's
     chunk plan too (`fused_lm_head_chunked_logprobs`: the same chunks of whole sequences, GEMMs of the same row
     counts, the same kernels), not the recomputing head's token tiles: a GEMM of another row count may round

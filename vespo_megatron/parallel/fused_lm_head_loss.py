@@ -18,7 +18,7 @@ bench/README.md). Here the loss is evaluated *inside* the head, one chunk of who
   place into d loss / d logits; ``d hidden[C] = G @ W`` (one GEMM over the whole shard: nothing to
   accumulate) and ``dW += G.T @ hidden[C]`` (fp32 accumulator; the chunk's logits are then freed).
 * a chunk over that budget is one sequence longer than ``chunk_elements / (V/tp)`` tokens (a chunk never splits
-  a sequence). Up to ``whole_sequence_elements`` logits (default twice a chunk) it is still held whole;
+  a sequence). Up to ``whole_sequence_elements`` logits (default twice a chunk, at most 2**30) it is still held whole;
   beyond, it does not hold its logits: the recomputing head's functions give its log-probs from ``[C', V/tp]``
   tiles of at most ``chunk_elements`` (keeping only ``[C]`` statistics), ``chunk_loss`` runs on them as for
   any chunk, and the recomputing backward forms d hidden and adds d W into the same accumulator from
@@ -71,7 +71,6 @@ from torch import Tensor
 
 from vespo_megatron.parallel import vocab_parallel as vp
 from vespo_megatron.parallel.fused_lm_head import (
-    DEFAULT_CHUNK_ELEMENTS,
     _accumulate,
     _backward_tiles,
     _forward_stats,
@@ -79,8 +78,24 @@ from vespo_megatron.parallel.fused_lm_head import (
 )
 from vespo_megatron.parallel.vocab_parallel import TokenLogProbs
 
+# The single pass's chunk: 2**29.25 logits (~0.59 Gi elements, 1.19 GiB in bf16), two 2048-token sequences of
+# Qwen3's 151936-token vocabulary. Fewer chunks than the recomputing head's 2**29 tiles where sequences are short
+# (at 16k tokens of 2048: 4 chunks instead of 8; on a V/4 shard 1 instead of 2), which is what kept the single
+# pass within 1.35x of the GEMM floor at every bench shape on three H100s (bench/README.md, rounds 11, 12 and 15;
+# 2**29 went to 1.41x at 16k tokens on V/4 in round 15), at <= 2.45 GiB extra at 32k tokens either way.
+DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS = int(2**29.25)
+# A sequence over the chunk is held whole up to twice the chunk, but (unless the chunk itself is larger) never
+# above 2**30 logits, 2 GiB in bf16: 7,067 tokens of Qwen3's vocabulary at TP = 1.
+WHOLE_SEQUENCE_CAP_ELEMENTS = 1 << 30
+
+
+def default_whole_sequence_elements(chunk_elements: int) -> int:
+    """whole_sequence_elements when None: twice the chunk, capped at 2**30 logits but never below the chunk."""
+    return max(chunk_elements, min(2 * chunk_elements, WHOLE_SEQUENCE_CAP_ELEMENTS))
+
+
 __all__ = ["ChunkLogProbs", "HeadLossOutput", "plan_sequence_chunks", "plan_head_chunks", "fused_lm_head_loss",
-           "fused_lm_head_chunked_logprobs"]
+           "fused_lm_head_chunked_logprobs", "DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS", "default_whole_sequence_elements"]
 
 
 @dataclass(frozen=True)
@@ -133,9 +148,10 @@ def plan_head_chunks(seq_tokens: Sequence[int], v_local: int, chunk_elements: in
                      whole_sequence_elements: int | None = None) -> tuple[list[tuple[int, int]], tuple[bool, ...]]:
     """The single pass's plan for a shard of `v_local` vocabulary rows: the chunks of whole sequences
     (`plan_sequence_chunks` at chunk_elements / v_local tokens) and, per chunk, whether it goes through the
-    recomputing tiles: one sequence whose logits exceed whole_sequence_elements (None: 2 x chunk_elements)."""
-    elements = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    whole = 2 * elements if whole_sequence_elements is None else whole_sequence_elements
+    recomputing tiles: one sequence whose logits exceed whole_sequence_elements (None:
+    `default_whole_sequence_elements`). chunk_elements None: DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS."""
+    elements = DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    whole = default_whole_sequence_elements(elements) if whole_sequence_elements is None else whole_sequence_elements
     if not isinstance(whole, int) or isinstance(whole, bool) or whole < elements:
         raise ValueError(f"whole_sequence_elements: expected an int >= chunk_elements ({elements}) or None, "
                          f"got {whole_sequence_elements!r}")
@@ -215,15 +231,16 @@ def fused_lm_head_loss(
             (sequences are contiguous there); they must sum to ``targets.numel()``.
         tp_group, temperature, compute_entropy, backend: as for ``fused_lm_head_logprobs``.
         chunk_elements: logits elements per chunk (sequences are never split: one longer than the budget goes
-            through the recomputing head's tiles of this size, one more GEMM); None: 2**29.
+            through the recomputing head's tiles of this size, one more GEMM); None: 2**29.25
+            (DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS).
         into_main_grad: add d W into ``weight.main_grad`` when the weight carries megatron DDP's attributes
             (module docstring). Pass False for a weight with other uses in the graph (embeddings tied to the
             output layer): autograd would sum their gradient with the dummy, and DDP's hook would skip the sum.
         whole_sequence_elements: a sequence over the chunk budget whose logits have at most this many elements
             is still held whole, in a chunk of its own (three GEMMs); only longer ones take the recomputing
-            tiles (four). None: 2 x chunk_elements, so the logits held never exceed twice a chunk while a
-            sequence a little over the budget (4096 tokens of Qwen3's 151936 vocabulary against 2**29: 1.16x)
-            keeps the single pass. Set it to chunk_elements for a hard cap at one chunk.
+            tiles (four). None: 2 x chunk_elements capped at 2**30 (never below the chunk), so the logits
+            held never exceed twice a chunk nor 2 GiB in bf16 while a sequence a little over the budget keeps
+            the single pass. Set it to chunk_elements for a hard cap at one chunk.
 
     Gradients are formed only when grad mode is on and ``hidden`` or ``weight`` requires grad; otherwise the
     chunk losses run without autograd (an evaluation pass).
@@ -325,7 +342,7 @@ def _plan(hidden, weight, targets, seq_tokens, *, tp_group, temperature, compute
         chunk=chunk_elements, backend=backend, tp_group=tp_group)
     tgt = targets.reshape(-1).to(torch.int64) - vocab_start
     local_tgt = torch.where((tgt >= 0) & (tgt < v_local), tgt, torch.full_like(tgt, -1)).contiguous()
-    elements = DEFAULT_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+    elements = DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     chunks, recompute = plan_head_chunks(seq_tokens, v_local, elements, whole_sequence_elements)
     offsets = [0]
     for n in seq_tokens:

@@ -15,7 +15,7 @@ from vespo_megatron.data.math_task import MathTaskConfig
 from vespo_megatron.losses import LossConfig, resolve_policy_loss
 from vespo_megatron.megatron.model_config import TinyMoEConfig
 from vespo_megatron.megatron.parallel_config import ParallelConfig
-from vespo_megatron.parallel.fused_lm_head import DEFAULT_CHUNK_ELEMENTS as DEFAULT_LM_HEAD_CHUNK_ELEMENTS
+from vespo_megatron.parallel.fused_lm_head_loss import DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS
 from vespo_megatron.rollout.embedded_config import EmbeddedEngineConfig
 from vespo_megatron.rollout.factory import ENGINES
 from vespo_megatron.rollout.sglang.engine import SGLangEngineConfig
@@ -175,14 +175,15 @@ class PerformanceConfig:
     has the memory and time on an H200 and an H100). On by default since round 12 (the single pass below: within
     1.15-1.34x of the GEMM floor at <= 2.45 GiB extra on an H100, where the logits path holds 9-19 GiB, and its
     on-policy ratio exactly 1); False: the logits path. lm_head_chunk_elements: logits per tile of the fused head
-    (None: 2**29, 1 GiB in bf16). lm_head_single_pass: with fused_lm_head, evaluate the loss inside the head on
+    (None: 2**29, 1 GiB in bf16, for the recomputing head; 2**29.25, chunks of whole sequences, for the single
+    pass: `fused_lm_head_loss.DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS` says why). lm_head_single_pass: with fused_lm_head, evaluate the loss inside the head on
     chunks of whole sequences and form the gradients while each chunk's logits are alive (three GEMMs instead of
     four; `parallel/fused_lm_head_loss.py`; the old-log-prob pass then runs the single pass's forward on the same
     chunks of whole sequences, so that its log-probs are bitwise the training pass's on the same micro-batches);
     None (the default): on exactly when fused_lm_head is (`single_pass` is the resolved value), so
     `--no-fused-lm-head` alone gives the logits path and `--no-lm-head-single-pass` the recomputing fused head.
     lm_head_whole_sequence_elements: with the single pass, the most logits a sequence over the chunk may hold
-    whole (None: twice the chunk); a longer sequence takes the recomputing head's tiles (one more GEMM for it),
+    whole (None: twice the chunk, at most 2**30 unless the chunk is larger); a longer sequence takes the recomputing head's tiles (one more GEMM for it),
     so memory stays flat in the sequence length; set it to the chunk for a hard cap."""
 
     fused_lm_head: bool = True
@@ -210,7 +211,7 @@ class PerformanceConfig:
                 raise ConfigError("PerformanceConfig", "lm_head_whole_sequence_elements", "None unless "
                                   "lm_head_single_pass (only the single pass holds whole sequences: add "
                                   "--lm-head-single-pass)", self.lm_head_whole_sequence_elements)
-            chunk = self.lm_head_chunk_elements or DEFAULT_LM_HEAD_CHUNK_ELEMENTS
+            chunk = self.lm_head_chunk_elements or DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS
             whole = self.lm_head_whole_sequence_elements
             if not isinstance(whole, int) or isinstance(whole, bool) or whole < chunk:
                 raise ConfigError("PerformanceConfig", "lm_head_whole_sequence_elements",
