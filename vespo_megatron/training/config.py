@@ -176,8 +176,8 @@ class PerformanceConfig:
     1.09-1.29x of the GEMM floor at <= 2.45 GiB extra on H100s, where the logits path holds 9-19 GiB, and its
     on-policy ratio exactly 1); False: the logits path. lm_head_chunk_elements: logits per tile of the fused head
     (None: 2**29, 1 GiB in bf16, for the recomputing head; 2**29.25, chunks of whole sequences, for the single
-    pass: `fused_lm_head_loss.DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS` says why). lm_head_single_pass: with fused_lm_head, evaluate the loss inside the head on
-    chunks of whole sequences and form the gradients while each chunk's logits are alive (three GEMMs instead of
+    pass: `fused_lm_head_loss.DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS` says why). lm_head_single_pass: with
+    fused_lm_head, evaluate the loss inside the head on chunks of whole sequences and form the gradients while each chunk's logits are alive (three GEMMs instead of
     four; `parallel/fused_lm_head_loss.py`; the old-log-prob pass then runs the single pass's forward on the same
     chunks of whole sequences, so that its log-probs are bitwise the training pass's on the same micro-batches);
     None (the default): on exactly when fused_lm_head is (`single_pass` is the resolved value), so
