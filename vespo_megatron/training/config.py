@@ -177,9 +177,10 @@ class PerformanceConfig:
     on-policy ratio exactly 1); False: the logits path. lm_head_chunk_elements: logits per tile of the fused head
     (None: 2**29, 1 GiB in bf16, for the recomputing head; 2**29.25, chunks of whole sequences, for the single
     pass: `fused_lm_head_loss.DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS` says why). lm_head_single_pass: with
-    fused_lm_head, evaluate the loss inside the head on chunks of whole sequences and form the gradients while each chunk's logits are alive (three GEMMs instead of
-    four; `parallel/fused_lm_head_loss.py`; the old-log-prob pass then runs the single pass's forward on the same
-    chunks of whole sequences, so that its log-probs are bitwise the training pass's on the same micro-batches);
+    fused_lm_head, evaluate the loss inside the head on chunks of whole sequences and form the gradients while
+    each chunk's logits are alive (three GEMMs instead of four; `parallel/fused_lm_head_loss.py`; the old-log-prob
+    pass then runs the single pass's forward on the same chunks of whole sequences, so that its log-probs are
+    bitwise the training pass's on the same micro-batches);
     None (the default): on exactly when fused_lm_head is (`single_pass` is the resolved value), so
     `--no-fused-lm-head` alone gives the logits path and `--no-lm-head-single-pass` the recomputing fused head.
     lm_head_whole_sequence_elements: with the single pass, the most logits a sequence over the chunk may hold
