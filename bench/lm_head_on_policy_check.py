@@ -99,7 +99,8 @@ def check(hidden, weight, targets, seq_tokens: list[int], elements: int) -> dict
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--chunk-exp", type=float, default=None, help="log2 of chunk_elements (default 29.25, the single pass's default; smoke 18)")
+    ap.add_argument("--chunk-exp", type=float, default=None,
+                    help="log2 of chunk_elements (default 29.25, the single pass's default; smoke 18)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
     args = ap.parse_args()

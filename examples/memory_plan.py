@@ -221,8 +221,8 @@ ASSUMPTIONS = [
     "loss.",
     "Loss (last stage), `--loss-head fused` (the trainer's default, the fused head's single pass): one tile of "
     "2^29.25 logits in the parameter dtype (a chunk of whole sequences; a sequence up to twice that, at most "
-    "2^30, held whole), d W of the output-layer shard in fp32, d hidden [tokens / cp, h] held from the forward to the backward "
-    "pass, fp32 per-token statistics. `--loss-head logits`: logits [tokens / cp, vocab / tp] in the "
+    "2^30, held whole), d W of the output-layer shard in fp32, d hidden [tokens / cp, h] held from the forward "
+    "to the backward pass, fp32 per-token statistics. `--loss-head logits`: logits [tokens / cp, vocab / tp] in the "
     "parameter dtype saved for the chunked log-prob backward plus their gradient of the same size (= 4 B per "
     "logit for bf16, the size of fp32 logits), one fp32 chunk of about 2^25 logits, fp32 per-token statistics.",
     "RL extras: the micro-batch tensors (int64 tokens / positions / labels / sequence ids / token index, "

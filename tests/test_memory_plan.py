@@ -336,13 +336,7 @@ def test_activation_scaling_laws():
 def test_loss_head_fused_or_logits():
     """The last stage's loss head: the logits path holds [T/cp, V/tp] logits and their gradient; the fused
     single pass (the trainer's default) one chunk of 2**29.25 logits (a sequence up to twice that, at most 2**30,
-    held whole), d W in fp32 and d hidden. Reference numbers from the shapes, computed here; the planner's
-    constants are the head's own."""
-    from vespo_megatron.parallel import fused_lm_head_loss as flhl
-    from vespo_megatron.planning import memory
-
-    assert memory.FUSED_CHUNK_ELEMENTS == flhl.DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS
-    assert memory.FUSED_WHOLE_CAP_ELEMENTS == flhl.WHOLE_SEQUENCE_CAP_ELEMENTS
+    held whole), d W in fp32 and d hidden. Reference numbers from the shapes, computed here."""
     lay = Layout.from_gpus(32, tp=4, ep=8)
     v, h, b = QWEN3_30B.vocab_size // 4, QWEN3_30B.hidden_size, 2
     stats = 9 * 4
@@ -361,6 +355,19 @@ def test_loss_head_fused_or_logits():
     assert 2.2 < one < 2.5
     with pytest.raises(ValueError, match=r"RunSetup.loss_head: expected one of \('fused', 'logits'\), got 'chunked'"):
         dataclasses.replace(SETUP, loss_head="chunked")
+
+
+def test_planner_plans_with_the_heads_chunk_defaults_and_without_torch():
+    """The planner takes the single pass's chunk and whole-sequence defaults from the head's own plan module
+    (`parallel/head_chunk_plan.py`), and importing it (with that module) loads no torch."""
+    from vespo_megatron.parallel import fused_lm_head_loss as head
+    from vespo_megatron.planning import memory
+
+    assert memory.DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS is head.DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS
+    assert memory.default_whole_sequence_elements is head.default_whole_sequence_elements
+    out = subprocess.run([sys.executable, "-c", "import sys; import vespo_megatron.planning; "
+                          "print('torch' in sys.modules)"], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", out
 
 
 def test_routing_replay_ids_and_fits():

@@ -38,6 +38,10 @@ from typing import Literal
 from vespo_megatron.base.validation import ConfigError
 from vespo_megatron.models import PRESETS as MODEL_PRESETS
 from vespo_megatron.models import ModelShape
+from vespo_megatron.parallel.head_chunk_plan import (
+    DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS,
+    default_whole_sequence_elements,
+)
 
 __all__ = [
     "PRESETS", "GIB", "ModelShape", "Layout", "RunSetup", "ParamCounts", "RankParams", "StageMemory",
@@ -55,12 +59,6 @@ BATCH_BYTES_PER_TOKEN = 5 * 8 + 1 + 2 * 4
 # Per token of the loss: new log-prob, entropy, and the log-prob path's fp32 statistics (max, sum-exp,
 # target logit, entropy sum, log-sum-exp) plus the per-token loss and its gradient.
 LOSS_BYTES_PER_TOKEN = 9 * 4
-# The single pass's chunk of logits and the cap on a sequence held whole (parallel/fused_lm_head_loss.py:
-# DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS, WHOLE_SEQUENCE_CAP_ELEMENTS; not imported: the planner runs without torch):
-# one chunk of whole sequences, a longer sequence held whole up to twice the chunk but at most the cap.
-FUSED_CHUNK_ELEMENTS = int(2**29.25)
-FUSED_WHOLE_CAP_ELEMENTS = 1 << 30
-
 
 
 def _int_at_least(cls: str, name: str, value: object, low: int) -> None:
@@ -489,8 +487,8 @@ def _loss_head_bytes(m: ModelShape, lay: Layout, setup: RunSetup, tokens_cp: int
     # sequence up to twice the tile, at most the cap, held whole), d W accumulated in fp32 (megatron's main_grad
     # path), and d hidden [tokens/cp, H], formed in the forward pass and held until the backward.
     seq_cp = setup.seq_length // lay.cp
-    whole = max(FUSED_CHUNK_ELEMENTS, min(2 * FUSED_CHUNK_ELEMENTS, FUSED_WHOLE_CAP_ELEMENTS))
-    rows = min(tokens_cp, max(FUSED_CHUNK_ELEMENTS // v_local, min(seq_cp, whole // v_local), 1))
+    chunk = DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS
+    rows = min(tokens_cp, max(chunk // v_local, min(seq_cp, default_whole_sequence_elements(chunk) // v_local), 1))
     return rows * v_local * b + v_local * m.hidden_size * 4 + tokens_cp * m.hidden_size * b + stats
 
 

@@ -184,8 +184,9 @@ class PerformanceConfig:
     None (the default): on exactly when fused_lm_head is (`single_pass` is the resolved value), so
     `--no-fused-lm-head` alone gives the logits path and `--no-lm-head-single-pass` the recomputing fused head.
     lm_head_whole_sequence_elements: with the single pass, the most logits a sequence over the chunk may hold
-    whole (None: twice the chunk, at most 2**30 unless the chunk is larger); a longer sequence takes the recomputing head's tiles (one more GEMM for it),
-    so memory stays flat in the sequence length; set it to the chunk for a hard cap."""
+    whole (None: twice the chunk, at most 2**30 unless the chunk is larger); a longer sequence takes the
+    recomputing head's tiles (one more GEMM for it), so memory stays flat in the sequence length; set it to the
+    chunk for a hard cap."""
 
     fused_lm_head: bool = True
     lm_head_chunk_elements: int | None = None
