@@ -160,7 +160,9 @@ def parse_args(argv):
                    help="which runs under --runs-dir are done / partial / new (in start order), then an --only "
                         "list of the unfinished ones: the next slice for a machine that starts without them")
     p.add_argument("--report-only", action="store_true", help="write table and plots from the existing runs")
-    p.add_argument("base_flags", nargs="*", help="after --: flags for every training run")
+    p.add_argument("base_flags", nargs="*",
+                   help="after --: flags for every training run, in place of the preset's own (--dry-run prints "
+                        "them: repeat those you keep)")
     return p.parse_args(argv)
 
 
