@@ -13,7 +13,7 @@ __all__ = ["DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS", "WHOLE_SEQUENCE_CAP_ELEMENTS", 
 # The single pass's chunk: 2**29.25 logits (~0.59 Gi elements, 1.19 GiB in bf16), two 2048-token sequences of
 # Qwen3's 151936-token vocabulary. Fewer chunks than the recomputing head's 2**29 tiles where sequences are short
 # (at 16k tokens of 2048: 4 chunks instead of 8; on a V/4 shard 1 instead of 2), which is what kept the single
-# pass within 1.35x of the GEMM floor at every bench shape on three H100s (bench/README.md, rounds 11, 12 and 15;
+# pass within 1.35x of the GEMM floor at every bench shape on four H100 calls (bench/README.md, rounds 11, 12 and 15;
 # 2**29 went to 1.41x at 16k tokens on V/4 in round 15), at <= 2.45 GiB extra at 32k tokens either way.
 DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS = int(2**29.25)
 # A sequence over the chunk is held whole up to twice the chunk, but (unless the chunk itself is larger) never

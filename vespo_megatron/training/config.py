@@ -173,7 +173,7 @@ class PerformanceConfig:
     hidden states and compute log-probs and entropy with the output layer fused in, a token chunk at a time,
     so the [T, V/tp] logits and their gradient are never held (`parallel/fused_lm_head.py`; bench/README.md
     has the memory and time on an H200 and an H100). On by default since round 12 (the single pass below: within
-    1.09-1.29x of the GEMM floor at <= 2.45 GiB extra on H100s, where the logits path holds 9-19 GiB, and its
+    1.08-1.29x of the GEMM floor at <= 2.45 GiB extra on H100s, where the logits path holds 9-19 GiB, and its
     on-policy ratio exactly 1); False: the logits path. lm_head_chunk_elements: logits per tile of the fused head
     (None: 2**29, 1 GiB in bf16, for the recomputing head; 2**29.25, chunks of whole sequences, for the single
     pass: `fused_lm_head_loss.DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS` says why). lm_head_single_pass: with
