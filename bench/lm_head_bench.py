@@ -323,6 +323,11 @@ def small_float64_check(v: int, t: int) -> dict:
     return res
 
 
+def _exponents(text: str) -> list:
+    """'29,29.25' -> [29, 29.25]: log2 chunk sizes, ints where written so (the variants' names keep their form)."""
+    return [float(x) if "." in x else int(x) for x in text.split(",") if x]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -334,7 +339,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--flat-tokens", default="8192,65536,131072",
                     help="extra token counts at which only the fused head's memory is measured (TP = 1)")
-    ap.add_argument("--flat-chunk", type=float, default=29.25,
+    ap.add_argument("--flat-chunk", default="29.25",
                     help="log2 of the tile / chunk size of the memory-against-T table (default: the single pass's "
                          "default chunk, 2**29.25)")
     ap.add_argument("--profile", default="",
@@ -350,13 +355,12 @@ def main():
         args.flat_tokens = "512"
         # 2**13 elements = 8 tokens of V = 1024: the smoke's sequences (32, 64 tokens) are over the single pass's
         # chunk budget, so its recomputing path for over-long sequences runs too
-        args.flat_chunk = 13
+        args.flat_chunk = "13"
         args.single_chunks = "13,13.5,29"  # (a fractional exponent too)
     os.makedirs(args.out, exist_ok=True)
     tokens = [256 if args.cpu_smoke else 2048] if args.quick else [int(x) for x in args.tokens.split(",")]
     repeats = 2 if args.quick else args.repeats
-    chunk_exps = [float(x) if "." in x else int(x) for x in args.chunks.split(",") if x]
-    single_exps = [float(x) if "." in x else int(x) for x in args.single_chunks.split(",") if x]
+    chunk_exps, single_exps = _exponents(args.chunks), _exponents(args.single_chunks)
     profiled = {x for x in args.profile.split(",") if x}
     try:
         import liger_kernel  # noqa: F401
@@ -420,7 +424,7 @@ def main():
             gc.collect()
             torch.cuda.empty_cache()
     flat = []  # memory against T, fused head and single pass (2**flat_chunk elements), TP = 1
-    n = int(args.flat_chunk) if float(args.flat_chunk).is_integer() else args.flat_chunk
+    (n,) = _exponents(args.flat_chunk)
     for t in [int(x) for x in args.flat_tokens.split(",") if x]:
         hidden, weight, targets = make_inputs(t, V)
         old = torch.full((t,), -12.0, device=DEV)

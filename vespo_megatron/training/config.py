@@ -15,7 +15,7 @@ from vespo_megatron.data.math_task import MathTaskConfig
 from vespo_megatron.losses import LossConfig, resolve_policy_loss
 from vespo_megatron.megatron.model_config import TinyMoEConfig
 from vespo_megatron.megatron.parallel_config import ParallelConfig
-from vespo_megatron.parallel.fused_lm_head_loss import DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS
+from vespo_megatron.parallel.head_chunk_plan import DEFAULT_SINGLE_PASS_CHUNK_ELEMENTS
 from vespo_megatron.rollout.embedded_config import EmbeddedEngineConfig
 from vespo_megatron.rollout.factory import ENGINES
 from vespo_megatron.rollout.sglang.engine import SGLangEngineConfig
